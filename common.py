@@ -1,0 +1,670 @@
+"""Shared building blocks of cxr-vlp: encoders, heads, the DDP-correct InfoNCE, metrics and training plumbing.
+
+Every method file (lovt.py, joimternet.py, ...) imports this module; nothing here knows about a particular method.
+Read top to bottom:
+
+1. encoders      ImageEncoder (torchvision ResNet, 1-channel), TextEncoder (transformers BERT), pool_sentences
+2. heads         ProjectionHead (LoVT BN-MLP), AttentionPool (LoVT GlobalAvgAttentionAggregator)
+3. contrastive   gather_with_grad, info_nce (each rank: own rows vs. gathered columns, common.md section 5)
+4. metrics       recall_at_k, block_recall_at_k, precision_at_k, roc_auc, bootstrap_ci, zero_shot_auc
+5. plumbing      arg/parse_args, setup_distributed, seeding, AMP, LR schedules, checkpoints, Logger,
+                 check_finite, encoder export/import, peak_memory_mb
+
+Shapes: B batch, N local tokens (regions), L text tokens, S sentences, D/C channels.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import math
+import os
+import random
+import sys
+import time
+import types
+import typing
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+from tqdm.auto import tqdm
+
+# ================================================================================================================
+# 1. Encoders
+# ================================================================================================================
+
+def _fail(message: str):
+    """Stop with a one-paragraph message instead of a stack trace (SystemExit prints its argument and exits 1)."""
+    raise SystemExit("\n" + message + "\n")
+
+
+def _resnet_state_dict(arch: str, weights: str) -> dict:
+    """State dict for `weights` = "imagenet" (torchvision download or cache) or a local file; fc.* removed."""
+    if weights == "imagenet":
+        # IMAGENET1K_V1: the weights LoVT loaded through torch.hub (`resnet50-19c8e357`).
+        try:
+            sd = torchvision.models.get_model_weights(arch).IMAGENET1K_V1.get_state_dict(progress=True)
+        except Exception as e:  # no internet, proxy, corrupt cache: all end the same way for the user
+            _fail(f"Could not get the torchvision ImageNet weights for {arch} ({type(e).__name__}: {e}). "
+                  f"On a machine without internet, download them elsewhere (torchvision.models.{arch}"
+                  f"(weights='IMAGENET1K_V1').state_dict() saved with torch.save) and pass that file's path "
+                  f"as the image weights, or pass `none` to start from random initialisation.")
+    else:
+        if not os.path.isfile(weights):
+            _fail(f"Image encoder weights '{weights}' are neither 'imagenet', 'none' nor an existing file. Pass a "
+                  f"torchvision state-dict file, an exported image_encoder.pt, or `none` for random init.")
+        sd = torch.load(weights, map_location="cpu", weights_only=True)
+        sd = sd.get("state_dict", sd)  # our image_encoder.pt wraps the state dict with metadata
+    return {k: v for k, v in sd.items() if not k.startswith("fc.")}
+
+
+class ImageEncoder(nn.Module):
+    """Torchvision ResNet-18/50 on 1-channel images.
+
+    conv1 holds the RGB kernel summed over its input channels: conv(x repeated to 3 channels, W) equals
+    conv(x, W.sum(1)), so this is exactly LoVT's "grayscale repeated to RGB" at a third of the conv1 cost.
+    `weights`: None / "none" (random init), "imagenet" (torchvision IMAGENET1K_V1) or a path to a torchvision state
+    dict (3- or 1-channel conv1) or to an exported image_encoder.pt.
+    `self.backbone` is a plain torchvision ResNet (fc = Identity), so its state dict is torchvision-compatible.
+    """
+
+    def __init__(self, arch: str = "resnet50", weights: str | None = None, channels_last: bool = False):
+        super().__init__()
+        if arch not in ("resnet18", "resnet50"):
+            raise ValueError(f"arch must be resnet18 or resnet50, got {arch}")
+        net = getattr(torchvision.models, arch)(weights=None)
+        net.conv1 = nn.Conv2d(1, 64, kernel_size=7, stride=2, padding=3, bias=False)
+        net.fc = nn.Identity()
+        if weights not in (None, "none", ""):
+            sd = _resnet_state_dict(arch, weights)
+            sd["conv1.weight"] = sd["conv1.weight"].sum(1, keepdim=True)  # 64x3x7x7 -> 64x1x7x7 (no-op for 1 ch)
+            net.load_state_dict(sd, strict=True)
+        self.arch, self.backbone, self.channels_last = arch, net, channels_last
+        self.out_dim = 2048 if arch == "resnet50" else 512  # layer4 channels
+        if channels_last:
+            self.to(memory_format=torch.channels_last)
+
+    def forward(self, images: torch.Tensor) -> dict:
+        """images B x 1 x H x W -> dict(global_feat B x C (avg pool), local_feats B x N x C (row-major layer4 grid,
+        region index = w_grid * row + col), grid (h, w), stages [layer1, layer2, layer3, layer4] maps B x C_i x h_i x w_i).
+        """
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        net = self.backbone
+        x = net.maxpool(net.relu(net.bn1(net.conv1(images))))
+        stages = []
+        for layer in (net.layer1, net.layer2, net.layer3, net.layer4):
+            x = layer(x)
+            stages.append(x)
+        return dict(global_feat=x.mean((2, 3)), local_feats=x.flatten(2).transpose(1, 2),
+                    grid=tuple(x.shape[2:]), stages=stages)
+
+
+class TextEncoder(nn.Module):
+    """transformers BertModel (no pooler) from a name/path, or a tiny random-init BERT for offline runs.
+
+    name_or_path: "tiny" builds BertConfig(vocab_size=len(tokenizer), hidden 128, 2 layers, 4 heads, intermediate
+        512, 512 positions) -- small enough for a 2-core CPU demo, deep enough to contextualise; anything else is
+        passed to BertModel.from_pretrained (e.g. "emilyalsentzer/Bio_ClinicalBERT" or a save_pretrained folder).
+    freeze_layers: k freezes the embeddings and the first k encoder layers (requires_grad False; LoVT: k = 6).
+        Their dropout stays active in train mode, as in LoVT. Pass only trainable parameters to the optimizer.
+    """
+
+    def __init__(self, name_or_path: str = "tiny", tokenizer=None, freeze_layers: int = 0, hidden_size: int = 128,
+                 num_layers: int = 2, num_heads: int = 4, intermediate_size: int = 512):
+        super().__init__()
+        from transformers import BertConfig, BertModel
+        if name_or_path == "tiny":
+            if tokenizer is None:
+                raise ValueError("the tiny BERT needs the tokenizer (for its vocabulary size and [PAD] id)")
+            config = BertConfig(vocab_size=len(tokenizer), hidden_size=hidden_size, num_hidden_layers=num_layers,
+                                num_attention_heads=num_heads, intermediate_size=intermediate_size,
+                                max_position_embeddings=512, pad_token_id=tokenizer.pad_token_id)
+            self.bert = BertModel(config, add_pooling_layer=False)
+        else:
+            try:
+                self.bert = BertModel.from_pretrained(name_or_path, add_pooling_layer=False)
+            except (OSError, ValueError) as e:
+                _fail(f"Could not load the BERT model '{name_or_path}' ({type(e).__name__}: {str(e)[:300]}). "
+                      f"Without internet, pass a local folder written by save_pretrained (copy the model from a "
+                      f"machine with access, e.g. huggingface-cli download {name_or_path}), or use the tiny offline "
+                      f"config (`tiny`, vocabulary built from the training reports).")
+        self.out_dim = self.bert.config.hidden_size
+        if freeze_layers:
+            for module in [self.bert.embeddings, *self.bert.encoder.layer[:freeze_layers]]:
+                module.requires_grad_(False)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, sum_last: int = 1) -> torch.Tensor:
+        """input_ids, attention_mask B x L -> token states B x L x D: the last layer, or the sum of the last
+        `sum_last` layers (GLoRIA/RECLF use 4). For attention maps (MGCA's [CLS] weights) switch to the eager kernel,
+        self.bert.set_attn_implementation("eager"), and call self.bert(..., output_attentions=True)."""
+        out = self.bert(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=sum_last > 1)
+        if sum_last == 1:
+            return out.last_hidden_state
+        return torch.stack(out.hidden_states[-sum_last:]).sum(0)
+
+    def save_pretrained(self, directory: str):
+        self.bert.save_pretrained(directory)
+
+
+def pool_sentences(token_states: torch.Tensor, sentence_index: torch.Tensor, num_sentences: int,
+                   mode: str = "max") -> torch.Tensor:
+    """Token states B x L x D -> sentence features B x S x D, vectorised with scatter_reduce.
+
+    sentence_index B x L: the sentence of each token, -1 for [CLS]/[SEP]/padding (ignored; so are indices >= S).
+    mode "max": channel-wise max over the sentence's tokens (LoVT's max with -inf masking); "mean": their average.
+    Sentence slots without any token (padded sentences) are 0 (LoVT sets padded sentence features to 0).
+    """
+    B, L, D = token_states.shape
+    S = num_sentences
+    valid = (sentence_index >= 0) & (sentence_index < S)
+    # Invalid tokens go to an extra slot S that is dropped at the end, so that no masking of the values is needed.
+    index = torch.where(valid, sentence_index, torch.full_like(sentence_index, S))
+    out = token_states.new_zeros(B, S + 1, D)
+    reduce = {"max": "amax", "mean": "mean"}[mode]
+    # include_self=False: a slot's initial 0 is ignored where tokens arrive and kept where none do.
+    out = out.scatter_reduce(1, index.unsqueeze(-1).expand(B, L, D), token_states, reduce=reduce, include_self=False)
+    return out[:, :S]
+
+
+# ================================================================================================================
+# 2. Heads
+# ================================================================================================================
+
+class ProjectionHead(nn.Module):
+    """LoVT's BN-MLP: Linear -> BN1d -> ReLU -> Linear (norm=None drops the BN: ConVIRT's head), optionally followed
+    by BN1d without affine (final_norm="batch": the MGCA head). Works on B x D and on B x N x D; BN statistics are
+    taken over all B*N positions, padded ones included (LoVT's behaviour; padded sentence slots hold 0).
+    Init (LoVT, lovt.md section 1.3): Kaiming-normal fan_out with ReLU gain for the first Linear, linear gain for the
+    second, zero biases.
+    """
+
+    def __init__(self, in_dim: int, hidden_dim: int, out_dim: int, norm: str | None = "batch",
+                 final_norm: str | None = None):
+        super().__init__()
+        layers = [nn.Linear(in_dim, hidden_dim)]
+        layers += [nn.BatchNorm1d(hidden_dim)] if norm == "batch" else []
+        layers += [nn.ReLU(inplace=True), nn.Linear(hidden_dim, out_dim)]
+        layers += [nn.BatchNorm1d(out_dim, affine=False)] if final_norm == "batch" else []
+        self.net = nn.Sequential(*layers)
+        first, last = [m for m in layers if isinstance(m, nn.Linear)]
+        nn.init.kaiming_normal_(first.weight, mode="fan_out", nonlinearity="relu")
+        nn.init.kaiming_normal_(last.weight, mode="fan_out", nonlinearity="linear")
+        nn.init.zeros_(first.bias)
+        nn.init.zeros_(last.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x B x D or B x N x D -> same leading shape with out_dim channels."""
+        return self.net(x.reshape(-1, x.shape[-1])).reshape(*x.shape[:-1], -1)
+
+
+class AttentionPool(nn.Module):
+    """LoVT's GlobalAvgAttentionAggregator: one multi-head attention whose single query is the mean of the tokens.
+
+    Caveat reproduced from LoVT (lovt.md section 1.2): the query is sum(valid tokens) / N_padded, i.e. divided by
+    the padded length of the batch, not by the number of valid tokens. With no mask it is the plain mean.
+    """
+
+    def __init__(self, dim: int, heads: int = 8):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(dim, heads, batch_first=True)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """x B x N x D, mask B x N bool (True = valid) or None -> (pooled B x D, head-averaged weights B x N;
+        the weights sum to 1 over valid tokens and are 0 on invalid ones)."""
+        mask = None if mask is None else mask.bool()
+        summed = x.sum(1) if mask is None else (x * mask.unsqueeze(-1).to(x.dtype)).sum(1)
+        query = (summed / x.shape[1]).unsqueeze(1)  # B x 1 x D, padded-length mean (see class docstring)
+        pooled, weights = self.attn(query, x, x, key_padding_mask=None if mask is None else ~mask,
+                                    need_weights=True, average_attn_weights=True)
+        return pooled.squeeze(1), weights.squeeze(1)
+
+
+# ================================================================================================================
+# 3. Contrastive loss, DDP-correct (common.md section 5)
+# ================================================================================================================
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """B x ... on each rank -> (world_size * B) x ... in rank order, with gradient: the backward sums every rank's
+    contribution (a reduce-scatter). Identity when not distributed. .contiguous() guards against the PyTorch bug
+    that gave wrong gradients for non-contiguous inputs (pytorch/pytorch#120386)."""
+    if not _distributed():
+        return x
+    from torch.distributed.nn.functional import all_gather  # autograd-aware collective
+    return torch.cat(all_gather(x.contiguous()), dim=0)
+
+
+def info_nce(a: torch.Tensor, b: torch.Tensor, tau, gather: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric InfoNCE between paired rows of a and b (B x D each), returned per direction (loss_a2b, loss_b2a).
+
+    Features are L2-normalised here and the logits cos / tau computed in fp32 (at least). tau: float or a 0-d tensor
+    (a learned temperature). Under DDP with gather=True, rank r scores its own B rows against all world_size * B
+    gathered columns with labels arange(B) + r * B; with DDP's gradient averaging this equals the single-process
+    full-batch loss and gradient exactly (tested). gather=False: negatives from the local batch only (LoVT, MGCA).
+    Each method weights the directions itself (LoVT 0.75 / 0.25, CLIP mean, MGCA sum).
+    Under DDP every rank must hold the same B (drop_last=True), since the labels are offset by rank * B.
+    """
+    dtype = torch.promote_types(a.dtype, torch.float32)
+    a = F.normalize(a.to(dtype), dim=-1)
+    b = F.normalize(b.to(dtype), dim=-1)
+    if gather and _distributed():
+        a_all, b_all, offset = gather_with_grad(a), gather_with_grad(b), dist.get_rank() * a.shape[0]
+    else:
+        a_all, b_all, offset = a, b, 0
+    labels = torch.arange(a.shape[0], device=a.device) + offset
+    loss_a2b = F.cross_entropy(a @ b_all.T / tau, labels)  # B x world*B: own anchors vs. all candidates
+    loss_b2a = F.cross_entropy(b @ a_all.T / tau, labels)
+    return loss_a2b, loss_b2a
+
+
+# ================================================================================================================
+# 4. Metrics
+# ================================================================================================================
+
+def _numpy(x) -> np.ndarray:
+    return x.detach().double().cpu().numpy() if torch.is_tensor(x) else np.asarray(x, dtype=np.float64)
+
+
+def recall_at_k(sim, ks=(1, 5, 10)) -> dict:
+    """sim Q x Q (query x gallery, the paired item on the diagonal) -> {"R@k": fraction}.
+    rank(q) = 1 + #{g != q : sim[q, g] >= sim[q, q]}: ties count against the query (common.md section 8.2).
+    Pass sim for image->text and sim.T for text->image."""
+    sim = _numpy(sim)
+    positive = np.diag(sim)[:, None]
+    beaten = (sim >= positive).sum(1) - 1  # the positive itself always counts once
+    return {f"R@{k}": float((beaten + 1 <= k).mean()) for k in ks}
+
+
+def block_recall_at_k(sim, block: int = 1000, ks=(1, 5, 10)) -> dict:
+    """The "1k" protocol: R@K on consecutive diagonal blocks of `block` pairs, averaged over blocks. An incomplete
+    trailing block is dropped (unless it is the only one), so every block has the same gallery size."""
+    sim = _numpy(sim)
+    n = len(sim)
+    starts = range(0, max(n - block, 0) + 1, block) if n >= block else [0]
+    per_block = [recall_at_k(sim[s:s + block, s:s + block], ks) for s in starts]
+    return {k: float(np.mean([r[k] for r in per_block])) for k in per_block[0]}
+
+
+def roc_auc(scores, targets) -> float:
+    """ROC-AUC = Mann-Whitney U / (n_pos * n_neg) with mid-ranks for ties (a tie counts 1/2).
+    targets: 1 positive, 0 negative; anything else (nan unknown, -1 uncertain) is ignored. nan if a class is absent."""
+    scores, targets = _numpy(scores).ravel(), _numpy(targets).ravel()
+    keep = (targets == 0) | (targets == 1)
+    scores, positive = scores[keep], targets[keep] == 1
+    n_pos, n_neg = int(positive.sum()), int((~positive).sum())
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    _, inverse, counts = np.unique(scores, return_inverse=True, return_counts=True)
+    midrank = np.cumsum(counts) - (counts - 1) / 2.0  # 1-based mean rank of each tied group
+    rank_sum = midrank[inverse][positive].sum()
+    return float((rank_sum - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
+
+
+def precision_at_k(sim, query_labels, gallery_labels, ks=(1, 5, 10)) -> dict:
+    """Class-based retrieval (the 5x200 sets, common.md section 8.2): sim Q x G, integer classes Q and G ->
+    {"P@k": mean over queries of the fraction of the top-k gallery items with the query's class}."""
+    sim, query_labels, gallery_labels = _numpy(sim), np.asarray(query_labels), np.asarray(gallery_labels)
+    order = np.argsort(-sim, axis=1, kind="stable")  # Q x G, best first
+    hits = gallery_labels[order] == query_labels[:, None]
+    return {f"P@{k}": float(hits[:, :k].mean()) for k in ks}
+
+
+def bootstrap_ci(metric, *arrays, n: int = 1000, seed: int = 0, alpha: float = 0.05) -> tuple[float, float]:
+    """Percentile bootstrap (1 - alpha) interval of metric(*arrays) over resampled rows (common.md section 8.7:
+    1,000 resamples). Resamples where the metric is nan (e.g. a class absent) are skipped."""
+    arrays = [_numpy(a) for a in arrays]
+    rng = np.random.default_rng(seed)
+    values = [metric(*[a[idx] for a in arrays]) for idx in rng.integers(0, len(arrays[0]), (n, len(arrays[0])))]
+    values = np.asarray(values, dtype=np.float64)
+    low, high = np.nanpercentile(values, [100 * alpha / 2, 100 * (1 - alpha / 2)])
+    return float(low), float(high)
+
+
+def zero_shot_auc(image_emb, pos_text_emb, neg_text_emb, labels, names=None) -> dict:
+    """CheXzero pair prompts (common.md section 8.3): image_emb N x D, pos/neg prompt embeddings C x D ("c" / "no c"),
+    labels N x C (1 / 0, others ignored) -> {name: AUC}. p_c = softmax over (s_pos, s_neg) with s the cosine.
+    A temperature would not change the AUC: p_c = sigmoid((s_pos - s_neg) / tau) is monotone in s_pos - s_neg."""
+    image = F.normalize(torch.as_tensor(image_emb).double(), dim=-1)
+    pos = image @ F.normalize(torch.as_tensor(pos_text_emb).double(), dim=-1).T  # N x C
+    neg = image @ F.normalize(torch.as_tensor(neg_text_emb).double(), dim=-1).T
+    prob = torch.stack([pos, neg], -1).softmax(-1)[..., 0]
+    labels = _numpy(labels)
+    names = names or [str(c) for c in range(labels.shape[1])]
+    return {name: roc_auc(prob[:, c], labels[:, c]) for c, name in enumerate(names)}
+
+
+# ================================================================================================================
+# 5. Plumbing: arguments, distributed, seeds, AMP, schedules, checkpoints, logging, export
+# ================================================================================================================
+
+def arg(default, help: str = ""):
+    """Dataclass field with a help string: `lr: float = arg(1e-4, "peak learning rate")`. Lists get a factory."""
+    if isinstance(default, (list, dict, set)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+def _flag_kwargs(tp) -> dict:
+    """argparse keywords for a type annotation: bool, int/float/str, Literal, tuple/list, Optional[...]."""
+    origin, targs = typing.get_origin(tp), typing.get_args(tp)
+    if tp is bool:
+        return dict(action=argparse.BooleanOptionalAction)
+    if origin in (typing.Union, types.UnionType) and type(None) in targs:
+        kw = _flag_kwargs(next(t for t in targs if t is not type(None)))
+        if "action" in kw:  # Optional[bool]: the flag pair already covers it
+            return kw
+        base = kw.get("type", str)
+        kw["type"] = lambda s, base=base: None if s.lower() == "none" else base(s)
+        return kw
+    if origin is typing.Literal:
+        return dict(choices=targs, type=type(targs[0]))
+    if origin in (tuple, list):
+        variadic = origin is list or not targs or targs[-1] is Ellipsis
+        return dict(nargs="+" if variadic else len(targs), type=targs[0] if targs else str)
+    return dict(type=tp)
+
+
+def parse_args(ArgsClass, presets: dict | None = None, argv=None):
+    """Args dataclass -> argparse flags -> instance. Each field `some_name` becomes `--some-name` (bools also
+    `--no-some-name`; tuples take several values; Optional accepts `none`), help from field(metadata={"help"})
+    (see `arg`). `--preset NAME` applies presets[NAME] (a dict of field overrides) first; explicit flags win.
+    If the dataclass has a `preset` field it receives the preset's name."""
+    presets = presets or {}
+    hints = typing.get_type_hints(ArgsClass)
+    fields = [f for f in dataclasses.fields(ArgsClass) if f.init]
+    parser = argparse.ArgumentParser(description=(ArgsClass.__doc__ or "").split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    if "preset" not in {f.name for f in fields}:
+        parser.add_argument("--preset", default=None, choices=sorted(presets), help="named set of overrides")
+    for f in fields:
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        kw = dict(_flag_kwargs(hints[f.name]), default=default, help=f.metadata.get("help", ""))
+        if f.name == "preset":
+            kw["choices"] = sorted(presets)
+        parser.add_argument("--" + f.name.replace("_", "-"), **kw)
+    # Two passes: find the preset, make its values the defaults, then parse again so explicit flags win.
+    chosen = parser.parse_known_args(argv)[0].preset
+    if chosen is not None:
+        unknown = set(presets[chosen]) - {f.name for f in fields}
+        if unknown:
+            raise ValueError(f"preset {chosen} sets unknown fields {sorted(unknown)}")
+        parser.set_defaults(**presets[chosen])
+    values = vars(parser.parse_args(argv))
+    values = {f.name: tuple(values[f.name]) if typing.get_origin(hints[f.name]) is tuple and values[f.name]
+              is not None else values[f.name] for f in fields}
+    return ArgsClass(**values)
+
+
+@dataclass
+class Dist:
+    """Where this process runs: rank 0 (is_main) does all I/O."""
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+    is_main: bool = True
+    distributed: bool = False
+
+
+def setup_distributed(device: str | None = None) -> Dist:
+    """torchrun (RANK set) -> init_process_group (nccl on CUDA, gloo on CPU) and one GPU per process; otherwise a
+    single process on `device` (default: cuda if available, else cpu). Also switches TF32 matmuls on."""
+    cuda = torch.cuda.is_available() and device != "cpu"
+    if cuda:
+        torch.set_float32_matmul_precision("high")  # TF32 matmuls; cuDNN convolutions use TF32 by default
+        torch.backends.cudnn.allow_tf32 = True
+    if "RANK" not in os.environ:
+        return Dist(device=torch.device(device or ("cuda" if cuda else "cpu")))
+    rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0))
+    dev = torch.device("cuda", local) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(dev)
+    dist.init_process_group("nccl" if cuda else "gloo", device_id=dev if cuda else None)
+    return Dist(rank, world, local, dev, rank == 0, True)
+
+
+def cleanup_distributed():
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module inside DistributedDataParallel / torch.compile wrappers."""
+    model = getattr(model, "_orig_mod", model)
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def seed_everything(seed: int):
+    """Seed python, numpy and torch (all devices). Use `seed` for model init (same on every rank), then
+    seed_everything(seed + rank) for data order and augmentation."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def amp_dtype(device: torch.device, precision: str = "auto") -> torch.dtype | None:
+    """common.md section 6. precision "auto": bf16 on CUDA where supported, else fp16 (needs the GradScaler);
+    None (no autocast) on CPU. "bf16" / "fp16" / "fp32" force a choice."""
+    if precision == "fp32" or (precision == "auto" and device.type != "cuda"):
+        return None
+    if precision == "auto":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    """Autocast context for `dtype`, or a no-op for None. Losses cast their logits to fp32 themselves."""
+    return nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
+
+
+def grad_scaler(device: torch.device, dtype: torch.dtype | None) -> torch.amp.GradScaler:
+    """GradScaler, enabled only for fp16 (bf16 has fp32's exponent range and needs no loss scaling)."""
+    return torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+
+
+def per_epoch_cosine(optimizer, steps_per_epoch: int):
+    """LoVT's `cosine_annealing_per_epoch`: CosineAnnealingLR(T_max = optimizer steps per epoch, eta_min = 0),
+    stepped after every optimizer step and never reset. PyTorch continues the cosine past T_max, so the LR is a
+    wave with a 2-epoch period: lr_t = base * (1 + cos(pi * t / T_max)) / 2 (falls to 0 in epoch 1, rises back)."""
+    return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps_per_epoch, eta_min=0.0)
+
+
+def cosine_with_warmup(optimizer, warmup_steps: int, total_steps: int, min_lr: float = 0.0):
+    """Linear warm-up to each group's base LR over `warmup_steps` (lr = base * (t+1) / warmup_steps), then a cosine
+    decay to `min_lr` at `total_steps` (MGCA: 40 % warm-up, min 1e-8); stepped after every optimizer step."""
+    def factor(base_lr):
+        def f(t):
+            if t < warmup_steps:
+                return (t + 1) / warmup_steps
+            progress = min(1.0, (t - warmup_steps) / max(1, total_steps - warmup_steps))
+            return (min_lr + (base_lr - min_lr) * 0.5 * (1 + math.cos(math.pi * progress))) / base_lr
+        return f
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, [factor(g["lr"]) for g in optimizer.param_groups])
+
+
+def plain(obj):
+    """Args and nested values -> what torch.load(weights_only=True) accepts: dataclasses become dicts, tensors,
+    containers and python scalars stay, numpy scalars become python numbers, anything else (paths...) a string."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        obj = dataclasses.asdict(obj)
+    if isinstance(obj, dict):
+        return {k: plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(plain(v) for v in obj)
+    if isinstance(obj, np.generic):
+        return obj.item()
+    return obj if obj is None or torch.is_tensor(obj) or isinstance(obj, (bool, int, float, str)) else str(obj)
+
+
+def rng_state() -> dict:
+    """Python, numpy, torch (and CUDA) RNG states as tensors and plain values (weights_only-safe)."""
+    version, internal, gauss = random.getstate()
+    np_state = np.random.get_state(legacy=False)
+    state = dict(python=[version, list(internal), gauss], torch=torch.get_rng_state(),
+                 numpy=dict(key=torch.from_numpy(np_state["state"]["key"].astype(np.int64)),
+                            pos=np_state["state"]["pos"], has_gauss=np_state["has_gauss"], gauss=np_state["gauss"]))
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(checkpoint: dict, rank: int = 0):
+    """Restore the RNG streams saved by save_checkpoint (rank 0's). Other ranks cannot continue rank 0's streams,
+    so they reseed deterministically from the step and their rank."""
+    if rank != 0:
+        seed_everything(int(checkpoint.get("step", 0)) * 1009 + rank)
+        return
+    s = checkpoint["rng"]
+    random.setstate((s["python"][0], tuple(s["python"][1]), s["python"][2]))
+    n = s["numpy"]
+    np.random.set_state(dict(bit_generator="MT19937", has_gauss=n["has_gauss"], gauss=n["gauss"],
+                             state=dict(key=n["key"].numpy().astype(np.uint32), pos=n["pos"])))
+    torch.set_rng_state(s["torch"])
+    if "cuda" in s and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
+
+
+def _atomic_save(obj, path: str):
+    """torch.save to a temporary file in the same folder, then os.replace (atomic on POSIX and Windows)."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def save_checkpoint(path: str, state: dict):
+    """Write `state` (model / optimizer / scaler / scheduler state dicts, step, epoch, args, ...) plus the current RNG
+    states (key "rng") atomically, so a run killed mid-write leaves the previous checkpoint intact. `args` and the
+    other non-dict values pass through `plain` (an Args dataclass becomes a dict); state dicts are kept as they are."""
+    state = {k: plain(v) if k == "args" or not isinstance(v, dict) else v for k, v in state.items()}
+    _atomic_save(dict(state, rng=rng_state()), path)
+
+
+def load_checkpoint(path: str, map_location="cpu") -> dict:
+    """Load what save_checkpoint wrote, with weights_only=True (no arbitrary code from pickles)."""
+    return torch.load(path, map_location=map_location, weights_only=True)
+
+
+def _append_csv(path: str, row: dict):
+    """Append a row; the columns are fixed by the file's header (or by this row if the file is new)."""
+    columns = None
+    if os.path.exists(path) and os.path.getsize(path) > 0:
+        with open(path, newline="") as fh:
+            columns = next(csv.reader(fh))
+    with open(path, "a", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=columns or list(row), extrasaction="ignore")
+        if columns is None:
+            writer.writeheader()
+        writer.writerow(row)
+
+
+class Logger:
+    """tqdm progress (rank 0) and CSV logs in run_dir. Wrap the loader with `iterate` to measure the data wait:
+
+        for batch in logger.iterate(loader): ...; logger.log(step, epoch, {"lr": lr, "loss/total": loss}, images=n)
+
+    log() writes metrics.csv with perf/img_per_s and perf/data_wait_frac over the interval since the previous call
+    (`images`: images processed by all ranks in that interval). On resume (start_step > 0) rows past start_step
+    from the killed run are dropped, then rows are appended. write(name, row) appends to another CSV (e.g. val)."""
+
+    def __init__(self, run_dir: str, is_main: bool, total_steps: int, start_step: int = 0):
+        self.run_dir, self.is_main = run_dir, is_main
+        self.bar = tqdm(total=total_steps, initial=start_step, disable=not is_main, dynamic_ncols=True)
+        self.path, self.wait, self.last = os.path.join(run_dir, "metrics.csv"), 0.0, time.perf_counter()
+        if is_main and start_step > 0 and os.path.exists(self.path):
+            with open(self.path, newline="") as fh:
+                rows = list(csv.reader(fh))
+            with open(self.path, "w", newline="") as fh:
+                csv.writer(fh).writerows(rows[:1] + [r for r in rows[1:] if int(r[0]) <= start_step])
+
+    def iterate(self, loader):
+        iterator = iter(loader)
+        while True:
+            t0 = time.perf_counter()
+            try:
+                batch = next(iterator)
+            except StopIteration:
+                return
+            self.wait += time.perf_counter() - t0
+            yield batch
+
+    def log(self, step: int, epoch: int, metrics: dict, images: int = 0):
+        now = time.perf_counter()
+        elapsed, self.last = max(now - self.last, 1e-9), now
+        row = {"step": step, "epoch": epoch, **{k: float(v) for k, v in metrics.items()},
+               "perf/img_per_s": images / elapsed, "perf/data_wait_frac": min(self.wait / elapsed, 1.0)}
+        self.wait = 0.0
+        if self.is_main:
+            self.bar.update(step - self.bar.n)
+            loss = row.get("loss/total", row.get("loss", float("nan")))
+            self.bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{row['perf/img_per_s']:.1f}",
+                                 wait=f"{100 * row['perf/data_wait_frac']:.0f}%")
+            _append_csv(self.path, row)
+
+    def write(self, name: str, row: dict):
+        if self.is_main:
+            _append_csv(os.path.join(self.run_dir, name), {k: float(v) if torch.is_tensor(v) else v
+                                                           for k, v in row.items()})
+
+    def close(self):
+        self.bar.close()
+
+
+def check_finite(loss: torch.Tensor, step: int, ckpt_path: str, terms: dict | None = None):
+    """Stop with a clear error if the loss is NaN/inf (one GPU sync: call it every step or on log steps)."""
+    if not torch.isfinite(loss).item():
+        detail = ", ".join(f"{k}={float(v):.4g}" for k, v in (terms or {}).items())
+        raise FloatingPointError(f"non-finite loss {float(loss)} at step {step} ({detail or 'no terms given'}). "
+                                 f"The last good checkpoint is {ckpt_path}: resume from it with a lower learning "
+                                 f"rate or another precision (fp32, or bf16 instead of fp16).")
+
+
+def export_image_encoder(path: str, encoder: ImageEncoder, mean: float, std: float, image_size: int, method: str,
+                         args=None):
+    """Write the contract's image_encoder.pt (a plain dict, weights_only-loadable) atomically."""
+    encoder = unwrap(encoder)
+    state = {k: v.detach().cpu().contiguous() for k, v in encoder.backbone.state_dict().items()
+             if not k.startswith("fc.")}
+    payload = dict(arch=encoder.arch, state_dict=state, in_chans=state["conv1.weight"].shape[1], mean=float(mean),
+                   std=float(std), image_size=int(image_size), method=method, args=plain(args or {}))
+    _atomic_save(payload, path)
+
+
+def load_image_encoder(path: str, map_location="cpu") -> tuple[nn.Module, dict]:
+    """image_encoder.pt -> (torchvision ResNet with conv1 of in_chans channels and fc = Identity, metadata dict)."""
+    payload = torch.load(path, map_location=map_location, weights_only=True)
+    model = getattr(torchvision.models, payload["arch"])(weights=None)
+    model.conv1 = nn.Conv2d(payload["in_chans"], 64, kernel_size=7, stride=2, padding=3, bias=False)
+    model.fc = nn.Identity()
+    model.load_state_dict(payload["state_dict"], strict=True)
+    return model, {k: v for k, v in payload.items() if k != "state_dict"}
+
+
+def export_text_encoder(directory: str, text_encoder: TextEncoder, tokenizer=None):
+    """save_pretrained of the BERT model (and the tokenizer) into `directory` (the contract's text_encoder/)."""
+    os.makedirs(directory, exist_ok=True)
+    unwrap(text_encoder).bert.save_pretrained(directory)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(directory)
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak CUDA memory allocated by tensors, or on CPU the process's peak resident set size (ru_maxrss: KiB on
+    Linux, bytes on macOS)."""
+    if torch.device(device).type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (2**20 if sys.platform == "darwin" else 2**10)

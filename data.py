@@ -1,0 +1,1241 @@
+"""Data for cxr-vlp: image-report datasets, batch augmentation, tokenization and the data CLI.
+
+Every dataset yields the same sample dict (see DESIGN.md):
+    image     float32 1 x H x W, normalized ((pixel/255 - mean) / std)
+    sentences list[str] (findings then impression);  text = " ".join(sentences)
+    labels    float32 (14,) in CHEXPERT_LABELS order: 1 pos / 0 neg / -1 uncertain / nan unknown
+    study_id  str;  synthetic samples also carry masks, boxes and box_labels
+
+train=False returns the evaluation view (centred square, resized to image_size). train=True returns the
+un-augmented full square view at the dataset's native size; the training loop applies BatchAugment on its
+device, which crops, jitters, blurs and resizes to image_size in one batched pass.
+
+Datasets: SyntheticCXR (built in, offline, with masks and boxes), CsvPairs (image path + report CSV, e.g.
+IU X-ray, CheXpert Plus, own data), MimicCXR (the MIMIC-CXR section below). make_dataset() is the entry point.
+
+CLI:  python data.py demo --out DIR      a few synthetic reports and a PNG grid with mask outlines
+      python data.py bench               images/s of the generator, BatchAugment and collate
+      python data.py prepare-mimic ...   the MIMIC-CXR cache (resumable, validated)
+"""
+import argparse
+import bisect
+import csv
+import gzip
+import json
+import math
+import os
+import re
+import tempfile
+import time
+import warnings
+import zlib
+from collections import Counter
+from functools import partial
+from multiprocessing import Pool
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch.utils.data import Dataset
+from tqdm import tqdm
+
+CHEXPERT_LABELS = (
+    "No Finding", "Enlarged Cardiomediastinum", "Cardiomegaly", "Lung Opacity", "Lung Lesion",
+    "Edema", "Consolidation", "Pneumonia", "Atelectasis", "Pneumothorax", "Pleural Effusion",
+    "Pleural Other", "Fracture", "Support Devices")
+SYNTH_FINDINGS = ("opacity", "nodule", "effusion", "pneumothorax", "cardiomegaly")
+
+# -------------------- Text ----------------------------------------------------------------------------
+_ABBREVIATIONS = {"dr", "mr", "mrs", "ms", "prof", "approx", "vs", "e.g", "i.e", "etc", "fig", "cf", "ca",
+                  "resp", "incl", "esp", "al", "pt", "hx", "dx", "a.m", "p.m", "st"}
+# A sentence ends at . ! ? followed by whitespace; the checks in split_sentences veto false ends.
+_SENTENCE_END = re.compile(r"[.!?]+(?=\s)")
+_NUMBERED_ITEM = re.compile(r"(?:^|(?<=\s))(\d{1,2})[.)]\s+(?=\S)")
+
+
+def split_sentences(text):
+    """Split report text into sentences without dependencies (LoVT uses Stanza: a documented deviation).
+
+    Handles abbreviations ("Dr.", "approx.", "vs.", "e.g.", "i.e."), decimals ("2.5 cm": no space after the
+    point), numbered lists ("1. ... 2. ..." start new sentences and the markers are dropped), MIMIC's "___"
+    placeholders (kept as words; "___." still ends a sentence) and newlines (a blank line ends a sentence,
+    a single line break is a wrap). Pieces are stripped; pieces without a letter or digit (empty, bare
+    punctuation, a lone "___") are dropped.
+    """
+    out = []
+    for paragraph in re.split(r"\n\s*\n", text.replace("\r", "")):
+        paragraph = " ".join(paragraph.split())
+        # Numbered items become separate chunks: "1. Foo. 2. Bar." -> ["Foo.", "Bar."].
+        for chunk in _NUMBERED_ITEM.split(" " + paragraph)[::2]:
+            start = 0
+            for m in _SENTENCE_END.finditer(chunk):
+                word = chunk[start:m.start()].rsplit(" ", 1)[-1].lower()
+                if m.group() == "." and (word in _ABBREVIATIONS or re.fullmatch(r"[a-z]", word)):
+                    continue  # "Dr. Smith", "e.g. foo", initials "J. Doe"
+                out.append(chunk[start:m.end()])
+                start = m.end()
+            out.append(chunk[start:])
+    return [s.strip() for s in out if re.search(r"[A-Za-z0-9]", s)]  # drops bare "___" and punctuation
+
+
+def _swap_left_right(sentence):
+    """'left' <-> 'right' (whole words, capitalisation kept), for horizontal flips."""
+    def swap(m):
+        word = {"left": "right", "right": "left"}[m.group().lower()]
+        return word.capitalize() if m.group()[0].isupper() else word
+    return re.sub(r"\b(?:[Ll]eft|[Rr]ight)\b", swap, sentence)
+
+
+# -------------------- Image helpers shared by the datasets (pad to square, resize, normalize) ---------
+def train_native_size(image_size):
+    """Size of the un-augmented training view: 8/7 of the output (256 for 224), so BatchAugment can crop."""
+    return int(round(image_size * 8 / 7))
+
+
+def load_grayscale(path, min_size=None):
+    """Open an image as an 8-bit grayscale PIL image. JPEGs are decoded at a reduced DCT scale (1/2, 1/4,
+    1/8) when `min_size` allows it (about 2x faster on full-size films); 16-bit images are rescaled by
+    their maximum rather than clipped."""
+    img = Image.open(path)
+    if img.format == "JPEG" and min_size is not None:
+        img.draft("L", (min_size, min_size))  # never decodes below min_size on the short side
+    if img.mode.startswith("I") or img.mode == "F":
+        arr = np.asarray(img, dtype=np.float32)
+        img = Image.fromarray((arr * (255.0 / max(float(arr.max()), 1.0))).astype(np.uint8))
+    return img.convert("L")
+
+
+def square_resize(img, size):
+    """Resize the longer side to `size` (area averaging when shrinking) and zero-pad centred to size x size.
+    Same result as pad-then-resize up to rounding, but cheaper on full-size films. Returns uint8 H x W."""
+    w, h = img.size
+    s = size / max(w, h)
+    nw, nh = max(1, round(w * s)), max(1, round(h * s))
+    img = img.resize((nw, nh), Image.BOX if s < 1 else Image.BICUBIC)
+    out = np.zeros((size, size), np.uint8)
+    top, left = (size - nh) // 2, (size - nw) // 2
+    out[top:top + nh, left:left + nw] = np.asarray(img)
+    return out
+
+
+def to_image_tensor(pixels, mean, std):
+    """uint8 H x W -> normalized float32 tensor 1 x H x W."""
+    x = torch.from_numpy(np.ascontiguousarray(pixels)).float().div_(255.0)
+    return x.sub_(mean).div_(std).unsqueeze(0)
+
+
+def pixel_stats(images):
+    """LoVT's scalar statistics in [0,1] units: mean of per-image means, variance = mean of per-image
+    variances + variance of the means (exact pooled variance for equal-sized images)."""
+    x = np.stack([np.asarray(a, np.float64) / 255.0 for a in images]).reshape(len(images), -1)
+    means, variances = x.mean(1), x.var(1)
+    return float(means.mean()), float(math.sqrt(variances.mean() + means.var()))
+
+
+# -------------------- Synthetic chest X-rays with reports, labels, masks and boxes --------------------
+_SPLIT_IDS = {"train": 0, "validate": 1, "test": 2}
+_DEFAULT_SIZES = {"train": 4000, "validate": 500, "test": 500}
+_CM_PER_UNIT = 17.0  # the canonical frame spans 2 units = a 34 cm wide film; used for nodule sizes in cm
+
+# Phrasings. {side} = "right"/"left", {zone} e.g. "lower lobe", {size} a severity word, {noun} the opacity word.
+_ZONES = {"upper": ("upper lobe", "upper zone", "apex"), "middle": ("mid lung", "mid lung zone"),
+          "lower": ("lower lobe", "lung base", "lower zone")}
+_POSITIVE = {
+    "opacity": ("There is {a} {noun} in the {side} {zone}.", "{A} {noun} is seen in the {side} {zone}.",
+                "Patchy {noun} in the {side} {zone}.", "New {noun} in the {side} {zone}."),
+    "nodule": ("There is a {cm} cm nodule in the {side} {zone}.", "A {cm} cm pulmonary nodule is seen in the "
+               "{side} {zone}.", "Well-circumscribed {cm} cm nodule in the {side} {zone}."),
+    "effusion": ("There is a {size} {side} pleural effusion.", "{Size} {side} pleural effusion.",
+                 "{Size} {side}-sided pleural effusion is present."),
+    "pneumothorax": ("There is a {size} {side} {apical}pneumothorax.", "{Size} {side} {apical}pneumothorax.",
+                     "A {size} {side}-sided {apical}pneumothorax is seen."),
+    "cardiomegaly": ("The heart is {adverb} enlarged.", "{Size} cardiomegaly.", "There is {size} cardiomegaly.",
+                     "The cardiac silhouette is {adverb} enlarged."),
+}
+_IMPRESSION = {
+    "opacity": ("{Side} {zone} {noun}.", "{A} {noun} in the {side} {zone}."),
+    "nodule": ("{cm} cm {side} {zone} nodule.", "{Side} {zone} nodule, measuring {cm} cm."),
+    "effusion": ("{Size} {side} pleural effusion.", "{Side} pleural effusion."),
+    "pneumothorax": ("{Size} {side} {apical}pneumothorax.", "{Side} {apical}pneumothorax."),
+    "cardiomegaly": ("{Size} cardiomegaly.", "Cardiomegaly."),
+}
+_NEGATIVE = {
+    "opacity": ("No focal consolidation.", "There is no focal consolidation.", "No focal airspace opacity."),
+    "nodule": ("No pulmonary nodules are identified.", "No suspicious nodules.", "There is no nodule."),
+    "effusion": ("No pleural effusion.", "There is no pleural effusion.", "No pleural effusion is seen."),
+    "pneumothorax": ("No pneumothorax.", "There is no pneumothorax.", "No pneumothorax is seen."),
+    "cardiomegaly": ("The heart size is normal.", "Heart size is within normal limits.",
+                     "The cardiac silhouette is normal in size.", "Normal heart size."),
+}
+_NEGATIVE_PLEURA = ("No pleural effusion or pneumothorax.", "There is no pleural effusion or pneumothorax.",
+                    "No pneumothorax or pleural effusion is seen.")
+_FILLERS = ("The mediastinal and hilar contours are unremarkable.", "Mediastinal contours are normal.",
+            "No acute osseous abnormality.", "The visualized osseous structures are unremarkable.")
+_NORMAL_IMPRESSION = ("No acute cardiopulmonary process.", "No acute cardiopulmonary abnormality.",
+                      "No acute intrathoracic process.")
+_N_FINDINGS_CDF = (1 / 3, 2 / 3, 8 / 9)
+_SIZE_WORDS = {"effusion": ("small", "moderate", "large"), "pneumothorax": ("small", "moderate", "large"),
+               "cardiomegaly": ("mild", "moderate", "severe")}
+_LUNGS = ((-0.40, 0.30, 0.40), (0.43, 0.29, 0.45))  # (centre u, half-width, dome height v) per lung
+_OPACITY_NOUNS = ("opacity", "airspace opacity", "consolidation", "airspace consolidation")
+
+
+_GRID_CACHE = {}
+_SKELETON_RANGE = 1.4  # canonical coordinates reachable under the per-image jitter: |u|, |v| < 1.31
+
+
+def _grids(size, n_textures=24):
+    """Per-size constants: pixel-centre coordinates in [-1, 1], banks of smooth random textures and thin
+    "vessel" ridges (fixed seed), and a noise field twice the image size that images take random windows
+    of. Rendering an image then costs only vectorised arithmetic."""
+    if size not in _GRID_CACHE:
+        c = ((np.arange(size, dtype=np.float32) + 0.5) / size) * 2 - 1
+        y, x = np.meshgrid(c, c, indexing="ij")  # H x W each; x grows to the right, y downwards
+        rng = np.random.default_rng(12345)
+
+        def smooth_noise(octaves):
+            out = np.zeros((n_textures, size, size), np.float32)
+            for cells, amplitude in octaves:
+                # Bilinear up-sampling matrix (size x cells+1): texture = M @ G @ M.T with G random.
+                pos = (np.arange(size) + 0.5) / size * cells
+                m = np.maximum(0, 1 - np.abs(pos[:, None] - np.arange(cells + 1)[None])).astype(np.float32)
+                g = rng.standard_normal((n_textures, cells + 1, cells + 1)).astype(np.float32)
+                out += amplitude * np.einsum("ij,njk,lk->nil", m, g, m, optimize=True)  # M @ G @ M.T
+            return out / out.std(axis=(1, 2), keepdims=True)
+
+        textures = np.clip(smooth_noise(((4, 1.0), (8, 0.6), (16, 0.35), (32, 0.2))), -2, 2)
+        # Lung markings: thin ridges where a finer noise crosses zero look like branching vessels.
+        ridges = np.maximum(0, 1 - 4 * np.abs(smooth_noise(((6, 1.0), (12, 0.7), (24, 0.3))))).astype(np.float32)
+        noise = rng.standard_normal((2 * size, 2 * size)).astype(np.float32)
+        _GRID_CACHE[size] = (x, y, textures, ridges, noise, _skeleton(size))
+    return _GRID_CACHE[size]
+
+
+def _skeleton(size):
+    """Fixed anatomy in the canonical frame, sampled every half pixel over [-1.4, 1.4]^2: body (soft tissue
+    widening towards the shoulders, brighter towards the abdomen), mediastinum and spine, ribs (arcs) and
+    clavicles. Returns (density, ribs): rendering looks both up at each pixel's (u, v) (nearest neighbour),
+    which costs a few operations instead of some sixty."""
+    k = int(2 * _SKELETON_RANGE * size) + 1
+    c = (np.arange(k, dtype=np.float32) / size - _SKELETON_RANGE).astype(np.float32)
+    v, u = np.meshgrid(c, c, indexing="ij")
+    au, edge = np.abs(u), 0.25 * size
+    body = (0.30 + 0.12 * v) * _ramp(0.93 - 0.07 * v - au, 6.0) + 0.04
+    mediastinum = _ramp(0.11 - au, edge)
+    phase = 4.0 * (v - 0.55 * au * au)  # 4 rib arcs per canonical unit; a triangle wave is a cheap cosine
+    ribs = _ramp(0.2 - np.abs(phase - np.rint(phase)), 8.0) * _ramp(0.8 - au, 8) * _ramp(0.55 - v, 8)
+    clavicles = _ramp(0.035 - np.abs(v + 0.66 - 0.3 * au * au), edge) * _ramp(0.7 - au, 8) * _ramp(au - 0.06, 8)
+    density = body + 0.07 * mediastinum + 0.03 * ribs + 0.12 * clavicles
+    return density.astype(np.float32).ravel(), ribs.astype(np.float32).ravel()
+
+
+def _ramp(d, k):
+    """Soft inside-ness: 0 where d <= 0, 1 where d >= 1/k, linear between (anti-aliased edges)."""
+    return np.clip(d * k, 0.0, 1.0)
+
+
+class SyntheticCXR(Dataset):
+    """Built-in synthetic frontal chest films with MIMIC-style reports, CheXpert labels, masks and boxes.
+
+    Image convention: as radiographs are displayed, the patient's RIGHT is on the image's LEFT. A finding
+    drawn in the image's left half is reported as "right", in the right half as "left". The heart sits
+    right of the image centre (patient's left).
+
+    Anatomy is drawn in a canonical frame (u, v) in [-1, 1]^2 (u to the image right, v down) that is mapped to
+    the pixels by a random similarity transform (position, scale, rotation), then brightness and contrast are
+    jittered and noise is added. Findings (SYNTH_FINDINGS, at most one of each, 0-3 per image, a third of the
+    images normal) are drawn in the same frame, so masks follow the anatomy:
+      opacity       irregular textured patch in one lung zone      -> Lung Opacity (+ Consolidation if the
+                                                                      report says "consolidation", else nan)
+      nodule        small bright disc, size reported in cm         -> Lung Lesion
+      effusion      fluid at a lung base with a meniscus that blunts the costophrenic angle -> Pleural Effusion
+      pneumothorax  peripheral lucent band without lung markings and a pleural line  -> Pneumothorax
+      cardiomegaly  enlarged heart (mask = heart)                   -> Cardiomegaly, Enlarged Cardiomediastinum
+    Normal images are labelled No Finding; labels of findings never modelled (Edema, Pneumonia, Atelectasis,
+    Pleural Other, Fracture, Support Devices) are nan. The report states side, zone and size of each finding
+    (visible only in the image) and negations for a random subset of the absent ones.
+
+    Everything is a deterministic function of (seed, split, index); splits draw from disjoint random streams.
+    Native size = image_size for train and eval (images are square). hflip > 0 (train only) flips the image,
+    masks and boxes and swaps "left"/"right" in the report with probability hflip, drawn from torch's RNG.
+    LoVT flips with p = 0.5 although its reports say left/right; the suite's default is off.
+    Normalization: mean/std below were measured once on 500 train images at 128 px (they move < 0.01 with
+    the size and split).
+    """
+    mean, std = 0.2398, 0.1526
+
+    def __init__(self, split="train", size=None, image_size=128, seed=0, train=False, hflip=0.0):
+        if split not in _SPLIT_IDS:
+            raise ValueError(f"split must be one of {list(_SPLIT_IDS)}, got {split!r}")
+        if image_size < 64:
+            raise ValueError(f"image_size must be >= 64, got {image_size}")
+        self.split, self.image_size, self.seed, self.train, self.hflip = split, image_size, seed, train, hflip
+        self.size = _DEFAULT_SIZES[split] if size is None else size
+
+    def __len__(self):
+        return self.size
+
+    def render(self, index):
+        """The sample as numpy arrays: pixels uint8 H x W, masks bool T x H x W, boxes float32 N x 4
+        (x1, y1, x2, y2 in pixels; one per finding, T order), box_labels int64 N, sentences list[str],
+        labels float32 (14,), and findings: {name: drawn parameters (side 0 = patient's right, zone, size
+        index, cm, noun)} for inspection."""
+        rng = np.random.default_rng([self.seed, _SPLIT_IDS[self.split], index])
+        x, y, textures, ridges, noise, (skeleton, ribs) = _grids(self.image_size)
+        n = bisect.bisect(_N_FINDINGS_CDF, rng.random())  # 0, 1, 2, 3 findings with p 1/3, 1/3, 2/9, 1/9
+        present = sorted(rng.permutation(len(SYNTH_FINDINGS))[:n].tolist())
+        findings = {SYNTH_FINDINGS[t]: {} for t in present}
+
+        # Pixel -> canonical frame: (u, v) = R(angle) ((x, y) - shift) / scale.
+        angle, scale = rng.uniform(-0.08, 0.08), rng.uniform(0.88, 1.0)
+        ca, sa = math.cos(angle) / scale, math.sin(angle) / scale
+        sx, sy = rng.uniform(-0.06, 0.06, 2).tolist()  # python floats keep the maths in float32
+        u = ca * (x - sx) - sa * (y - sy)
+        v = sa * (x - sx) + ca * (y - sy)
+        edge = 0.25 * self.image_size * scale  # ramp slope per canonical unit: edges ~2 px wide at any size
+
+        # Body, mediastinum, ribs and clavicles: looked up in the canonical skeleton (nearest neighbour).
+        size, offset = self.image_size, _SKELETON_RANGE * self.image_size + 0.5  # + 0.5: round to nearest
+        width = int(2 * _SKELETON_RANGE * size) + 1  # the skeleton's side, as in _skeleton
+        at = (v * size + offset).astype(np.intp) * width + (u * size + offset).astype(np.intp)
+        img = skeleton.take(at)
+        # Lungs (index 0 = image left = patient right): an ellipse cut at the bottom by a diaphragm dome that
+        # is highest mid-lung and lowest at the lateral costophrenic angle; the right dome sits higher.
+        lungs, radii = [], []
+        for uc, a, dome in _LUNGS:
+            du, dv = (u - uc) * (1 / a), (v + 0.08) * (1 / 0.7)
+            r2 = du * du + dv * dv
+            lung = _ramp(1 - r2, 0.5 * a * edge) * _ramp(dome + rng.uniform(-0.03, 0.03) + 0.12 * du * du - v, edge)
+            lungs.append(lung)
+            radii.append((du, r2))
+        lung = lungs[0] + lungs[1]
+        tex_i, tex_j = rng.permutation(len(textures))[:2].tolist()
+        markings = ridges[tex_i] * lung * (1 - 0.7 * (radii[0][1] * lungs[0] + radii[1][1] * lungs[1]))
+
+        # Heart: soft-tissue ellipse right of centre (patient's left) over the medial lung bases; it hides the
+        # lung behind it. Cardiomegaly widens it (cardiothoracic ratio ~0.45 -> 0.6-0.75).
+        big = "cardiomegaly" in findings
+        grade = int(rng.integers(3))
+        ha = 0.42 + 0.05 * grade + rng.uniform(0, 0.04) if big else rng.uniform(0.27, 0.32)
+        hb = rng.uniform(0.2, 0.23) * (1.15 if big else 1.0)
+        hu, hv = 0.08 + rng.uniform(-0.03, 0.03), 0.22
+        heart = _ramp(1 - ((u - hu) * (1 / ha)) ** 2 - ((v - hv) * (1 / hb)) ** 2, 0.5 * ha * edge)
+
+        # Findings edit the lucency (lung darkness) and add densities. Ribs show more over the lungs.
+        lucent = (lung * (1 - heart)) * 0.25 - 0.08 * markings
+        dense = 0.05 * ribs.take(at) * lung
+        masks = np.zeros((len(SYNTH_FINDINGS), self.image_size, self.image_size), bool)
+        for name in findings:
+            f = findings[name]
+            f["side"] = int(rng.integers(2))
+            du, r2 = radii[f["side"]]
+            uc = _LUNGS[f["side"]][0]
+            if name in ("opacity", "nodule"):
+                f["zone"] = ("upper", "middle", "lower")[rng.integers(3)]
+                lo, hi = {"upper": (-0.55, -0.3), "middle": (-0.12, 0.05), "lower": (0.17, 0.27)}[f["zone"]]
+                cu, cv = uc + rng.uniform(-0.1, 0.1), rng.uniform(lo, hi)
+            if name == "opacity":
+                f["noun"] = _OPACITY_NOUNS[int(rng.random() * len(_OPACITY_NOUNS))]
+                rad = rng.uniform(0.11, 0.18)
+                patch = _ramp(1 - ((u - cu) ** 2 + (v - cv) ** 2) * (1 / rad ** 2) - 0.4 * textures[tex_j], 4.0)
+                patch *= lungs[f["side"]]
+                dense += 0.22 * patch * (0.8 + 0.2 * textures[tex_j])
+                masks[0] = patch > 0.5
+            elif name == "nodule":
+                rad = rng.uniform(0.035, 0.06)
+                f["cm"] = round(2 * rad * scale * _CM_PER_UNIT, 1)
+                d2 = (u - cu) ** 2 + (v - cv) ** 2
+                dense += 0.26 * _ramp(1 - d2 * (1 / rad ** 2), 3.0)
+                masks[1] = d2 < rad ** 2
+            elif name == "effusion":
+                f["size"] = int(rng.integers(3))
+                level = (0.24, 0.1, -0.08)[f["size"]] + rng.uniform(-0.03, 0.03)
+                lateral = np.clip(du * (1 if f["side"] else -1), 0, 1)  # 0 medial half .. 1 lateral edge
+                # Meniscus: the fluid surface climbs the lateral chest wall, blunting the costophrenic angle.
+                below = v - level - 0.06 + 0.2 * lateral * lateral
+                fluid = _ramp(below, edge) * lungs[f["side"]]
+                lucent *= 1 - fluid
+                dense += 0.05 * fluid
+                # Masks are the hard region inside the lung's (2 px soft) edge, so small findings at 64 px
+                # keep a mask.
+                masks[2] = (below > 0) & (lungs[f["side"]] > 0.25)
+            elif name == "pneumothorax":
+                f["size"] = int(rng.integers(3))
+                t = (rng.uniform(0.2, 0.26), rng.uniform(0.3, 0.38), rng.uniform(0.45, 0.55))[f["size"]]  # r units
+                cut = (-0.2, 0.05, 0.2)[f["size"]]  # small ones are apical only
+                r = np.sqrt(r2)
+                a = _LUNGS[f["side"]][1]
+                band = _ramp(r - (1 - t), a * edge) * _ramp(cut - v, edge) * lungs[f["side"]]
+                # The visceral pleural line at the band's inner edge, ~2 px wide.
+                line = _ramp(1 - np.abs(r - (1 - t)) * (a * edge), 1.0) * _ramp(cut - v, edge) * lungs[f["side"]]
+                lucent += band * (0.09 * markings + 0.06)  # no markings, darker
+                dense += 0.15 * line
+                masks[3] = (r > 1 - t) & (v < cut) & (lungs[f["side"]] > 0.25)
+            else:
+                f["size"] = int(grade)
+                masks[4] = heart > 0.5
+
+        # Exposure jitter (brightness, contrast), quantum noise, then 8 bits.
+        img = img + dense - lucent
+        img = (img - 0.35) * rng.uniform(0.8, 1.2) + 0.35 + rng.uniform(-0.06, 0.06)
+        oy, ox = rng.integers(self.image_size, size=2)
+        img += 0.015 * noise[oy:oy + self.image_size, ox:ox + self.image_size]
+        pixels = np.clip(img * 255.0 + 0.5, 0, 255).astype(np.uint8)
+
+        boxes, box_labels = [], []
+        for t in present:
+            rows, cols = np.flatnonzero(masks[t].any(1)), np.flatnonzero(masks[t].any(0))
+            if len(rows):
+                boxes.append([cols[0], rows[0], cols[-1] + 1, rows[-1] + 1])
+                box_labels.append(t)
+        return dict(pixels=pixels, masks=masks, boxes=np.array(boxes, np.float32).reshape(-1, 4),
+                     box_labels=np.array(box_labels, np.int64), sentences=self._report(rng, findings),
+                     labels=self._labels(findings), findings=findings)
+
+    @staticmethod
+    def _report(rng, findings):
+        pick = lambda options: options[int(rng.random() * len(options))]  # noqa: E731
+        positive, impression = [], []
+        for name, f in findings.items():
+            noun = f.get("noun", "")
+            side = ("right", "left")[f.get("side", 0)]  # patient's right = image left (index 0)
+            size = _SIZE_WORDS[name][f["size"]] if "size" in f else ""
+            words = dict(side=side, Side=side.capitalize(), noun=noun, size=size, Size=size.capitalize(),
+                         adverb=size + "ly", zone=pick(_ZONES[f["zone"]]) if "zone" in f else "", cm=f.get("cm", ""),
+                         apical="apical " if name == "pneumothorax" and f["size"] == 0 else "",
+                         a="an" if noun[:1] in "aeiou" else "a", A="An" if noun[:1] in "aeiou" else "A")
+            positive.append(pick(_POSITIVE[name]).format(**words))
+            impression.append(pick(_IMPRESSION[name]).format(**words))
+        absent = [name for name in SYNTH_FINDINGS if name not in findings]
+        negative = []
+        if "effusion" in absent and "pneumothorax" in absent and rng.random() < 0.5:
+            negative.append(pick(_NEGATIVE_PLEURA))
+            absent = [a for a in absent if a not in ("effusion", "pneumothorax")]
+        negative += [pick(_NEGATIVE[a]) for a in absent if rng.random() < 0.75]
+        if not findings and not negative:
+            negative.append(pick(_NEGATIVE[absent[0]]))
+        fillers = [_FILLERS[i] for i in rng.permutation(len(_FILLERS))[:int(rng.integers(3))]]
+        body = positive + negative + fillers
+        body = [body[i] for i in rng.permutation(len(body))]
+        impression = [impression[i] for i in rng.permutation(len(impression))] or [pick(_NORMAL_IMPRESSION)]
+        return body + impression
+
+    @staticmethod
+    def _labels(findings):
+        labels = np.full(len(CHEXPERT_LABELS), np.nan, np.float32)
+        col = {name: i for i, name in enumerate(CHEXPERT_LABELS)}
+        for finding, label in (("opacity", "Lung Opacity"), ("nodule", "Lung Lesion"), ("effusion", "Pleural Effusion"),
+                               ("pneumothorax", "Pneumothorax"), ("cardiomegaly", "Cardiomegaly"),
+                               ("cardiomegaly", "Enlarged Cardiomediastinum"), ("opacity", "Consolidation")):
+            labels[col[label]] = float(finding in findings)
+        if "opacity" in findings and "consolidation" not in findings["opacity"]["noun"]:
+            labels[col["Consolidation"]] = np.nan  # "opacity" does not say whether it is consolidation
+        labels[col["No Finding"]] = float(not findings)
+        return labels
+
+    def __getitem__(self, index):
+        if not 0 <= index < self.size:
+            raise IndexError(index)
+        r = self.render(index)
+        pixels, masks, boxes, sentences = r["pixels"], r["masks"], r["boxes"], r["sentences"]
+        if self.train and self.hflip > 0 and torch.rand(()).item() < self.hflip:
+            pixels, masks = pixels[:, ::-1], masks[:, :, ::-1]
+            boxes = np.stack([self.image_size - boxes[:, 2], boxes[:, 1], self.image_size - boxes[:, 0],
+                              boxes[:, 3]], 1).reshape(-1, 4)
+            sentences = [_swap_left_right(s) for s in sentences]
+        return dict(image=to_image_tensor(pixels, self.mean, self.std), sentences=sentences,
+                    text=" ".join(sentences), labels=torch.from_numpy(r["labels"]),
+                    study_id=f"synthetic-{self.split}-{self.seed}-{index}",
+                    masks=torch.from_numpy(np.ascontiguousarray(masks)), boxes=torch.from_numpy(boxes),
+                    box_labels=torch.from_numpy(r["box_labels"]))
+
+
+# -------------------- Image-report pairs from a CSV file (IU X-ray, CheXpert Plus, own data) ----------
+class CsvPairs(Dataset):
+    """Image-report pairs listed in a CSV: `image_col` holds image paths relative to the CSV's folder,
+    `text_col` the report text (split with split_sentences), optional `split_col` (train/validate/test) and
+    optional label columns named as in CHEXPERT_LABELS (blank = nan). Rows with a missing image file or an
+    empty report raise a ValueError naming the CSV row; an unreadable image raises when it is loaded.
+
+    Images: grayscale, zero-padded to a centred square, resized (train: to train_native_size(image_size) for
+    BatchAugment; eval: image_size), normalized with mean/std. mean/std default to LoVT-style statistics of
+    up to 64 evenly spaced training rows (the "train" split when the CSV has a split column), so that
+    validation and test use the training statistics.
+    """
+
+    def __init__(self, csv_path, split=None, image_size=224, train=True, image_col="image", text_col="report",
+                 split_col="split", mean=None, std=None, size=None):
+        self.csv_path, self.image_size, self.train = csv_path, image_size, train
+        self.native_size = train_native_size(image_size) if train else image_size
+        root = os.path.dirname(os.path.abspath(csv_path))
+        with open(csv_path, newline="", encoding="utf-8-sig") as fh:
+            reader = csv.DictReader(fh)
+            header = reader.fieldnames or []
+            for col in (image_col, text_col):
+                if col not in header:
+                    raise ValueError(f"{csv_path}: no column {col!r} (columns: {header})")
+            rows = list(enumerate(reader, start=2))  # numbered like spreadsheet rows: the header is row 1
+        if split is not None and split_col not in header:
+            warnings.warn(f"{csv_path} has no {split_col!r} column: split={split!r} uses every row")
+        label_cols = [c for c in CHEXPERT_LABELS if c in header]
+
+        self.items, train_paths = [], []
+        for line, r in rows:
+            path = os.path.join(root, r[image_col] or "")
+            where = f"{csv_path} row {line}"
+            if not r[image_col] or not os.path.isfile(path):
+                raise ValueError(f"{where}: image file not found: {path}")
+            sentences = split_sentences(r[text_col] or "")
+            if not sentences:
+                raise ValueError(f"{where}: empty report in column {text_col!r}")
+            row_split = r.get(split_col) if split_col in header else None
+            if row_split in (None, "train"):
+                train_paths.append(path)
+            if split is not None and row_split is not None and row_split != split:
+                continue
+            labels = np.full(len(CHEXPERT_LABELS), np.nan, np.float32)
+            for c in label_cols:
+                if (r[c] or "").strip():
+                    try:
+                        labels[CHEXPERT_LABELS.index(c)] = float(r[c])
+                    except ValueError:
+                        raise ValueError(f"{where}: label {c!r} is not a number: {r[c]!r}") from None
+            self.items.append(dict(path=path, where=where, sentences=sentences, labels=labels,
+                                   study_id=r.get("study_id") or r[image_col]))
+        if size is not None:
+            self.items = self.items[:size]
+        if mean is None or std is None:
+            sample = train_paths[:: max(1, len(train_paths) // 64)][:64] or [it["path"] for it in self.items[:64]]
+            mean, std = pixel_stats([self._read(p, p, image_size) for p in sample])
+        self.mean, self.std = float(mean), float(std)
+
+    @staticmethod
+    def _read(path, where, size):
+        try:
+            return square_resize(load_grayscale(path, min_size=size), size)
+        except (OSError, ValueError) as e:  # PIL raises OSError (UnidentifiedImageError) for bad files
+            raise ValueError(f"{where}: cannot read image {path}: {e}") from e
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, index):
+        it = self.items[index]
+        pixels = self._read(it["path"], it["where"], self.native_size)
+        return dict(image=to_image_tensor(pixels, self.mean, self.std), sentences=list(it["sentences"]),
+                    text=" ".join(it["sentences"]), labels=torch.from_numpy(it["labels"].copy()),
+                    study_id=str(it["study_id"]))
+
+
+# ==== MIMIC-CXR: report sections, the small-resolution cache (prepare-mimic), MimicCXR ====
+# MIMIC-CXR-JPG 2.0.0 + MIMIC-CXR 2.0.0 reports (formats.md §1, common.md §3, lovt.md §4).
+#
+# `python data.py prepare-mimic --root ROOT --out CACHE [--reports DIR] [--size 256] [--workers N]` decodes every
+# frontal (PA/AP) JPEG once and writes CACHE/
+#     images.bin      uint8 np.memmap, N x S x S (nanoGPT style: zero decode cost when training)
+#     manifest.csv    row,subject_id,study_id,dicom_id,split,view,height,width,x0,y0,x1,y1 (original size, content box)
+#     studies.jsonl   one kept study per line: ids, split, memmap rows, sentences (findings then impression), the
+#                     stripped findings and impression texts, 14 CheXpert labels (CHEXPERT_LABELS order, null = blank)
+#     meta.json       size, counts, crc32 of images.bin, per-split pixel mean/std over the content boxes (LoVT's
+#                     rule: mean of image means; variance = mean of image variances + variance of the means; [0, 1])
+#     rejected.csv    path,reason for every image and report refused (never replaced by zeros): missing/empty/
+#                     unreadable (incl. truncated)/constant image, missing/unreadable report, custom_rule_study,
+#                     no_findings_or_impression, too_few_tokens (< 3), no_valid_image (the study lost all its images)
+# Reports follow LoVT (lovt.md §4), with the suite's split_sentences instead of Stanza (a documented deviation).
+# Images: decoded with libjpeg DCT scaling (`Image.draft`, 1/2, 1/4 or 1/8 scale, never below the target), longer side
+# resized to S with Image.Resampling.BOX (area average, like cv2.INTER_AREA in MGCA), zero-padded centred to S x S.
+# The issue text said "--size on the shorter side"; we follow common.md §3.3 instead (longer side, padded square), so
+# the memmap has a fixed shape and nothing is cropped away; BatchAugment crops on the device.
+# Resumable: studies are processed in sorted order in chunks; after each chunk the memmap and text files are flushed
+# and state.json is replaced atomically, so a rerun truncates any half-written tail and continues at the same row.
+# --- MIT-LCP section parser (MIT-LCP/mimic-cxr txt/section_parser.py, reimplemented literally, formats.md §1.8) ---
+# A header is a newline, exactly one space, UPPER-CASE letters / space / ()/,- and a colon: "Findings:" is no header.
+_HEADER = re.compile(r"\n ([A-Z ()/,-]+):\s", re.DOTALL)
+_SECTION_ALIASES = {  # normalised name <- exact (lower-cased) header spellings, MIT-LCP's `frequent_sections`
+    "impression": "impression|conclusion|findings and impression|findings/impression|findings/ impression|impresson|"
+                  "imprression|imoression|impressoin|imprssion|impresion|imperssion|mpression|impession|ndication",
+    "findings": "findings|finding|chest, two views|reference findings|findins|findindgs|findgings|findngs|findnings|"
+                "finidngs",
+    "comparison": "comparison|comparisons|reference exam|comparison exam|comparison film|comparision|comparsion|"
+                  "comparrison|comparisions",
+    "history": "history|clinical history|clinical information|patient history|pfi",
+    "indication": "indication|reason for examination|reason for exam|clinical indication|idication",
+    "examination": "examination|exam|type of examination",
+    "recommendations": "recommendations|recommendation(s)|recommendation",
+    "wet read": "wet read|wetread",
+    "preamble": "preamble", "technique": "technique", "notification": "notification", "addendum": "addendum",
+    "date": "date", "comment": "comment",
+}
+_SECTION_SYNONYMS = {alias: name for name, aliases in _SECTION_ALIASES.items() for alias in aliases.split("|")}
+_MAIN_SECTIONS = ("impression", "findings", "history", "comparison", "addendum")  # substring match, in this order
+_FINDINGS_LIKE = re.compile(
+    "(chest|portable|pa and lateral|lateral and pa|ap and lateral|lateral and ap|frontal and|two views|frontal view|"
+    "pa view|ap view|one view|lateral view|bone window|frontal upright|frontal semi-upright|ribs|pa and lat)")
+# Studies in MIT-LCP's `custom_mimic_cxr_rules` tables (hand-set sections or offsets): LoVT skips them.
+_CUSTOM_RULE_STUDIES = frozenset(
+    "50913680 59363654 59279892 59768032 57936451 50058765 53356173 53202765 50808053 51966317 50743547 56451190 "
+    "59067458 59215320 55124749 54365831 59087630 58157373 56482935 58375018 54654948 55157853 51491012 50525523 "
+    "57564132 59982525 53488209 54875119 50196495 56579911 52648681 59889364 53514462 59505494 53182247 51410602 "
+    "56412866 54986978 59003148 57150433 56760320 59562049 52674888 55258338 59330497 52119491 58235663 50798377 "
+    "54168089 53071062 56724958 54231141 53607029 52035334".split())
+_TOKEN = re.compile(r"\w+|[^\w\s]")  # words and punctuation marks: our stand-in for Stanza's token count
+
+
+def _normalize_section_name(name):
+    name = name.lower().strip()
+    if name in _SECTION_SYNONYMS:
+        return _SECTION_SYNONYMS[name]
+    for main in _MAIN_SECTIONS:
+        if main in name:
+            return main
+    return "findings" if _FINDINGS_LIKE.search(name) else name  # title-like headers ("CHEST, PA LATERAL")
+
+
+def parse_report_sections(text):
+    """{normalised section name: body} by MIT-LCP's `section_text` rules, in report order. Bodies are not stripped;
+    if a name repeats, the last occurrence wins (LoVT)."""
+    m = _HEADER.search(text)
+    if m is None:
+        return {"full report": text}
+    bodies, names = [text[:m.start(1)]], ["preamble"]
+    while m:
+        name, start = m.group(1), m.end()
+        # The next header is searched from the end of this header's first line, never on that line.
+        m = _HEADER.search(text, max(text.find("\n", start), start))
+        bodies.append(text[start:m.start() if m else len(text)])
+        names.append(name)
+    names = [_normalize_section_name(n) for n in names]
+    # Empty findings/impression are titles or duplicated headers: drop them.
+    keep = [i for i, (n, b) in enumerate(zip(names, bodies)) if n not in ("impression", "findings") or b.strip()]
+    bodies, names = [bodies[i] for i in keep], [names[i] for i in keep]
+    if "impression" not in names and "findings" not in names and "\n \n" in bodies[-1]:
+        first, *rest = bodies[-1].split("\n \n")
+        bodies[-1:] = [first, "\n \n".join(rest)]
+        names.append("last_paragraph")
+    return dict(zip(names, bodies))  # a later duplicate overwrites the earlier one's body
+
+
+def report_sentences(text):
+    """LoVT's sentence list: findings sentences, then impression sentences (a missing section counts as empty)."""
+    sections = parse_report_sections(text)
+    return split_sentences(sections.get("findings", "")) + split_sentences(sections.get("impression", ""))
+
+
+# --- image decoding -------------------------------------------------------------------------------------------------
+def load_cxr(path, size, draft=True):
+    """JPEG -> (size x size uint8 square, (height, width) of the original, content box (x0, y0, x1, y1)).
+
+    draft=True decodes at a reduced DCT scale (data.load_grayscale). Raises OSError / ValueError on unreadable or
+    truncated files: the conversion forces the full decode, and Pillow's default ImageFile.LOAD_TRUNCATED_IMAGES =
+    False makes a truncated stream an error instead of grey rows."""
+    with Image.open(path) as img:  # reads the header only: the original size for the manifest
+        w0, h0 = img.size
+    img = load_grayscale(path, min_size=size if draft else None)
+    w, h = img.size
+    scale = size / max(w, h)  # where square_resize places the content
+    box_w, box_h = max(1, round(w * scale)), max(1, round(h * scale))
+    x0, y0 = (size - box_w) // 2, (size - box_h) // 2
+    return square_resize(img, size), (h0, w0), (x0, y0, x0 + box_w, y0 + box_h)
+
+
+def _read_report(path, study_id):
+    """(dict of sentences and the stripped findings / impression texts, None) for a valid report, or (None, reason)
+    following LoVT's filters (lovt.md §4). The raw sections let other methods build their own text (MGCA, LRCLR)."""
+    if study_id in _CUSTOM_RULE_STUDIES:
+        return None, "custom_rule_study"
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        return None, "missing_report" if isinstance(e, FileNotFoundError) else "unreadable_report"
+    sections = parse_report_sections(text)
+    if "findings" not in sections and "impression" not in sections:
+        return None, "no_findings_or_impression"  # the unlabelled last paragraph is not used
+    sentences = report_sentences(text)
+    if len(_TOKEN.findall(" ".join(sentences))) < 3:
+        return None, "too_few_tokens"
+    return dict(sentences=sentences, findings=sections.get("findings", "").strip(),
+                impression=sections.get("impression", "").strip()), None
+
+
+def _prepare_study(study, size):
+    """Worker: validate the report, then decode each frontal image -> dict of results (plain, picklable)."""
+    report, reason = _read_report(study["report"], study["study_id"])
+    images = []
+    for dicom_id, view, path in study["images"] if reason is None else []:
+        try:
+            square, hw, box = load_cxr(path, size)
+            x0, y0, x1, y1 = box
+            content = square[y0:y1, x0:x1] / 255.0
+            bad = "constant_image" if content.min() == content.max() else None
+            images.append(dict(dicom_id=dicom_id, view=view, path=path, reason=bad, square=square, hw=hw, box=box,
+                               mean=float(content.mean()), var=float(content.var())))
+        except FileNotFoundError:
+            images.append(dict(path=path, reason="missing_image"))
+        except (OSError, ValueError, Image.DecompressionBombError):
+            empty = os.path.exists(path) and os.path.getsize(path) == 0
+            images.append(dict(path=path, reason="empty_image" if empty else "unreadable_image"))
+    return dict(report=report, reason=reason, images=images)
+
+
+def _prepare_chunk(studies, size):
+    return [_prepare_study(s, size) for s in studies]
+
+
+# --- prepare-mimic --------------------------------------------------------------------------------------------------
+def _read_csv(root, name):
+    for path in (root / name, root / f"{name}.gz"):
+        if path.exists():
+            with gzip.open(path, "rt", newline="") if path.suffix == ".gz" else open(path, newline="") as f:
+                return list(csv.DictReader(f))  # by column name; ids stay strings
+    raise FileNotFoundError(f"{name}[.gz] not found in {root}")
+
+
+def _mimic_studies(root, reports):
+    """Frontal images grouped by study, in sorted (subject, study, dicom) order -> (studies, n non-frontal)."""
+    views = {r["dicom_id"]: r["ViewPosition"] for r in _read_csv(root, "mimic-cxr-2.0.0-metadata.csv")}
+    labels = {r["study_id"]: [float(r[k]) if r[k] else None for k in CHEXPERT_LABELS]  # None = blank
+              for r in _read_csv(root, "mimic-cxr-2.0.0-chexpert.csv")}
+    studies, non_frontal = {}, 0
+    for r in _read_csv(root, "mimic-cxr-2.0.0-split.csv"):
+        view = views.get(r["dicom_id"]) or ""
+        if view not in ("PA", "AP"):  # blank and every other view are excluded, as in LoVT and MGCA
+            non_frontal += 1
+            continue
+        subject, study = r["subject_id"], r["study_id"]
+        folder = f"files/p{subject[:2]}/p{subject}"
+        s = studies.setdefault((subject, study), dict(
+            subject_id=subject, study_id=study, split=r["split"], report=str(reports / folder / f"s{study}.txt"),
+            labels=labels.get(study, [None] * len(CHEXPERT_LABELS)), images=[]))  # a missing label row = blank
+        s["images"].append((r["dicom_id"], view, str(root / folder / f"s{study}" / f"{r['dicom_id']}.jpg")))
+    for s in studies.values():
+        s["images"].sort()
+    return [studies[k] for k in sorted(studies)], non_frontal
+
+
+def _save_state(path, state):
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(state))
+    os.replace(tmp, path)  # atomic: a crash leaves the old state or the new one, never half of one
+
+
+def prepare_mimic(root, out, reports=None, size=256, workers=1, chunk_size=64):
+    """Build (or resume) the cache described in the section docstring; returns meta.json's dict."""
+    root, out = Path(root), Path(out)
+    reports = Path(reports) if reports else root
+    reports = reports.parent if reports.name == "files" else reports  # accept the folder holding files/ or files/
+    studies, non_frontal = _mimic_studies(root, reports)
+    if not studies:
+        raise SystemExit(f"no frontal images listed under {root}")
+    n_images = sum(len(s["images"]) for s in studies)
+    out.mkdir(parents=True, exist_ok=True)
+    texts = {"manifest": out / "manifest.csv", "studies": out / "studies.jsonl", "rejected": out / "rejected.csv"}
+    state_path, bin_path = out / "state.json", out / "images.bin"
+    ids = [[s["study_id"], [dicom_id for dicom_id, _, _ in s["images"]]] for s in studies]
+    fingerprint = zlib.crc32(json.dumps([size, ids]).encode())  # what the fixed row order depends on
+    if state_path.exists():
+        state = json.loads(state_path.read_text())
+        if state["fingerprint"] != fingerprint:
+            raise SystemExit(f"{out} holds a cache of other data or another --size; choose a new --out")
+        for key, path in texts.items():  # drop whatever a killed run appended after its last saved chunk
+            os.truncate(path, state["offsets"][key])
+    else:
+        texts["manifest"].write_text("row,subject_id,study_id,dicom_id,split,view,height,width,x0,y0,x1,y1\n")
+        texts["studies"].write_text("")
+        texts["rejected"].write_text("path,reason\n")
+        np.memmap(bin_path, np.uint8, "w+", shape=(n_images, size, size)).flush()  # upper bound, cut at the end
+        state = dict(fingerprint=fingerprint, size=size, next_study=0, next_row=0, kept_studies=0, crc32=0, rejected={},
+                     stats={}, offsets={k: p.stat().st_size for k, p in texts.items()}, done=False)
+        _save_state(state_path, state)
+    start = state["next_study"]
+    if start < len(studies):
+        images = np.memmap(bin_path, np.uint8, "r+", shape=(n_images, size, size))
+        chunks = [studies[i:i + chunk_size] for i in range(start, len(studies), chunk_size)]
+        work = partial(_prepare_chunk, size=size)
+        pool = Pool(workers) if workers > 1 else None
+        done = sum(len(s["images"]) for s in studies[:start])
+        bar = tqdm(total=n_images, initial=done, unit="img", desc="prepare-mimic", smoothing=0.1)  # shows img/s
+        files = {k: open(p, "a", newline="") for k, p in texts.items()}
+        try:
+            for chunk, results in zip(chunks, pool.imap(work, chunks) if pool else map(work, chunks)):
+                _write_chunk(chunk, results, images, files, state)
+                images.flush()
+                for f in files.values():
+                    f.flush()
+                    os.fsync(f.fileno())
+                state["offsets"] = {k: f.tell() for k, f in files.items()}
+                _save_state(state_path, state)
+                bar.update(sum(len(s["images"]) for s in chunk))
+        finally:
+            bar.close()
+            for f in files.values():
+                f.close()
+            if pool:
+                pool.terminate()
+        del images
+    if not state["done"]:
+        os.truncate(bin_path, state["next_row"] * size * size)  # the memmap keeps only the rows written
+        stats = {}
+        for split, (n, sum_mean, sum_var, sum_mean_sq) in sorted(state["stats"].items()):
+            mean = sum_mean / n  # LoVT: mean of image means; variance = mean of variances + variance of means
+            stats[split] = dict(n_images=n, mean=mean, std=math.sqrt(sum_var / n + max(sum_mean_sq / n - mean**2, 0)))
+        meta = dict(size=size, n_images=state["next_row"], n_studies=state["kept_studies"],
+                    non_frontal_skipped=non_frontal, rejected=dict(sorted(state["rejected"].items())),
+                    crc32=state["crc32"], stats=stats)
+        (out / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
+        state["done"] = True
+        _save_state(state_path, state)
+    meta = json.loads((out / "meta.json").read_text())
+    print(f"prepare-mimic: kept {meta['n_images']} images / {meta['n_studies']} studies; skipped "
+          f"{meta['non_frontal_skipped']} non-frontal images; rejected "
+          f"{', '.join(f'{k}={v}' for k, v in meta['rejected'].items()) or 'none'} (list: {texts['rejected']})")
+    return meta
+
+
+def _write_chunk(chunk, results, images, files, state):
+    """Main process, in study order: memmap rows, text lines, counts and running pixel statistics."""
+    def reject(path, reason):
+        csv.writer(files["rejected"], lineterminator="\n").writerow([path, reason])
+        state["rejected"][reason] = state["rejected"].get(reason, 0) + 1
+    for study, res in zip(chunk, results):
+        state["next_study"] += 1
+        if res["reason"]:
+            reject(study["report"], res["reason"])
+            continue
+        rows = []
+        for im in res["images"]:
+            if im["reason"]:
+                reject(im["path"], im["reason"])
+                continue
+            row = state["next_row"]
+            images[row] = im["square"]
+            state["crc32"] = zlib.crc32(im["square"].tobytes(), state["crc32"])
+            (h, w), (x0, y0, x1, y1) = im["hw"], im["box"]
+            files["manifest"].write(f"{row},{study['subject_id']},{study['study_id']},{im['dicom_id']},"
+                                    f"{study['split']},{im['view']},{h},{w},{x0},{y0},{x1},{y1}\n")
+            acc = state["stats"].setdefault(study["split"], [0, 0.0, 0.0, 0.0])  # n, sums of mean, var, mean^2
+            for i, value in enumerate((1, im["mean"], im["var"], im["mean"] ** 2)):
+                acc[i] += value
+            rows.append(row)
+            state["next_row"] += 1
+        if not rows:
+            reject(study["report"], "no_valid_image")
+            continue
+        record = dict(subject_id=study["subject_id"], study_id=study["study_id"], split=study["split"], rows=rows,
+                      **res["report"], labels=study["labels"])
+        files["studies"].write(json.dumps(record) + "\n")
+        state["kept_studies"] += 1
+
+
+def add_mimic_commands(subparsers):
+    """Register `prepare-mimic` on data.py's argparse subparsers (dispatch: args.func(args))."""
+    p = subparsers.add_parser("prepare-mimic", help="build the small-resolution MIMIC-CXR cache (resumable)")
+    p.add_argument("--root", required=True, help="mimic-cxr-jpg/2.0.0: the split/metadata/chexpert CSVs and files/")
+    p.add_argument("--out", required=True, help="cache folder (rerun with the same --out to resume)")
+    p.add_argument("--reports", default=None, help="folder holding files/pXX/pSUBJECT/sSTUDY.txt (default: --root)")
+    p.add_argument("--size", type=int, default=256, help="side S of the cached S x S squares")
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="decoding processes")
+    p.set_defaults(func=lambda a: prepare_mimic(a.root, a.out, a.reports, a.size, a.workers))
+
+
+class MimicCXR(Dataset):
+    """Image-report pairs from a prepare-mimic cache -> DESIGN sample dicts.
+
+    one_image_per_study=True: one sample per study, a random frontal view each time it is loaded (LoVT);
+    False: one sample per frontal image (MGCA). train=True returns the cached S x S square (BatchAugment crops it on
+    the device); train=False resizes it to image_size. Normalised with the train split's statistics."""
+
+    def __init__(self, cache_dir, split="train", image_size=224, train=True, one_image_per_study=True):
+        self.cache_dir, self.image_size, self.train = Path(cache_dir), image_size, train
+        meta = json.loads((self.cache_dir / "meta.json").read_text())
+        self.size, self.n_images = meta["size"], meta["n_images"]
+        self.mean, self.std = meta["stats"]["train"]["mean"], meta["stats"]["train"]["std"]
+        with open(self.cache_dir / "studies.jsonl") as f:
+            studies = [s for s in map(json.loads, f) if s["split"] == split]
+        self.samples = ([(s, s["rows"]) for s in studies] if one_image_per_study
+                        else [(s, [row]) for s in studies for row in s["rows"]])
+        self._images = None  # the memmap, opened lazily in each DataLoader worker
+
+    def __getstate__(self):  # pickling a memmap would copy all of it: workers reopen their own
+        return {**self.__dict__, "_images": None}
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, index):
+        study, rows = self.samples[index]
+        row = rows[torch.randint(len(rows), ()).item()]  # torch RNG: seeded per DataLoader worker
+        if self._images is None:
+            self._images = np.memmap(self.cache_dir / "images.bin", np.uint8, "r",
+                                     shape=(self.n_images, self.size, self.size))
+        pixels = np.array(self._images[row])  # S x S uint8, copied out of the read-only map
+        if not self.train and self.image_size != self.size:
+            pixels = square_resize(Image.fromarray(pixels), self.image_size)
+        labels = torch.tensor([math.nan if v is None else v for v in study["labels"]], dtype=torch.float32)
+        return dict(image=to_image_tensor(pixels, self.mean, self.std), sentences=list(study["sentences"]),
+                    text=" ".join(study["sentences"]), labels=labels, study_id=study["study_id"])
+
+
+def _fake_radiograph(rng, h=3056, w=2544):
+    """MIMIC-sized 8-bit 'radiograph': two lung-like blobs, rib-like stripes, sigma-2 noise (~1.5 MB at q95)."""
+    y = np.arange(h, dtype=np.float32)[:, None] / max(h, w)  # h x 1, broadcast against
+    x = np.arange(w, dtype=np.float32)[None, :] / max(h, w)  # 1 x w
+    img = np.full((h, w), 90, np.float32)
+    for cx in rng.uniform(0.2, 0.35), rng.uniform(0.6, 0.75):
+        img += 70 * np.exp(-((x - cx) / 0.12) ** 2 - ((y - 0.6) / 0.3) ** 2)
+    img += 20 * np.sin(y * rng.uniform(60, 90)) * (np.abs(x - 0.42) > 0.06)
+    img += rng.normal(0, 2, (h, w)).astype(np.float32)
+    return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
+
+
+def bench_mimic(n_files=8, copies=4, size=256, crop=224):
+    """`python data.py bench`: prepare-mimic decode cost and cache read speed, on generated MIMIC-sized JPEGs."""
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp, rng = Path(tmp), np.random.default_rng(0)
+        sources = [tmp / f"{i}.jpg" for i in range(n_files)]
+        for path in sources:
+            _fake_radiograph(rng).save(path, quality=95)
+        mb = np.mean([p.stat().st_size for p in sources]) / 1e6
+        # (b1) full-size decode + BOX resize vs DCT-scaled (draft) decode + BOX resize; best of two rounds, in CPU
+        # time (images per second of one core, robust to other processes on the machine)
+        rates = {False: 0, True: 0}
+        for draft in (False, True, False, True):
+            t = time.process_time()
+            for path in sources:
+                load_cxr(path, size, draft=draft)
+            rates[draft] = max(rates[draft], n_files / (time.process_time() - t))
+        print(f"bench mimic decode ({mb:.2f} MB JPEGs -> {size}px, 1 core): full {rates[False]:.1f} img/s, "
+              f"draft {rates[True]:.1f} img/s, speed-up x{rates[True] / rates[False]:.2f}")
+        # (b2) prepare-mimic end to end on a MIMIC tree of n_files x copies one-image studies (hard links)
+        root, ids = tmp / "mimic", [(f"{k:08x}", f"5{k:07d}", f"1{k:07d}") for k in range(n_files * copies)]
+        for k, (dicom, study, subject) in enumerate(ids):
+            folder = root / f"files/p{subject[:2]}/p{subject}"
+            (folder / f"s{study}").mkdir(parents=True)
+            os.link(sources[k % n_files], folder / f"s{study}" / f"{dicom}.jpg")
+            (folder / f"s{study}.txt").write_text("FINAL REPORT\n FINDINGS: \n \n Heart size is normal.  Lungs are"
+                                                  " clear.\n \n IMPRESSION: \n \n No acute process.\n")
+        for name, column, value in (("split", "split", "train"), ("metadata", "ViewPosition", "PA")):
+            lines = [f"dicom_id,study_id,subject_id,{column}"] + [f"{d},{st},{su},{value}" for d, st, su in ids]
+            (root / f"mimic-cxr-2.0.0-{name}.csv").write_text("\n".join(lines) + "\n")  # read by column name
+        (root / "mimic-cxr-2.0.0-chexpert.csv").write_text("subject_id,study_id," + ",".join(CHEXPERT_LABELS) + "\n")
+        for workers in (1, 2):  # wall clock shows the scaling; CPU seconds (own + workers') the cost per core
+            t, cpu = time.perf_counter(), sum(os.times()[:4])
+            prepare_mimic(root, tmp / f"cache{workers}", size=size, workers=workers, chunk_size=4)
+            t, cpu = time.perf_counter() - t, sum(os.times()[:4]) - cpu
+            print(f"bench mimic prepare workers={workers}: {len(ids) / t:.1f} img/s wall, "
+                  f"{len(ids) / cpu:.1f} img/s per CPU-second")
+        # (a) the training read path: a MimicCXR sample + a random crop (BatchAugment crops on the device; here on
+        # the CPU), one thread as in a DataLoader worker
+        ds, n, threads = MimicCXR(tmp / "cache1", image_size=crop, train=True), 3000, torch.get_num_threads()
+        torch.set_num_threads(1)
+        t = time.process_time()
+        for i in range(n):
+            top, left = torch.randint(size - crop + 1, (2,)).tolist()
+            ds[i % len(ds)]["image"][:, top:top + crop, left:left + crop].contiguous()
+        print(f"bench mimic cache read + random crop (1 core): {n / (time.process_time() - t):.0f} img/s")
+        torch.set_num_threads(threads)
+
+
+def make_dataset(name, root=None, split="train", image_size=224, train=True, seed=0, size=None):
+    """The one entry point the methods call. name: "synthetic" | "mimic" (root = the prepare-mimic cache
+    folder) | "csv" (root = the CSV file). size: number of samples (synthetic) or the first `size` ones."""
+    if name == "synthetic":
+        return SyntheticCXR(split=split, size=size, image_size=image_size, seed=seed, train=train)
+    if name == "csv":
+        return CsvPairs(root, split=split, image_size=image_size, train=train, size=size)
+    if name == "mimic":
+        ds = MimicCXR(root, split=split, image_size=image_size, train=train)
+        if size is not None and size < len(ds):
+            subset = torch.utils.data.Subset(ds, range(size))
+            subset.mean, subset.std = ds.mean, ds.std
+            return subset
+        return ds
+    raise ValueError(f"unknown dataset {name!r}: use 'synthetic', 'mimic' or 'csv'")
+
+
+# -------------------- Batch augmentation on the training device (LoVT's chain, per-sample parameters) ---
+class BatchAugment(torch.nn.Module):
+    """LoVT's training augmentation (lovt.md section 3) for a whole batch on its device, per-sample parameters
+    drawn from the same distributions as torchvision's transforms (sample_params), then applied (apply):
+
+    1. RandomResizedCrop(image_size, scale=crop_scale, ratio=(3/4, 4/3)): torchvision's 10-try rejection
+       sampling with integer crop boxes and its fallback, composed with
+    2. RandomAffine(degrees=rotation, translate=(translate, translate), scale=scale, fill=0 = black), with
+       translations rounded to whole output pixels. Both are affine maps of the output grid, so they are
+       composed into ONE sampling grid and ONE bilinear grid_sample: a single interpolation instead of two,
+       and no intermediate image. Outside the crop box the output is black, as RandomAffine's fill makes it.
+       (Tested against torchvision's resized_crop + affine: equal up to the saved interpolation and the
+       blending at fill edges. torchvision's RandomAffine defaults to nearest; this is bilinear throughout.)
+    3. ColorJitter(brightness, contrast) on [0, 1] pixels, in a random order per sample as torchvision does;
+       contrast blends with the image's mean grey; results are clamped to [0, 1].
+    4. GaussianBlur(kernel = int(0.1 * image_size) made odd, sigma ~ U(blur_sigma)), reflect padding,
+       as a separable depthwise convolution with one kernel per sample (groups = batch size).
+    Horizontal flips are not part of this chain: reports say left/right (see SyntheticCXR's hflip).
+
+    Input and output are normalized with (mean, std); the chain works on [0, 1] pixels in between. The crop
+    acts on the suite's square training view (train_native_size) instead of LoVT's full non-square film
+    (documented deviation, lovt.md section 3). Bilinear sampling without antialiasing suffices: crops are at
+    most 8/7 of the output size. forward(images, generator=None): B x 1 x h x w -> B x 1 x image_size x
+    image_size; parameters are drawn on the CPU from `generator` (default: torch's global RNG).
+    """
+
+    def __init__(self, image_size, mean, std, crop_scale=(0.6, 1.0), rotation=20.0, translate=0.1,
+                 scale=(0.95, 1.05), brightness=(0.6, 1.4), contrast=(0.6, 1.4), blur_sigma=(0.1, 3.0),
+                 ratio=(3 / 4, 4 / 3)):
+        super().__init__()
+        self.image_size, self.mean, self.std = image_size, float(mean), float(std)
+        self.crop_scale, self.ratio, self.rotation = crop_scale, ratio, rotation
+        self.translate, self.scale = translate, scale
+        self.brightness, self.contrast, self.blur_sigma = brightness, contrast, blur_sigma
+        self.kernel_size = int(0.1 * image_size) // 2 * 2 + 1  # 22 -> 23 for 224, as LoVT
+
+    def sample_params(self, b, h, w, generator=None):
+        """Per-sample parameters on the CPU, from torchvision's distributions: crop box (top, left, height,
+        width: RandomResizedCrop's 10-try rejection sampling with integer boxes and its fallback), angle
+        (degrees), tx, ty (whole output pixels), zoom, brightness, contrast, bright_first (ColorJitter's
+        random order), sigma."""
+        def uniform(lo, hi, *shape):
+            return lo + (hi - lo) * torch.rand(shape or (b,), generator=generator, dtype=torch.float64)
+        area = uniform(*self.crop_scale, b, 10) * (h * w)
+        aspect = torch.exp(uniform(math.log(self.ratio[0]), math.log(self.ratio[1]), b, 10))
+        cw, ch = torch.sqrt(area * aspect).round().long(), torch.sqrt(area / aspect).round().long()
+        ok = (cw > 0) & (cw <= w) & (ch > 0) & (ch <= h)
+        first = ok.long().argmax(1, keepdim=True)  # the first of the 10 tries that fits
+        found = ok.any(1)
+        # Fallback when no try fits: the largest centred crop whose aspect ratio is within `ratio`.
+        in_ratio = w / h
+        fw, fh = (w, round(w / self.ratio[0])) if in_ratio < self.ratio[0] else \
+                 (round(h * self.ratio[1]), h) if in_ratio > self.ratio[1] else (w, h)
+        cw, ch = torch.where(found, cw.gather(1, first)[:, 0], fw), torch.where(found, ch.gather(1, first)[:, 0], fh)
+        top = torch.where(found, (uniform(0, 1) * (h - ch + 1)).long(), (h - ch) // 2)
+        left = torch.where(found, (uniform(0, 1) * (w - cw + 1)).long(), (w - cw) // 2)
+        max_t = self.translate * self.image_size
+        return dict(top=top, left=left, height=ch, width=cw, angle=uniform(-self.rotation, self.rotation),
+                    tx=uniform(-max_t, max_t).round(), ty=uniform(-max_t, max_t).round(), zoom=uniform(*self.scale),
+                    brightness=uniform(*self.brightness), contrast=uniform(*self.contrast),
+                    bright_first=uniform(0, 1) < 0.5, sigma=uniform(*self.blur_sigma))
+
+    def forward(self, images, generator=None):
+        b, _, h, w = images.shape
+        return self.apply(images, self.sample_params(b, h, w, generator))
+
+    def apply(self, images, params):
+        b, _, h, w = images.shape
+        s, dev = self.image_size, images.device
+        p = {k: v.to(dev, torch.float32) for k, v in params.items()}
+        top, left, ch, cw = p["top"], p["left"], p["height"], p["width"]
+
+        # Output pixel p (normalized, align_corners=False) -> crop frame q = R (p - t) / zoom (the inverse of
+        # torchvision's affine, same angle sign) -> source point centre + half * q (crop box in normalized units).
+        # Each grid coordinate is a row term plus a column term: two broadcast adds, no B x s x s matmul.
+        angle = p["angle"] * (math.pi / 180)
+        cos, sin = torch.cos(angle) / p["zoom"], torch.sin(angle) / p["zoom"]
+        half_x, half_y = cw / w, ch / h
+        centre_x, centre_y = (2 * left + cw) / w - 1, (2 * top + ch) / h - 1
+        pos = (torch.arange(s, device=dev, dtype=torch.float32) + 0.5) * (2 / s) - 1  # pixel centres
+        px, py = pos[None] - p["tx"][:, None] * (2 / s), pos[None] - p["ty"][:, None] * (2 / s)  # B x s each
+        grid = torch.empty(b, 2, s, s, device=dev)  # planes x, y; permuted below (grid_sample takes views)
+        torch.add((half_x * cos)[:, None, None] * px[:, None, :],
+                  ((half_x * sin)[:, None] * py + centre_x[:, None])[:, :, None], out=grid[:, 0])
+        torch.add((-half_y * sin)[:, None, None] * px[:, None, :],
+                  ((half_y * cos)[:, None] * py + centre_y[:, None])[:, :, None], out=grid[:, 1])
+        grid = grid.permute(0, 2, 3, 1)  # B x s x s x 2
+
+        # Un-normalize to [0, 1] pixels and black out everything outside the crop box, so that sampling
+        # outside it gives RandomAffine's black fill (up to a half-pixel bilinear edge). The box mask is
+        # separable: rows times columns.
+        rows, cols = torch.arange(h, device=dev)[None], torch.arange(w, device=dev)[None]
+        row_in = ((rows >= top[:, None]) & (rows < (top + ch)[:, None])).to(images.dtype)   # B x h
+        col_in = ((cols >= left[:, None]) & (cols < (left + cw)[:, None])).to(images.dtype)  # B x w
+        x = (images * self.std + self.mean).mul_(row_in[:, None, :, None]).mul_(col_in[:, None, None, :])
+        x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+        # ColorJitter: two affine maps with clamping, y = clamp(a1 x + b1); out = clamp(a2 y + b2), where
+        # brightness is (factor, 0) and contrast is (c, (1 - c) * mean grey of its input); order per sample.
+        bright, contrast, bright_first = p["brightness"], p["contrast"], p["bright_first"].bool()
+        view = (b, 1, 1, 1)
+        a1 = torch.where(bright_first, bright, contrast).view(view)
+        b1 = torch.where(bright_first, 0.0, 1 - contrast).view(view) * x.mean((1, 2, 3), keepdim=True)
+        x = torch.addcmul(b1, a1, x).clamp_(0, 1)
+        a2 = torch.where(bright_first, contrast, bright).view(view)
+        b2 = torch.where(bright_first, 1 - contrast, 0.0).view(view) * x.mean((1, 2, 3), keepdim=True)
+        x = torch.addcmul(b2, a2, x).clamp_(0, 1)
+
+        # GaussianBlur, separable, one kernel per sample; the second pass also re-normalizes
+        # ((blur(x) - mean) / std) through its weights and bias.
+        sigma = p["sigma"]
+        r = self.kernel_size // 2
+        offsets = torch.arange(-r, r + 1, device=dev, dtype=x.dtype)
+        kernel = torch.exp(-0.5 * (offsets[None] / sigma[:, None]) ** 2)
+        kernel = kernel / kernel.sum(1, keepdim=True)  # B x k
+        x = F.pad(x.view(1, b, s, s), (r, r, r, r), mode="reflect")
+        x = F.conv2d(x, kernel.view(b, 1, 1, -1), groups=b)
+        bias = torch.full((b,), -self.mean / self.std, device=dev, dtype=x.dtype)
+        return F.conv2d(x, kernel.view(b, 1, -1, 1) / self.std, bias, groups=b).view(b, 1, s, s)
+
+
+# -------------------- Tokenization and collation ------------------------------------------------------
+def collate(samples, tokenizer, max_length=512, sentence_transform=None):
+    """Batch sample dicts and tokenize the reports in LoVT's "joint" mode (lovt.md section 7.10).
+
+    Each sentence is tokenized without special tokens; sentences are concatenated while the total stays
+    <= max_length - 2; the first sentence that does not fit and all later ones are dropped, except that a
+    too-long first sentence is truncated and kept alone. Sentences that tokenize to nothing are skipped.
+    The ids are wrapped in [CLS] ... [SEP] and padded to the longest report in the batch.
+    sentence_transform(list[str]) -> list[str] is applied first (e.g. LoVT's random sentence swaps).
+    Returns images B x 1 x H x W, input_ids / attention_mask / sentence_index B x L (sentence of each token,
+    -1 for [CLS], [SEP] and padding), sentence_mask B x S, labels B x 14, study_ids, texts (the kept
+    sentences joined), sentences (the kept ones), and masks / boxes / box_labels lists when present.
+    """
+    sentences = [list(s["sentences"]) for s in samples]
+    if sentence_transform is not None:
+        sentences = [list(sentence_transform(s)) for s in sentences]
+    flat = [t for s in sentences for t in s]
+    ids = tokenizer(flat, add_special_tokens=False)["input_ids"] if flat else []
+    budget, offset = max_length - 2, 0
+    rows, kept = [], []
+    for sents in sentences:
+        tokens, owner, keep = [], [], []
+        for sent, sent_ids in zip(sents, ids[offset:offset + len(sents)]):
+            if not sent_ids:
+                continue
+            if len(tokens) + len(sent_ids) > budget:
+                if keep:
+                    break
+                sent_ids = sent_ids[:budget]  # a too-long first sentence: truncated, kept alone
+            owner += [len(keep)] * len(sent_ids)
+            tokens += sent_ids
+            keep.append(sent)
+        offset += len(sents)
+        rows.append(([tokenizer.cls_token_id] + tokens + [tokenizer.sep_token_id], [-1] + owner + [-1]))
+        kept.append(keep)
+
+    b, length, n_sent = len(samples), max(len(r[0]) for r in rows), max(len(k) for k in kept)
+    input_ids = torch.full((b, length), tokenizer.pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros(b, length, dtype=torch.long)
+    sentence_index = torch.full((b, length), -1, dtype=torch.long)
+    sentence_mask = torch.zeros(b, n_sent, dtype=torch.bool)
+    for i, ((tokens, owner), keep) in enumerate(zip(rows, kept)):
+        input_ids[i, :len(tokens)] = torch.tensor(tokens)
+        attention_mask[i, :len(tokens)] = 1
+        sentence_index[i, :len(owner)] = torch.tensor(owner)
+        sentence_mask[i, :len(keep)] = True
+    batch = dict(images=torch.stack([s["image"] for s in samples]), input_ids=input_ids,
+                 attention_mask=attention_mask, sentence_index=sentence_index, sentence_mask=sentence_mask,
+                 labels=torch.stack([torch.as_tensor(s["labels"], dtype=torch.float32) for s in samples]),
+                 study_ids=[s["study_id"] for s in samples], texts=[" ".join(k) for k in kept], sentences=kept)
+    for key in ("masks", "boxes", "box_labels"):
+        if key in samples[0]:
+            batch[key] = [s[key] for s in samples]
+    return batch
+
+
+_SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+
+
+def _bert_tokenizer(vocab):
+    """A BertTokenizerFast for a word list, via a vocab.txt file (works with transformers 4 and 5)."""
+    from transformers import BertTokenizerFast
+    with tempfile.TemporaryDirectory() as d:
+        with open(os.path.join(d, "vocab.txt"), "w", encoding="utf-8") as fh:
+            fh.write("\n".join(vocab) + "\n")
+        return BertTokenizerFast.from_pretrained(d, do_lower_case=True, model_max_length=512)
+
+
+def build_tokenizer(texts, min_freq=1):
+    """Offline word-level tokenizer from training reports: vocab.txt = [PAD]=0, [UNK]=1, [CLS]=2, [SEP]=3,
+    [MASK]=4, then every word seen >= min_freq times, most frequent first (ties alphabetical). Words are
+    what BERT's basic tokenizer yields (lower-cased, accents stripped, each punctuation mark a token), so
+    the WordPiece model never splits a known word; unknown words become [UNK]. Save it with the run through
+    tokenizer.save_pretrained(dir); AutoTokenizer.from_pretrained(dir) loads it back offline."""
+    bootstrap = _bert_tokenizer(_SPECIAL_TOKENS).backend_tokenizer  # its normalizer + pre-tokenizer
+    counts = Counter()
+    for text in texts:
+        normalized = bootstrap.normalizer.normalize_str(text)
+        counts.update(word for word, _ in bootstrap.pre_tokenizer.pre_tokenize_str(normalized))
+    words = sorted((w for w, c in counts.items() if c >= min_freq and w not in _SPECIAL_TOKENS),
+                   key=lambda w: (-counts[w], w))
+    return _bert_tokenizer(list(_SPECIAL_TOKENS) + words)
+
+
+# -------------------- CLI: demo, bench, prepare-mimic -------------------------------------------------
+_OUTLINE_COLORS = ((255, 80, 80), (255, 220, 0), (80, 160, 255), (0, 230, 120), (230, 80, 255))
+
+
+def demo(out, n=8, image_size=256, seed=0):
+    """Print n synthetic reports and write out/synthetic_demo.png: the images with mask outlines coloured
+    per finding type (legend in the printout)."""
+    os.makedirs(out, exist_ok=True)
+    ds = SyntheticCXR("train", size=n, image_size=image_size, seed=seed)
+    tiles = []
+    for i in range(n):
+        r = ds.render(i)
+        rgb = np.repeat(r["pixels"][:, :, None], 3, 2)
+        for t, color in enumerate(_OUTLINE_COLORS):
+            m = r["masks"][t]
+            inner = m.copy()
+            inner[1:-1, 1:-1] = m[:-2, 1:-1] & m[2:, 1:-1] & m[1:-1, :-2] & m[1:-1, 2:] & m[1:-1, 1:-1]
+            rgb[m & ~inner] = color
+        tiles.append(rgb)
+        print(f"--- image {i}: {[SYNTH_FINDINGS[t] for t in r['box_labels']] or 'normal'}")
+        print("  " + " ".join(r["sentences"]))
+    cols = min(4, n)
+    tiles += [np.zeros_like(tiles[0])] * (-n % cols)  # fill the last row
+    grid = np.concatenate([np.concatenate(tiles[k:k + cols], 1) for k in range(0, len(tiles), cols)], 0)
+    path = os.path.join(out, "synthetic_demo.png")
+    Image.fromarray(grid).save(path)
+    print("outline colours:", dict(zip(SYNTH_FINDINGS, _OUTLINE_COLORS)))
+    print("wrote", path)
+
+
+def _rate(fn, n_items, min_seconds=1.0):
+    """Items per second of CPU time for fn() (CPU time, not wall time: robust to a busy machine)."""
+    fn()
+    calls, start = 0, time.process_time()
+    while time.process_time() - start < min_seconds:
+        fn()
+        calls += 1
+    return calls * n_items / (time.process_time() - start)
+
+
+def bench():
+    """Throughput on one CPU thread (images/s of CPU time)."""
+    torch.set_num_threads(1)
+    ds = SyntheticCXR("train", size=10_000, image_size=128)
+    counter = iter(range(10**9))
+    print(f"synthetic render 128 px        {_rate(lambda: ds.render(next(counter)), 1):8.0f} images/s")
+    print(f"synthetic __getitem__ 128 px   {_rate(lambda: ds[next(counter) % len(ds)], 1):8.0f} images/s")
+    images = torch.randn(64, 1, train_native_size(224), train_native_size(224))
+    aug = BatchAugment(224, 0.5, 0.25)
+    with torch.no_grad():
+        print(f"BatchAugment 256 -> 224 px     {_rate(lambda: aug(images), len(images)):8.0f} images/s")
+
+    def random_crop():  # MGCA's RandomCrop(224) from the 256-px cache, per sample: the cheapest baseline
+        top, left = torch.randint(0, 33, (2, len(images))).tolist()
+        return torch.stack([im[:, t:t + 224, l:l + 224] for im, t, l in zip(images, top, left)])
+    print(f"random crop only 256 -> 224    {_rate(random_crop, len(images)):8.0f} images/s")
+    samples = [ds[i] for i in range(64)]
+    tokenizer = build_tokenizer([" ".join(ds.render(i)["sentences"]) for i in range(200)])
+    print(f"collate + tokenize (batch 64)  {_rate(lambda: collate(samples, tokenizer), len(samples)):8.0f} samples/s")
+    bench_mimic()
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("demo", help="print synthetic reports, write a PNG grid with mask outlines")
+    p.add_argument("--out", default="runs/data_demo")
+    p.add_argument("--n", type=int, default=8)
+    p.add_argument("--image-size", type=int, default=256)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=lambda a: demo(a.out, a.n, a.image_size, a.seed))
+    sub.add_parser("bench", help="images/s of the generator, BatchAugment and collate").set_defaults(
+        func=lambda a: bench())
+    add_mimic_commands(sub)  # registers prepare-mimic (sets `func`)
+    args = parser.parse_args(argv)
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main()
