@@ -1,0 +1,596 @@
+"""LoVT: localized representation learning from chest X-rays and reports, in one file.
+
+Paper: P. Müller, G. Kaissis, C. Zou, D. Rueckert, "Joint Learning of Localized Representations from Medical
+Images and Reports", ECCV 2022, https://arxiv.org/abs/2112.02889. Official code: philip-mueller/lovt at
+f548985d0e56989107948df983a7d508fe510878; every detail below follows that code (specs/lovt.md), not our memory.
+
+Model. A ResNet-50 turns the image into 7x7 = 49 region features y_a (layer4, row-major) and a BERT turns the
+report (one pass over all sentences) into sentence features y_b (channel-wise max over each sentence's tokens).
+Attention pooling (one query = the mean token) gives the global features and the region/sentence weights w.
+Four BN-MLP heads project to z (512-d); ONE symmetric cross-attention (shared W_k, W_v, W_o and BatchNorm) gives
+every region a counterpart mixed from its own report's sentences (b->a) and every sentence a counterpart mixed
+from its own image's regions (a->b).
+
+Objectives (cos = cosine similarity, each term a mean over the micro-batch):
+  global   S_ij = cos(zg_a_i, zg_b_j) / 0.1;  L_global_a2b = CE_rows(S),  L_global_b2a = CE_rows(S^T)
+  local    per sample, anchors l_i and counterparts c_j:  s_ij = cos(l_i, c_j) / 0.3,
+           q_ij = T_ij 1[j valid] / sum_j' T_ij' 1[j' valid],
+           l2att = sum_i w_i (-sum_j q_ij s_ij + log sum_j exp s_ij),  att2l: the same with s_ji
+  target   image: T_ij = 1[d_ij <= 0.5] exp(-1.0 d_ij), d = distance of (row, col) / grid diagonal
+           (22-49 positives per region on 7x7; the loss floor is the target entropy, ~3.1-3.9 nats,
+           so the image-local terms never approach 0); report: T = I over the valid sentences
+  weights  w = the detached, masked, renormalised attention-pool weights of the anchor modality
+  total    L = 0.75 L_global_a2b + 0.25 L_global_b2a
+             + 0.375 (L_a_l2att + L_a_att2l) + 0.375 (L_b_l2att + L_b_att2l)
+Training: AdamW lr 1e-4 wd 1e-6, micro-batch 32 x 16 accumulation (negatives and BN statistics still come from
+the 32-sample micro-batch), cosine wave per epoch never reset, <= 100 epochs, early stopping (patience 10) on the
+validation loss, the best-validation checkpoint is exported.
+
+Commands:
+  python lovt.py                                          # demo: synthetic data, small models, ~5 min on 2 CPU cores
+  python lovt.py --preset paper --data mimic --data-root CACHE                      # LoVT_100, one GPU
+  torchrun --nproc_per_node=8 lovt.py --preset paper --data mimic --data-root CACHE  # 8 GPUs (see deviations)
+  torchrun --nproc_per_node=2 lovt.py --max-steps 5                                 # DDP smoke test on CPU (gloo)
+  python lovt.py --preset paper --data csv --data-root pairs.csv                    # own image-report pairs
+  python lovt.py --resume --out-dir runs/lovt-XXXX                                  # continue a killed run
+  python lovt.py --bench 20 [--preset paper --image-weights none --text-model bert-base]   # throughput
+CACHE is written once by `python data.py prepare-mimic ...`. The run folder holds args.json, metrics.csv,
+ckpt.pt (last), best.pt (best validation loss), image_encoder.pt, text_encoder/ and viz/*.png.
+
+Deviations / our choices:
+- Images come from the suite's small-resolution cache, so RandomResizedCrop acts on the zero-padded square
+  instead of the original non-square film (crop parameters unchanged); augmentation runs batched on the device.
+- Sentences are split by data.split_sentences instead of Stanza.
+- No horizontal flips (LoVT flips with p = 0.5 although the reports say left and right).
+- bf16 autocast where supported, fp16 + GradScaler otherwise, fp32 on CPU (LoVT: fp16); loss math in fp32.
+- Under DDP each process keeps LoVT's per-micro-batch negatives (--gather-negatives gathers them across GPUs);
+  the effective batch is 32 x 16 x GPUs unless --accum is lowered accordingly (e.g. 2 with 8 GPUs).
+- The online CheXpert linear probes of the official code are not trained.
+- The demo preset (ResNet-18 and a 2-layer BERT from scratch, 128 px, 1 epoch) trains without augmentation.
+- Resume is exact in one process with --workers 0 (tested); with workers or several ranks the data order is
+  exact, but the random draws of the interrupted epoch (sentence swaps, MIMIC's view choice) are drawn anew.
+"""
+import csv
+import dataclasses
+import itertools
+import json
+import math
+import os
+import random
+import sys
+import tempfile
+import textwrap
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from functools import partial
+from typing import Literal, Optional
+
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw
+from torch import nn
+from torch.utils.data import DataLoader, DistributedSampler
+
+import common
+import data
+from common import arg
+
+
+@dataclass
+class Args:
+    """LoVT pre-training (defaults = LoVT_100; `--preset demo` is used when no --data is given)."""
+    preset: Optional[str] = arg(None, "paper | demo (default: demo without --data, else paper)")
+    # data and run
+    data: str = arg("synthetic", "synthetic | mimic | csv")
+    data_root: str = arg("", "mimic: the prepare-mimic cache folder; csv: the pairs CSV")
+    train_subset: float = arg(1.0, "use the first fraction of the training studies (LoVT_30: 0.3)")
+    synthetic_size: int = arg(4000, "number of synthetic training samples")
+    eval_size: int = arg(0, "use only the first N validation / test pairs (0 = all)")
+    out_dir: str = arg("", "run folder (default runs/lovt-<time>)")
+    resume: bool = arg(False, "continue from ckpt.pt in --out-dir")
+    max_steps: int = arg(0, "stop after this many optimizer steps (0 = no limit)")
+    bench: int = arg(0, "time N optimizer steps on synthetic data, print throughput, exit")
+    viz: int = arg(0, "write sentence->region attention overlays for this many test images")
+    seed: int = arg(12345, "seed (model init; data order uses seed + rank)")
+    workers: int = arg(8, "DataLoader workers per process")
+    device: str = arg("", "cuda | cpu (default: cuda if available)")
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = arg("auto", "auto: bf16/fp16 on GPU, fp32 on CPU")
+    ckpt_every: int = arg(500, "write ckpt.pt every N optimizer steps (and at every epoch end)")
+    log_every: int = arg(10, "log every N optimizer steps")
+    # encoders and heads
+    image_arch: str = arg("resnet50", "resnet50 | resnet18")
+    image_weights: str = arg("imagenet", "imagenet | none | path to a state dict")
+    image_size: int = arg(224, "input size (the 7x7 conv5 grid at 224)")
+    augment: bool = arg(True, "LoVT's image augmentation (crop, affine, jitter, blur) on training batches")
+    text_model: str = arg("emilyalsentzer/Bio_ClinicalBERT", "name/path, or tiny | bert-base (random init, "
+                          "vocabulary from the training reports)")
+    text_freeze_layers: int = arg(6, "freeze the embeddings and the first k BERT layers")
+    max_length: int = arg(512, "token limit of a report incl. [CLS]/[SEP]")
+    proj_dim: int = arg(512, "d_z of the four projection heads and the cross-attention")
+    proj_hidden: int = arg(2048, "hidden width of the projection heads")
+    pool_heads: int = arg(8, "heads of the attention pooling")
+    # optimisation
+    batch_size: int = arg(32, "micro-batch per process (negatives and BN statistics)")
+    accum: int = arg(16, "micro-batches per optimizer step")
+    lr: float = arg(1e-4, "AdamW learning rate (cosine wave with a 2-epoch period)")
+    weight_decay: float = arg(1e-6, "AdamW weight decay (all parameters)")
+    epochs: int = arg(100, "maximum epochs")
+    patience: int = arg(10, "early stopping: epochs without a validation-loss improvement > 1e-5")
+    # objective
+    tau_global: float = arg(0.1, "temperature of the global InfoNCE")
+    tau_local: float = arg(0.3, "temperature of the local losses")
+    spatial_threshold: float = arg(0.5, "image-local positives: relative distance <= threshold")
+    smooth_lambda: float = arg(1.0, "image-local target exp(-lambda d)")
+    weight_global_a2b: float = arg(0.75, "loss weight, image -> report")
+    weight_global_b2a: float = arg(0.25, "loss weight, report -> image")
+    weight_local_a: float = arg(0.375, "loss weight of each image-local direction")
+    weight_local_b: float = arg(0.375, "loss weight of each report-local direction")
+    swap_prob: float = arg(0.6, "random sentence swaps: P(one more swap)")
+    gather_negatives: bool = arg(False, "DDP: global negatives from all GPUs (LoVT: per GPU)")
+    no_global: bool = arg(False, "ablation: local losses only")
+    no_local: bool = arg(False, "ablation: global losses only")
+    no_spatial_smoothing: bool = arg(False, "ablation: uniform image-local target inside the radius")
+    uniform_weights: bool = arg(False, "ablation: uniform region/sentence weights")
+
+
+PRESETS = {
+    "paper": dict(data="mimic"),  # the defaults are LoVT_100
+    # 2 CPU cores, about 5 minutes including evaluation: small encoders from scratch, no accumulation.
+    # From random init LoVT's strong augmentation needs far more steps than a CPU demo has (global loss after 40
+    # steps: 3.50 with it, 2.40 without), so the demo trains on the plain views: one epoch = one cosine decay.
+    "demo": dict(data="synthetic", image_arch="resnet18", image_weights="none", image_size=128, augment=False,
+                 text_model="tiny", text_freeze_layers=0, batch_size=32, accum=1, lr=1e-3, epochs=1,
+                 synthetic_size=4000, workers=0, viz=4, ckpt_every=50, log_every=5),
+}
+
+
+# ==== METHOD: LoVT ====
+# ---- 1.4 the one symmetric cross-attention (shared by both modalities and directions) ----
+class SymmetricCrossAttention(nn.Module):
+    """Cross-modal counterparts within each image-report pair. One W_k, W_v, W_o and one BatchNorm serve
+    both directions; keys double as queries (symmetric), scores scaled by 1/sqrt(d), no temperature."""
+
+    def __init__(self, d=512):
+        super().__init__()
+        self.key, self.value, self.out = nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, d)
+        self.norm = nn.BatchNorm1d(d)  # shared: each call uses its own batch stats, both update the running ones
+        for lin in (self.key, self.value, self.out):
+            nn.init.kaiming_normal_(lin.weight, mode="fan_out", nonlinearity="linear")
+            nn.init.zeros_(lin.bias)
+
+    def bn(self, x):  # B x N x d, statistics over all B*N positions (padded sentence slots included)
+        return self.norm(x.flatten(0, 1)).view_as(x)
+
+    def forward(self, za, zb, mask_b):
+        """za: B x Na x d regions, zb: B x Nb x d sentences, mask_b: B x Nb bool.
+        -> (att_a B x Na x d = regions' counterparts from sentences (b->a),
+            att_b B x Nb x d = sentences' counterparts from regions (a->b),
+            p_a2b B x Na x Nb = for each sentence, its distribution over regions (columns); 0 for padding)."""
+        ka, kb, va, vb = self.key(za), self.key(zb), self.value(za), self.value(zb)
+        scores = ka.float() @ kb.float().transpose(1, 2) / math.sqrt(za.shape[-1])  # B x Na x Nb, fp32
+        p_b2a = scores.masked_fill(~mask_b[:, None, :], float("-inf")).softmax(2)  # region r over sentences
+        p_a2b = scores.softmax(1) * mask_b[:, None, :]  # sentence s over regions; padded sentences get 0
+        att_a = self.bn(self.out(p_b2a.to(vb.dtype) @ vb))
+        att_b = self.bn(self.out(p_a2b.transpose(1, 2).to(va.dtype) @ va))  # padded slots = BN(b_o)
+        return att_a, att_b, p_a2b
+
+
+# ---- 1. the model ----
+class LoVT(nn.Module):
+    """Image encoder + attention pooling, text encoder + sentence max-pooling + attention pooling, four BN-MLP
+    projection heads and the shared symmetric cross-attention. forward(batch) -> dict of loss terms."""
+
+    def __init__(self, args, tokenizer):
+        super().__init__()
+        self.args = args
+        self.image_encoder = common.ImageEncoder(args.image_arch, args.image_weights)
+        size = dict(hidden_size=768, num_layers=12, num_heads=12, intermediate_size=3072)  # = Bio_ClinicalBERT
+        self.text_encoder = common.TextEncoder("tiny" if args.text_model == "bert-base" else args.text_model,
+                                               tokenizer, args.text_freeze_layers,
+                                               **(size if args.text_model == "bert-base" else {}))
+        ca, cb, d, hidden = self.image_encoder.out_dim, self.text_encoder.out_dim, args.proj_dim, args.proj_hidden
+        self.pool_a, self.pool_b = common.AttentionPool(ca, args.pool_heads), common.AttentionPool(cb, args.pool_heads)
+        # four independent BN-MLP heads; the local ones act per region / per sentence (padded slots included)
+        self.project_local_a, self.project_global_a = (common.ProjectionHead(ca, hidden, d) for _ in range(2))
+        self.project_local_b, self.project_global_b = (common.ProjectionHead(cb, hidden, d) for _ in range(2))
+        self.cross = SymmetricCrossAttention(d)
+
+    def image_features(self, images):
+        """-> regions y_a B x N x C, global B x C, pooling weights B x N, grid (h, w)."""
+        out = self.image_encoder(images)
+        pooled, weights = self.pool_a(out["local_feats"])
+        return out["local_feats"], pooled, weights, out["grid"]
+
+    def text_features(self, batch):
+        """-> sentences y_b B x S x C (padded slots 0), global B x C, pooling weights B x S, sentence mask B x S."""
+        tokens = self.text_encoder(batch["input_ids"], batch["attention_mask"])  # B x L x C, one joint pass
+        mask = batch["sentence_mask"]
+        sentences = common.pool_sentences(tokens, batch["sentence_index"], mask.shape[1], "max")
+        pooled, weights = self.pool_b(sentences, mask)
+        return sentences, pooled, weights, mask
+
+    def forward(self, batch):
+        a = self.args
+        ya, ga, wa, grid = self.image_features(batch["images"])
+        yb, gb, wb, mask = self.text_features(batch)
+        za, zb = self.project_local_a(ya), self.project_local_b(yb)  # B x N x d, B x S x d
+        att_a, att_b, _ = self.cross(za, zb, mask)  # counterparts of the regions / of the sentences
+        terms = {}
+        terms["global_a2b"], terms["global_b2a"] = common.info_nce(
+            self.project_global_a(ga), self.project_global_b(gb), a.tau_global, gather=a.gather_negatives)
+        target = spatial_target(*grid, a.spatial_threshold, a.smooth_lambda, not a.no_spatial_smoothing)
+        terms["local_a_l2att"], terms["local_a_att2l"] = local_intra_contrastive(
+            za, att_a, target.to(za.device), None, local_weights(wa, None, a.uniform_weights), a.tau_local)
+        terms["local_b_l2att"], terms["local_b_att2l"] = local_intra_contrastive(
+            zb, att_b, None, mask, local_weights(wb, mask, a.uniform_weights), a.tau_local)
+        # ablations zero a weight; every term is still computed (logged, and DDP sees every parameter used)
+        g, l = 0.0 if a.no_global else 1.0, 0.0 if a.no_local else 1.0
+        loss = (g * a.weight_global_a2b * terms["global_a2b"] + g * a.weight_global_b2a * terms["global_b2a"]
+                + l * a.weight_local_a * (terms["local_a_l2att"] + terms["local_a_att2l"])
+                + l * a.weight_local_b * (terms["local_b_l2att"] + terms["local_b_att2l"]))
+        return dict(loss=loss, **terms)
+
+    def encode_image(self, images):
+        """-> B x d L2-normalised global image embeddings."""
+        return F.normalize(self.project_global_a(self.image_features(images)[1]).float(), dim=-1)
+
+    def encode_text(self, batch):
+        """-> B x d L2-normalised global report embeddings."""
+        return F.normalize(self.project_global_b(self.text_features(batch)[1]).float(), dim=-1)
+
+    def attention_maps(self, batch):
+        """-> region weights B x h x w (attention pooling) and sentence->region maps B x S x h x w (a->b
+        cross-attention probabilities; zero for padded sentences)."""
+        ya, _, wa, (h, w) = self.image_features(batch["images"])
+        yb, _, _, mask = self.text_features(batch)
+        _, _, p_a2b = self.cross(self.project_local_a(ya), self.project_local_b(yb), mask)
+        return wa.view(-1, h, w), p_a2b.transpose(1, 2).reshape(len(ya), -1, h, w)
+
+
+# ---- 2.1 the global InfoNCE is common.info_nce(zg_a, zg_b, 0.1, gather=False): per-micro-batch negatives ----
+
+
+# ---- 2.3 the spatial soft target of the image-local loss ----
+def spatial_target(h, w, threshold=0.5, smooth_lambda=1.0, smooth=True):
+    """Soft positives between the h*w regions of a row-major grid -> T: (h*w) x (h*w), float32.
+
+    Coordinates are (row, col) cell indices divided by the grid diagonal sqrt(h^2 + w^2);
+    T_ij = 1[d_ij <= threshold] * exp(-smooth_lambda * d_ij)   (smooth=False: the indicator alone).
+    On 7x7 every region has 22 (corner) to 49 (centre) positives, its own probability is 2.7-6.0 %."""
+    rows, cols = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+    coords = torch.stack([rows.flatten(), cols.flatten()], 1).float() / math.sqrt(h * h + w * w)
+    d = torch.cdist(coords, coords)  # N x N relative distances
+    near = (d <= threshold).float()
+    return near * torch.exp(-smooth_lambda * d) if smooth else near
+
+
+# ---- 2.3 intra-sample local contrastive loss, both directions ----
+def local_intra_contrastive(anchors, counterparts, target=None, mask=None, weights=None, tau=0.3):
+    """anchors l, counterparts c: B x N x D (unnormalised); target: N x N soft positives (None = identity);
+    mask: B x N bool valid items (None = all valid); weights: B x N, zero on padding and summing to 1
+    per sample (see local_weights; None = uniform). -> (L_l2att, L_att2l), scalars.
+
+    Per sample, s_ij = cos(l_i, c_j) / tau and q_ij = T_ij 1[j valid] / sum_j' T_ij' 1[j' valid]:
+      l2att_i = -sum_j q_ij s_ij + log sum_{j valid} exp s_ij     (anchor l_i, candidates c_j)
+      att2l_i = -sum_j q_ij s_ji + log sum_{j valid} exp s_ji     (anchor c_i, candidates l_j)
+      L = (1/B) sum_b sum_i w_i loss_i.
+    Negatives are only the other items of the same sample; the positive stays in the log-sum-exp."""
+    B, N, _ = anchors.shape
+    valid = torch.ones(B, N, dtype=torch.bool, device=anchors.device) if mask is None else mask.bool()
+    if target is None:
+        target = torch.eye(N, device=anchors.device)
+    if weights is None:
+        weights = local_weights(torch.ones(B, N, device=anchors.device), valid)
+    l = F.normalize(anchors.float(), dim=-1)
+    c = F.normalize(counterparts.float(), dim=-1)
+    s = l @ c.transpose(1, 2) / tau  # B x N x N, s[b, i, j] = cos(l_i, c_j) / tau
+    q = target.to(s)[None] * valid[:, None, :]  # padded candidates get no target mass
+    q = q / q.sum(-1, keepdim=True).clamp_min(1e-12)  # padded rows (report T = I) become all zero
+    cols = ~valid[:, None, :]  # B x 1 x N: padded candidates leave the log-sum-exp
+
+    def direction(scores):  # scores[b, i, j] = anchor i vs candidate j
+        loss = -(q * scores).sum(-1) + torch.logsumexp(scores.masked_fill(cols, float("-inf")), -1)
+        loss = loss.masked_fill(~valid, 0.0)  # padded anchors: weight 0 (and never inf * 0)
+        return (weights.float() * loss).sum(-1).mean()
+
+    return direction(s), direction(s.transpose(1, 2))
+
+
+# ---- 2.4 region / sentence weights ----
+def local_weights(pool_attn, mask=None, uniform=False):
+    """pool_attn: B x N head-averaged attention-pooling weights; mask: B x N bool (None = all valid).
+
+    -> B x N weights: detached (no gradient into the pooling), zero on padded items, sum 1 per sample.
+    uniform=True is the 'no weights' ablation (uniform over the valid items)."""
+    w = torch.ones_like(pool_attn, dtype=torch.float32) if uniform else pool_attn.detach().float()
+    if mask is not None:
+        w = w * mask
+    return w / w.sum(-1, keepdim=True).clamp_min(1e-12)
+
+
+# ---- 3. text augmentation: random sentence swaps ----
+def random_sentence_swaps(sentences, p=0.6, rng=random):
+    """Swap two uniformly drawn sentences (possibly the same), k times with k ~ Geometric: P(k) = p^k (1-p),
+    mean p / (1 - p) = 1.5 for p = 0.6. Training only; no dropping or duplication."""
+    sentences = list(sentences)
+    while len(sentences) > 1 and rng.random() < p:
+        i, j = rng.randrange(len(sentences)), rng.randrange(len(sentences))
+        sentences[i], sentences[j] = sentences[j], sentences[i]
+    return sentences
+
+
+# ==== TRAINING: data, loop, evaluation ====
+class ResumableSampler(DistributedSampler):
+    """DistributedSampler (order = f(seed, epoch)) that can start an epoch after its first `skip` indices."""
+    skip = 0
+
+    def __iter__(self):
+        return itertools.islice(super().__iter__(), self.skip, None)
+
+    def __len__(self):
+        return self.num_samples - self.skip
+
+
+def to_device(batch, device):
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def report_tokenizer(args, train_set):
+    """Bio_ClinicalBERT's tokenizer, or (tiny / bert-base) a word-level vocabulary of the training reports."""
+    if args.text_model in ("tiny", "bert-base"):
+        return data.build_tokenizer([train_set[i]["text"] for i in range(len(train_set))])
+    from transformers import AutoTokenizer
+    try:
+        return AutoTokenizer.from_pretrained(args.text_model)
+    except OSError as e:
+        raise SystemExit(f"Could not load the tokenizer of {args.text_model} ({e}). Without internet pass a local "
+                         f"save_pretrained folder, or --text-model tiny.")
+
+
+SYNTH_PROMPTS = dict(opacity="airspace opacity", nodule="pulmonary nodule", effusion="pleural effusion",
+                     pneumothorax="pneumothorax", cardiomegaly="cardiomegaly")  # the reports' wording
+
+
+def prompt_batch(texts, tokenizer):
+    """One-sentence reports (zero-shot prompts) -> a text batch."""
+    samples = [dict(image=torch.zeros(1, 1, 1), sentences=[t], text=t, labels=torch.zeros(14), study_id=t)
+               for t in texts]
+    return data.collate(samples, tokenizer)
+
+
+@torch.no_grad()
+def validation_loss(model, loader, device, amp):
+    model.eval()
+    total = torch.zeros(2, device=device)  # sum of loss * n, n
+    for batch in loader:
+        with common.autocast(device, amp):
+            loss = model(to_device(batch, device))["loss"].float()
+        total += torch.stack([loss * len(batch["images"]), torch.tensor(float(len(batch["images"])), device=device)])
+    if torch.distributed.is_initialized():
+        torch.distributed.all_reduce(total)
+    return (total[0] / total[1]).item()
+
+
+@torch.no_grad()
+def evaluate(model, loader, tokenizer, device):
+    """Retrieval R@1/5/10 in both directions and zero-shot AUC with pair prompts ("x" vs "no x") on held-out pairs.
+    Synthetic data: one finding per SYNTH_FINDINGS (present = non-empty mask); real data: the CheXpert labels."""
+    model.eval()
+    images, reports, labels = [], [], []
+    for batch in loader:
+        b = to_device(batch, device)
+        images.append(model.encode_image(b["images"]))
+        reports.append(model.encode_text(b))
+        labels.append(torch.stack([m.flatten(1).any(1) for m in batch["masks"]]).float() if "masks" in batch
+                      else batch["labels"][:, 1:])  # CheXpert: "No Finding" left out (inverted by the prompt)
+    img, txt = torch.cat(images), torch.cat(reports)
+    sim = img @ txt.t()
+    res = {f"i2t_{k}": v for k, v in common.recall_at_k(sim).items()}
+    res.update({f"t2i_{k}": v for k, v in common.recall_at_k(sim.t()).items()})
+    names = list(data.SYNTH_FINDINGS) if "masks" in batch else [n.lower() for n in data.CHEXPERT_LABELS[1:]]
+    phrases = [SYNTH_PROMPTS.get(n, n) for n in names]
+    pos = model.encode_text(to_device(prompt_batch(phrases, tokenizer), device))
+    neg = model.encode_text(to_device(prompt_batch([f"no {p}" for p in phrases], tokenizer), device))
+    auc = common.zero_shot_auc(img, pos, neg, torch.cat(labels), names)
+    res.update({f"auc_{k}": v for k, v in auc.items()})
+    res["auc_mean"] = sum(v for v in auc.values() if v == v) / max(1, sum(v == v for v in auc.values()))
+    return res
+
+
+@torch.no_grad()
+def write_viz(model, batch, folder, mean, std, n, device):
+    """PNG per image: the region weights of the attention pooling, then each sentence's a->b attention map."""
+    model.eval()
+    os.makedirs(folder, exist_ok=True)
+    region, sentence = model.attention_maps(to_device(batch, device))  # B x h x w, B x S x h x w
+    for i in range(min(n, len(region))):
+        gray = ((batch["images"][i, 0] * std + mean).clamp(0, 1) * 255).float()
+        gray = F.interpolate(gray[None, None], size=256, mode="bilinear")[0, 0]
+        maps = [("attention-pool region weights", region[i])] + list(zip(batch["sentences"][i], sentence[i]))[:5]
+        canvas = Image.new("RGB", (256 * len(maps), 256 + 48), "white")
+        for k, (caption, heat) in enumerate(maps):
+            heat = F.interpolate(heat[None, None].float().cpu(), size=256, mode="bilinear")[0, 0]
+            heat = (heat - heat.min()) / (heat.max() - heat.min()).clamp_min(1e-12)  # relative: red = most attended
+            dim = gray * (1 - 0.5 * heat)
+            rgb = torch.stack([dim + 127.5 * heat, dim, dim], -1)
+            canvas.paste(Image.fromarray(rgb.round().byte().numpy()), (256 * k, 0))
+            ImageDraw.Draw(canvas).text((256 * k + 4, 258), "\n".join(textwrap.wrap(caption, 40)[:4]), fill="black")
+        canvas.save(os.path.join(folder, f"sample{i}.png"))
+
+
+def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not any(x in ("--preset", "--data") or x.startswith(("--preset=", "--data=")) for x in argv):
+        argv = ["--preset", "demo"] + argv  # no data given: the synthetic demo
+    args = common.parse_args(Args, PRESETS, argv)
+    if args.bench:  # N timed optimizer steps (no accumulation) after one warm-up step, in a temporary folder
+        args = dataclasses.replace(args, data="synthetic", out_dir=tempfile.mkdtemp(), accum=1,
+                                   max_steps=args.bench + 1, ckpt_every=0, log_every=10**9, resume=False)
+    if args.data != "synthetic" and not args.data_root:
+        raise SystemExit(f"--data {args.data} needs --data-root (mimic: the `python data.py prepare-mimic` cache)")
+    ddp = common.setup_distributed(args.device or None)
+    dev, amp = ddp.device, common.amp_dtype(ddp.device, args.precision)
+    out = args.out_dir or time.strftime("runs/lovt-%Y%m%d-%H%M%S")
+    ckpt_path, best_path = os.path.join(out, "ckpt.pt"), os.path.join(out, "best.pt")
+    if ddp.is_main:
+        os.makedirs(out, exist_ok=True)
+        with open(os.path.join(out, "args.json"), "w") as f:
+            json.dump(dataclasses.asdict(args), f, indent=1)
+
+    # data: the un-augmented training view (BatchAugment runs on the device), eval views for val/test
+    def dataset(split, n=None):  # the first n samples
+        train = split == "train"
+        size = dict(size=args.synthetic_size) if train and args.data == "synthetic" else {}
+        ds = data.make_dataset(args.data, args.data_root, split, args.image_size, train=train, **size)
+        return torch.utils.data.Subset(ds, range(min(n, len(ds)))) if n else ds
+    base = dataset("train")
+    train_set = torch.utils.data.Subset(base, range(round(args.train_subset * len(base))))  # LoVT_30: the first 30 %
+    val_set = dataset("validate", args.eval_size)
+    tokenizer = report_tokenizer(args, train_set)
+    eval_collate = partial(data.collate, tokenizer=tokenizer, max_length=args.max_length)
+    common.seed_everything(args.seed)  # the same initial model on every rank
+    model = LoVT(args, tokenizer).to(dev)
+    sampler = ResumableSampler(train_set, ddp.world_size, ddp.rank, shuffle=True, seed=args.seed, drop_last=True)
+    loader_rng = torch.Generator()  # worker seeds; reseeded every epoch so that they never touch the global RNG
+    swaps = partial(random_sentence_swaps, p=args.swap_prob)
+    loader = DataLoader(train_set, args.batch_size, sampler=sampler, num_workers=args.workers, drop_last=True,
+                        collate_fn=partial(data.collate, tokenizer=tokenizer, max_length=args.max_length,
+                                           sentence_transform=swaps), generator=loader_rng,
+                        pin_memory=dev.type == "cuda")
+    val_loader = DataLoader(val_set, args.batch_size, num_workers=args.workers, generator=torch.Generator(),
+                            sampler=DistributedSampler(val_set, ddp.world_size, ddp.rank, shuffle=False),
+                            collate_fn=eval_collate)
+    augment = data.BatchAugment(args.image_size, base.mean, base.std).to(dev)
+
+    # optimisation: AdamW on the trainable parameters, cosine wave over each epoch's optimizer steps
+    n_micro = sampler.num_samples // args.batch_size
+    steps_per_epoch = math.ceil(n_micro / args.accum)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], args.lr,
+                                  weight_decay=args.weight_decay)
+    scheduler = common.per_epoch_cosine(optimizer, steps_per_epoch)
+    scaler = common.grad_scaler(dev, amp)
+    state = dict(step=0, epoch=0, micro=0, best_val=math.inf, bad_epochs=0)
+    if args.resume:
+        if not os.path.exists(ckpt_path):
+            raise SystemExit(f"--resume: no checkpoint at {ckpt_path} (pass the run's --out-dir)")
+        ckpt = common.load_checkpoint(ckpt_path)
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        scaler.load_state_dict(ckpt["scaler"])
+        state = {k: ckpt[k] for k in state}
+        common.restore_rng(ckpt, ddp.rank)
+    else:
+        common.seed_everything(args.seed + ddp.rank)  # data order, augmentation and dropout differ per rank
+    net = model
+    if ddp.distributed:
+        net = nn.parallel.DistributedDataParallel(model, [dev] if dev.type == "cuda" else None)
+    total_steps = min(args.max_steps or math.inf, steps_per_epoch * args.epochs)
+    logger = common.Logger(out, ddp.is_main, total_steps, state["step"])
+    if ddp.is_main:
+        print(f"LoVT: {sum(p.numel() for p in optimizer.param_groups[0]['params']) / 1e6:.1f}M trainable parameters, "
+              f"{dev}, {amp or torch.float32}, {n_micro} micro-batches of {args.batch_size} x {ddp.world_size} "
+              f"per epoch, {steps_per_epoch} optimizer steps. The image-local terms cannot fall below the entropy "
+              f"of their soft target (~3.1-3.9 nats on 7x7).")
+
+    def save(path=ckpt_path):
+        if ddp.is_main:
+            common.save_checkpoint(path, dict(model=model.state_dict(), optimizer=optimizer.state_dict(),
+                                              scheduler=scheduler.state_dict(), scaler=scaler.state_dict(),
+                                              args=args, **state))
+
+    stop, sums = False, {}
+    while state["epoch"] < args.epochs and not stop:
+        sampler.set_epoch(state["epoch"])
+        sampler.skip = state["micro"] * args.batch_size  # resume: the batches this epoch already trained on
+        loader_rng.manual_seed(args.seed + 1000 * state["epoch"] + ddp.rank)
+        net.train()
+        for batch in logger.iterate(loader):
+            state["micro"] += 1
+            last = state["micro"] % args.accum == 0 or state["micro"] == n_micro
+            batch = to_device(batch, dev)
+            if args.augment:
+                batch["images"] = augment(batch["images"])
+            with nullcontext() if last or not ddp.distributed else net.no_sync():  # all-reduce once per step
+                with common.autocast(dev, amp):
+                    terms = net(batch)
+                detached = {k: v.detach() for k, v in terms.items()}
+                common.check_finite(detached["loss"], state["step"], ckpt_path, detached)
+                scaler.scale(terms["loss"] / args.accum).backward()
+            for k, v in dict(detached, n=1).items():  # n counts the micro-batches since the last log
+                sums[k] = sums.get(k, 0) + v
+            if not last:
+                continue
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+            state["step"] += 1
+            if state["step"] % args.log_every == 0 or state["step"] in (1, args.max_steps):  # interval means
+                n = sums.pop("n")
+                metrics = {"lr": scheduler.get_last_lr()[0], "loss/total": sums.pop("loss") / n}
+                metrics.update({f"loss/{k}": v / n for k, v in sums.items()})
+                logger.log(state["step"], state["epoch"], metrics, images=n * args.batch_size * ddp.world_size)
+                sums = {}
+            if args.ckpt_every and state["step"] % args.ckpt_every == 0:
+                save()
+            if state["step"] == args.max_steps:
+                stop = True
+                break
+        else:  # the epoch is complete: validation loss, best checkpoint, early stopping
+            val = validation_loss(model, val_loader, dev, amp)
+            state.update(epoch=state["epoch"] + 1, micro=0)
+            logger.write("val.csv", dict(epoch=state["epoch"], step=state["step"], val_loss=val))
+            if val < state["best_val"] - 1e-5:
+                state.update(best_val=val, bad_epochs=0)
+                save(best_path)
+            else:
+                state["bad_epochs"] += 1
+            save()
+            if ddp.is_main:
+                print(f"epoch {state['epoch']}: val loss {val:.4f} (best {state['best_val']:.4f})")
+            stop = state["bad_epochs"] >= args.patience
+    if not args.bench:
+        save()
+    logger.close()
+    if ddp.distributed:
+        torch.distributed.barrier()
+    if not ddp.is_main:
+        return common.cleanup_distributed()
+    if args.bench:  # the last metrics row covers the steps after the first (warm-up) one
+        with open(os.path.join(out, "metrics.csv")) as f:
+            row = list(csv.DictReader(f))[-1]
+        speed = float(row["perf/img_per_s"])
+        print(f"bench: {speed:.1f} images/s ({args.batch_size * ddp.world_size / speed:.2f} s per step of "
+              f"{args.batch_size} x {ddp.world_size}), data wait {100 * float(row['perf/data_wait_frac']):.0f} %, "
+              f"peak memory {common.peak_memory_mb(dev):.0f} MB ({dev}, {amp or torch.float32})")
+        return common.cleanup_distributed()
+
+    # the best-validation model (LoVT's downstream checkpoint) is exported and evaluated next to the initial one
+    if os.path.exists(best_path):
+        model.load_state_dict(common.load_checkpoint(best_path)["model"])
+    common.export_image_encoder(os.path.join(out, "image_encoder.pt"), model.image_encoder, base.mean, base.std,
+                                args.image_size, "lovt", args)
+    common.export_text_encoder(os.path.join(out, "text_encoder"), model.text_encoder, tokenizer)
+    test_set = dataset("test", args.eval_size)
+    test_loader = DataLoader(test_set, args.batch_size, collate_fn=eval_collate, num_workers=args.workers)
+    common.seed_everything(args.seed)
+    initial = LoVT(args, tokenizer).to(dev)  # the same initialisation the training started from
+    results = {k: evaluate(m, test_loader, tokenizer, dev) for k, m in (("untrained", initial), ("trained", model))}
+    print(f"held-out {args.data} test split ({len(test_set)} pairs):\n{'metric':<22}{'untrained':>10}{'trained':>10}")
+    for key in results["trained"]:
+        print(f"{key:<22}{results['untrained'][key]:>10.3f}{results['trained'][key]:>10.3f}")
+    with open(os.path.join(out, "eval.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    if args.viz:
+        write_viz(model, next(iter(test_loader)), os.path.join(out, "viz"), base.mean, base.std, args.viz, dev)
+    print(f"run folder: {out}")
+    common.cleanup_distributed()
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except FloatingPointError as e:  # common.check_finite: say what happened and where the last good state is
+        raise SystemExit(f"stopped: {e}")
