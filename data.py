@@ -24,20 +24,22 @@ import gzip
 import json
 import math
 import os
+import random
 import re
+import sys
 import tempfile
 import time
 import warnings
 import zlib
 from collections import Counter
-from functools import partial
+from functools import lru_cache, partial
 from multiprocessing import Pool
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageDraw
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
@@ -1157,6 +1159,556 @@ def build_tokenizer(texts, min_freq=1):
     words = sorted((w for w, c in counts.items() if c >= min_freq and w not in _SPECIAL_TOKENS),
                    key=lambda w: (-counts[w], w))
     return _bert_tokenizer(list(_SPECIAL_TOKENS) + words)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Downstream datasets (segmentation / detection): readers for RSNA, SIIM, COVID rural, Object-CXR, NIH,
+# a plain folder, and the synthetic set. Formats: specs/formats.md §3-7; protocol: specs/lovt.md §5.
+#
+#   read_records(name, root, task="seg"|"det", skip_bad=False, size=None) -> (records, classes)
+#   load_record(rec, size) -> dict(image uint8 S x S, mask bool C x S x S, boxes float32 N x 4, box_labels)
+#   split_records(records, split_csv=None, seed=0, ratios=(0.6, 0.2, 0.2)) -> {"train","validate","test"}
+#   take_fraction(records, fraction, seed=0) -> records   (1 % / 10 % / 100 % training subsets)
+#   rle_decode(rle, h, w) / rle_encode(mask)            (SIIM relative, column-major RLE)
+#
+# A record is a plain dict, cheap to keep in memory for every image of a dataset:
+#   id        str, the image id (file stem; what LoVT's split CSVs list in their `ID` column)
+#   patient   str or None, what the seeded split keeps together
+#   path      image file (None for synthetic)
+#   height, width  original image size (read from the file header when the records are built)
+#   boxes     float32 N x 4, x1 y1 x2 y2 in original pixels;  box_labels int64 N (index into classes)
+#   and how to build the mask, one of:
+#     rle     list of (where, rle string) OR-ed into channel 0 (SIIM)
+#     mask_path  a single-channel image, nonzero = foreground, same size as the image (COVID rural, folder)
+#     shapes  list of (type, coords) drawn into channel 0 (Object-CXR: 0 rectangle, 1 ellipse, 2 polygon)
+#     synthetic  (split, index, n): rendered by SyntheticCXR(split, size=n)
+#     nothing else: the boxes are filled, one channel per class (RSNA, NIH, boxes CSV)
+#   split     only where the dataset fixes it (synthetic; Object-CXR dev = test), else absent
+#
+# Image preprocessing is LoVT's (lovt.md §5.0): zero-pad to a centred square, resize to S (masks nearest),
+# boxes moved the same way; no augmentation. Normalization is left to the caller (dataset-level mean/std).
+# ----------------------------------------------------------------------------------------------------
+DOWNSTREAM_DATASETS = ("synthetic", "rsna", "siim", "covid-rural", "object-cxr", "nih", "folder")
+NIH_BOX_CLASSES = ("Atelectasis", "Cardiomegaly", "Effusion", "Infiltrate", "Mass", "Nodule", "Pneumonia",
+                   "Pneumothorax")  # LoVT TARGET_MAPPING order
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".dcm")  # when a stem exists twice, the earlier extension wins
+SPLITS = ("train", "validate", "test")
+
+
+class BadRecord(ValueError):
+    """A row or file that cannot be used; the message names the file (and row)."""
+
+
+# ---- RLE (SIIM train-rle.csv: relative starts, column-major pixel order) -----------------------------
+
+def rle_decode(rle, h, w):
+    """'start length start length ...' -> bool h x w. Each start counts from the end of the previous run;
+    pixels are numbered down the columns (index = col*h + row). '-1' or '' = empty mask."""
+    flat = np.zeros(h * w, dtype=bool)
+    nums = rle.split()
+    if not nums or nums == ["-1"]:
+        return flat.reshape(w, h).T
+    if len(nums) % 2:
+        raise BadRecord(f"RLE has an odd number of values ({len(nums)})")
+    pos = 0
+    for start, length in zip(map(int, nums[0::2]), map(int, nums[1::2])):
+        pos += start
+        if start < 0 or length < 0 or pos + length > h * w:
+            raise BadRecord(f"RLE runs past the {h}x{w} image (run at {pos}, length {length})")
+        flat[pos:pos + length] = True
+        pos += length
+    return flat.reshape(w, h).T  # column-major: reshape to W x H then transpose
+
+
+def rle_encode(mask):
+    """bool h x w -> relative column-major RLE string ('-1' for an empty mask); inverse of rle_decode."""
+    flat = np.concatenate([[0], mask.T.reshape(-1).astype(np.int8), [0]])
+    edges = np.flatnonzero(np.diff(flat))  # run starts and ends, alternating
+    if len(edges) == 0:
+        return "-1"
+    starts, ends = edges[0::2], edges[1::2]
+    gaps = starts - np.concatenate([[0], ends[:-1]])
+    return " ".join(f"{g} {l}" for g, l in zip(gaps, ends - starts))
+
+
+# ---- reading files -------------------------------------------------------------------------------------
+
+def _index_images(folder):
+    """{file stem: path} for every image under folder (recursive; SIIM hides files two levels down)."""
+    found = []  # (stem, extension rank, path)
+    for dirpath, _, files in os.walk(folder):
+        for f in files:
+            stem, ext = os.path.splitext(f)
+            if ext.lower() in IMAGE_EXTS:
+                found.append((stem, IMAGE_EXTS.index(ext.lower()), os.path.join(dirpath, f)))
+    best = {stem: path for stem, _, path in sorted(found, reverse=True)}  # the best rank is written last
+    return dict(sorted(best.items()))
+
+
+def _pydicom():
+    try:
+        import pydicom
+    except ImportError:
+        raise ImportError("reading DICOM files needs pydicom: `pip install pydicom` "
+                          "(or convert the images to PNG with the same file stems)") from None
+    return pydicom
+
+
+def image_size(path):
+    """(height, width) from the file header only."""
+    try:
+        if path.lower().endswith(".dcm"):
+            ds = _pydicom().dcmread(path, stop_before_pixels=True)
+            return int(ds.Rows), int(ds.Columns)
+        with Image.open(path) as im:
+            return im.height, im.width
+    except ImportError:
+        raise
+    except Exception as e:
+        raise BadRecord(f"{path}: unreadable image ({e})") from None
+
+
+def read_image(path):
+    """PNG/JPG (grey, RGB(A), 16 bit: data.load_grayscale) or DICOM (8/16 bit, MONOCHROME1/2) -> uint8 H x W."""
+    try:
+        if not path.lower().endswith(".dcm"):
+            return np.asarray(load_grayscale(path))  # RGB(A) scans are grey: luminance == channel mean
+        ds = _pydicom().dcmread(path)
+        x = ds.pixel_array.astype(np.float32)
+        x = x.mean(-1) if x.ndim == 3 else x
+        if x.max() > 255:  # more than 8 bits: scale by the maximum, like MGCA (alpha = 255 / max)
+            x = x * (255.0 / float(x.max()))
+        if ds.get("PhotometricInterpretation", "") == "MONOCHROME1":
+            x = 255.0 - x
+        return x.round().clip(0, 255).astype(np.uint8)
+    except ImportError:
+        raise
+    except Exception as e:
+        raise BadRecord(f"{path}: unreadable image ({e})") from None
+
+
+def _rows(path):
+    """CSV rows as dicts, with their line numbers for error messages; header names stripped of spaces."""
+    with open(path, newline="") as f:
+        reader = csv.reader(f)
+        header = [h.strip() for h in next(reader)]
+        for line, row in enumerate(reader, start=2):
+            if row:
+                yield line, dict(zip(header, (v.strip() for v in row)))
+
+
+def _floats(values, where):
+    try:
+        return [float(v) for v in values]
+    except ValueError:
+        raise BadRecord(f"{where}: not a number in {values}") from None
+
+
+def _record(id, path, boxes=(), labels=(), patient=None, **mask_source):
+    boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
+    return dict(id=id, patient=patient, path=path, boxes=boxes,
+                box_labels=np.asarray(labels, dtype=np.int64).reshape(-1), **mask_source)
+
+
+def _xywh(where, x, y, w, h):
+    x, y, w, h = _floats([x, y, w, h], where)
+    if w <= 0 or h <= 0:
+        raise BadRecord(f"{where}: box with width/height <= 0")
+    return [x, y, x + w, y + h]
+
+
+class _Collector:
+    """Raises on the first bad row, or (skip_bad) counts them and says so at the end."""
+
+    def __init__(self, name, skip_bad):
+        self.name, self.skip_bad, self.bad = name, skip_bad, []
+
+    def __call__(self, fn, *args):
+        try:
+            return fn(*args)
+        except BadRecord as e:
+            if not self.skip_bad:
+                raise
+            self.bad.append(str(e))
+
+    def report(self):
+        if self.bad:
+            print(f"{self.name}: skipped {len(self.bad)} bad records (skip_bad=True); first: {self.bad[0]}",
+                  file=sys.stderr)
+
+
+# ---- one reader per dataset: each returns records (without sizes) and class names ------------------------
+
+def _read_synthetic(size):
+    """SyntheticCXR's own train/validate/test parts (60/20/20 of size); record boxes at its 128 px default,
+    load_record renders at the requested size (the scene is drawn in resolution-free coordinates)."""
+    size = size or 500
+    counts = dict(train=round(0.6 * size), validate=round(0.2 * size))
+    counts["test"] = max(size - counts["train"] - counts["validate"], 1)
+    records = []
+    for split, n in counts.items():
+        for i in range(n):
+            r = _synthetic(split, n, 128).render(i)  # ~3 ms; rendered again by load_record
+            records.append(dict(_record(f"synthetic-{split}-{i:05d}", None, r["boxes"], r["box_labels"]),
+                                synthetic=(split, i, n), split=split, height=r["pixels"].shape[0],
+                                width=r["pixels"].shape[1], num_classes=len(SYNTH_FINDINGS)))
+    return records, list(SYNTH_FINDINGS)
+
+
+@lru_cache(maxsize=8)
+def _synthetic(split, n, image_size):
+    return SyntheticCXR(split=split, size=n, image_size=image_size, seed=0)
+
+
+def _read_rsna(root, task, bad):
+    csv_path = os.path.join(root, "stage_2_train_labels.csv")
+    images_dir = os.path.join(root, "stage_2_train_images")
+    images = _index_images(images_dir if os.path.isdir(images_dir) else root)
+    by_patient = {}  # several rows per patient: one per box; Target 0 rows carry no box
+    for line, row in _rows(csv_path):
+        where = f"{csv_path} line {line}"
+        pid = row["patientId"]
+        entry = by_patient.setdefault(pid, [])
+        if row["Target"] == "1":
+            box = bad(_xywh, where, row["x"], row["y"], row["width"], row["height"])
+            if box is None:
+                by_patient[pid] = None  # a patient with one bad box is dropped whole
+            elif entry is not None:
+                entry.append(box)
+    return [_record(pid, images.get(pid), boxes, [0] * len(boxes), patient=pid)
+            for pid, boxes in by_patient.items() if boxes is not None], ["opacity"]
+
+
+def _read_siim(root, task, bad):
+    if task == "det":
+        raise ValueError("siim has masks only (no boxes): use it with eval_seg.py")
+    csv_path = os.path.join(root, "train-rle.csv")  # stage 1; stage 2's absolute RLE is not read
+    images_dir = os.path.join(root, "dicom-images-train")
+    images = _index_images(images_dir if os.path.isdir(images_dir) else root)
+    rles = {}  # the header is "ImageId, EncodedPixels": _rows strips the spaces from names and values
+    for line, row in _rows(csv_path):
+        rles.setdefault(row["ImageId"], []).append((f"{csv_path} line {line}", row["EncodedPixels"]))
+    return [_record(i, images.get(i), rle=r) for i, r in rles.items()], ["pneumothorax"]
+
+
+def _read_covid_rural(root, task, bad):
+    if task == "det":
+        raise ValueError("covid-rural has masks only (no boxes): use it with eval_seg.py")
+    if os.path.isdir(os.path.join(root, "covid_rural_annot")):
+        root = os.path.join(root, "covid_rural_annot")
+    masks = _index_images(os.path.join(root, "pngs_masks"))
+    records = []
+    for stem, path in _index_images(os.path.join(root, "jpgs")).items():
+        if stem not in masks:  # not every scan has a mask; LoVT skips those too
+            bad(_raise, f"{path}: no mask in pngs_masks/")
+            continue
+        records.append(_record(stem, path, patient=stem.split("_")[0], mask_path=masks[stem]))
+    return records, ["opacity"]
+
+
+def _raise(msg):
+    raise BadRecord(msg)
+
+
+def _object_cxr_shapes(annotation, where):
+    """'0 x1 y1 x2 y2;1 x1 y1 x2 y2;2 x1 y1 ... xn yn' -> (shapes, xyxy boxes)."""
+    shapes, boxes = [], []
+    for obj in filter(None, (o.strip() for o in annotation.split(";"))):
+        kind, *coords = obj.split()
+        xy = np.asarray(_floats(coords, where), dtype=np.float32).reshape(-1, 2) if len(coords) % 2 == 0 else None
+        if kind not in ("0", "1", "2") or xy is None or (kind != "2" and len(xy) != 2) or len(xy) < 2:
+            raise BadRecord(f"{where}: cannot parse object {obj!r}")
+        x1, y1 = xy.min(0)
+        x2, y2 = xy.max(0)
+        if x2 <= x1 or y2 <= y1:
+            raise BadRecord(f"{where}: empty object {obj!r}")
+        shapes.append((int(kind), xy.reshape(-1).tolist()))
+        boxes.append([x1, y1, x2, y2])  # polygons: their bounding box (LoVT); no w/h swap
+    return shapes, boxes
+
+
+def _read_object_cxr(root, task, bad):
+    if os.path.isdir(os.path.join(root, "input")):  # LoVT keeps the data under object-CXR/input/
+        root = os.path.join(root, "input")
+    records = []
+    for part, split in (("train", None), ("dev", "test")):  # dev.csv is the test set (LoVT and MGCA)
+        images = _index_images(os.path.join(root, part))
+        csv_path = os.path.join(root, f"{part}.csv")
+        for line, row in _rows(csv_path):
+            name = row.get("image_name") or row["image_path"]
+            stem = os.path.splitext(os.path.basename(name))[0]
+            parsed = bad(_object_cxr_shapes, row.get("annotation", ""), f"{csv_path} line {line}")
+            if parsed is not None:
+                rec = _record(stem, images.get(stem), parsed[1], [0] * len(parsed[1]), shapes=parsed[0])
+                records.append(dict(rec, split=split) if split else rec)
+    return records, ["foreign object"]
+
+
+def _read_nih(root, task, bad, n_negatives=100, seed=0):
+    csv_path = os.path.join(root, "BBox_List_2017.csv")
+    images = _index_images(root)
+    boxes = {}
+    with open(csv_path, newline="") as f:
+        rows = csv.reader(f)
+        next(rows)  # malformed header "Image Index,Finding Label,Bbox [x,y,w,h],,,": read by position
+        for line, row in enumerate(rows, start=2):
+            if not row:
+                continue
+            where = f"{csv_path} line {line}"
+            name, label, *xywh = row[:6]
+            if label not in NIH_BOX_CLASSES:
+                bad(_raise, f"{where}: unknown finding {label!r}")
+                continue
+            box = bad(_xywh, where, *xywh)
+            if box is not None:
+                boxes.setdefault(name, []).append((box, NIH_BOX_CLASSES.index(label)))
+    names = list(boxes)
+    # LoVT adds 100 "No Finding" images of the official test list as negatives when those files are there
+    entry, test_list = os.path.join(root, "Data_Entry_2017_v2020.csv"), os.path.join(root, "test_list.txt")
+    if not os.path.exists(entry):
+        entry = os.path.join(root, "Data_Entry_2017.csv")
+    if n_negatives and os.path.exists(entry) and os.path.exists(test_list):
+        test = set(open(test_list).read().split())
+        free = sorted(r["Image Index"] for _, r in _rows(entry)
+                      if r["Finding Labels"] == "No Finding" and r["Image Index"] in test and r["Image Index"] not in boxes)
+        names += random.Random(seed).sample(free, min(n_negatives, len(free)))
+    return [_record(os.path.splitext(n)[0], images.get(os.path.splitext(n)[0]),
+                    [b for b, _ in boxes.get(n, [])], [c for _, c in boxes.get(n, [])], patient=n.split("_")[0])
+            for n in names], list(NIH_BOX_CLASSES)
+
+
+def _read_folder(root, task, bad):
+    """root/images/* with root/masks/<same stem>.png (seg), or a boxes CSV `image,x,y,w,h,label`
+    (root/boxes.csv or the CSV path itself; rows with an empty x are images without boxes)."""
+    csv_path = root if root.endswith(".csv") else os.path.join(root, "boxes.csv")
+    base = os.path.dirname(csv_path) if root.endswith(".csv") else root
+    images_dir = os.path.join(base, "images")
+    images = _index_images(images_dir if os.path.isdir(images_dir) else base)
+    masks_dir = os.path.join(base, "masks")
+    if os.path.isdir(masks_dir) and (task == "seg" or not os.path.exists(csv_path)):
+        if task == "det":
+            raise ValueError(f"{base}: masks/ only, detection needs a boxes CSV (image,x,y,w,h,label)")
+        masks = _index_images(masks_dir)
+        records = []
+        for stem, path in images.items():
+            if stem not in masks:
+                bad(_raise, f"{path}: no mask with the same stem in {masks_dir}")
+            else:
+                records.append(_record(stem, path, mask_path=masks[stem]))
+        return records, ["mask"]
+    rows = list(_rows(csv_path))
+    classes = sorted({r["label"] for _, r in rows if r.get("x")})
+    per_image = {}
+    for line, row in rows:
+        stem = os.path.splitext(os.path.basename(row["image"]))[0]
+        entry = per_image.setdefault(stem, ([], []))
+        if row.get("x"):
+            box = bad(_xywh, f"{csv_path} line {line}", row["x"], row["y"], row["w"], row["h"])
+            if box is not None:
+                entry[0].append(box)
+                entry[1].append(classes.index(row["label"]))
+    return [_record(stem, images.get(stem), b, l, patient=None) for stem, (b, l) in per_image.items()], classes
+
+
+def read_records(name, root, task="seg", skip_bad=False, size=None):
+    """Read a downstream dataset -> (records, class names). Every record is checked against its image
+    header (missing / unreadable image, mask of another size, RLE past the image, box outside the image
+    beyond 1 px): the first problem raises a BadRecord naming the file and row, or with skip_bad=True
+    all bad records are skipped and their count is printed. size: number of synthetic images
+    (60/20/20 over SyntheticCXR's train/validate/test parts); root: the dataset folder (unused for synthetic)."""
+    if name not in DOWNSTREAM_DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; choose from {DOWNSTREAM_DATASETS}")
+    if task not in ("seg", "det"):
+        raise ValueError(f"task must be 'seg' or 'det', not {task!r}")
+    bad = _Collector(name, skip_bad)
+    if name == "synthetic":
+        return _read_synthetic(size)
+    if not root or not os.path.exists(root):
+        raise FileNotFoundError(f"{name}: data root {root!r} does not exist")
+    reader = {"rsna": _read_rsna, "siim": _read_siim, "covid-rural": _read_covid_rural,
+              "object-cxr": _read_object_cxr, "nih": _read_nih, "folder": _read_folder}[name]
+    records, classes = reader(root, task, bad)
+    checked = [r for r in (bad(_check, rec) for rec in records) if r is not None]
+    bad.report()
+    if not checked:
+        raise ValueError(f"{name}: no usable records under {root}")
+    for rec in checked:
+        rec["num_classes"] = len(classes)
+    return checked, classes
+
+
+def _check(rec):
+    """Fill in height/width from the image header and validate everything that depends on them."""
+    if rec["path"] is None or not os.path.exists(rec["path"]):
+        raise BadRecord(f"image {rec['id']!r}: missing image file (looked for {'/'.join(IMAGE_EXTS)})")
+    h, w = image_size(rec["path"])
+    for where, rle in rec.get("rle", ()):
+        try:
+            rle_decode(rle, h, w)
+        except (BadRecord, ValueError) as e:
+            raise BadRecord(f"{where} ({rec['path']}): {e}") from None
+    if rec.get("mask_path"):
+        mh, mw = image_size(rec["mask_path"])
+        if (mh, mw) != (h, w):
+            raise BadRecord(f"{rec['mask_path']}: mask is {mh}x{mw}, image {rec['path']} is {h}x{w}")
+    b = rec["boxes"]
+    if len(b) and (b[:, :2].min() < -1 or b[:, 2].max() > w + 1 or b[:, 3].max() > h + 1):
+        raise BadRecord(f"{rec['path']}: box outside the {w}x{h} image: {b.tolist()}")
+    rec["boxes"] = np.stack([b[:, 0].clip(0, w), b[:, 1].clip(0, h), b[:, 2].clip(0, w), b[:, 3].clip(0, h)], 1)
+    rec["height"], rec["width"] = h, w
+    return rec
+
+
+# ---- one record -> arrays at the evaluation size --------------------------------------------------------
+
+def _fill_boxes(boxes, labels, num_classes, h, w):
+    """Box masks as LoVT builds them: mask[round(y1):round(y2), round(x1):round(x2)] = 1, one channel per class."""
+    mask = np.zeros((num_classes, h, w), dtype=bool)
+    for (x1, y1, x2, y2), c in zip(boxes.tolist(), labels.tolist()):
+        mask[c, round(y1):round(y2), round(x1):round(x2)] = True
+    return mask
+
+
+def _draw_shapes(shapes, h, w):
+    """Object-CXR objects filled with PIL: rectangle, ellipse (inside its box), polygon."""
+    canvas = Image.new("L", (w, h), 0)
+    draw = ImageDraw.Draw(canvas)
+    for kind, c in shapes:
+        if kind == 0:
+            draw.rectangle(c, fill=1)
+        elif kind == 1:
+            draw.ellipse(c, fill=1)
+        else:
+            draw.polygon(c, fill=1)
+    return np.asarray(canvas, dtype=bool)[None]
+
+
+def _read_mask(rec, h, w):
+    """The record's mask at the original resolution: bool C x h x w."""
+    if rec.get("rle") is not None:
+        mask = np.zeros((h, w), dtype=bool)
+        for where, rle in rec["rle"]:  # several rows per image are OR-combined
+            try:
+                mask |= rle_decode(rle, h, w)
+            except ValueError as e:
+                raise BadRecord(f"{where} ({rec['path']}): {e}") from None
+        return mask[None]
+    if rec.get("mask_path"):
+        with Image.open(rec["mask_path"]) as im:
+            mask = np.asarray(im.convert("L")) > 0  # COVID rural masks are 0/1, others 0/255
+        if mask.shape != (h, w):
+            raise BadRecord(f"{rec['mask_path']}: mask is {mask.shape[0]}x{mask.shape[1]}, image is {h}x{w}")
+        return mask[None]
+    if rec.get("shapes") is not None:
+        return _draw_shapes(rec["shapes"], h, w)
+    return _fill_boxes(rec["boxes"], rec["box_labels"], rec["num_classes"], h, w)
+
+
+def pad_resize(image, mask, boxes, size):
+    """Zero-pad to a centred square, resize to size x size (image bilinear, mask nearest), move the boxes."""
+    h, w = image.shape
+    side = max(h, w)
+    top, left = (side - h) // 2, (side - w) // 2
+    pad = ((top, side - h - top), (left, side - w - left))
+    image = np.asarray(Image.fromarray(np.pad(image, pad)).resize((size, size), Image.BILINEAR))
+    mask = np.stack([np.asarray(Image.fromarray(np.pad(m, pad)).resize((size, size), Image.NEAREST))
+                     for m in mask]) if len(mask) else np.zeros((0, size, size), dtype=bool)
+    boxes = (boxes + np.array([left, top, left, top], dtype=np.float32)) * (size / side)
+    return image, mask, boxes.astype(np.float32)
+
+
+def load_record(rec, size):
+    """-> dict(image=uint8 size x size, mask=bool C x size x size, boxes=float32 N x 4 (size x size frame),
+    box_labels=int64 N). Raises BadRecord naming the file when the image or mask cannot be used."""
+    if rec.get("synthetic"):
+        split, index, n = rec["synthetic"]
+        r = _synthetic(split, n, size).render(index)  # already size x size
+        return dict(image=r["pixels"], mask=r["masks"], boxes=r["boxes"], box_labels=r["box_labels"])
+    image = read_image(rec["path"])
+    h, w = image.shape
+    if (h, w) != (rec["height"], rec["width"]):
+        raise BadRecord(f"{rec['path']}: image is {h}x{w}, its header said {rec['height']}x{rec['width']}")
+    image, mask, boxes = pad_resize(image, _read_mask(rec, h, w), rec["boxes"], size)
+    return dict(image=image, mask=mask, boxes=boxes, box_labels=rec["box_labels"])
+
+
+# ---- splits and label fractions --------------------------------------------------------------------------
+
+_SPLIT_NAMES = {"train": "train", "validation": "validate", "validate": "validate", "val": "validate",
+                "valid": "validate", "test": "test"}
+
+
+def _read_split_csv(split_csv):
+    """{id: split}, in file order. Accepts LoVT's shipped split folder (train.csv, validation.csv, test.csv,
+    each with an `ID` column; any one of those files names the folder) or one CSV with an id column
+    (`ID`, `id` or `image`) and a `split` column (train / validation|validate|val / test)."""
+    folder = split_csv if os.path.isdir(split_csv) else os.path.dirname(split_csv)
+    lovt = [os.path.join(folder, f"{s}.csv") for s in ("train", "validation", "test")]
+    if (os.path.isdir(split_csv) or os.path.basename(split_csv) in ("train.csv", "validation.csv", "test.csv")) \
+            and all(map(os.path.exists, lovt)):
+        return {row["ID"]: split for path, split in zip(lovt, SPLITS) for _, row in _rows(path)}
+    out = {}
+    for line, row in _rows(split_csv):
+        key = next((k for k in ("ID", "id", "image") if k in row), None)
+        if key is None or "split" not in row or row["split"].lower() not in _SPLIT_NAMES:
+            raise ValueError(f"{split_csv} line {line}: need an ID/id/image column and a split column "
+                             "(train/validation/test), or LoVT's train.csv/validation.csv/test.csv folder")
+        out[row[key]] = _SPLIT_NAMES[row["split"].lower()]
+    return out
+
+
+def split_records(records, split_csv=None, seed=0, ratios=(0.6, 0.2, 0.2)):
+    """-> {"train": [...], "validate": [...], "test": [...]}.
+    split_csv: the listed ids (file stems; a listed 'x.png' also matches 'x') in the file's order; records not
+    listed are dropped and both mismatch counts are printed. Otherwise records that carry a fixed `split` keep
+    it, and the rest are shuffled with `seed` in groups BY PATIENT (by image where patient is None) and cut by
+    `ratios` over the splits left free (Object-CXR: dev = test, train.csv -> train/validate 75/25 with the
+    default ratios; LoVT used 80/20, pass its split files to match)."""
+    out = {s: [] for s in SPLITS}
+    if split_csv:
+        wanted = {os.path.splitext(k)[0] if k.lower().endswith(IMAGE_EXTS) else k: v
+                  for k, v in _read_split_csv(split_csv).items()}
+        by_id = {r["id"]: r for r in records}
+        for i, split in wanted.items():
+            if i in by_id:
+                out[split].append(by_id[i])
+        missing = sum(i not in by_id for i in wanted)
+        unlisted = sum(r["id"] not in wanted for r in records)
+        if missing or unlisted:
+            print(f"split_records: {missing} ids of {split_csv} have no record, {unlisted} records are not listed",
+                  file=sys.stderr)
+        return out
+    free = []
+    for r in records:
+        (out[r["split"]] if r.get("split") else free).append(r)
+    groups = {}
+    for r in free:
+        groups.setdefault(r["patient"] if r["patient"] is not None else "id:" + r["id"], []).append(r)
+    keys = sorted(groups)
+    random.Random(seed).shuffle(keys)
+    open_splits = [s for s in SPLITS if not out[s]] if free else []
+    weights = np.array([ratios[SPLITS.index(s)] for s in open_splits], dtype=float)
+    bounds = np.cumsum(weights / weights.sum()) * len(free) if open_splits else []
+    done = 0
+    for k in keys:  # a patient goes to the split whose share is not yet full
+        split = open_splits[min(int(np.searchsorted(bounds, done, side="right")), len(open_splits) - 1)]
+        out[split].extend(groups[k])
+        done += len(groups[k])
+    return out
+
+
+def take_fraction(records, fraction, seed=0):
+    """The first int(fraction * n) records of a seeded shuffle (seed=None: of the given order, which is
+    LoVT's convention with its split files: RSNA 1 % = the first 160 rows of train.csv). Order is kept."""
+    if not 0 < fraction <= 1:
+        raise ValueError(f"fraction must be in (0, 1], got {fraction}")
+    n = int(fraction * len(records) + 1e-9)
+    if n == 0:
+        raise ValueError(f"fraction {fraction} of {len(records)} training records leaves none")
+    if fraction == 1 or seed is None:
+        return list(records[:n])
+    keep = sorted(random.Random(seed).sample(range(len(records)), n))
+    return [records[i] for i in keep]
 
 
 # -------------------- CLI: demo, bench, prepare-mimic -------------------------------------------------

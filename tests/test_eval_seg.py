@@ -1,0 +1,152 @@
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import common
+import eval_seg as es
+
+
+def _masks(*images):
+    """Lists of flat pixel strings ('1' = foreground) -> bool B×1×1×W."""
+    return torch.tensor([[[[c == "1" for c in im]]] for im in images])
+
+
+def test_micro_dice_pools_pixels_and_differs_from_per_image_mean():
+    target = _masks("11110000", "10000000")
+    pred = _masks("11110000", "11100000")  # image 1 perfect; image 2: TP 1, FP 2 -> Dice 2/4
+    per_image = es.per_image_dice(pred, target)
+    assert per_image.flatten().tolist() == [1.0, 0.5]
+    # pooled: TP 5, predicted 7, true 5 -> 10 / 12, not the per-image mean 0.75
+    assert es.micro_dice(pred, target).item() == pytest.approx(10 / 12)
+    assert per_image.mean().item() == pytest.approx(0.75)
+    tp, n_pred, n_true = (c.sum(0) for c in es.pixel_counts(pred, target))
+    assert es.iou_from_counts(tp, n_pred, n_true).item() == pytest.approx(5 / 7)  # TP / (TP + FP + FN)
+
+
+def test_dice_edge_cases():
+    empty, some = _masks("0000"), _masks("0110")
+    assert es.per_image_dice(empty, empty).item() == 1.0  # empty mask, empty prediction: defined as 1
+    assert es.micro_dice(empty, empty).item() == 1.0
+    assert es.per_image_dice(some, empty).item() == 0.0
+    assert es.micro_dice(some, some).item() == 1.0
+    # multi-class: one value per class
+    pred = torch.stack([some[:, 0], empty[:, 0]], 1)
+    assert es.micro_dice(pred, pred).tolist() == [1.0, 1.0]
+
+
+def test_dice_loss():
+    target = _masks("0110", "0000")
+    perfect = torch.where(target, 50.0, -50.0)
+    assert es.dice_loss(perfect, target).item() == pytest.approx(0.0, abs=1e-6)
+    # a class with no positive pixel in the batch adds nothing (segmentation_models_pytorch DiceLoss)
+    two = torch.cat([target, torch.zeros_like(target)], 1)
+    logits = torch.cat([perfect, torch.full_like(perfect, 3.0)], 1)
+    assert es.dice_loss(logits, two).item() == pytest.approx(0, abs=1e-6)
+    # all logits 0: p = 0.5 on 8 pixels, 2 true -> 1 - 2 * 1 / (4 + 2)
+    assert es.dice_loss(torch.zeros(2, 1, 1, 4), target).item() == pytest.approx(1 - 2 / 6)
+
+
+def test_summarize_is_lovt_95_percent_interval():
+    values = [0.1, 0.2, 0.3, 0.4, 0.5]
+    mean, hw = es.summarize(values)
+    assert mean == pytest.approx(0.3)
+    assert hw == pytest.approx(1.96 * np.std(values, ddof=1) / math.sqrt(5))
+    assert math.isnan(es.summarize([0.4])[1])
+
+
+def test_load_encoders_random_and_exported(tmp_path):
+    torch.manual_seed(1)
+    enc = common.ImageEncoder("resnet18")
+    path = tmp_path / "lovt_run" / "image_encoder.pt"
+    path.parent.mkdir()
+    common.export_image_encoder(str(path), enc, 0.5, 0.25, 64, "lovt")
+    torch.load(path, weights_only=True)  # the contract: a plain, weights_only-loadable dict
+    (name, exported, meta), (rname, rand, rmeta) = es.load_encoders([str(path), "random"], 64)
+    assert name == "lovt_run" and meta["method"] == "lovt" and "state_dict" not in meta
+    assert torch.equal(exported.conv1.weight, enc.backbone.conv1.weight)
+    # `random` takes the architecture of the exported encoder, so the baseline is comparable
+    assert rname == "random-resnet18" and rmeta["arch"] == "resnet18"
+    assert not exported.training and not rand.training
+    x = torch.randn(2, 1, 64, 64)
+    stages = es.resnet_stages(rand, x)
+    assert [s.shape[1] for s in stages] == es.stage_channels(rand) == [64, 64, 128, 256, 512]
+    assert [s.shape[-1] for s in stages] == [32, 16, 8, 4, 2]  # strides 2 .. 32
+    assert es.load_encoders(["random:resnet50"], 64)[0][2]["arch"] == "resnet50"
+    with pytest.raises(SystemExit, match="no such file"):
+        es.load_encoders([str(tmp_path / "missing.pt")], 64)
+
+
+def test_resunet_widths_follow_lovt_layout():
+    head = es.ResUNetHead([64, 64, 128, 256, 512], n_classes=3)  # ResNet-18: C5 = 512
+    assert [u.up.out_channels for u in head.ups] == [256, 128, 64, 32, 16]  # C5/2 .. C5/32 (R50: 1024 .. 64)
+    assert [u.convs[0][0].in_channels for u in head.ups] == [256 + 256, 128 + 128, 64 + 64, 32 + 64, 16 + 1]
+    stages = [torch.randn(2, c, 64 // 2 ** (i + 1), 64 // 2 ** (i + 1)) for i, c in enumerate([64, 64, 128, 256, 512])]
+    assert head(torch.randn(2, 1, 64, 64), stages).shape == (2, 3, 64, 64)
+    linear = es.LinearSegHead([64, 64, 128, 256, 512], 3)
+    assert linear(torch.randn(2, 1, 64, 64), stages[-1:]).shape == (2, 3, 64, 64)
+
+
+def _run(tmp_path, name, *extra):
+    out = tmp_path / name
+    rows = es.main(["--encoder", "random:resnet18", "--synthetic-size", "10", "--image-size", "64",
+                    "--batch-size", "8", "--out", str(out), *extra])
+    saved = json.loads((tmp_path / f"{name}.json").read_text())
+    assert (tmp_path / f"{name}.csv").exists() and len(saved) == len(rows)
+    return saved
+
+
+def test_end_to_end_linear_and_unet_frozen(tmp_path):
+    saved = _run(tmp_path, "frozen", "--head", "linear", "--head", "unet", "--epochs", "1", "--seeds", "2",
+                 "--lr-grid", "1e-2", "1e-3")
+    assert [(r["head"], r["mode"]) for r in saved] == [("linear", "frozen"), ("unet", "frozen")]
+    for r in saved:
+        assert r["lr"] in (1e-2, 1e-3) and r["val_dice_by_lr"].count(":") == 2  # LoVT's LR selection
+        assert len(r["dice"]["values"]) == 2 and 0 <= r["dice"]["mean"] <= 1 and r["dice"]["ci95"] is not None
+        assert set(r) >= {"dice_img", "iou", "dice/opacity", "dice/cardiomegaly"}
+
+
+def test_end_to_end_unet_finetune(tmp_path):
+    # 6 training images = 1 step an epoch; warm-up of 1 step: epoch 1 trains the decoder only, epoch 2 both
+    saved = _run(tmp_path, "ft", "--head", "unet", "--finetune", "--warmup-steps", "1", "--epochs", "2",
+                 "--seeds", "1")
+    assert saved[0]["mode"] == "finetune" and 0 <= saved[0]["dice"]["mean"] <= 1
+
+
+def test_finetune_needs_the_unet_head():
+    with pytest.raises(SystemExit):
+        es.main(["--finetune"])
+
+
+def _folder(root, n=6, bad_mask=None):
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    for i in range(n):
+        Image.fromarray(np.full((40, 48), 100, np.uint8)).save(root / "images" / f"im{i}.png")
+        shape = (30, 48) if i == bad_mask else (40, 48)
+        Image.fromarray(np.zeros(shape, np.uint8)).save(root / "masks" / f"im{i}.png")
+
+
+def test_bad_records_are_named_or_skipped(tmp_path):
+    _folder(tmp_path / "d", bad_mask=2)
+    args = es.add_common_eval_args(__import__("argparse").ArgumentParser()).parse_args(
+        ["--dataset", "folder", "--data-root", str(tmp_path / "d")])
+    with pytest.raises(SystemExit, match="im2.png"):  # the mask of another size is named
+        es.load_splits(args, 64)
+    args.skip_bad = True
+    splits, classes = es.load_splits(args, 64)
+    assert sum(len(s["images"]) for s in splits.values()) == 5 and classes == ["mask"]
+    assert splits["train"]["masks"].shape[1:] == (1, 64, 64)
+    args.fraction = 0.1  # 3 training images -> none
+    with pytest.raises(SystemExit, match="leaves none"):
+        es.load_splits(args, 64)
+    # a boxes CSV naming an image that is not there
+    (tmp_path / "b" / "images").mkdir(parents=True)
+    Image.fromarray(np.zeros((40, 40), np.uint8)).save(tmp_path / "b" / "images" / "im0.png")
+    (tmp_path / "b" / "boxes.csv").write_text("image,x,y,w,h,label\nim0.png,1,1,5,5,a\nghost.png,1,1,5,5,a\n")
+    args.data_root, args.fraction, args.skip_bad = str(tmp_path / "b"), 1.0, False
+    with pytest.raises(SystemExit, match="ghost"):
+        es.load_splits(args, 64)
