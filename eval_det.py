@@ -62,7 +62,7 @@ from torchvision.models.detection.image_list import ImageList
 from torchvision.ops import FeaturePyramidNetwork
 from tqdm.auto import tqdm
 
-from eval_seg import (Batches, add_common_eval_args, extract_features, load_encoders, load_splits,
+from eval_seg import (Batches, add_common_eval_args, extract_features, finetune_phase, load_encoders, load_splits,
                       normalization_stats, print_table, resnet_stages, stage_channels, summarize, write_results)
 
 IOU_THRESHOLDS = tuple(np.round(np.arange(0.40, 0.76, 0.05), 2).tolist())  # 0.40 ... 0.75, 8 values
@@ -257,13 +257,7 @@ def train_one(args, backbone, data, num_classes, seed):
     bar = tqdm(range(args.epochs), desc=f"  seed {seed}", leave=False)
     for epoch in bar:
         for idx in torch.randperm(len(train), generator=gen).split(args.batch_size):
-            # LoVT fine-tuning: frozen encoder (eval mode, no gradient) at lr 1e-3 for the warm-up steps, then
-            # every group at the task lr at every step (so the plateau schedule has no lasting effect there).
-            encoder_trains = finetune and step >= args.warmup_steps
-            backbone.train(encoder_trains)
-            if finetune:
-                for g in opt.param_groups:
-                    g["lr"] = args.lr if encoder_trains else args.warmup_lr
+            encoder_trains = finetune_phase(args, backbone, opt, step, finetune)
             model.train()
             _, stages, _ = train.get(idx, backbone, encoder_grad=encoder_trains)
             losses, _ = detect(model, stages[-3:], size, targets_of(train_split, idx, device))

@@ -430,6 +430,19 @@ def evaluate(head, backbone, batches, batch_size, bce=False):
                 iou=iou.mean().item(), dice_per_class=dice.tolist())
 
 
+def finetune_phase(args, backbone, opt, step, finetune):
+    """LoVT's fine-tuning schedule, set before every step; returns whether the encoder trains now. The encoder is
+    frozen (eval mode, no gradient) for the first `warmup_steps` at `warmup_lr`; afterwards every parameter group
+    is set to the task lr at every step, so the plateau schedule has no lasting effect when fine-tuning (it acts
+    on the frozen runs only)."""
+    encoder_trains = finetune and step >= args.warmup_steps
+    backbone.train(encoder_trains)
+    if finetune:
+        for g in opt.param_groups:
+            g["lr"] = args.lr if encoder_trains else args.warmup_lr
+    return encoder_trains
+
+
 def train_one(args, kind, backbone, data_splits, n_classes, seed):
     """One run: train the head (and the encoder after the warm-up when fine-tuning) with early stopping on
     the validation Dice; return the test metrics of the best validation state."""
@@ -449,14 +462,7 @@ def train_one(args, kind, backbone, data_splits, n_classes, seed):
     for epoch in bar:
         head.train()
         for idx in torch.randperm(len(train), generator=gen).split(args.batch_size):
-            # LoVT fine-tuning: the encoder is frozen (eval mode, no gradient) for the first warm-up steps at
-            # lr 1e-3; afterwards every group is set to the task lr at every step, so the plateau schedule
-            # has no lasting effect when fine-tuning (it acts on the frozen runs only).
-            encoder_trains = finetune and step >= args.warmup_steps
-            backbone.train(encoder_trains)
-            if finetune:
-                for g in opt.param_groups:
-                    g["lr"] = args.lr if encoder_trains else args.warmup_lr
+            encoder_trains = finetune_phase(args, backbone, opt, step, finetune)
             x, stages, target = train.get(idx, backbone, encoder_grad=encoder_trains)
             loss = dice_loss(head(x, stages), target, args.bce)
             opt.zero_grad(set_to_none=True)
