@@ -5,7 +5,8 @@ Read top to bottom:
 
 1. encoders      ImageEncoder (torchvision ResNet, 1-channel), TextEncoder (transformers BERT), pool_sentences
 2. heads         ProjectionHead (LoVT BN-MLP), AttentionPool (LoVT GlobalAvgAttentionAggregator)
-3. contrastive   gather_with_grad, info_nce (each rank: own rows vs. gathered columns, common.md section 5)
+3. contrastive   gather_with_grad, info_nce (each rank: own rows vs. gathered columns, common.md section 5);
+                word_region_attention / _score / _matrix (AttnGAN DAMSM, chunked over reports)
 4. metrics       recall_at_k, block_recall_at_k, precision_at_k, roc_auc, bootstrap_ci, zero_shot_auc
 5. plumbing      arg/parse_args, setup_distributed, seeding, AMP, LR schedules, checkpoints, Logger,
                  check_finite, encoder export/import, peak_memory_mb
@@ -33,6 +34,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
+from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
 # ================================================================================================================
@@ -265,6 +267,57 @@ def info_nce(a: torch.Tensor, b: torch.Tensor, tau, gather: bool = True) -> tupl
     loss_a2b = F.cross_entropy(a @ b_all.T / tau, labels)  # B x world*B: own anchors vs. all candidates
     loss_b2a = F.cross_entropy(b @ a_all.T / tau, labels)
     return loss_a2b, loss_b2a
+
+
+# ================================================================================================================
+# 3b. Word-region attention (AttnGAN DAMSM / GLoRIA; JoImTeRNet, RECLF), common.md section 4.4
+# ================================================================================================================
+
+def fp32(t):
+    """At least fp32 (bf16/fp16 features from autocast), float64 stays float64 (the DDP test)."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
+def cosine(x, y, eps=1e-8):
+    """cos along the last dim with the code's clamp of the norm product (misc/losses.py)."""
+    return (x * y).sum(-1) / (x.norm(dim=-1) * y.norm(dim=-1)).clamp(min=eps)
+
+
+def word_region_attention(regions, words, word_mask, gamma1):
+    """AttnGAN Eqs. 7-9, text as query. regions ... x R x D, words ... x L x D, word_mask ... x L (bool, True = a
+    word that counts); leading dims broadcast. Returns context c (... x L x D) and alpha (... x L x R): alpha[w]
+    is word w's distribution over regions (the visualised map). Padded words get no share of the first softmax."""
+    a = words @ regions.transpose(-1, -2)                                  # ... x L x R raw affinities (Eq. 7)
+    a = a.masked_fill(~word_mask[..., None], float("-inf")).softmax(-2)    # softmax over words, per region (Eq. 8)
+    alpha = (gamma1 * a).softmax(-1)                                       # over regions, per word (Eq. 9)
+    return alpha @ regions, alpha
+
+
+def word_region_score(regions, words, word_mask, gamma1, gamma2):
+    """R = log sum_w exp(gamma2 cos(E_w, c_w)) over the counted words (Eq. 10, no 1/gamma2). Shapes as above; -> ..."""
+    context, _ = word_region_attention(regions, words, word_mask, gamma1)
+    rho = cosine(words, context)                                           # ... x L word relevances
+    return (gamma2 * rho).masked_fill(~word_mask, float("-inf")).logsumexp(-1)
+
+
+def word_region_matrix(regions, words, word_mask, gamma1, gamma2, chunk=16):
+    """R[i, j] for every image i (I x R x D) and report j (T x L x D, mask T x L) -> I x T, in fp32.
+
+    Memory: the full attention is I x T x L x R (128 x 128 x 160 x 256 = 0.67 G floats, plus an I x T x L x D
+    context, ~2.7 GB per tensor in fp32, several alive for backward). Here reports go in chunks of `chunk`,
+    each chunk trimmed to its longest report, and under autograd each chunk is checkpointed (recomputed in the
+    backward), so the peak is ~ 4 x I x chunk x L x R + I x chunk x L x D floats (~1.5 GB at the paper's
+    sizes with chunk 16) instead of all chunks at once."""
+    regions, words = fp32(regions), fp32(words)
+    columns = []
+    for s in range(0, words.shape[0], chunk):
+        m = word_mask[s:s + chunk]
+        n = int(m.sum(1).max())                                            # drop all-padding tail positions
+        w, m = words[s:s + chunk, :n], m[:, :n]
+        fn = lambda r, w, m: word_region_score(r[:, None], w[None], m[None], gamma1, gamma2)  # I x chunk
+        grad = torch.is_grad_enabled() and (regions.requires_grad or w.requires_grad)
+        columns.append(checkpoint(fn, regions, w, m, use_reentrant=False) if grad else fn(regions, w, m))
+    return torch.cat(columns, 1)
 
 
 # ================================================================================================================

@@ -1,0 +1,259 @@
+"""JoImTeRNet: loss values against written-out references, masking, tokenizer, DDP equivalence, overfit, main()."""
+import math
+import os
+import socket
+import types
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+import common
+import joimternet as jt
+
+CFG = types.SimpleNamespace(gamma1=4.0, gamma2=5.0, gamma3=10.0, margin_sent=0.5, margin_word=0.5, lambda_ce=1.0,
+                            lambda_triplet=2.0, triplet_quirk=False, local_chunk=2)
+
+
+def reference_similarities(V, E, lengths, gamma1=4.0, gamma2=5.0):
+    """The official words_loss/func_attention written out as loops: R[i, j] for image i and report j (words
+    0..lengths[j]-1 only), softmax over words per region, then over regions per word (x gamma1)."""
+    I, T = V.shape[0], E.shape[0]
+    R = torch.zeros(I, T, dtype=V.dtype)
+    for j in range(T):
+        words = E[j, :lengths[j]]                                   # n x D
+        for i in range(I):
+            a = V[i] @ words.T                                      # regions x n
+            a = torch.softmax(a, dim=1)                             # over words
+            alpha = torch.softmax(gamma1 * a.T, dim=1)              # n x regions, over regions
+            total = 0.0
+            for w in range(lengths[j]):
+                c = (alpha[w, :, None] * V[i]).sum(0)
+                cos = (c @ words[w]) / (c.norm() * words[w].norm()).clamp(min=1e-8)
+                total = total + torch.exp(gamma2 * cos)
+            R[i, j] = torch.log(total)
+    return R
+
+
+def test_word_region_matrix_matches_loop_and_chunks():
+    g = torch.Generator().manual_seed(0)
+    V = torch.randn(3, 5, 4, generator=g, dtype=torch.float64)      # 3 images, 5 regions, D = 4
+    E = torch.randn(4, 6, 4, generator=g, dtype=torch.float64)      # 4 reports, up to 6 words
+    lengths = [6, 2, 4, 1]
+    M = torch.arange(6)[None] < torch.tensor(lengths)[:, None]
+    E_noisy_pad = torch.where(M[..., None], E, 100 * torch.randn(E.shape, generator=g, dtype=torch.float64))
+    ref = reference_similarities(V, E, lengths)
+    for chunk in (1, 3, 16):  # chunked == unchunked == loop; padded words never matter
+        got = common.word_region_matrix(V, E_noisy_pad, M, 4.0, 5.0, chunk=chunk)
+        torch.testing.assert_close(got, ref)
+    # the attention maps: softmax over regions sums to one per word
+    _, alpha = common.word_region_attention(V[0], E[0], M[0], 4.0)
+    torch.testing.assert_close(alpha.sum(-1), torch.ones(6, dtype=torch.float64))
+    # gammas enter where the formulas say: gamma3 scales the CE logits
+    l_i2t, l_t2i = jt.local_ce(V[:3], E[:3], M[:3], V[:3], E[:3], M[:3], 0, 4.0, 5.0, 10.0, chunk=2)
+    S = 10.0 * ref[:3, :3]
+    torch.testing.assert_close(l_i2t, F.cross_entropy(S, torch.arange(3)))
+    torch.testing.assert_close(l_t2i, F.cross_entropy(S.T, torch.arange(3)))
+    other = reference_similarities(V, E, lengths, gamma1=1.0, gamma2=2.0)
+    torch.testing.assert_close(common.word_region_matrix(V, E, M, 1.0, 2.0), other)
+
+
+def test_global_ce_value():
+    v = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
+    e = torch.tensor([[3.0, 0.0], [1.0, 1.0]])
+    i2t, t2i = jt.global_ce(v, e, v, e, 0, 10.0)
+    c = 1 / math.sqrt(2)  # cos(v0, e1) = cos(v1, e1) = 1/sqrt2, cos(v0, e0) = 1, cos(v1, e0) = 0
+    want_i2t = (-math.log(math.exp(10) / (math.exp(10) + math.exp(10 * c)))
+                - math.log(math.exp(10 * c) / (math.exp(0) + math.exp(10 * c)))) / 2
+    want_t2i = (-math.log(math.exp(10) / (math.exp(10) + math.exp(0)))
+                - math.log(math.exp(10 * c) / (math.exp(10 * c) + math.exp(10 * c)))) / 2
+    assert i2t.item() == pytest.approx(want_i2t, rel=1e-5) and t2i.item() == pytest.approx(want_t2i, rel=1e-5)
+
+
+def test_triplet_terms_by_hand():
+    # one region per image: alpha = 1, so c_w = the region and R = log sum_w exp(5 cos(E_w, region))
+    v = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    e = torch.tensor([[1.0, 0.0], [1.0, 1.0]])
+    V = torch.tensor([[[1.0, 0.0]], [[0.0, 1.0]]])
+    E = torch.tensor([[[1.0, 0.0], [0.0, 1.0]], [[0.0, 1.0], [1.0, 0.0]]])  # report 1 has one word + a padding
+    M = torch.tensor([[True, True], [True, False]])
+    pos, neg = torch.tensor([0, 1]), torch.tensor([1, 0])
+    g_i2t, g_t2i, l_i2t, l_t2i = jt.triplet_terms(v, e, V, E, M, pos, neg, 4.0, 5.0, 0.5, 0.5)
+    d01 = 1 - 1 / math.sqrt(2)  # d(v0, e1) = d(v1, e1)
+    assert g_i2t.item() == pytest.approx((max(0 - d01 + 0.5, 0) + max(d01 - 1 + 0.5, 0)) / 2, rel=1e-6)
+    # t2i: anchors e0, e1; d(e0, v0) = 0, d(e0, v1) = 1; d(e1, v1) = d01, d(e1, v0) = d01
+    assert g_t2i.item() == pytest.approx((max(0 - 1 + 0.5, 0) + max(d01 - d01 + 0.5, 0)) / 2, rel=1e-6)
+    R00, R01, R10, R11 = math.log(math.exp(5) + 1), 0.0, math.log(1 + math.exp(5)), 5.0  # R(image, report)
+    assert l_i2t.item() == pytest.approx((max(R01 - R00 + 0.5, 0) + max(R10 - R11 + 0.5, 0)) / 2, rel=1e-5)
+    assert l_t2i.item() == pytest.approx((max(R10 - R00 + 0.5, 0) + max(R01 - R11 + 0.5, 0)) / 2, rel=1e-5)
+    # the code's quirk: negative report cut/padded to the anchor's length (report 1 gains its padding word
+    # (1, 0) against image 0; report 0 loses its second word against image 1)
+    _, _, q_i2t, q_t2i = jt.triplet_terms(v, e, V, E, M, pos, neg, 4.0, 5.0, 0.5, 0.5, quirk=True)
+    R01q, R10q = math.log(1 + math.exp(5)), 0.0
+    assert q_i2t.item() == pytest.approx((max(R01q - R00 + 0.5, 0) + max(R10q - R11 + 0.5, 0)) / 2, rel=1e-5)
+    assert q_t2i.item() == pytest.approx(l_t2i.item())
+
+
+def test_negatives_never_the_anchor():
+    g = torch.Generator().manual_seed(0)
+    neg = torch.stack([jt.sample_negatives(5, g) for _ in range(2000)])
+    assert (neg != torch.arange(5)).all()
+    counts = torch.bincount(neg[:, 0], minlength=5)[1:].float() / 2000  # uniform over the other four
+    assert ((counts - 0.25).abs() < 0.04).all()
+
+
+def test_mlm_masking_recipe():
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(4, 999, (400, 60), generator=g)
+    ids[:, 0], ids[:, 30], ids[:, 50:] = 1, 2, 0          # [CLS], [SEP], padding
+    ids[:, 10] = 3                                          # [UNK] is special too (ids <= 3)
+    masked, labels = jt.mlm_mask(ids, mask_id=999, prob=0.15, generator=g)
+    special = ids <= 3
+    assert (masked[special] == ids[special]).all() and (labels[special] == -100).all()
+    chosen = labels != -100
+    assert (labels[chosen] == ids[chosen]).all()
+    assert chosen.sum() / (~special).sum() == pytest.approx(0.15, abs=0.01)
+    n = chosen.sum().float()
+    to_mask = (masked == 999) & chosen
+    changed = (masked != ids) & (masked != 999) & chosen
+    assert to_mask.sum() / n == pytest.approx(0.8, abs=0.02)
+    assert changed.sum() / n == pytest.approx(0.1, abs=0.015)
+    assert ((masked[changed] >= 4) & (masked[changed] < 999)).all()
+    assert (masked[~chosen] == ids[~chosen]).all()
+
+
+def test_word_tokenizer(tmp_path):
+    texts = ["The 2.5 cm nodule, in the RIGHT lung!! ___ at T12.", "Right lung: nodule ___ 3 views... no effusion"]
+    tok = jt.build_word_tokenizer(texts, min_count=2)
+    vocab = tok.get_vocab()
+    assert [vocab[t] for t in ("[PAD]", "[CLS]", "[SEP]", "[UNK]")] == [0, 1, 2, 3]
+    assert vocab["[MASK]"] == len(vocab) - 1 == tok.mask_token_id
+    assert set(vocab) == {"[PAD]", "[CLS]", "[SEP]", "[UNK]", "[MASK]", "NUMBER", "right", "lung", "nodule", "___",
+                          "the"}
+    ids = tok(["Nodule 12 at t12 ___ (right)"], add_special_tokens=False)["input_ids"][0]
+    assert tok.convert_ids_to_tokens(ids) == ["nodule", "NUMBER", "[UNK]", "[UNK]", "___", "right"]
+    assert (tok.cls_token_id, tok.sep_token_id, tok.pad_token_id) == (1, 2, 0)
+    tok.save_pretrained(tmp_path)
+    again = jt.PreTrainedTokenizerFast.from_pretrained(tmp_path)
+    assert again(["Nodule 12 at t12 ___ (right)"], add_special_tokens=False)["input_ids"][0] == ids
+
+
+# ---- DDP: 2 gloo processes equal one process on the full batch (common.md 5.5) ----
+
+class TinyPair(torch.nn.Module):
+    """Two linear 'encoders': image inputs B x (1 + R) x 3 -> global + regions, text B x L x 5 -> [CLS] + words."""
+
+    def __init__(self):
+        super().__init__()
+        self.image, self.text = torch.nn.Linear(3, 4), torch.nn.Linear(5, 4)
+
+    def forward(self, x, y, lengths):
+        img, txt = self.image(x), self.text(y)
+        M = torch.arange(y.shape[1])[None] < lengths[:, None]
+        L = int(lengths.max())  # each rank trims its own padding: itm_losses pads back before gathering
+        return img[:, 0], img[:, 1:], txt[:, 0], txt[:, 1:L], M[:, 1:L]
+
+
+def _ddp_worker(rank, world, port, ref, inputs, state):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_default_dtype(torch.float64)
+    model = TinyPair()
+    model.load_state_dict(state)
+    ddp = torch.nn.parallel.DistributedDataParallel(model)  # averages the gradients over the ranks
+    x, y, lengths, neg = inputs
+    b = x.shape[0] // world
+    sl = slice(rank * b, (rank + 1) * b)
+    out = jt.itm_losses(*ddp(x[sl], y[sl], lengths[sl]), neg, CFG, pad_to=y.shape[1] - 1)
+    out["loss"].backward()
+    for k, want in ref["terms"].items():
+        got = out[k].detach().clone()
+        torch.distributed.all_reduce(got)
+        torch.testing.assert_close(got / world, want, rtol=1e-10, atol=1e-12)
+    for p, want in zip(model.parameters(), ref["grads"]):
+        torch.testing.assert_close(p.grad, want, rtol=1e-9, atol=1e-12)
+    torch.distributed.destroy_process_group()
+
+
+def test_ddp_gathered_losses_equal_full_batch():
+    torch.manual_seed(0)
+    dtype = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        model = TinyPair()
+        x, y = torch.randn(6, 7, 3), torch.randn(6, 6, 5)    # 6 pairs: 1 + 6 regions, [CLS] + 5 words
+        lengths = torch.tensor([6, 3, 5, 2, 4, 3])            # rank 1's longest report is shorter than rank 0's
+        neg = jt.sample_negatives(6, torch.Generator().manual_seed(1))
+        out = jt.itm_losses(*model(x, y, lengths), neg, CFG)
+        out["loss"].backward()
+        ref = dict(terms={k: v.detach() for k, v in out.items()}, grads=[p.grad.clone() for p in model.parameters()])
+        state = {k: v.clone() for k, v in model.state_dict().items()}
+    finally:
+        torch.set_default_dtype(dtype)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_ddp_worker, args=(2, port, ref, (x, y, lengths, neg), state), nprocs=2, join=True)
+
+
+# ---- the model end to end ----
+
+TINY = ["--image-size", "64", "--widths", "4", "4", "8", "8", "16", "16", "--dim", "64", "--bert-layers", "1",
+        "--batch-size", "8", "--eval-batch-size", "20", "--train-size", "48", "--eval-size", "20",
+        "--cls-train-size", "24", "--workers", "0", "--viz", "2", "--log-every", "1"]
+
+
+def test_presets_keep_the_papers_defaults():
+    paper = jt.common.parse_args(jt.Args, jt.PRESETS, ["--preset", "paper"])
+    assert paper == jt.Args(preset="paper") and paper.augment and paper.lr == 1e-4 and paper.p_mlm == 0.7
+    demo = jt.common.parse_args(jt.Args, jt.PRESETS, ["--preset", "demo"])
+    assert not demo.augment and demo.lr == 1e-3  # the demo's plain views (docstring deviations)
+
+
+def test_overfit_one_batch():
+    import data
+    cfg = jt.common.parse_args(jt.Args, jt.PRESETS, ["--preset", "demo", *TINY, "--dropout", "0"])
+    ds = data.make_dataset("synthetic", None, "train", 64, False, 0, 8)
+    samples = [ds[i] for i in range(8)]
+    tok = jt.build_word_tokenizer([s["text"] for s in samples], min_count=1)
+    batch = data.collate(samples, tok, 160)
+    torch.manual_seed(0)
+    model = jt.JoImTeRNet(cfg, len(tok))
+    opt = torch.optim.Adam(model.parameters(), lr=2e-3)
+    neg = jt.sample_negatives(8, torch.Generator().manual_seed(0))
+    first = None
+    for _ in range(80):
+        out = model(batch, neg=neg)
+        opt.zero_grad()
+        out["loss"].backward()
+        opt.step()
+        first = first if first is not None else out["loss"].item()
+    assert out["loss"].item() < 0.3 * first
+    with torch.no_grad():  # the batch's own pairs are retrieved (train-mode BN: the statistics it was fit with)
+        sim = model.encode_image(batch["images"]) @ model.encode_text(batch).T
+    assert (sim.argmax(1) == torch.arange(8)).float().mean() >= 0.75
+
+
+def test_main_three_steps_and_resume(tmp_path):
+    out = str(tmp_path / "run")
+    res = jt.main(["--preset", "demo", *TINY, "--out-dir", out, "--max-steps", "3"])
+    assert {"i2t_20/R@1", "t2i_20/R@10", "cls/Avg"} <= set(res["trained"]) and set(res) == {"untrained", "trained"}
+    ck = jt.common.load_checkpoint(os.path.join(out, "ckpt.pt"))
+    assert ck["step"] == 3 and ck["epoch"] == 1
+    enc = torch.load(os.path.join(out, "image_encoder.pt"), weights_only=True)
+    assert enc["arch"] == "joimternet-smallresnet" and enc["in_chans"] == 1
+    image = jt.ImageEncoder(64, (4, 4, 8, 8, 16, 16), stem_stride=1)
+    image.load_state_dict(enc["state_dict"])
+    image.eval()
+    assert image(torch.zeros(1, 1, 64, 64))["local_feats"].shape == (1, 4, 64)  # 2 x 2 regions at 64 px
+    text_dir = os.path.join(out, "text_encoder")
+    assert jt.BertModel.from_pretrained(text_dir).config.num_hidden_layers == 1
+    assert jt.PreTrainedTokenizerFast.from_pretrained(text_dir).mask_token_id == len(jt.PreTrainedTokenizerFast
+                                                                                      .from_pretrained(text_dir)) - 1
+    assert len([f for f in os.listdir(os.path.join(out, "viz")) if f.endswith(".png")]) == 4  # 2 x (untrained, trained)
+    with open(os.path.join(out, "metrics.csv")) as fh:
+        header = fh.readline()
+    assert "loss/total" in header and "loss/local_ce_i2t" in header
+    jt.main(["--preset", "demo", *TINY, "--out-dir", out, "--max-steps", "5", "--epochs", "2", "--resume"])
+    assert jt.common.load_checkpoint(os.path.join(out, "ckpt.pt"))["step"] == 5
