@@ -437,6 +437,10 @@ class SyntheticCXR(Dataset):
         labels[col["No Finding"]] = float(not findings)
         return labels
 
+    def report(self, index):
+        """The report's sentences (the generator draws them with the image, so this renders)."""
+        return self.render(index)["sentences"]
+
     def __getitem__(self, index):
         if not 0 <= index < self.size:
             raise IndexError(index)
@@ -522,6 +526,10 @@ class CsvPairs(Dataset):
 
     def __len__(self):
         return len(self.items)
+
+    def report(self, index):
+        """The report's sentences, without reading the image."""
+        return self.items[index]["sentences"]
 
     def __getitem__(self, index):
         it = self.items[index]
@@ -865,6 +873,10 @@ class MimicCXR(Dataset):
     def __len__(self):
         return len(self.samples)
 
+    def report(self, index):
+        """The study's sentences, without reading the image."""
+        return self.samples[index][0]["sentences"]
+
     def __getitem__(self, index):
         study, rows = self.samples[index]
         row = rows[torch.randint(len(rows), ()).item()]  # torch RNG: seeded per DataLoader worker
@@ -937,6 +949,15 @@ def bench_mimic(n_files=8, copies=4, size=256, crop=224):
             ds[i % len(ds)]["image"][:, top:top + crop, left:left + crop].contiguous()
         print(f"bench mimic cache read + random crop (1 core): {n / (time.process_time() - t):.0f} img/s")
         torch.set_num_threads(threads)
+
+
+def report_texts(ds, indices=None):
+    """Every report of a dataset (or of nested Subsets of one) as one string each, in order: what a tokenizer's
+    vocabulary is built from. Uses the datasets' report(index), so MIMIC and CSV images are never decoded."""
+    indices = range(len(ds)) if indices is None else indices
+    if isinstance(ds, torch.utils.data.Subset):
+        return report_texts(ds.dataset, [ds.indices[i] for i in indices])
+    return [" ".join(ds.report(i)) for i in indices]
 
 
 def make_dataset(name, root=None, split="train", image_size=224, train=True, seed=0, size=None):

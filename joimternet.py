@@ -479,15 +479,6 @@ def evaluate(model, loaders, tokenizer, mean, std, cfg, device, amp, tag):
     return res
 
 
-def report_texts(ds):
-    """All training reports, without loading images where the dataset allows it (MimicCXR keeps its studies)."""
-    base = ds.dataset if isinstance(ds, Subset) else ds
-    if hasattr(base, "samples") and isinstance(base.samples[0][0], dict):
-        studies = [base.samples[i][0] for i in (ds.indices if isinstance(ds, Subset) else range(len(base)))]
-        return [" ".join(s["sentences"]) for s in studies]
-    return [ds[i]["text"] for i in range(len(ds))]
-
-
 # ==== TRAINING ====
 
 def main(argv=None):
@@ -507,7 +498,7 @@ def main(argv=None):
 
     tok_dir = os.path.join(cfg.out_dir, "tokenizer")  # built from the training reports, identical on every rank
     tokenizer = PreTrainedTokenizerFast.from_pretrained(tok_dir) if cfg.resume and os.path.isdir(tok_dir) else \
-        build_word_tokenizer(report_texts(train_ds), cfg.min_word_count, cfg.max_length)
+        build_word_tokenizer(data.report_texts(train_ds), cfg.min_word_count, cfg.max_length)
     if ctx.is_main:
         tokenizer.save_pretrained(tok_dir)
     collate = functools.partial(data.collate, tokenizer=tokenizer, max_length=cfg.max_length)

@@ -339,7 +339,7 @@ def to_device(batch, device):
 def report_tokenizer(args, train_set):
     """Bio_ClinicalBERT's tokenizer, or (tiny / bert-base) a word-level vocabulary of the training reports."""
     if args.text_model in ("tiny", "bert-base"):
-        return data.build_tokenizer([train_set[i]["text"] for i in range(len(train_set))])
+        return data.build_tokenizer(data.report_texts(train_set))
     from transformers import AutoTokenizer
     try:
         return AutoTokenizer.from_pretrained(args.text_model)

@@ -304,6 +304,17 @@ def test_csv_pairs(tmp_path):
     assert test[0]["image"].shape == (1, 28, 28) and (test.mean, test.std) == (train.mean, train.std)
     assert math.isnan(test[0]["labels"][CHEXPERT_LABELS.index("Cardiomegaly")])
     assert len(data.make_dataset("csv", path, split=None, image_size=28)) == 2
+    everything = data.CsvPairs(path, image_size=28)
+    os.remove(os.path.join(os.path.dirname(path), "a.png"))  # report_texts never reads an image
+    assert data.report_texts(everything) == ["Heart is enlarged. No effusion.", "Normal."]
+
+
+def test_report_texts_follow_nested_subsets():
+    ds = data.SyntheticCXR("train", size=12, image_size=64)
+    inner = torch.utils.data.Subset(ds, [3, 5, 7, 9, 11])
+    outer = torch.utils.data.Subset(inner, [4, 0, 2])
+    assert data.report_texts(outer) == [ds[i]["text"] for i in (11, 3, 7)]
+    assert data.report_texts(ds) == [ds[i]["text"] for i in range(12)]
 
 
 def test_csv_pairs_errors(tmp_path):

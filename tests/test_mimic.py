@@ -279,6 +279,7 @@ def test_mimic_dataset_samples(cache):
     assert torch.isnan(ds[by_id["57000009"]]["labels"]).all()  # no CheXpert row: all blank
     ev = MimicCXR(cache, split="test", image_size=48, train=False)[0]
     assert ev["image"].shape == (1, 48, 48) and ev["study_id"] == "52000004"
+    assert mp.report_texts(ds) == [ds[i]["text"] for i in range(len(ds))]
 
 
 def test_mimic_random_view_and_pickling(cache):
