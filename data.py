@@ -130,9 +130,15 @@ def to_image_tensor(pixels, mean, std):
 
 def pixel_stats(images):
     """LoVT's scalar statistics in [0,1] units: mean of per-image means, variance = mean of per-image
-    variances + variance of the means (exact pooled variance for equal-sized images)."""
-    x = np.stack([np.asarray(a, np.float64) / 255.0 for a in images]).reshape(len(images), -1)
-    means, variances = x.mean(1), x.var(1)
+    variances + variance of the means (exact pooled variance for equal-sized images). images: a sequence or
+    array of uint8 H x W images, read in chunks (a float64 copy of RSNA at 224 px would be 6 GB)."""
+    means, variances = [], []
+    for i in range(0, len(images), 256):
+        x = np.stack([np.asarray(a, np.float64) for a in images[i:i + 256]])
+        x = x.reshape(len(x), -1) / 255.0
+        means.append(x.mean(1))
+        variances.append(x.var(1))
+    means, variances = np.concatenate(means), np.concatenate(variances)
     return float(means.mean()), float(math.sqrt(variances.mean() + means.var()))
 
 

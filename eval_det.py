@@ -62,8 +62,9 @@ from torchvision.models.detection.image_list import ImageList
 from torchvision.ops import FeaturePyramidNetwork
 from tqdm.auto import tqdm
 
+import data
 from eval_seg import (Batches, add_common_eval_args, extract_features, finetune_phase, load_encoders, load_splits,
-                      normalization_stats, print_table, resnet_stages, stage_channels, summarize, write_results)
+                      print_table, resnet_stages, stage_channels, summarize, write_results)
 
 IOU_THRESHOLDS = tuple(np.round(np.arange(0.40, 0.76, 0.05), 2).tolist())  # 0.40 ... 0.75, 8 values
 RECALL_POINTS = np.linspace(0.0, 1.0, 101)
@@ -238,7 +239,7 @@ def evaluate(model, backbone, batches, split, image_size, batch_size, num_classe
     return m
 
 
-def train_one(args, backbone, data, num_classes, seed):
+def train_one(args, backbone, task_data, num_classes, seed):
     """One run: train the detector (and the encoder after the warm-up when fine-tuning) with early stopping
     on the validation metric; return the test metrics of the best validation state."""
     torch.manual_seed(seed)
@@ -251,7 +252,7 @@ def train_one(args, backbone, data, num_classes, seed):
     params = list(model.parameters()) + (list(backbone.parameters()) if finetune else [])
     opt = torch.optim.Adam(params, lr=args.lr, weight_decay=1e-6)
     plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="min", factor=0.5, patience=3)
-    (train, val, test), (train_split, val_split, test_split) = data["batches"], data["splits"]
+    (train, val, test), (train_split, val_split, test_split) = task_data["batches"], task_data["splits"]
     gen = torch.Generator().manual_seed(seed)
     step, best, best_state, bad_epochs = 0, -1.0, None, 0
     bar = tqdm(range(args.epochs), desc=f"  seed {seed}", leave=False)
@@ -326,7 +327,7 @@ def main(argv=None):
               + (f", {d['skipped']} skipped" if d["skipped"] else ""))
         if n_boxes == 0 and s != "train":
             raise SystemExit(f"{args.dataset}: the {s} split has no boxes, so mAP is undefined (more data?)")
-    mean, std = normalization_stats(splits["train"]["images"])
+    mean, std = data.pixel_stats(splits["train"]["images"])
     print(f"train-split normalization: mean {mean:.4f}, std {std:.4f}; classes: {', '.join(classes)}")
 
     rows, mode = [], "finetune" if args.finetune else "frozen"
@@ -341,9 +342,9 @@ def main(argv=None):
             feats = {s: extract_features(backbone, splits[s]["images"], mean, std, [2, 3, 4], args.batch_size,
                                          args.device) for s in order}
             backbone.cpu()
-        data = dict(batches=[Batches(splits[s], mean, std, args.device, feats[s]) for s in order],
+        task_data = dict(batches=[Batches(splits[s], mean, std, args.device, feats[s]) for s in order],
                     splits=[splits[s] for s in order])
-        runs = [train_one(args, backbone, data, len(classes), seed)
+        runs = [train_one(args, backbone, task_data, len(classes), seed)
                 for seed in tqdm(range(args.seeds), desc=f"{name} {mode}")]
         row = dict(encoder=name, method=meta.get("method", ""), mode=mode, lr=args.lr,
                    map=[r["map"] for r in runs], map50=[r["map50"] for r in runs],

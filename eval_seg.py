@@ -164,19 +164,6 @@ def stage_channels(backbone):
     return [backbone.conv1.out_channels] + [out(getattr(backbone, f"layer{i}")) for i in range(1, 5)]
 
 
-def normalization_stats(train_images):
-    """Dataset-level scalar (mean, std) in [0, 1] pixel units over the whole training split
-    (uint8 N×S×S). LoVT normalises every encoder, the baselines included, with these."""
-    train_images = torch.as_tensor(train_images)
-    total = total_sq = 0.0
-    for i in range(0, len(train_images), 256):  # chunks: a float64 copy of RSNA at 224 px would be 6 GB
-        x = train_images[i:i + 256].double() / 255.0
-        total, total_sq = total + x.sum().item(), total_sq + x.square().sum().item()
-    n = train_images.numel()
-    mean = total / n
-    return mean, math.sqrt(max(total_sq / n - mean * mean, 0.0))
-
-
 def normalize(images, mean, std):
     """uint8 B×S×S -> float32 B×1×S×S normalized input."""
     return ((images.float() / 255.0 - mean) / std).unsqueeze(1)
@@ -522,7 +509,7 @@ def main(argv=None):
     splits, classes = load_splits(args, image_size, task="seg")
     for s, d in splits.items():
         print(f"{args.dataset} {s}: {len(d['images'])} images" + (f", {d['skipped']} skipped" if d["skipped"] else ""))
-    mean, std = normalization_stats(splits["train"]["images"])
+    mean, std = data.pixel_stats(splits["train"]["images"])
     print(f"train-split normalization: mean {mean:.4f}, std {std:.4f}; classes: {', '.join(classes)}")
 
     rows = []

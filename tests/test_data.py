@@ -339,3 +339,12 @@ def test_make_dataset_synthetic_and_demo(tmp_path, capsys):
         data.make_dataset("nope")
     data.main(["demo", "--out", str(tmp_path), "--n", "2", "--image-size", "64"])
     assert os.path.isfile(tmp_path / "synthetic_demo.png") and "image 1" in capsys.readouterr().out
+
+
+def test_pixel_stats_pooled_over_chunks():
+    images = torch.randint(0, 256, (600, 16, 24), dtype=torch.uint8)  # more than one chunk of 256
+    pooled = images.double() / 255.0
+    mean, std = data.pixel_stats(images)
+    assert math.isclose(mean, pooled.mean().item(), rel_tol=1e-12)
+    assert math.isclose(std, pooled.std(unbiased=False).item(), rel_tol=1e-12)
+    assert data.pixel_stats(list(images.numpy())) == (mean, std)
