@@ -14,8 +14,8 @@ Datasets: SyntheticCXR (built in, offline, with masks and boxes), CsvPairs (imag
 IU X-ray, CheXpert Plus, own data), MimicCXR (the MIMIC-CXR section below). make_dataset() is the entry point.
 
 CLI:  python data.py demo --out DIR      a few synthetic reports and a PNG grid with mask outlines
-      python data.py bench               images/s of the generator, BatchAugment and collate
       python data.py prepare-mimic ...   the MIMIC-CXR cache (resumable, validated)
+Throughput benchmarks (generator, BatchAugment, collate, prepare-mimic): python tests/bench_data.py.
 """
 import argparse
 import bisect
@@ -28,7 +28,6 @@ import random
 import re
 import sys
 import tempfile
-import time
 import warnings
 import zlib
 from collections import Counter
@@ -897,66 +896,6 @@ class MimicCXR(Dataset):
                     text=" ".join(study["sentences"]), labels=labels, study_id=study["study_id"])
 
 
-def _fake_radiograph(rng, h=3056, w=2544):
-    """MIMIC-sized 8-bit 'radiograph': two lung-like blobs, rib-like stripes, sigma-2 noise (~1.5 MB at q95)."""
-    y = np.arange(h, dtype=np.float32)[:, None] / max(h, w)  # h x 1, broadcast against
-    x = np.arange(w, dtype=np.float32)[None, :] / max(h, w)  # 1 x w
-    img = np.full((h, w), 90, np.float32)
-    for cx in rng.uniform(0.2, 0.35), rng.uniform(0.6, 0.75):
-        img += 70 * np.exp(-((x - cx) / 0.12) ** 2 - ((y - 0.6) / 0.3) ** 2)
-    img += 20 * np.sin(y * rng.uniform(60, 90)) * (np.abs(x - 0.42) > 0.06)
-    img += rng.normal(0, 2, (h, w)).astype(np.float32)
-    return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
-
-
-def bench_mimic(n_files=8, copies=4, size=256, crop=224):
-    """`python data.py bench`: prepare-mimic decode cost and cache read speed, on generated MIMIC-sized JPEGs."""
-    with tempfile.TemporaryDirectory() as tmp:
-        tmp, rng = Path(tmp), np.random.default_rng(0)
-        sources = [tmp / f"{i}.jpg" for i in range(n_files)]
-        for path in sources:
-            _fake_radiograph(rng).save(path, quality=95)
-        mb = np.mean([p.stat().st_size for p in sources]) / 1e6
-        # (b1) full-size decode + BOX resize vs DCT-scaled (draft) decode + BOX resize; best of two rounds, in CPU
-        # time (images per second of one core, robust to other processes on the machine)
-        rates = {False: 0, True: 0}
-        for draft in (False, True, False, True):
-            t = time.process_time()
-            for path in sources:
-                load_cxr(path, size, draft=draft)
-            rates[draft] = max(rates[draft], n_files / (time.process_time() - t))
-        print(f"bench mimic decode ({mb:.2f} MB JPEGs -> {size}px, 1 core): full {rates[False]:.1f} img/s, "
-              f"draft {rates[True]:.1f} img/s, speed-up x{rates[True] / rates[False]:.2f}")
-        # (b2) prepare-mimic end to end on a MIMIC tree of n_files x copies one-image studies (hard links)
-        root, ids = tmp / "mimic", [(f"{k:08x}", f"5{k:07d}", f"1{k:07d}") for k in range(n_files * copies)]
-        for k, (dicom, study, subject) in enumerate(ids):
-            folder = root / f"files/p{subject[:2]}/p{subject}"
-            (folder / f"s{study}").mkdir(parents=True)
-            os.link(sources[k % n_files], folder / f"s{study}" / f"{dicom}.jpg")
-            (folder / f"s{study}.txt").write_text("FINAL REPORT\n FINDINGS: \n \n Heart size is normal.  Lungs are"
-                                                  " clear.\n \n IMPRESSION: \n \n No acute process.\n")
-        for name, column, value in (("split", "split", "train"), ("metadata", "ViewPosition", "PA")):
-            lines = [f"dicom_id,study_id,subject_id,{column}"] + [f"{d},{st},{su},{value}" for d, st, su in ids]
-            (root / f"mimic-cxr-2.0.0-{name}.csv").write_text("\n".join(lines) + "\n")  # read by column name
-        (root / "mimic-cxr-2.0.0-chexpert.csv").write_text("subject_id,study_id," + ",".join(CHEXPERT_LABELS) + "\n")
-        for workers in (1, 2):  # wall clock shows the scaling; CPU seconds (own + workers') the cost per core
-            t, cpu = time.perf_counter(), sum(os.times()[:4])
-            prepare_mimic(root, tmp / f"cache{workers}", size=size, workers=workers, chunk_size=4)
-            t, cpu = time.perf_counter() - t, sum(os.times()[:4]) - cpu
-            print(f"bench mimic prepare workers={workers}: {len(ids) / t:.1f} img/s wall, "
-                  f"{len(ids) / cpu:.1f} img/s per CPU-second")
-        # (a) the training read path: a MimicCXR sample + a random crop (BatchAugment crops on the device; here on
-        # the CPU), one thread as in a DataLoader worker
-        ds, n, threads = MimicCXR(tmp / "cache1", image_size=crop, train=True), 3000, torch.get_num_threads()
-        torch.set_num_threads(1)
-        t = time.process_time()
-        for i in range(n):
-            top, left = torch.randint(size - crop + 1, (2,)).tolist()
-            ds[i % len(ds)]["image"][:, top:top + crop, left:left + crop].contiguous()
-        print(f"bench mimic cache read + random crop (1 core): {n / (time.process_time() - t):.0f} img/s")
-        torch.set_num_threads(threads)
-
-
 def report_texts(ds, indices=None):
     """Every report of a dataset (or of nested Subsets of one) as one string each, in order: what a tokenizer's
     vocabulary is built from. Uses the datasets' report(index), so MIMIC and CSV images are never decoded."""
@@ -1738,7 +1677,7 @@ def take_fraction(records, fraction, seed=0):
     return [records[i] for i in keep]
 
 
-# -------------------- CLI: demo, bench, prepare-mimic -------------------------------------------------
+# -------------------- CLI: demo, prepare-mimic -------------------------------------------------------
 _OUTLINE_COLORS = ((255, 80, 80), (255, 220, 0), (80, 160, 255), (0, 230, 120), (230, 80, 255))
 
 
@@ -1768,38 +1707,6 @@ def demo(out, n=8, image_size=256, seed=0):
     print("wrote", path)
 
 
-def _rate(fn, n_items, min_seconds=1.0):
-    """Items per second of CPU time for fn() (CPU time, not wall time: robust to a busy machine)."""
-    fn()
-    calls, start = 0, time.process_time()
-    while time.process_time() - start < min_seconds:
-        fn()
-        calls += 1
-    return calls * n_items / (time.process_time() - start)
-
-
-def bench():
-    """Throughput on one CPU thread (images/s of CPU time)."""
-    torch.set_num_threads(1)
-    ds = SyntheticCXR("train", size=10_000, image_size=128)
-    counter = iter(range(10**9))
-    print(f"synthetic render 128 px        {_rate(lambda: ds.render(next(counter)), 1):8.0f} images/s")
-    print(f"synthetic __getitem__ 128 px   {_rate(lambda: ds[next(counter) % len(ds)], 1):8.0f} images/s")
-    images = torch.randn(64, 1, train_native_size(224), train_native_size(224))
-    aug = BatchAugment(224, 0.5, 0.25)
-    with torch.no_grad():
-        print(f"BatchAugment 256 -> 224 px     {_rate(lambda: aug(images), len(images)):8.0f} images/s")
-
-    def random_crop():  # MGCA's RandomCrop(224) from the 256-px cache, per sample: the cheapest baseline
-        top, left = torch.randint(0, 33, (2, len(images))).tolist()
-        return torch.stack([im[:, t:t + 224, l:l + 224] for im, t, l in zip(images, top, left)])
-    print(f"random crop only 256 -> 224    {_rate(random_crop, len(images)):8.0f} images/s")
-    samples = [ds[i] for i in range(64)]
-    tokenizer = build_tokenizer([" ".join(ds.render(i)["sentences"]) for i in range(200)])
-    print(f"collate + tokenize (batch 64)  {_rate(lambda: collate(samples, tokenizer), len(samples)):8.0f} samples/s")
-    bench_mimic()
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -1809,8 +1716,6 @@ def main(argv=None):
     p.add_argument("--image-size", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=lambda a: demo(a.out, a.n, a.image_size, a.seed))
-    sub.add_parser("bench", help="images/s of the generator, BatchAugment and collate").set_defaults(
-        func=lambda a: bench())
     add_mimic_commands(sub)  # registers prepare-mimic (sets `func`)
     args = parser.parse_args(argv)
     args.func(args)
