@@ -108,15 +108,15 @@ def load_grayscale(path, min_size=None):
     return img.convert("L")
 
 
-def square_resize(img, size):
-    """Resize the longer side to `size` (area averaging when shrinking) and zero-pad centred to size x size.
-    Same result as pad-then-resize up to rounding, but cheaper on full-size films. Returns uint8 H x W."""
+def square_resize(img, image_size):
+    """Resize the longer side to `image_size` (area averaging when shrinking) and zero-pad centred to a square.
+    Same result as pad-then-resize up to rounding, but cheaper on full-size films. Returns uint8 S x S."""
     w, h = img.size
-    s = size / max(w, h)
+    s = image_size / max(w, h)
     nw, nh = max(1, round(w * s)), max(1, round(h * s))
     img = img.resize((nw, nh), Image.BOX if s < 1 else Image.BICUBIC)
-    out = np.zeros((size, size), np.uint8)
-    top, left = (size - nh) // 2, (size - nw) // 2
+    out = np.zeros((image_size, image_size), np.uint8)
+    top, left = (image_size - nh) // 2, (image_size - nw) // 2
     out[top:top + nh, left:left + nw] = np.asarray(img)
     return out
 
@@ -143,7 +143,7 @@ def pixel_stats(images):
 
 # -------------------- Synthetic chest X-rays with reports, labels, masks and boxes --------------------
 _SPLIT_IDS = {"train": 0, "validate": 1, "test": 2}
-_DEFAULT_SIZES = {"train": 4000, "validate": 500, "test": 500}
+_DEFAULT_NUM_SAMPLES = {"train": 4000, "validate": 500, "test": 500}
 _CM_PER_UNIT = 17.0  # the canonical frame spans 2 units = a 34 cm wide film; used for nodule sizes in cm
 
 # Phrasings. {side} = "right"/"left", {zone} e.g. "lower lobe", {size} a severity word, {noun} the opacity word.
@@ -273,16 +273,16 @@ class SyntheticCXR(Dataset):
     """
     mean, std = 0.2398, 0.1526
 
-    def __init__(self, split="train", size=None, image_size=128, seed=0, train=False, hflip=0.0):
+    def __init__(self, split="train", num_samples=None, image_size=128, seed=0, train=False, hflip=0.0):
         if split not in _SPLIT_IDS:
             raise ValueError(f"split must be one of {list(_SPLIT_IDS)}, got {split!r}")
         if image_size < 64:
             raise ValueError(f"image_size must be >= 64, got {image_size}")
         self.split, self.image_size, self.seed, self.train, self.hflip = split, image_size, seed, train, hflip
-        self.size = _DEFAULT_SIZES[split] if size is None else size
+        self.num_samples = _DEFAULT_NUM_SAMPLES[split] if num_samples is None else num_samples
 
     def __len__(self):
-        return self.size
+        return self.num_samples
 
     def render(self, index):
         """The sample as numpy arrays: pixels uint8 H x W, masks bool T x H x W, boxes float32 N x 4
@@ -447,7 +447,7 @@ class SyntheticCXR(Dataset):
         return self.render(index)["sentences"]
 
     def __getitem__(self, index):
-        if not 0 <= index < self.size:
+        if not 0 <= index < self.num_samples:
             raise IndexError(index)
         r = self.render(index)
         pixels, masks, boxes, sentences = r["pixels"], r["masks"], r["boxes"], r["sentences"]
@@ -477,7 +477,7 @@ class CsvPairs(Dataset):
     """
 
     def __init__(self, csv_path, split=None, image_size=224, train=True, image_col="image", text_col="report",
-                 split_col="split", mean=None, std=None, size=None):
+                 split_col="split", mean=None, std=None, num_samples=None):
         self.csv_path, self.image_size, self.train = csv_path, image_size, train
         self.native_size = train_native_size(image_size) if train else image_size
         root = os.path.dirname(os.path.abspath(csv_path))
@@ -515,17 +515,17 @@ class CsvPairs(Dataset):
                         raise ValueError(f"{where}: label {c!r} is not a number: {r[c]!r}") from None
             self.items.append(dict(path=path, where=where, sentences=sentences, labels=labels,
                                    study_id=r.get("study_id") or r[image_col]))
-        if size is not None:
-            self.items = self.items[:size]
+        if num_samples is not None:
+            self.items = self.items[:num_samples]
         if mean is None or std is None:
             sample = train_paths[:: max(1, len(train_paths) // 64)][:64] or [it["path"] for it in self.items[:64]]
             mean, std = pixel_stats([self._read(p, p, image_size) for p in sample])
         self.mean, self.std = float(mean), float(std)
 
     @staticmethod
-    def _read(path, where, size):
+    def _read(path, where, image_size):
         try:
-            return square_resize(load_grayscale(path, min_size=size), size)
+            return square_resize(load_grayscale(path, min_size=image_size), image_size)
         except (OSError, ValueError) as e:  # PIL raises OSError (UnidentifiedImageError) for bad files
             raise ValueError(f"{where}: cannot read image {path}: {e}") from e
 
@@ -547,13 +547,13 @@ class CsvPairs(Dataset):
 # ==== MIMIC-CXR: report sections, the small-resolution cache (prepare-mimic), MimicCXR ====
 # MIMIC-CXR-JPG 2.0.0 + MIMIC-CXR 2.0.0 reports (formats.md §1, common.md §3, lovt.md §4).
 #
-# `python data.py prepare-mimic --root ROOT --out CACHE [--reports DIR] [--size 256] [--workers N]` decodes every
+# `python data.py prepare-mimic --root ROOT --out CACHE [--reports DIR] [--image-size 256] [--workers N]` decodes every
 # frontal (PA/AP) JPEG once and writes CACHE/
 #     images.bin      uint8 np.memmap, N x S x S (nanoGPT style: zero decode cost when training)
 #     manifest.csv    row,subject_id,study_id,dicom_id,split,view,height,width,x0,y0,x1,y1 (original size, content box)
 #     studies.jsonl   one kept study per line: ids, split, memmap rows, sentences (findings then impression), the
 #                     stripped findings and impression texts, 14 CheXpert labels (CHEXPERT_LABELS order, null = blank)
-#     meta.json       size, counts, crc32 of images.bin, per-split pixel mean/std over the content boxes (LoVT's
+#     meta.json       image_size, counts, crc32 of images.bin, per-split pixel mean/std over the content boxes (LoVT's
 #                     rule: mean of image means; variance = mean of image variances + variance of the means; [0, 1])
 #     rejected.csv    path,reason for every image and report refused (never replaced by zeros): missing/empty/
 #                     unreadable (incl. truncated)/constant image, missing/unreadable report, custom_rule_study,
@@ -639,20 +639,20 @@ def report_sentences(text):
 
 
 # --- image decoding -------------------------------------------------------------------------------------------------
-def load_cxr(path, size, draft=True):
-    """JPEG -> (size x size uint8 square, (height, width) of the original, content box (x0, y0, x1, y1)).
+def load_cxr(path, image_size, draft=True):
+    """JPEG -> (S x S uint8 square, S = image_size, (height, width) of the original, content box (x0, y0, x1, y1)).
 
     draft=True decodes at a reduced DCT scale (data.load_grayscale). Raises OSError / ValueError on unreadable or
     truncated files: the conversion forces the full decode, and Pillow's default ImageFile.LOAD_TRUNCATED_IMAGES =
     False makes a truncated stream an error instead of grey rows."""
     with Image.open(path) as img:  # reads the header only: the original size for the manifest
         w0, h0 = img.size
-    img = load_grayscale(path, min_size=size if draft else None)
+    img = load_grayscale(path, min_size=image_size if draft else None)
     w, h = img.size
-    scale = size / max(w, h)  # where square_resize places the content
+    scale = image_size / max(w, h)  # where square_resize places the content
     box_w, box_h = max(1, round(w * scale)), max(1, round(h * scale))
-    x0, y0 = (size - box_w) // 2, (size - box_h) // 2
-    return square_resize(img, size), (h0, w0), (x0, y0, x0 + box_w, y0 + box_h)
+    x0, y0 = (image_size - box_w) // 2, (image_size - box_h) // 2
+    return square_resize(img, image_size), (h0, w0), (x0, y0, x0 + box_w, y0 + box_h)
 
 
 def _read_report(path, study_id):
@@ -674,13 +674,13 @@ def _read_report(path, study_id):
                 impression=sections.get("impression", "").strip()), None
 
 
-def _prepare_study(study, size):
+def _prepare_study(study, image_size):
     """Worker: validate the report, then decode each frontal image -> dict of results (plain, picklable)."""
     report, reason = _read_report(study["report"], study["study_id"])
     images = []
     for dicom_id, view, path in study["images"] if reason is None else []:
         try:
-            square, hw, box = load_cxr(path, size)
+            square, hw, box = load_cxr(path, image_size)
             x0, y0, x1, y1 = box
             content = square[y0:y1, x0:x1] / 255.0
             bad = "constant_image" if content.min() == content.max() else None
@@ -694,8 +694,8 @@ def _prepare_study(study, size):
     return dict(report=report, reason=reason, images=images)
 
 
-def _prepare_chunk(studies, size):
-    return [_prepare_study(s, size) for s in studies]
+def _prepare_chunk(studies, image_size):
+    return [_prepare_study(s, image_size) for s in studies]
 
 
 # --- prepare-mimic --------------------------------------------------------------------------------------------------
@@ -735,7 +735,7 @@ def _save_state(path, state):
     os.replace(tmp, path)  # atomic: a crash leaves the old state or the new one, never half of one
 
 
-def prepare_mimic(root, out, reports=None, size=256, workers=1, chunk_size=64):
+def prepare_mimic(root, out, reports=None, image_size=256, workers=1, chunk_size=64):
     """Build (or resume) the cache described in the section docstring; returns meta.json's dict."""
     root, out = Path(root), Path(out)
     reports = Path(reports) if reports else root
@@ -748,26 +748,27 @@ def prepare_mimic(root, out, reports=None, size=256, workers=1, chunk_size=64):
     texts = {"manifest": out / "manifest.csv", "studies": out / "studies.jsonl", "rejected": out / "rejected.csv"}
     state_path, bin_path = out / "state.json", out / "images.bin"
     ids = [[s["study_id"], [dicom_id for dicom_id, _, _ in s["images"]]] for s in studies]
-    fingerprint = zlib.crc32(json.dumps([size, ids]).encode())  # what the fixed row order depends on
+    fingerprint = zlib.crc32(json.dumps([image_size, ids]).encode())  # what the fixed row order depends on
     if state_path.exists():
         state = json.loads(state_path.read_text())
         if state["fingerprint"] != fingerprint:
-            raise SystemExit(f"{out} holds a cache of other data or another --size; choose a new --out")
+            raise SystemExit(f"{out} holds a cache of other data or another --image-size; choose a new --out")
         for key, path in texts.items():  # drop whatever a killed run appended after its last saved chunk
             os.truncate(path, state["offsets"][key])
     else:
         texts["manifest"].write_text("row,subject_id,study_id,dicom_id,split,view,height,width,x0,y0,x1,y1\n")
         texts["studies"].write_text("")
         texts["rejected"].write_text("path,reason\n")
-        np.memmap(bin_path, np.uint8, "w+", shape=(n_images, size, size)).flush()  # upper bound, cut at the end
-        state = dict(fingerprint=fingerprint, size=size, next_study=0, next_row=0, kept_studies=0, crc32=0, rejected={},
-                     stats={}, offsets={k: p.stat().st_size for k, p in texts.items()}, done=False)
+        shape = (n_images, image_size, image_size)  # an upper bound, cut at the end
+        np.memmap(bin_path, np.uint8, "w+", shape=shape).flush()
+        state = dict(fingerprint=fingerprint, image_size=image_size, next_study=0, next_row=0, kept_studies=0, crc32=0,
+                     rejected={}, stats={}, offsets={k: p.stat().st_size for k, p in texts.items()}, done=False)
         _save_state(state_path, state)
     start = state["next_study"]
     if start < len(studies):
-        images = np.memmap(bin_path, np.uint8, "r+", shape=(n_images, size, size))
+        images = np.memmap(bin_path, np.uint8, "r+", shape=(n_images, image_size, image_size))
         chunks = [studies[i:i + chunk_size] for i in range(start, len(studies), chunk_size)]
-        work = partial(_prepare_chunk, size=size)
+        work = partial(_prepare_chunk, image_size=image_size)
         pool = Pool(workers) if workers > 1 else None
         done = sum(len(s["images"]) for s in studies[:start])
         bar = tqdm(total=n_images, initial=done, unit="img", desc="prepare-mimic", smoothing=0.1)  # shows img/s
@@ -790,12 +791,12 @@ def prepare_mimic(root, out, reports=None, size=256, workers=1, chunk_size=64):
                 pool.terminate()
         del images
     if not state["done"]:
-        os.truncate(bin_path, state["next_row"] * size * size)  # the memmap keeps only the rows written
+        os.truncate(bin_path, state["next_row"] * image_size * image_size)  # the memmap keeps only the rows written
         stats = {}
         for split, (n, sum_mean, sum_var, sum_mean_sq) in sorted(state["stats"].items()):
             mean = sum_mean / n  # LoVT: mean of image means; variance = mean of variances + variance of means
             stats[split] = dict(n_images=n, mean=mean, std=math.sqrt(sum_var / n + max(sum_mean_sq / n - mean**2, 0)))
-        meta = dict(size=size, n_images=state["next_row"], n_studies=state["kept_studies"],
+        meta = dict(image_size=image_size, n_images=state["next_row"], n_studies=state["kept_studies"],
                     non_frontal_skipped=non_frontal, rejected=dict(sorted(state["rejected"].items())),
                     crc32=state["crc32"], stats=stats)
         (out / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
@@ -849,9 +850,9 @@ def add_mimic_commands(subparsers):
     p.add_argument("--root", required=True, help="mimic-cxr-jpg/2.0.0: the split/metadata/chexpert CSVs and files/")
     p.add_argument("--out", required=True, help="cache folder (rerun with the same --out to resume)")
     p.add_argument("--reports", default=None, help="folder holding files/pXX/pSUBJECT/sSTUDY.txt (default: --root)")
-    p.add_argument("--size", type=int, default=256, help="side S of the cached S x S squares")
+    p.add_argument("--image-size", type=int, default=256, help="side S of the cached S x S squares")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="decoding processes")
-    p.set_defaults(func=lambda a: prepare_mimic(a.root, a.out, a.reports, a.size, a.workers))
+    p.set_defaults(func=lambda a: prepare_mimic(a.root, a.out, a.reports, a.image_size, a.workers))
 
 
 class MimicCXR(Dataset):
@@ -864,7 +865,7 @@ class MimicCXR(Dataset):
     def __init__(self, cache_dir, split="train", image_size=224, train=True, one_image_per_study=True):
         self.cache_dir, self.image_size, self.train = Path(cache_dir), image_size, train
         meta = json.loads((self.cache_dir / "meta.json").read_text())
-        self.size, self.n_images = meta["size"], meta["n_images"]
+        self.cache_size, self.n_images = meta["image_size"], meta["n_images"]
         self.mean, self.std = meta["stats"]["train"]["mean"], meta["stats"]["train"]["std"]
         with open(self.cache_dir / "studies.jsonl") as f:
             studies = [s for s in map(json.loads, f) if s["split"] == split]
@@ -887,9 +888,9 @@ class MimicCXR(Dataset):
         row = rows[torch.randint(len(rows), ()).item()]  # torch RNG: seeded per DataLoader worker
         if self._images is None:
             self._images = np.memmap(self.cache_dir / "images.bin", np.uint8, "r",
-                                     shape=(self.n_images, self.size, self.size))
+                                     shape=(self.n_images, self.cache_size, self.cache_size))
         pixels = np.array(self._images[row])  # S x S uint8, copied out of the read-only map
-        if not self.train and self.image_size != self.size:
+        if not self.train and self.image_size != self.cache_size:
             pixels = square_resize(Image.fromarray(pixels), self.image_size)
         labels = torch.tensor([math.nan if v is None else v for v in study["labels"]], dtype=torch.float32)
         return dict(image=to_image_tensor(pixels, self.mean, self.std), sentences=list(study["sentences"]),
@@ -905,17 +906,17 @@ def report_texts(ds, indices=None):
     return [" ".join(ds.report(i)) for i in indices]
 
 
-def make_dataset(name, root=None, split="train", image_size=224, train=True, seed=0, size=None):
+def make_dataset(name, root=None, split="train", image_size=224, train=True, seed=0, num_samples=None):
     """The one entry point the methods call. name: "synthetic" | "mimic" (root = the prepare-mimic cache
-    folder) | "csv" (root = the CSV file). size: number of samples (synthetic) or the first `size` ones."""
+    folder) | "csv" (root = the CSV file). num_samples: how many samples (synthetic), else the first ones."""
     if name == "synthetic":
-        return SyntheticCXR(split=split, size=size, image_size=image_size, seed=seed, train=train)
+        return SyntheticCXR(split=split, num_samples=num_samples, image_size=image_size, seed=seed, train=train)
     if name == "csv":
-        return CsvPairs(root, split=split, image_size=image_size, train=train, size=size)
+        return CsvPairs(root, split=split, image_size=image_size, train=train, num_samples=num_samples)
     if name == "mimic":
         ds = MimicCXR(root, split=split, image_size=image_size, train=train)
-        if size is not None and size < len(ds):
-            subset = torch.utils.data.Subset(ds, range(size))
+        if num_samples is not None and num_samples < len(ds):
+            subset = torch.utils.data.Subset(ds, range(num_samples))
             subset.mean, subset.std = ds.mean, ds.std
             return subset
         return ds
@@ -1131,8 +1132,8 @@ def build_tokenizer(texts, min_freq=1):
 # Downstream datasets (segmentation / detection): readers for RSNA, SIIM, COVID rural, Object-CXR, NIH,
 # a plain folder, and the synthetic set. Formats: specs/formats.md §3-7; protocol: specs/lovt.md §5.
 #
-#   read_records(name, root, task="seg"|"det", skip_bad=False, size=None) -> (records, classes)
-#   load_record(rec, size) -> dict(image uint8 S x S, mask bool C x S x S, boxes float32 N x 4, box_labels)
+#   read_records(name, root, task="seg"|"det", skip_bad=False, num_samples=None) -> (records, classes)
+#   load_record(rec, image_size) -> dict(image uint8 S x S, mask bool C x S x S, boxes float32 N x 4, box_labels)
 #   split_records(records, split_csv=None, seed=0, ratios=(0.6, 0.2, 0.2)) -> {"train","validate","test"}
 #   take_fraction(records, fraction, seed=0) -> records   (1 % / 10 % / 100 % training subsets)
 #   rle_decode(rle, h, w) / rle_encode(mask)            (SIIM relative, column-major RLE)
@@ -1147,7 +1148,7 @@ def build_tokenizer(texts, min_freq=1):
 #     rle     list of (where, rle string) OR-ed into channel 0 (SIIM)
 #     mask_path  a single-channel image, nonzero = foreground, same size as the image (COVID rural, folder)
 #     shapes  list of (type, coords) drawn into channel 0 (Object-CXR: 0 rectangle, 1 ellipse, 2 polygon)
-#     synthetic  (split, index, n): rendered by SyntheticCXR(split, size=n)
+#     synthetic  (split, index, n): rendered by SyntheticCXR(split, num_samples=n)
 #     nothing else: the boxes are filled, one channel per class (RSNA, NIH, boxes CSV)
 #   split     only where the dataset fixes it (synthetic; Object-CXR dev = test), else absent
 #
@@ -1220,7 +1221,7 @@ def _pydicom():
     return pydicom
 
 
-def image_size(path):
+def image_shape(path):
     """(height, width) from the file header only."""
     try:
         if path.lower().endswith(".dcm"):
@@ -1305,12 +1306,12 @@ class _Collector:
 
 # ---- one reader per dataset: each returns records (without sizes) and class names ------------------------
 
-def _read_synthetic(size):
-    """SyntheticCXR's own train/validate/test parts (60/20/20 of size); record boxes at its 128 px default,
+def _read_synthetic(num_samples):
+    """SyntheticCXR's own train/validate/test parts (60/20/20 of num_samples); record boxes at its 128 px default,
     load_record renders at the requested size (the scene is drawn in resolution-free coordinates)."""
-    size = size or 500
-    counts = dict(train=round(0.6 * size), validate=round(0.2 * size))
-    counts["test"] = max(size - counts["train"] - counts["validate"], 1)
+    num_samples = num_samples or 500
+    counts = dict(train=round(0.6 * num_samples), validate=round(0.2 * num_samples))
+    counts["test"] = max(num_samples - counts["train"] - counts["validate"], 1)
     records = []
     for split, n in counts.items():
         for i in range(n):
@@ -1323,7 +1324,7 @@ def _read_synthetic(size):
 
 @lru_cache(maxsize=8)
 def _synthetic(split, n, image_size):
-    return SyntheticCXR(split=split, size=n, image_size=image_size, seed=0)
+    return SyntheticCXR(split=split, num_samples=n, image_size=image_size, seed=0)
 
 
 def _read_rsna(root, task, bad):
@@ -1476,11 +1477,11 @@ def _read_folder(root, task, bad):
     return [_record(stem, images.get(stem), b, l, patient=None) for stem, (b, l) in per_image.items()], classes
 
 
-def read_records(name, root, task="seg", skip_bad=False, size=None):
+def read_records(name, root, task="seg", skip_bad=False, num_samples=None):
     """Read a downstream dataset -> (records, class names). Every record is checked against its image
     header (missing / unreadable image, mask of another size, RLE past the image, box outside the image
     beyond 1 px): the first problem raises a BadRecord naming the file and row, or with skip_bad=True
-    all bad records are skipped and their count is printed. size: number of synthetic images
+    all bad records are skipped and their count is printed. num_samples: number of synthetic images
     (60/20/20 over SyntheticCXR's train/validate/test parts); root: the dataset folder (unused for synthetic)."""
     if name not in DOWNSTREAM_DATASETS:
         raise ValueError(f"unknown dataset {name!r}; choose from {DOWNSTREAM_DATASETS}")
@@ -1488,7 +1489,7 @@ def read_records(name, root, task="seg", skip_bad=False, size=None):
         raise ValueError(f"task must be 'seg' or 'det', not {task!r}")
     bad = _Collector(name, skip_bad)
     if name == "synthetic":
-        return _read_synthetic(size)
+        return _read_synthetic(num_samples)
     if not root or not os.path.exists(root):
         raise FileNotFoundError(f"{name}: data root {root!r} does not exist")
     reader = {"rsna": _read_rsna, "siim": _read_siim, "covid-rural": _read_covid_rural,
@@ -1507,14 +1508,14 @@ def _check(rec):
     """Fill in height/width from the image header and validate everything that depends on them."""
     if rec["path"] is None or not os.path.exists(rec["path"]):
         raise BadRecord(f"image {rec['id']!r}: missing image file (looked for {'/'.join(IMAGE_EXTS)})")
-    h, w = image_size(rec["path"])
+    h, w = image_shape(rec["path"])
     for where, rle in rec.get("rle", ()):
         try:
             rle_decode(rle, h, w)
         except (BadRecord, ValueError) as e:
             raise BadRecord(f"{where} ({rec['path']}): {e}") from None
     if rec.get("mask_path"):
-        mh, mw = image_size(rec["mask_path"])
+        mh, mw = image_shape(rec["mask_path"])
         if (mh, mw) != (h, w):
             raise BadRecord(f"{rec['mask_path']}: mask is {mh}x{mw}, image {rec['path']} is {h}x{w}")
     b = rec["boxes"]
@@ -1570,31 +1571,32 @@ def _read_mask(rec, h, w):
     return _fill_boxes(rec["boxes"], rec["box_labels"], rec["num_classes"], h, w)
 
 
-def pad_resize(image, mask, boxes, size):
-    """Zero-pad to a centred square, resize to size x size (image bilinear, mask nearest), move the boxes."""
+def pad_resize(image, mask, boxes, image_size):
+    """Zero-pad to a centred square, resize to S x S, S = image_size (image bilinear, mask nearest), move the
+    boxes."""
     h, w = image.shape
-    side = max(h, w)
+    side, out = max(h, w), (image_size, image_size)
     top, left = (side - h) // 2, (side - w) // 2
     pad = ((top, side - h - top), (left, side - w - left))
-    image = np.asarray(Image.fromarray(np.pad(image, pad)).resize((size, size), Image.BILINEAR))
-    mask = np.stack([np.asarray(Image.fromarray(np.pad(m, pad)).resize((size, size), Image.NEAREST))
-                     for m in mask]) if len(mask) else np.zeros((0, size, size), dtype=bool)
-    boxes = (boxes + np.array([left, top, left, top], dtype=np.float32)) * (size / side)
+    image = np.asarray(Image.fromarray(np.pad(image, pad)).resize(out, Image.BILINEAR))
+    mask = np.stack([np.asarray(Image.fromarray(np.pad(m, pad)).resize(out, Image.NEAREST))
+                     for m in mask]) if len(mask) else np.zeros((0, *out), dtype=bool)
+    boxes = (boxes + np.array([left, top, left, top], dtype=np.float32)) * (image_size / side)
     return image, mask, boxes.astype(np.float32)
 
 
-def load_record(rec, size):
-    """-> dict(image=uint8 size x size, mask=bool C x size x size, boxes=float32 N x 4 (size x size frame),
-    box_labels=int64 N). Raises BadRecord naming the file when the image or mask cannot be used."""
+def load_record(rec, image_size):
+    """-> dict(image=uint8 S x S, mask=bool C x S x S, boxes=float32 N x 4 (in the S x S frame), box_labels=int64
+    N), S = image_size. Raises BadRecord naming the file when the image or mask cannot be used."""
     if rec.get("synthetic"):
         split, index, n = rec["synthetic"]
-        r = _synthetic(split, n, size).render(index)  # already size x size
+        r = _synthetic(split, n, image_size).render(index)  # already S x S
         return dict(image=r["pixels"], mask=r["masks"], boxes=r["boxes"], box_labels=r["box_labels"])
     image = read_image(rec["path"])
     h, w = image.shape
     if (h, w) != (rec["height"], rec["width"]):
         raise BadRecord(f"{rec['path']}: image is {h}x{w}, its header said {rec['height']}x{rec['width']}")
-    image, mask, boxes = pad_resize(image, _read_mask(rec, h, w), rec["boxes"], size)
+    image, mask, boxes = pad_resize(image, _read_mask(rec, h, w), rec["boxes"], image_size)
     return dict(image=image, mask=mask, boxes=boxes, box_labels=rec["box_labels"])
 
 
@@ -1685,7 +1687,7 @@ def demo(out, n=8, image_size=256, seed=0):
     """Print n synthetic reports and write out/synthetic_demo.png: the images with mask outlines coloured
     per finding type (legend in the printout)."""
     os.makedirs(out, exist_ok=True)
-    ds = SyntheticCXR("train", size=n, image_size=image_size, seed=seed)
+    ds = SyntheticCXR("train", num_samples=n, image_size=image_size, seed=seed)
     tiles = []
     for i in range(n):
         r = ds.render(i)

@@ -233,7 +233,7 @@ def load_splits(args, image_size, task="seg"):
     reader's message, which names the file or row; with --skip-bad the bad records are counted and skipped."""
     try:
         records, classes = data.read_records(args.dataset, args.data_root, task, args.skip_bad,
-                                                   size=args.synthetic_size)
+                                                   num_samples=args.synthetic_size)
         splits = data.split_records(records, args.split_csv)
         # LoVT takes the first rows of its split files; without them a seeded random subset
         splits["train"] = data.take_fraction(splits["train"], args.fraction, seed=None if args.split_csv else 0)

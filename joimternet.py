@@ -492,7 +492,7 @@ def main(argv=None):
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
     size = lambda n: n if cfg.data == "synthetic" else None
     make = lambda split, train, n=None: data.make_dataset(cfg.data, cfg.data_root or None, split, cfg.image_size,
-                                                          train, cfg.seed, n)
+                                                          train, cfg.seed, num_samples=n)
     train_ds = make("train", True, size(cfg.train_size))
     val_ds, test_ds = make("validate", False, size(cfg.eval_size)), make("test", False, size(cfg.eval_size))
 

@@ -441,8 +441,8 @@ def main(argv=None):
     # data: the un-augmented training view (BatchAugment runs on the device), eval views for val/test
     def dataset(split, n=None):  # the first n samples
         train = split == "train"
-        size = dict(size=args.synthetic_size) if train and args.data == "synthetic" else {}
-        ds = data.make_dataset(args.data, args.data_root, split, args.image_size, train=train, **size)
+        num_samples = dict(num_samples=args.synthetic_size) if train and args.data == "synthetic" else {}
+        ds = data.make_dataset(args.data, args.data_root, split, args.image_size, train=train, **num_samples)
         return torch.utils.data.Subset(ds, range(min(n, len(ds)))) if n else ds
     base = dataset("train")
     train_set = torch.utils.data.Subset(base, range(round(args.train_subset * len(base))))  # LoVT_30: the first 30 %

@@ -47,7 +47,7 @@ def fake_radiograph(rng, h=3056, w=2544):
 def bench_pipeline(min_seconds):
     """Generator, BatchAugment and collate on one CPU thread (images/s of CPU time)."""
     torch.set_num_threads(1)
-    ds = data.SyntheticCXR("train", size=10_000, image_size=128)
+    ds = data.SyntheticCXR("train", num_samples=10_000, image_size=128)
     counter = iter(range(10**9))
     rate = lambda fn, n: cpu_rate(fn, n, min_seconds)  # noqa: E731
     print(f"synthetic render 128 px        {rate(lambda: ds.render(next(counter)), 1):8.0f} images/s")
@@ -105,7 +105,7 @@ def bench_mimic(n_files=8, copies=4, image_size=256, crop=224, reads=3000):
         n_images = write_mimic_tree(tmp / "mimic", sources, copies)
         for workers in (1, 2):
             t, cpu = time.perf_counter(), sum(os.times()[:4])
-            data.prepare_mimic(tmp / "mimic", tmp / f"cache{workers}", size=image_size, workers=workers,
+            data.prepare_mimic(tmp / "mimic", tmp / f"cache{workers}", image_size=image_size, workers=workers,
                                chunk_size=4)
             t, cpu = time.perf_counter() - t, sum(os.times()[:4]) - cpu
             print(f"bench mimic prepare workers={workers}: {n_images / t:.1f} img/s wall, "

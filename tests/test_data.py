@@ -42,7 +42,7 @@ def test_synthetic_deterministic_and_splits_independent():
     assert not np.array_equal(val["pixels"], a.render(0)["pixels"])
     other_seed = data.SyntheticCXR("train", seed=4).render(0)
     assert not np.array_equal(other_seed["pixels"], a.render(0)["pixels"])
-    assert len(data.SyntheticCXR("test")) == 500 and len(data.SyntheticCXR("train", size=10)) == 10
+    assert len(data.SyntheticCXR("test")) == 500 and len(data.SyntheticCXR("train", num_samples=10)) == 10
 
 
 def test_synthetic_masks_boxes_labels_and_report_agree():
@@ -88,7 +88,7 @@ def test_synthetic_masks_boxes_labels_and_report_agree():
 
 @pytest.mark.parametrize("size", [64, 256])
 def test_synthetic_other_sizes(size):
-    ds = data.SyntheticCXR("validate", size=12, image_size=size)
+    ds = data.SyntheticCXR("validate", num_samples=12, image_size=size)
     for i in range(12):
         s = ds[i]
         assert s["image"].shape == (1, size, size) and s["masks"].shape == (len(SYNTH_FINDINGS), size, size)
@@ -193,7 +193,7 @@ def test_collate_joint_tokenization():
 
 
 def test_collate_synthetic_masks_and_boxes():
-    ds = data.SyntheticCXR("train", size=4, image_size=64)
+    ds = data.SyntheticCXR("train", num_samples=4, image_size=64)
     samples = [ds[i] for i in range(4)]
     tok = data.build_tokenizer([s["text"] for s in samples])
     batch = data.collate(samples, tok)
@@ -310,7 +310,7 @@ def test_csv_pairs(tmp_path):
 
 
 def test_report_texts_follow_nested_subsets():
-    ds = data.SyntheticCXR("train", size=12, image_size=64)
+    ds = data.SyntheticCXR("train", num_samples=12, image_size=64)
     inner = torch.utils.data.Subset(ds, [3, 5, 7, 9, 11])
     outer = torch.utils.data.Subset(inner, [4, 0, 2])
     assert data.report_texts(outer) == [ds[i]["text"] for i in (11, 3, 7)]
@@ -333,7 +333,7 @@ def test_csv_pairs_errors(tmp_path):
 
 # --------------------------------------------------------------------------------------------- entry points
 def test_make_dataset_synthetic_and_demo(tmp_path, capsys):
-    ds = data.make_dataset("synthetic", split="validate", image_size=64, size=3, seed=1)
+    ds = data.make_dataset("synthetic", split="validate", image_size=64, num_samples=3, seed=1)
     assert len(ds) == 3 and ds[0]["image"].shape == (1, 64, 64)
     with pytest.raises(ValueError):
         data.make_dataset("nope")

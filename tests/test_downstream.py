@@ -228,7 +228,7 @@ def test_folder_masks_and_boxes_csv(tmp_path):
 # ---- synthetic, splits, fractions ------------------------------------------------------------------------
 
 def test_synthetic_records_and_fixed_splits():
-    records, classes = read_records("synthetic", None, task="det", size=10)
+    records, classes = read_records("synthetic", None, task="det", num_samples=10)
     assert len(classes) == 5 and len(records) == 10
     splits = split_records(records, seed=3)
     assert [len(splits[s]) for s in ("train", "validate", "test")] == [6, 2, 2]

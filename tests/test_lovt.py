@@ -177,7 +177,7 @@ TINY = ["--preset", "demo", "--image-size", "64", "--synthetic-size", "32", "--e
 
 def tiny_model_and_batch(n=4):
     args = common.parse_args(lovt.Args, lovt.PRESETS, TINY)
-    ds = data.make_dataset("synthetic", split="train", image_size=64, train=True, size=n)
+    ds = data.make_dataset("synthetic", split="train", image_size=64, train=True, num_samples=n)
     samples = [ds[i] for i in range(n)]
     tokenizer = data.build_tokenizer([s["text"] for s in samples])
     torch.manual_seed(0)

@@ -17,7 +17,7 @@ from PIL import Image
 import data as mp
 from data import MimicCXR, parse_report_sections, prepare_mimic, report_sentences
 
-S = 64  # cache size in the tests
+S = 64  # the cache's image size in the tests
 
 REPORT_1 = (  # formats.md §1.7, byte-exact
     "                                 FINAL REPORT\n"
@@ -141,7 +141,7 @@ def tree(tmp_path_factory):
 @pytest.fixture(scope="module")
 def cache(tree, tmp_path_factory):
     out = tmp_path_factory.mktemp("cache")
-    prepare_mimic(tree[0], out, reports=tree[1], size=S, workers=1, chunk_size=2)
+    prepare_mimic(tree[0], out, reports=tree[1], image_size=S, workers=1, chunk_size=2)
     return out
 
 
@@ -189,7 +189,7 @@ def test_report_sentences():
 # ---------------------------------------------------------------------------------------------- prepare-mimic
 def test_prepare_counts_and_rejections(cache):
     meta = json.loads((cache / "meta.json").read_text())
-    assert (meta["size"], meta["n_images"], meta["n_studies"], meta["non_frontal_skipped"]) == (S, 7, 6, 2)
+    assert (meta["image_size"], meta["n_images"], meta["n_studies"], meta["non_frontal_skipped"]) == (S, 7, 6, 2)
     assert meta["rejected"] == {"constant_image": 1, "custom_rule_study": 1, "empty_image": 1, "missing_report": 1,
                                 "no_findings_or_impression": 1, "no_valid_image": 2, "too_few_tokens": 1,
                                 "unreadable_image": 1}
@@ -223,11 +223,11 @@ def test_prepare_counts_and_rejections(cache):
 
 def test_rerun_is_noop_and_size_change_refused(tree, cache, capsys):
     before = {name: (cache / name).read_bytes() for name in CACHE_FILES}
-    prepare_mimic(tree[0], cache, reports=tree[1], size=S)
+    prepare_mimic(tree[0], cache, reports=tree[1], image_size=S)
     assert "kept 7 images / 6 studies; skipped 2 non-frontal" in capsys.readouterr().out
     assert before == {name: (cache / name).read_bytes() for name in CACHE_FILES}
     with pytest.raises(SystemExit):
-        prepare_mimic(tree[0], cache, reports=tree[1], size=S + 8)
+        prepare_mimic(tree[0], cache, reports=tree[1], image_size=S + 8)
 
 
 @pytest.mark.parametrize("crash_in", ["_prepare_chunk", "_save_state"])
@@ -244,17 +244,17 @@ def test_resume_is_byte_identical(tree, cache, tmp_path, monkeypatch, crash_in):
 
     monkeypatch.setattr(mp, crash_in, crashing)
     with pytest.raises(KeyboardInterrupt):
-        prepare_mimic(tree[0], tmp_path, reports=tree[1], size=S, workers=1, chunk_size=2)
+        prepare_mimic(tree[0], tmp_path, reports=tree[1], image_size=S, workers=1, chunk_size=2)
     assert not (tmp_path / "meta.json").exists()
     monkeypatch.setattr(mp, crash_in, original)
-    prepare_mimic(tree[0], tmp_path, reports=tree[1], size=S, workers=1, chunk_size=2)
+    prepare_mimic(tree[0], tmp_path, reports=tree[1], image_size=S, workers=1, chunk_size=2)
     for name in CACHE_FILES:
         assert (tmp_path / name).read_bytes() == (cache / name).read_bytes(), name
 
 
 def test_workers_plain_csvs_and_reports_in_image_tree(cache, tmp_path):
     root, reports = make_mimic(tmp_path / "plain", gz=False, separate_reports=False)
-    prepare_mimic(root, tmp_path / "cache", size=S, workers=2, chunk_size=3)
+    prepare_mimic(root, tmp_path / "cache", image_size=S, workers=2, chunk_size=3)
     for name in ("images.bin", "manifest.csv", "studies.jsonl", "meta.json"):
         assert (tmp_path / "cache" / name).read_bytes() == (cache / name).read_bytes(), name
 
@@ -297,6 +297,6 @@ def test_cli_registration(tree, cache, tmp_path):
     parser = argparse.ArgumentParser()
     mp.add_mimic_commands(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["prepare-mimic", "--root", str(tree[0]), "--out", str(tmp_path), "--reports",
-                              str(tree[1] / "files"), "--size", str(S), "--workers", "1"])
+                              str(tree[1] / "files"), "--image-size", str(S), "--workers", "1"])
     assert args.func(args)["n_images"] == 7  # --reports may also name the files/ folder itself
     assert (tmp_path / "images.bin").read_bytes() == (cache / "images.bin").read_bytes()
