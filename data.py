@@ -30,7 +30,8 @@ import sys
 import tempfile
 import warnings
 import zlib
-from collections import Counter
+from collections import Counter, namedtuple
+from dataclasses import dataclass
 from functools import lru_cache, partial
 from multiprocessing import Pool
 from pathlib import Path
@@ -185,28 +186,34 @@ _NORMAL_IMPRESSION = ("No acute cardiopulmonary process.", "No acute cardiopulmo
 _N_FINDINGS_CDF = (1 / 3, 2 / 3, 8 / 9)
 _SIZE_WORDS = {"effusion": ("small", "moderate", "large"), "pneumothorax": ("small", "moderate", "large"),
                "cardiomegaly": ("mild", "moderate", "severe")}
-_LUNGS = ((-0.40, 0.30, 0.40), (0.43, 0.29, 0.45))  # (centre u, half-width, dome height v) per lung
 _OPACITY_NOUNS = ("opacity", "airspace opacity", "consolidation", "airspace consolidation")
 
-
-_GRID_CACHE = {}
+# Geometry in the canonical frame (u to the image right, v down; the film spans [-1, 1]^2).
+_LUNGS = ((-0.40, 0.30, 0.40), (0.43, 0.29, 0.45))  # (centre u, half-width, dome height v) per lung
+_ZONE_V = {"upper": (-0.55, -0.3), "middle": (-0.12, 0.05), "lower": (0.17, 0.27)}  # lesion centre v per zone
+_EDGE_SLOPE = 0.25  # ramp slope per canonical unit and pixel of image side: edges ~2 px wide at any size
+_HALF_STRENGTH = 0.5  # a soft shape's mask is where it reaches half strength
+_INSIDE_LUNG = 0.25  # hard masks stop inside the lung's soft edge, so small findings at 64 px keep a mask
 _SKELETON_RANGE = 1.4  # canonical coordinates reachable under the per-image jitter: |u|, |v| < 1.31
 
+_Grids = namedtuple("_Grids", "x y textures ridges noise skeleton ribs")
+_GRID_CACHE = {}
 
-def _grids(size, n_textures=24):
-    """Per-size constants: pixel-centre coordinates in [-1, 1], banks of smooth random textures and thin
-    "vessel" ridges (fixed seed), and a noise field twice the image size that images take random windows
-    of. Rendering an image then costs only vectorised arithmetic."""
-    if size not in _GRID_CACHE:
-        c = ((np.arange(size, dtype=np.float32) + 0.5) / size) * 2 - 1
+
+def _grids(image_size, n_textures=24):
+    """Per-size constants: pixel-centre coordinates x, y in [-1, 1], banks of smooth random textures and thin
+    "vessel" ridges (fixed seed), a noise field twice the image size that images take random windows of, and
+    the skeleton. Rendering an image then costs only vectorised arithmetic."""
+    if image_size not in _GRID_CACHE:
+        c = ((np.arange(image_size, dtype=np.float32) + 0.5) / image_size) * 2 - 1
         y, x = np.meshgrid(c, c, indexing="ij")  # H x W each; x grows to the right, y downwards
         rng = np.random.default_rng(12345)
 
         def smooth_noise(octaves):
-            out = np.zeros((n_textures, size, size), np.float32)
+            out = np.zeros((n_textures, image_size, image_size), np.float32)
             for cells, amplitude in octaves:
                 # Bilinear up-sampling matrix (size x cells+1): texture = M @ G @ M.T with G random.
-                pos = (np.arange(size) + 0.5) / size * cells
+                pos = (np.arange(image_size) + 0.5) / image_size * cells
                 m = np.maximum(0, 1 - np.abs(pos[:, None] - np.arange(cells + 1)[None])).astype(np.float32)
                 g = rng.standard_normal((n_textures, cells + 1, cells + 1)).astype(np.float32)
                 out += amplitude * np.einsum("ij,njk,lk->nil", m, g, m, optimize=True)  # M @ G @ M.T
@@ -215,20 +222,20 @@ def _grids(size, n_textures=24):
         textures = np.clip(smooth_noise(((4, 1.0), (8, 0.6), (16, 0.35), (32, 0.2))), -2, 2)
         # Lung markings: thin ridges where a finer noise crosses zero look like branching vessels.
         ridges = np.maximum(0, 1 - 4 * np.abs(smooth_noise(((6, 1.0), (12, 0.7), (24, 0.3))))).astype(np.float32)
-        noise = rng.standard_normal((2 * size, 2 * size)).astype(np.float32)
-        _GRID_CACHE[size] = (x, y, textures, ridges, noise, _skeleton(size))
-    return _GRID_CACHE[size]
+        noise = rng.standard_normal((2 * image_size, 2 * image_size)).astype(np.float32)
+        _GRID_CACHE[image_size] = _Grids(x, y, textures, ridges, noise, *_skeleton(image_size))
+    return _GRID_CACHE[image_size]
 
 
-def _skeleton(size):
+def _skeleton(image_size):
     """Fixed anatomy in the canonical frame, sampled every half pixel over [-1.4, 1.4]^2: body (soft tissue
     widening towards the shoulders, brighter towards the abdomen), mediastinum and spine, ribs (arcs) and
     clavicles. Returns (density, ribs): rendering looks both up at each pixel's (u, v) (nearest neighbour),
     which costs a few operations instead of some sixty."""
-    k = int(2 * _SKELETON_RANGE * size) + 1
-    c = (np.arange(k, dtype=np.float32) / size - _SKELETON_RANGE).astype(np.float32)
+    k = int(2 * _SKELETON_RANGE * image_size) + 1
+    c = (np.arange(k, dtype=np.float32) / image_size - _SKELETON_RANGE).astype(np.float32)
     v, u = np.meshgrid(c, c, indexing="ij")
-    au, edge = np.abs(u), 0.25 * size
+    au, edge = np.abs(u), 0.25 * image_size
     body = (0.30 + 0.12 * v) * _ramp(0.93 - 0.07 * v - au, 6.0) + 0.04
     mediastinum = _ramp(0.11 - au, edge)
     phase = 4.0 * (v - 0.55 * au * au)  # 4 rib arcs per canonical unit; a triangle wave is a cheap cosine
@@ -241,6 +248,196 @@ def _skeleton(size):
 def _ramp(d, k):
     """Soft inside-ness: 0 where d <= 0, 1 where d >= 1/k, linear between (anti-aliased edges)."""
     return np.clip(d * k, 0.0, 1.0)
+
+
+@dataclass
+class _Film:
+    """One film being drawn. Arrays are float32 H x W over the pixels; anatomy fills them in, in the order the
+    random stream expects (pose, lungs, heart), then each finding edits `lucent` and `dense`."""
+    u: np.ndarray                # canonical coordinates of every pixel centre (u to the image right, v down)
+    v: np.ndarray
+    edge: float                  # ramp slope per canonical unit: edges ~2 px wide at any image size
+    scale: float                 # image half-widths per canonical unit (for nodule sizes in cm)
+    body: np.ndarray = None      # body, mediastinum, ribs and clavicles, looked up in the skeleton
+    ribs: np.ndarray = None      # the ribs alone: they show more over the lungs
+    lungs: list = None           # two soft lung masks, index 0 = image left = patient's right
+    radii: list = None           # per lung (du, r2): normalized horizontal offset and squared elliptic radius
+    lung: np.ndarray = None      # lungs[0] + lungs[1]
+    markings: np.ndarray = None  # vessel-like lung markings
+    texture: np.ndarray = None   # a smooth random texture that makes opacities irregular
+    heart: np.ndarray = None     # soft heart mask
+    grade: int = 0               # cardiomegaly grade 0-2, drawn for every film
+    lucent: np.ndarray = None    # lung darkness, subtracted from the body
+    dense: np.ndarray = None     # densities added to the body
+
+
+def draw_anatomy(rng, image_size, enlarged_heart, lung_darkness=0.25, marking_density=0.08, rib_contrast=0.05):
+    """Pose, body, lungs and heart of one film -> the _Film the findings then edit. lung_darkness: lucency of
+    air-filled lung; marking_density: how much the markings show against it; rib_contrast: extra rib
+    brightness over the lungs."""
+    grids = _grids(image_size)
+    film = _place_film(rng, grids, image_size)
+    offset = _SKELETON_RANGE * image_size + 0.5  # + 0.5: round to the nearest skeleton sample
+    width = int(2 * _SKELETON_RANGE * image_size) + 1  # the skeleton's side, as in _skeleton
+    at = (film.v * image_size + offset).astype(np.intp) * width + (film.u * image_size + offset).astype(np.intp)
+    film.body = grids.skeleton.take(at)
+    draw_lungs(rng, film, grids)
+    draw_heart(rng, film, enlarged_heart)
+    # Findings edit the lucency (lung darkness) and add densities. Ribs show more over the lungs.
+    film.lucent = (film.lung * (1 - film.heart)) * lung_darkness - marking_density * film.markings
+    film.dense = rib_contrast * grids.ribs.take(at) * film.lung
+    return film
+
+
+def _place_film(rng, grids, image_size, rotation=0.08, scale_range=(0.88, 1.0), shift=0.06):
+    """Pixel -> canonical frame by a random similarity: (u, v) = R(angle) ((x, y) - shift) / scale. rotation: max
+    |angle| in radians; scale_range: the range of scale; shift: max |offset| of the frame centre along x and y."""
+    angle, scale = rng.uniform(-rotation, rotation), rng.uniform(*scale_range)
+    ca, sa = math.cos(angle) / scale, math.sin(angle) / scale
+    sx, sy = rng.uniform(-shift, shift, 2).tolist()  # python floats keep the maths in float32
+    u = ca * (grids.x - sx) - sa * (grids.y - sy)
+    v = sa * (grids.x - sx) + ca * (grids.y - sy)
+    return _Film(u=u, v=v, edge=_EDGE_SLOPE * image_size * scale, scale=scale)
+
+
+def draw_lungs(rng, film, grids, centre_v=-0.08, half_height=0.7, dome_jitter=0.03, dome_curve=0.12, fade=0.7):
+    """Lungs (index 0 = image left = patient right, _LUNGS): an ellipse cut at the bottom by a diaphragm dome
+    that is highest mid-lung and lowest at the lateral costophrenic angle; the right dome sits higher. Then the
+    lung markings, fading towards the periphery, and the texture for opacities. centre_v, half_height: both
+    ellipses' centre and vertical half-axis; dome_jitter: max |shift| of each dome; dome_curve: how far the dome
+    drops per du^2; fade: how much the markings fade from the hilum to the lung edge."""
+    film.lungs, film.radii = [], []
+    for uc, a, dome in _LUNGS:
+        du, dv = (film.u - uc) * (1 / a), (film.v - centre_v) * (1 / half_height)
+        r2 = du * du + dv * dv
+        # The ellipse's ramp is 0.5 * a * edge per unit of r2, i.e. `edge` per canonical unit at its side.
+        lung = _ramp(1 - r2, 0.5 * a * film.edge) * _ramp(
+            dome + rng.uniform(-dome_jitter, dome_jitter) + dome_curve * du * du - film.v, film.edge)
+        film.lungs.append(lung)
+        film.radii.append((du, r2))
+    film.lung = film.lungs[0] + film.lungs[1]
+    markings_index, texture_index = rng.permutation(len(grids.textures))[:2].tolist()
+    film.texture = grids.textures[texture_index]
+    periphery = film.radii[0][1] * film.lungs[0] + film.radii[1][1] * film.lungs[1]
+    film.markings = grids.ridges[markings_index] * film.lung * (1 - fade * periphery)
+
+
+def draw_heart(rng, film, enlarged, centre=(0.08, 0.22), centre_jitter=0.03, half_width=(0.27, 0.32),
+               enlarged_width=(0.42, 0.05, 0.04), half_height=(0.2, 0.23), enlarged_height=1.15):
+    """Heart: a soft-tissue ellipse right of centre (patient's left) over the medial lung bases; it hides the
+    lung behind it. Cardiomegaly widens it (cardiothoracic ratio ~0.45 -> 0.6-0.75). centre (u, v) with
+    centre_jitter along u; half_width: range when normal; enlarged_width (base, per grade, random extra):
+    half-width when enlarged; half_height: its range, times enlarged_height when enlarged."""
+    film.grade = int(rng.integers(3))
+    base, per_grade, extra = enlarged_width
+    ha = base + per_grade * film.grade + rng.uniform(0, extra) if enlarged else rng.uniform(*half_width)
+    hb = rng.uniform(*half_height) * (enlarged_height if enlarged else 1.0)
+    hu, hv = centre[0] + rng.uniform(-centre_jitter, centre_jitter), centre[1]
+    film.heart = _ramp(1 - ((film.u - hu) * (1 / ha)) ** 2 - ((film.v - hv) * (1 / hb)) ** 2, 0.5 * ha * film.edge)
+
+
+def _place_in_zone(rng, finding, centre_jitter=0.1):
+    """A lung zone and a lesion centre (u, v) in it, on the finding's side; centre_jitter: max |u| off the lung's
+    centre line."""
+    finding["zone"] = tuple(_ZONE_V)[rng.integers(3)]
+    lo, hi = _ZONE_V[finding["zone"]]
+    return _LUNGS[finding["side"]][0] + rng.uniform(-centre_jitter, centre_jitter), rng.uniform(lo, hi)
+
+
+def draw_opacity(rng, film, finding, radius=(0.11, 0.18), irregularity=0.4, softness=4.0, density=0.22,
+                 mottling=0.2):
+    """Irregular textured patch in one lung zone -> its mask. radius: range of the patch radius; irregularity: how
+    far the texture pushes the outline in and out; softness: ramp slope of the outline; density: brightness
+    added; mottling: the texture's share of that brightness."""
+    cu, cv = _place_in_zone(rng, finding)
+    finding["noun"] = _OPACITY_NOUNS[int(rng.random() * len(_OPACITY_NOUNS))]
+    rad = rng.uniform(*radius)
+    patch = _ramp(1 - ((film.u - cu) ** 2 + (film.v - cv) ** 2) * (1 / rad ** 2) - irregularity * film.texture,
+                  softness)
+    patch *= film.lungs[finding["side"]]
+    film.dense += density * patch * (1 - mottling + mottling * film.texture)
+    return patch > _HALF_STRENGTH
+
+
+def draw_nodule(rng, film, finding, radius=(0.035, 0.06), density=0.26, softness=3.0):
+    """Small bright disc in one lung zone, its diameter reported in cm -> its mask. radius: range of the disc
+    radius; density: brightness added at its centre; softness: ramp slope of its edge (in units of r^2)."""
+    cu, cv = _place_in_zone(rng, finding)
+    rad = rng.uniform(*radius)
+    finding["cm"] = round(2 * rad * film.scale * _CM_PER_UNIT, 1)
+    d2 = (film.u - cu) ** 2 + (film.v - cv) ** 2
+    film.dense += density * _ramp(1 - d2 * (1 / rad ** 2), softness)
+    return d2 < rad ** 2
+
+
+def draw_effusion(rng, film, finding, levels=(0.24, 0.1, -0.08), level_jitter=0.03, meniscus_depth=0.06,
+                  meniscus_rise=0.2, density=0.05):
+    """Fluid at a lung base with a meniscus that blunts the costophrenic angle -> its mask. levels: fluid level v
+    for a small, moderate, large effusion; level_jitter: max |shift| of it; meniscus_depth: how far the medial
+    surface lies below the level; meniscus_rise: how far it climbs the lateral chest wall; density: brightness of
+    the fluid (it also removes the lung's lucency)."""
+    finding["size"] = int(rng.integers(3))
+    level = levels[finding["size"]] + rng.uniform(-level_jitter, level_jitter)
+    du, _ = film.radii[finding["side"]]
+    lateral = np.clip(du * (1 if finding["side"] else -1), 0, 1)  # 0 medial half .. 1 lateral edge
+    below = film.v - level - meniscus_depth + meniscus_rise * lateral * lateral
+    lung = film.lungs[finding["side"]]
+    fluid = _ramp(below, film.edge) * lung
+    film.lucent *= 1 - fluid
+    film.dense += density * fluid
+    return (below > 0) & (lung > _INSIDE_LUNG)
+
+
+def draw_pneumothorax(rng, film, finding, widths=((0.2, 0.26), (0.3, 0.38), (0.45, 0.55)), lowest=(-0.2, 0.05, 0.2),
+                      erase_markings=0.09, darkening=0.06, line_density=0.15):
+    """Peripheral lucent band without lung markings, with the visceral pleural line at its inner edge -> its
+    mask. widths: range of the band width (in units of the elliptic radius) for a small, moderate, large one;
+    lowest: the v it reaches down to (small ones are apical only); erase_markings: removes the markings
+    (draw_anatomy's marking_density plus a little); darkening: extra lucency; line_density: the line's brightness."""
+    finding["size"] = int(rng.integers(3))
+    t = [rng.uniform(lo, hi) for lo, hi in widths][finding["size"]]  # all three drawn: the stream stays aligned
+    cut = lowest[finding["size"]]
+    _, r2 = film.radii[finding["side"]]
+    r, a, lung = np.sqrt(r2), _LUNGS[finding["side"]][1], film.lungs[finding["side"]]
+    band = _ramp(r - (1 - t), a * film.edge) * _ramp(cut - film.v, film.edge) * lung
+    # The visceral pleural line at the band's inner edge, ~2 px wide.
+    line = _ramp(1 - np.abs(r - (1 - t)) * (a * film.edge), 1.0) * _ramp(cut - film.v, film.edge) * lung
+    film.lucent += band * (erase_markings * film.markings + darkening)
+    film.dense += line_density * line
+    return (r > 1 - t) & (film.v < cut) & (lung > _INSIDE_LUNG)
+
+
+def draw_cardiomegaly(rng, film, finding):
+    """The enlarged heart itself is drawn with the anatomy (draw_heart); here its grade becomes the finding's size
+    and the heart its mask."""
+    finding["size"] = int(film.grade)
+    return film.heart > _HALF_STRENGTH
+
+
+DRAW_FINDING = {"opacity": draw_opacity, "nodule": draw_nodule, "effusion": draw_effusion,
+                "pneumothorax": draw_pneumothorax, "cardiomegaly": draw_cardiomegaly}
+
+
+def expose(rng, film, image_size, grey=0.35, contrast=(0.8, 1.2), brightness=0.06, noise=0.015):
+    """Exposure jitter (contrast about `grey`, brightness up to +-brightness), quantum noise of std `noise`, then
+    8 bits -> uint8 H x W."""
+    img = film.body + film.dense - film.lucent
+    img = (img - grey) * rng.uniform(*contrast) + grey + rng.uniform(-brightness, brightness)
+    oy, ox = rng.integers(image_size, size=2)
+    img += noise * _grids(image_size).noise[oy:oy + image_size, ox:ox + image_size]
+    return np.clip(img * 255.0 + 0.5, 0, 255).astype(np.uint8)
+
+
+def _mask_boxes(masks, present):
+    """Tight boxes (x1, y1, x2, y2 in pixels, float32 N x 4) and their finding indices (int64 N) of the present
+    findings' masks, in SYNTH_FINDINGS order."""
+    boxes, box_labels = [], []
+    for t in present:
+        rows, cols = np.flatnonzero(masks[t].any(1)), np.flatnonzero(masks[t].any(0))
+        if len(rows):
+            boxes.append([cols[0], rows[0], cols[-1] + 1, rows[-1] + 1])
+            box_labels.append(t)
+    return np.array(boxes, np.float32).reshape(-1, 4), np.array(box_labels, np.int64)
 
 
 class SyntheticCXR(Dataset):
@@ -288,118 +485,21 @@ class SyntheticCXR(Dataset):
         """The sample as numpy arrays: pixels uint8 H x W, masks bool T x H x W, boxes float32 N x 4
         (x1, y1, x2, y2 in pixels; one per finding, T order), box_labels int64 N, sentences list[str],
         labels float32 (14,), and findings: {name: drawn parameters (side 0 = patient's right, zone, size
-        index, cm, noun)} for inspection."""
+        index, cm, noun)} for inspection. The random draws happen in a fixed order (which findings, anatomy,
+        each finding, exposure, report): that order is part of the dataset."""
         rng = np.random.default_rng([self.seed, _SPLIT_IDS[self.split], index])
-        x, y, textures, ridges, noise, (skeleton, ribs) = _grids(self.image_size)
         n = bisect.bisect(_N_FINDINGS_CDF, rng.random())  # 0, 1, 2, 3 findings with p 1/3, 1/3, 2/9, 1/9
         present = sorted(rng.permutation(len(SYNTH_FINDINGS))[:n].tolist())
         findings = {SYNTH_FINDINGS[t]: {} for t in present}
-
-        # Pixel -> canonical frame: (u, v) = R(angle) ((x, y) - shift) / scale.
-        angle, scale = rng.uniform(-0.08, 0.08), rng.uniform(0.88, 1.0)
-        ca, sa = math.cos(angle) / scale, math.sin(angle) / scale
-        sx, sy = rng.uniform(-0.06, 0.06, 2).tolist()  # python floats keep the maths in float32
-        u = ca * (x - sx) - sa * (y - sy)
-        v = sa * (x - sx) + ca * (y - sy)
-        edge = 0.25 * self.image_size * scale  # ramp slope per canonical unit: edges ~2 px wide at any size
-
-        # Body, mediastinum, ribs and clavicles: looked up in the canonical skeleton (nearest neighbour).
-        size, offset = self.image_size, _SKELETON_RANGE * self.image_size + 0.5  # + 0.5: round to nearest
-        width = int(2 * _SKELETON_RANGE * size) + 1  # the skeleton's side, as in _skeleton
-        at = (v * size + offset).astype(np.intp) * width + (u * size + offset).astype(np.intp)
-        img = skeleton.take(at)
-        # Lungs (index 0 = image left = patient right): an ellipse cut at the bottom by a diaphragm dome that
-        # is highest mid-lung and lowest at the lateral costophrenic angle; the right dome sits higher.
-        lungs, radii = [], []
-        for uc, a, dome in _LUNGS:
-            du, dv = (u - uc) * (1 / a), (v + 0.08) * (1 / 0.7)
-            r2 = du * du + dv * dv
-            lung = _ramp(1 - r2, 0.5 * a * edge) * _ramp(dome + rng.uniform(-0.03, 0.03) + 0.12 * du * du - v, edge)
-            lungs.append(lung)
-            radii.append((du, r2))
-        lung = lungs[0] + lungs[1]
-        tex_i, tex_j = rng.permutation(len(textures))[:2].tolist()
-        markings = ridges[tex_i] * lung * (1 - 0.7 * (radii[0][1] * lungs[0] + radii[1][1] * lungs[1]))
-
-        # Heart: soft-tissue ellipse right of centre (patient's left) over the medial lung bases; it hides the
-        # lung behind it. Cardiomegaly widens it (cardiothoracic ratio ~0.45 -> 0.6-0.75).
-        big = "cardiomegaly" in findings
-        grade = int(rng.integers(3))
-        ha = 0.42 + 0.05 * grade + rng.uniform(0, 0.04) if big else rng.uniform(0.27, 0.32)
-        hb = rng.uniform(0.2, 0.23) * (1.15 if big else 1.0)
-        hu, hv = 0.08 + rng.uniform(-0.03, 0.03), 0.22
-        heart = _ramp(1 - ((u - hu) * (1 / ha)) ** 2 - ((v - hv) * (1 / hb)) ** 2, 0.5 * ha * edge)
-
-        # Findings edit the lucency (lung darkness) and add densities. Ribs show more over the lungs.
-        lucent = (lung * (1 - heart)) * 0.25 - 0.08 * markings
-        dense = 0.05 * ribs.take(at) * lung
+        film = draw_anatomy(rng, self.image_size, enlarged_heart="cardiomegaly" in findings)
         masks = np.zeros((len(SYNTH_FINDINGS), self.image_size, self.image_size), bool)
-        for name in findings:
-            f = findings[name]
-            f["side"] = int(rng.integers(2))
-            du, r2 = radii[f["side"]]
-            uc = _LUNGS[f["side"]][0]
-            if name in ("opacity", "nodule"):
-                f["zone"] = ("upper", "middle", "lower")[rng.integers(3)]
-                lo, hi = {"upper": (-0.55, -0.3), "middle": (-0.12, 0.05), "lower": (0.17, 0.27)}[f["zone"]]
-                cu, cv = uc + rng.uniform(-0.1, 0.1), rng.uniform(lo, hi)
-            if name == "opacity":
-                f["noun"] = _OPACITY_NOUNS[int(rng.random() * len(_OPACITY_NOUNS))]
-                rad = rng.uniform(0.11, 0.18)
-                patch = _ramp(1 - ((u - cu) ** 2 + (v - cv) ** 2) * (1 / rad ** 2) - 0.4 * textures[tex_j], 4.0)
-                patch *= lungs[f["side"]]
-                dense += 0.22 * patch * (0.8 + 0.2 * textures[tex_j])
-                masks[0] = patch > 0.5
-            elif name == "nodule":
-                rad = rng.uniform(0.035, 0.06)
-                f["cm"] = round(2 * rad * scale * _CM_PER_UNIT, 1)
-                d2 = (u - cu) ** 2 + (v - cv) ** 2
-                dense += 0.26 * _ramp(1 - d2 * (1 / rad ** 2), 3.0)
-                masks[1] = d2 < rad ** 2
-            elif name == "effusion":
-                f["size"] = int(rng.integers(3))
-                level = (0.24, 0.1, -0.08)[f["size"]] + rng.uniform(-0.03, 0.03)
-                lateral = np.clip(du * (1 if f["side"] else -1), 0, 1)  # 0 medial half .. 1 lateral edge
-                # Meniscus: the fluid surface climbs the lateral chest wall, blunting the costophrenic angle.
-                below = v - level - 0.06 + 0.2 * lateral * lateral
-                fluid = _ramp(below, edge) * lungs[f["side"]]
-                lucent *= 1 - fluid
-                dense += 0.05 * fluid
-                # Masks are the hard region inside the lung's (2 px soft) edge, so small findings at 64 px
-                # keep a mask.
-                masks[2] = (below > 0) & (lungs[f["side"]] > 0.25)
-            elif name == "pneumothorax":
-                f["size"] = int(rng.integers(3))
-                t = (rng.uniform(0.2, 0.26), rng.uniform(0.3, 0.38), rng.uniform(0.45, 0.55))[f["size"]]  # r units
-                cut = (-0.2, 0.05, 0.2)[f["size"]]  # small ones are apical only
-                r = np.sqrt(r2)
-                a = _LUNGS[f["side"]][1]
-                band = _ramp(r - (1 - t), a * edge) * _ramp(cut - v, edge) * lungs[f["side"]]
-                # The visceral pleural line at the band's inner edge, ~2 px wide.
-                line = _ramp(1 - np.abs(r - (1 - t)) * (a * edge), 1.0) * _ramp(cut - v, edge) * lungs[f["side"]]
-                lucent += band * (0.09 * markings + 0.06)  # no markings, darker
-                dense += 0.15 * line
-                masks[3] = (r > 1 - t) & (v < cut) & (lungs[f["side"]] > 0.25)
-            else:
-                f["size"] = int(grade)
-                masks[4] = heart > 0.5
-
-        # Exposure jitter (brightness, contrast), quantum noise, then 8 bits.
-        img = img + dense - lucent
-        img = (img - 0.35) * rng.uniform(0.8, 1.2) + 0.35 + rng.uniform(-0.06, 0.06)
-        oy, ox = rng.integers(self.image_size, size=2)
-        img += 0.015 * noise[oy:oy + self.image_size, ox:ox + self.image_size]
-        pixels = np.clip(img * 255.0 + 0.5, 0, 255).astype(np.uint8)
-
-        boxes, box_labels = [], []
-        for t in present:
-            rows, cols = np.flatnonzero(masks[t].any(1)), np.flatnonzero(masks[t].any(0))
-            if len(rows):
-                boxes.append([cols[0], rows[0], cols[-1] + 1, rows[-1] + 1])
-                box_labels.append(t)
-        return dict(pixels=pixels, masks=masks, boxes=np.array(boxes, np.float32).reshape(-1, 4),
-                     box_labels=np.array(box_labels, np.int64), sentences=self._report(rng, findings),
-                     labels=self._labels(findings), findings=findings)
+        for name, finding in findings.items():
+            finding["side"] = int(rng.integers(2))
+            masks[SYNTH_FINDINGS.index(name)] = DRAW_FINDING[name](rng, film, finding)
+        pixels = expose(rng, film, self.image_size)
+        boxes, box_labels = _mask_boxes(masks, present)
+        return dict(pixels=pixels, masks=masks, boxes=boxes, box_labels=box_labels,
+                    sentences=self._report(rng, findings), labels=self._labels(findings), findings=findings)
 
     @staticmethod
     def _report(rng, findings):
