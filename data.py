@@ -1,4 +1,4 @@
-"""Data for cxr-vlp: image-report datasets, batch augmentation, tokenization and the data CLI.
+"""Data for cxr-vlp: image-report datasets, batch augmentation, tokenization, downstream readers and the data CLI.
 
 Every dataset yields the same sample dict (see DESIGN.md):
     image     float32 1 x H x W, normalized ((pixel/255 - mean) / std)
@@ -10,12 +10,21 @@ train=False returns the evaluation view (centred square, resized to image_size).
 un-augmented full square view at the dataset's native size; the training loop applies BatchAugment on its
 device, which crops, jitters, blurs and resizes to image_size in one batched pass.
 
-Datasets: SyntheticCXR (built in, offline, with masks and boxes), CsvPairs (image path + report CSV, e.g.
-IU X-ray, CheXpert Plus, own data), MimicCXR (the MIMIC-CXR section below). make_dataset() is the entry point.
-
-CLI:  python data.py demo --out DIR      a few synthetic reports and a PNG grid with mask outlines
-      python data.py prepare-mimic ...   the MIMIC-CXR cache (resumable, validated)
-Throughput benchmarks (generator, BatchAugment, collate, prepare-mimic): python tests/bench_data.py.
+Sections, in file order:
+  1. Text, image and CSV utilities  split_sentences, load_grayscale, square_resize, to_image_tensor, pixel_stats,
+                                    one CSV reader; BadRecord and the report that lists every bad record at once
+  2. Synthetic chest X-rays         SyntheticCXR (offline, with masks and boxes): anatomy, one draw_<finding> per
+                                    finding, exposure, the report and its labels
+  3. MIMIC-CXR                      the MIT-LCP section parser, the prepare-mimic cache (resumable, validated),
+                                    MimicCXR
+  4. CSV pairs                      CsvPairs (image path + report: IU X-ray, CheXpert Plus, own data);
+                                    make_dataset, the entry point the methods call; report_texts
+  5. Augmentation and batching      BatchAugment (on the training device), collate, build_tokenizer
+  6. Downstream readers             read_records, load_record, split_records, take_fraction: RSNA, SIIM, COVID
+                                    rural, Object-CXR, NIH, a folder, synthetic (for eval_seg.py, eval_det.py)
+  7. CLI                            python data.py demo --out DIR     synthetic reports, a PNG grid with mask outlines
+                                    python data.py prepare-mimic ...  the MIMIC-CXR cache
+Throughput benchmarks (generator, BatchAugment, collate, prepare-mimic): python tests/bench_data.py
 """
 import argparse
 import bisect
@@ -48,8 +57,12 @@ CHEXPERT_LABELS = (
     "Edema", "Consolidation", "Pneumonia", "Atelectasis", "Pneumothorax", "Pleural Effusion",
     "Pleural Other", "Fracture", "Support Devices")
 SYNTH_FINDINGS = ("opacity", "nodule", "effusion", "pneumothorax", "cardiomegaly")
+SPLITS = ("train", "validate", "test")
+_SPLIT_NAMES = {"train": "train", "validation": "validate", "validate": "validate", "val": "validate",
+                "valid": "validate", "test": "test"}  # the spellings split files use -> SPLITS
 
-# -------------------- Text ----------------------------------------------------------------------------
+
+# ==== 1. Text, image and CSV utilities; bad-record reports ==========================================================
 _ABBREVIATIONS = {"dr", "mr", "mrs", "ms", "prof", "approx", "vs", "e.g", "i.e", "etc", "fig", "cf", "ca",
                   "resp", "incl", "esp", "al", "pt", "hx", "dx", "a.m", "p.m", "st"}
 # A sentence ends at . ! ? followed by whitespace; the checks in split_sentences veto false ends.
@@ -90,7 +103,6 @@ def _swap_left_right(sentence):
     return re.sub(r"\b(?:[Ll]eft|[Rr]ight)\b", swap, sentence)
 
 
-# -------------------- Image helpers shared by the datasets (pad to square, resize, normalize) ---------
 def train_native_size(image_size):
     """Size of the un-augmented training view: 8/7 of the output (256 for 224), so BatchAugment can crop."""
     return int(round(image_size * 8 / 7))
@@ -142,8 +154,64 @@ def pixel_stats(images):
     return float(means.mean()), float(math.sqrt(variances.mean() + means.var()))
 
 
-# -------------------- Synthetic chest X-rays with reports, labels, masks and boxes --------------------
-_SPLIT_IDS = {"train": 0, "validate": 1, "test": 2}
+def _csv_table(path):
+    """A CSV or .csv.gz read by column name -> (header, [(row number, {column: value})]). Names and values are
+    stripped of spaces (SIIM writes "ImageId, EncodedPixels"), cells missing at a row's end read as "", blank lines
+    are skipped, and rows are numbered as a spreadsheet shows them (the header is row 1) for error messages. Ids
+    stay strings (leading zeros matter)."""
+    with (gzip.open if str(path).endswith(".gz") else open)(path, "rt", newline="", encoding="utf-8-sig") as f:
+        reader = csv.reader(f)
+        header = [h.strip() for h in next(reader, [])]
+        return header, [(line, dict(zip(header, [v.strip() for v in row] + [""] * (len(header) - len(row)))))
+                        for line, row in enumerate(reader, start=2) if row]
+
+
+def _csv_rows(path):
+    """_csv_table's rows alone."""
+    return _csv_table(path)[1]
+
+
+class BadRecord(ValueError):
+    """A row or file that cannot be used; the message names the file (and row)."""
+
+
+SKIP_BAD_HINT = "(--skip-bad skips such records and counts them)"
+
+
+class _BadRecords:
+    """Collects the bad records of one reading pass and reports them all at once, instead of stopping at the
+    first one (a user would fix one row per run) or failing deep inside training: finish() raises ONE BadRecord
+    listing the first `max_listed` problems (each names its file and row) and the total, ending with
+    SKIP_BAD_HINT; with skip_bad=True it prints how many were skipped instead. The downstream readers
+    (eval_seg/eval_det --skip-bad) use it."""
+
+    def __init__(self, source, skip_bad, max_listed=20):
+        self.source, self.skip_bad, self.max_listed, self.problems = source, skip_bad, max_listed, []
+
+    def __call__(self, fn, *args):
+        """fn(*args); a BadRecord it raises is recorded and None returned."""
+        try:
+            return fn(*args)
+        except BadRecord as e:
+            self.problems.append(str(e))
+            return None
+
+    def add(self, problem):
+        self.problems.append(problem)
+
+    def finish(self):
+        n = len(self.problems)
+        records = f"{n} bad record{'s' if n != 1 else ''}"
+        if n and self.skip_bad:
+            print(f"{self.source}: skipped {records} (skip_bad=True); first: {self.problems[0]}", file=sys.stderr)
+        elif n:
+            listed = "".join(f"\n  {p}" for p in self.problems[:self.max_listed])
+            more = f"\n  ... and {n - self.max_listed} more" if n > self.max_listed else ""
+            raise BadRecord(f"{records} in {self.source}:{listed}{more}\n{SKIP_BAD_HINT}")
+
+
+# ==== 2. Synthetic chest X-rays with reports, labels, masks and boxes ===============================================
+_SPLIT_IDS = {split: i for i, split in enumerate(SPLITS)}  # separates the splits' random streams
 _DEFAULT_NUM_SAMPLES = {"train": 4000, "validate": 500, "test": 500}
 _CM_PER_UNIT = 17.0  # the canonical frame spans 2 units = a 34 cm wide film; used for nodule sizes in cm
 
@@ -563,7 +631,390 @@ class SyntheticCXR(Dataset):
                     box_labels=torch.from_numpy(r["box_labels"]))
 
 
-# -------------------- Image-report pairs from a CSV file (IU X-ray, CheXpert Plus, own data) ----------
+# ==== 3. MIMIC-CXR: report sections, the small-resolution cache (prepare-mimic), MimicCXR ===========================
+# MIMIC-CXR-JPG 2.0.0 + MIMIC-CXR 2.0.0 reports, read as LoVT does (philip-mueller/lovt:
+# src/data/datasets/mimic_cxr/mimic_cxr_dataset.py), with a small-resolution cache in front.
+#
+# `python data.py prepare-mimic --root ROOT --out CACHE [--reports DIR] [--image-size 256] [--workers N]` decodes every
+# frontal (PA/AP) JPEG once and writes CACHE/
+#     images.bin      uint8 np.memmap, N x S x S (nanoGPT style: zero decode cost when training)
+#     manifest.csv    row,subject_id,study_id,dicom_id,split,view,height,width,x0,y0,x1,y1 (original size, content box)
+#     studies.jsonl   one kept study per line: ids, split, memmap rows, sentences (findings then impression), the
+#                     stripped findings and impression texts, 14 CheXpert labels (CHEXPERT_LABELS order, null = blank)
+#     meta.json       image_size, counts, crc32 of images.bin, per-split pixel mean/std over the content boxes (LoVT's
+#                     rule: mean of image means; variance = mean of image variances + variance of the means; [0, 1])
+#     rejected.csv    path,reason for every image and report refused (never replaced by zeros): missing/empty/
+#                     unreadable (incl. truncated)/constant image, missing/unreadable report, custom_rule_study,
+#                     no_findings_or_impression, too_few_tokens (< 3), no_valid_image (the study lost all its images)
+# Reports follow LoVT's mimic_cxr_dataset.py, with the suite's split_sentences instead of Stanza (a documented
+# deviation).
+# Images: decoded with libjpeg DCT scaling (`Image.draft`, 1/2, 1/4 or 1/8 scale, never below the target), longer side
+# resized to S with Image.Resampling.BOX (area average, like cv2.INTER_AREA in MGCA), zero-padded centred to S x S:
+# padded rather than cropped, so the memmap has a fixed shape and nothing is lost; BatchAugment crops on the device.
+# Resumable: studies are processed in sorted order in chunks; after each chunk the memmap and text files are flushed
+# and state.json is replaced atomically, so a rerun truncates any half-written tail and continues at the same row.
+# ---- 3a. MIT-LCP section parser (MIT-LCP/mimic-cxr:txt/section_parser.py:section_text, reimplemented literally) ----
+# A header is a newline, exactly one space, UPPER-CASE letters / space / ()/,- and a colon: "Findings:" is no header.
+_HEADER = re.compile(r"\n ([A-Z ()/,-]+):\s", re.DOTALL)
+_SECTION_ALIASES = {  # normalised name <- exact (lower-cased) header spellings, MIT-LCP's `frequent_sections`
+    "impression": "impression|conclusion|findings and impression|findings/impression|findings/ impression|impresson|"
+                  "imprression|imoression|impressoin|imprssion|impresion|imperssion|mpression|impession|ndication",
+    "findings": "findings|finding|chest, two views|reference findings|findins|findindgs|findgings|findngs|findnings|"
+                "finidngs",
+    "comparison": "comparison|comparisons|reference exam|comparison exam|comparison film|comparision|comparsion|"
+                  "comparrison|comparisions",
+    "history": "history|clinical history|clinical information|patient history|pfi",
+    "indication": "indication|reason for examination|reason for exam|clinical indication|idication",
+    "examination": "examination|exam|type of examination",
+    "recommendations": "recommendations|recommendation(s)|recommendation",
+    "wet read": "wet read|wetread",
+    "preamble": "preamble", "technique": "technique", "notification": "notification", "addendum": "addendum",
+    "date": "date", "comment": "comment",
+}
+_SECTION_SYNONYMS = {alias: name for name, aliases in _SECTION_ALIASES.items() for alias in aliases.split("|")}
+_MAIN_SECTIONS = ("impression", "findings", "history", "comparison", "addendum")  # substring match, in this order
+_FINDINGS_LIKE = re.compile(
+    "(chest|portable|pa and lateral|lateral and pa|ap and lateral|lateral and ap|frontal and|two views|frontal view|"
+    "pa view|ap view|one view|lateral view|bone window|frontal upright|frontal semi-upright|ribs|pa and lat)")
+# Studies in MIT-LCP's `custom_mimic_cxr_rules` tables (hand-set sections or offsets): LoVT skips them.
+_CUSTOM_RULE_STUDIES = frozenset(
+    "50913680 59363654 59279892 59768032 57936451 50058765 53356173 53202765 50808053 51966317 50743547 56451190 "
+    "59067458 59215320 55124749 54365831 59087630 58157373 56482935 58375018 54654948 55157853 51491012 50525523 "
+    "57564132 59982525 53488209 54875119 50196495 56579911 52648681 59889364 53514462 59505494 53182247 51410602 "
+    "56412866 54986978 59003148 57150433 56760320 59562049 52674888 55258338 59330497 52119491 58235663 50798377 "
+    "54168089 53071062 56724958 54231141 53607029 52035334".split())
+_TOKEN = re.compile(r"\w+|[^\w\s]")  # words and punctuation marks: our stand-in for Stanza's token count
+
+
+def _normalize_section_name(name):
+    name = name.lower().strip()
+    if name in _SECTION_SYNONYMS:
+        return _SECTION_SYNONYMS[name]
+    for main in _MAIN_SECTIONS:
+        if main in name:
+            return main
+    return "findings" if _FINDINGS_LIKE.search(name) else name  # title-like headers ("CHEST, PA LATERAL")
+
+
+def parse_report_sections(text):
+    """{normalised section name: body} by MIT-LCP's `section_text` rules, in report order. Bodies are not stripped;
+    if a name repeats, the last occurrence wins (LoVT)."""
+    m = _HEADER.search(text)
+    if m is None:
+        return {"full report": text}
+    bodies, names = [text[:m.start(1)]], ["preamble"]
+    while m:
+        name, start = m.group(1), m.end()
+        # The next header is searched from the end of this header's first line, never on that line.
+        m = _HEADER.search(text, max(text.find("\n", start), start))
+        bodies.append(text[start:m.start() if m else len(text)])
+        names.append(name)
+    names = [_normalize_section_name(n) for n in names]
+    # Empty findings/impression are titles or duplicated headers: drop them.
+    keep = [i for i, (n, b) in enumerate(zip(names, bodies)) if n not in ("impression", "findings") or b.strip()]
+    bodies, names = [bodies[i] for i in keep], [names[i] for i in keep]
+    if "impression" not in names and "findings" not in names and "\n \n" in bodies[-1]:
+        first, *rest = bodies[-1].split("\n \n")
+        bodies[-1:] = [first, "\n \n".join(rest)]
+        names.append("last_paragraph")
+    return dict(zip(names, bodies))  # a later duplicate overwrites the earlier one's body
+
+
+def report_sentences(text):
+    """LoVT's sentence list: findings sentences, then impression sentences (a missing section counts as empty)."""
+    sections = parse_report_sections(text)
+    return split_sentences(sections.get("findings", "")) + split_sentences(sections.get("impression", ""))
+
+
+# ---- 3b. prepare-mimic: decode, validate and cache -----------------------------------------------------------------
+def load_cxr(path, image_size, draft=True):
+    """JPEG -> (S x S uint8 square, S = image_size, (height, width) of the original, content box (x0, y0, x1, y1)).
+
+    draft=True decodes at a reduced DCT scale (data.load_grayscale). Raises OSError / ValueError on unreadable or
+    truncated files: the conversion forces the full decode, and Pillow's default ImageFile.LOAD_TRUNCATED_IMAGES =
+    False makes a truncated stream an error instead of grey rows."""
+    with Image.open(path) as img:  # reads the header only: the original size for the manifest
+        w0, h0 = img.size
+    img = load_grayscale(path, min_size=image_size if draft else None)
+    w, h = img.size
+    scale = image_size / max(w, h)  # where square_resize places the content
+    box_w, box_h = max(1, round(w * scale)), max(1, round(h * scale))
+    x0, y0 = (image_size - box_w) // 2, (image_size - box_h) // 2
+    return square_resize(img, image_size), (h0, w0), (x0, y0, x0 + box_w, y0 + box_h)
+
+
+def _read_report(path, study_id):
+    """(dict of sentences and the stripped findings / impression texts, None) for a valid report, or (None, reason)
+    following LoVT's filters (its mimic_cxr_dataset.py). The raw sections let other methods build their own text
+    (MGCA, LRCLR)."""
+    if study_id in _CUSTOM_RULE_STUDIES:
+        return None, "custom_rule_study"
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        return None, "missing_report" if isinstance(e, FileNotFoundError) else "unreadable_report"
+    sections = parse_report_sections(text)
+    if "findings" not in sections and "impression" not in sections:
+        return None, "no_findings_or_impression"  # the unlabelled last paragraph is not used
+    sentences = report_sentences(text)
+    if len(_TOKEN.findall(" ".join(sentences))) < 3:
+        return None, "too_few_tokens"
+    return dict(sentences=sentences, findings=sections.get("findings", "").strip(),
+                impression=sections.get("impression", "").strip()), None
+
+
+def _prepare_study(study, image_size):
+    """Worker: validate the report, then decode each frontal image -> dict of results (plain, picklable)."""
+    report, reason = _read_report(study["report"], study["study_id"])
+    images = []
+    for dicom_id, view, path in study["images"] if reason is None else []:
+        try:
+            square, hw, box = load_cxr(path, image_size)
+            x0, y0, x1, y1 = box
+            content = square[y0:y1, x0:x1] / 255.0
+            bad = "constant_image" if content.min() == content.max() else None
+            images.append(dict(dicom_id=dicom_id, view=view, path=path, reason=bad, square=square, hw=hw, box=box,
+                               mean=float(content.mean()), var=float(content.var())))
+        except FileNotFoundError:
+            images.append(dict(path=path, reason="missing_image"))
+        except (OSError, ValueError, Image.DecompressionBombError):
+            empty = os.path.exists(path) and os.path.getsize(path) == 0
+            images.append(dict(path=path, reason="empty_image" if empty else "unreadable_image"))
+    return dict(report=report, reason=reason, images=images)
+
+
+def _prepare_chunk(studies, image_size):
+    return [_prepare_study(s, image_size) for s in studies]
+
+
+def _read_csv(root, name):
+    for path in (root / name, root / f"{name}.gz"):
+        if path.exists():
+            return [row for _, row in _csv_rows(path)]
+    raise FileNotFoundError(f"{name}[.gz] not found in {root}")
+
+
+def _mimic_studies(root, reports):
+    """Frontal images grouped by study, in sorted (subject, study, dicom) order -> (studies, n non-frontal)."""
+    views = {r["dicom_id"]: r["ViewPosition"] for r in _read_csv(root, "mimic-cxr-2.0.0-metadata.csv")}
+    labels = {r["study_id"]: [float(r[k]) if r[k] else None for k in CHEXPERT_LABELS]  # None = blank
+              for r in _read_csv(root, "mimic-cxr-2.0.0-chexpert.csv")}
+    studies, non_frontal = {}, 0
+    for r in _read_csv(root, "mimic-cxr-2.0.0-split.csv"):
+        view = views.get(r["dicom_id"]) or ""
+        if view not in ("PA", "AP"):  # blank and every other view are excluded, as in LoVT and MGCA
+            non_frontal += 1
+            continue
+        subject, study = r["subject_id"], r["study_id"]
+        folder = f"files/p{subject[:2]}/p{subject}"
+        s = studies.setdefault((subject, study), dict(
+            subject_id=subject, study_id=study, split=r["split"], report=str(reports / folder / f"s{study}.txt"),
+            labels=labels.get(study, [None] * len(CHEXPERT_LABELS)), images=[]))  # a missing label row = blank
+        s["images"].append((r["dicom_id"], view, str(root / folder / f"s{study}" / f"{r['dicom_id']}.jpg")))
+    for s in studies.values():
+        s["images"].sort()
+    return [studies[k] for k in sorted(studies)], non_frontal
+
+
+def _save_state(path, state):
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(state))
+    os.replace(tmp, path)  # atomic: a crash leaves the old state or the new one, never half of one
+
+
+def prepare_mimic(root, out, reports=None, image_size=256, workers=1, chunk_size=64):
+    """Build (or resume) the cache described at the top of this section; returns meta.json's dict."""
+    root, out = Path(root), Path(out)
+    reports = Path(reports) if reports else root
+    reports = reports.parent if reports.name == "files" else reports  # accept the folder holding files/ or files/
+    studies, non_frontal = _mimic_studies(root, reports)
+    if not studies:
+        raise SystemExit(f"no frontal images listed under {root}")
+    out.mkdir(parents=True, exist_ok=True)
+    cache = _Cache(out, image_size, n_images=sum(len(s["images"]) for s in studies))
+    state = _open_cache(cache, studies)
+    if state["next_study"] < len(studies):
+        _fill_cache(cache, state, studies, workers, chunk_size)
+    if not state["done"]:
+        _finish_cache(cache, state, non_frontal)
+    meta = json.loads((out / "meta.json").read_text())
+    print(f"prepare-mimic: kept {meta['n_images']} images / {meta['n_studies']} studies; skipped "
+          f"{meta['non_frontal_skipped']} non-frontal images; rejected "
+          f"{', '.join(f'{k}={v}' for k, v in meta['rejected'].items()) or 'none'} (list: {cache.texts['rejected']})")
+    return meta
+
+
+class _Cache:
+    """Where a prepare-mimic cache lives: the memmap (N x S x S, N = every listed frontal image, an upper bound cut
+    at the end), the text files that are appended chunk by chunk, and state.json."""
+
+    def __init__(self, out, image_size, n_images):
+        self.out, self.image_size, self.n_images = out, image_size, n_images
+        self.texts = {name: out / file for name, file in (("manifest", "manifest.csv"), ("studies", "studies.jsonl"),
+                                                          ("rejected", "rejected.csv"))}
+        self.state_path, self.bin_path = out / "state.json", out / "images.bin"
+
+    def memmap(self, mode):
+        return np.memmap(self.bin_path, np.uint8, mode, shape=(self.n_images, self.image_size, self.image_size))
+
+
+def _open_cache(cache, studies):
+    """A fresh cache with empty files, or the state of an interrupted run with whatever it wrote after its last
+    saved chunk cut off. Refuses a folder that holds another data set or image size."""
+    ids = [[s["study_id"], [dicom_id for dicom_id, _, _ in s["images"]]] for s in studies]
+    fingerprint = zlib.crc32(json.dumps([cache.image_size, ids]).encode())  # what the fixed row order depends on
+    if cache.state_path.exists():
+        state = json.loads(cache.state_path.read_text())
+        if state["fingerprint"] != fingerprint:
+            raise SystemExit(f"{cache.out} holds a cache of other data or another --image-size; choose a new --out")
+        for key, path in cache.texts.items():  # drop whatever a killed run appended after its last saved chunk
+            os.truncate(path, state["offsets"][key])
+        return state
+    cache.texts["manifest"].write_text("row,subject_id,study_id,dicom_id,split,view,height,width,x0,y0,x1,y1\n")
+    cache.texts["studies"].write_text("")
+    cache.texts["rejected"].write_text("path,reason\n")
+    cache.memmap("w+").flush()
+    state = dict(fingerprint=fingerprint, image_size=cache.image_size, next_study=0, next_row=0, kept_studies=0,
+                 crc32=0, rejected={}, stats={}, offsets={k: p.stat().st_size for k, p in cache.texts.items()},
+                 done=False)
+    _save_state(cache.state_path, state)
+    return state
+
+
+def _fill_cache(cache, state, studies, workers, chunk_size):
+    """Decode the studies from state["next_study"] on, in chunks (in `workers` processes); after each chunk the
+    memmap and text files are flushed and fsynced, then state.json is replaced: a kill loses at most a chunk."""
+    start = state["next_study"]
+    images = cache.memmap("r+")
+    chunks = [studies[i:i + chunk_size] for i in range(start, len(studies), chunk_size)]
+    work = partial(_prepare_chunk, image_size=cache.image_size)
+    pool = Pool(workers) if workers > 1 else None
+    done = sum(len(s["images"]) for s in studies[:start])
+    bar = tqdm(total=cache.n_images, initial=done, unit="img", desc="prepare-mimic", smoothing=0.1)  # shows img/s
+    files = {k: open(p, "a", newline="") for k, p in cache.texts.items()}
+    try:
+        for chunk, results in zip(chunks, pool.imap(work, chunks) if pool else map(work, chunks)):
+            _write_chunk(chunk, results, images, files, state)
+            images.flush()
+            for f in files.values():
+                f.flush()
+                os.fsync(f.fileno())
+            state["offsets"] = {k: f.tell() for k, f in files.items()}
+            _save_state(cache.state_path, state)
+            bar.update(sum(len(s["images"]) for s in chunk))
+    finally:
+        bar.close()
+        for f in files.values():
+            f.close()
+        if pool:
+            pool.terminate()
+
+
+def _finish_cache(cache, state, non_frontal):
+    """Cut the memmap to the rows written and write meta.json with the per-split pixel statistics."""
+    os.truncate(cache.bin_path, state["next_row"] * cache.image_size * cache.image_size)
+    stats = {}
+    for split, (n, sum_mean, sum_var, sum_mean_sq) in sorted(state["stats"].items()):
+        mean = sum_mean / n  # LoVT: mean of image means; variance = mean of variances + variance of means
+        stats[split] = dict(n_images=n, mean=mean, std=math.sqrt(sum_var / n + max(sum_mean_sq / n - mean**2, 0)))
+    meta = dict(image_size=cache.image_size, n_images=state["next_row"], n_studies=state["kept_studies"],
+                non_frontal_skipped=non_frontal, rejected=dict(sorted(state["rejected"].items())),
+                crc32=state["crc32"], stats=stats)
+    (cache.out / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
+    state["done"] = True
+    _save_state(cache.state_path, state)
+
+
+def _write_chunk(chunk, results, images, files, state):
+    """Main process, in study order: memmap rows, text lines, counts and running pixel statistics."""
+    def reject(path, reason):
+        csv.writer(files["rejected"], lineterminator="\n").writerow([path, reason])
+        state["rejected"][reason] = state["rejected"].get(reason, 0) + 1
+    for study, res in zip(chunk, results):
+        state["next_study"] += 1
+        if res["reason"]:
+            reject(study["report"], res["reason"])
+            continue
+        rows = []
+        for im in res["images"]:
+            if im["reason"]:
+                reject(im["path"], im["reason"])
+                continue
+            row = state["next_row"]
+            images[row] = im["square"]
+            state["crc32"] = zlib.crc32(im["square"].tobytes(), state["crc32"])
+            (h, w), (x0, y0, x1, y1) = im["hw"], im["box"]
+            files["manifest"].write(f"{row},{study['subject_id']},{study['study_id']},{im['dicom_id']},"
+                                    f"{study['split']},{im['view']},{h},{w},{x0},{y0},{x1},{y1}\n")
+            acc = state["stats"].setdefault(study["split"], [0, 0.0, 0.0, 0.0])  # n, sums of mean, var, mean^2
+            for i, value in enumerate((1, im["mean"], im["var"], im["mean"] ** 2)):
+                acc[i] += value
+            rows.append(row)
+            state["next_row"] += 1
+        if not rows:
+            reject(study["report"], "no_valid_image")
+            continue
+        record = dict(subject_id=study["subject_id"], study_id=study["study_id"], split=study["split"], rows=rows,
+                      **res["report"], labels=study["labels"])
+        files["studies"].write(json.dumps(record) + "\n")
+        state["kept_studies"] += 1
+
+
+def add_mimic_commands(subparsers):
+    """Register `prepare-mimic` on data.py's argparse subparsers (dispatch: args.func(args))."""
+    p = subparsers.add_parser("prepare-mimic", help="build the small-resolution MIMIC-CXR cache (resumable)")
+    p.add_argument("--root", required=True, help="mimic-cxr-jpg/2.0.0: the split/metadata/chexpert CSVs and files/")
+    p.add_argument("--out", required=True, help="cache folder (rerun with the same --out to resume)")
+    p.add_argument("--reports", default=None, help="folder holding files/pXX/pSUBJECT/sSTUDY.txt (default: --root)")
+    p.add_argument("--image-size", type=int, default=256, help="side S of the cached S x S squares")
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="decoding processes")
+    p.set_defaults(func=lambda a: prepare_mimic(a.root, a.out, a.reports, a.image_size, a.workers))
+
+
+# ---- 3c. the dataset -----------------------------------------------------------------------------------------------
+class MimicCXR(Dataset):
+    """Image-report pairs from a prepare-mimic cache -> DESIGN sample dicts.
+
+    one_image_per_study=True: one sample per study, a random frontal view each time it is loaded (LoVT);
+    False: one sample per frontal image (MGCA). train=True returns the cached S x S square (BatchAugment crops it on
+    the device); train=False resizes it to image_size. Normalised with the train split's statistics."""
+
+    def __init__(self, cache_dir, split="train", image_size=224, train=True, one_image_per_study=True):
+        self.cache_dir, self.image_size, self.train = Path(cache_dir), image_size, train
+        meta = json.loads((self.cache_dir / "meta.json").read_text())
+        self.cache_size, self.n_images = meta["image_size"], meta["n_images"]
+        self.mean, self.std = meta["stats"]["train"]["mean"], meta["stats"]["train"]["std"]
+        with open(self.cache_dir / "studies.jsonl") as f:
+            studies = [s for s in map(json.loads, f) if s["split"] == split]
+        self.samples = ([(s, s["rows"]) for s in studies] if one_image_per_study
+                        else [(s, [row]) for s in studies for row in s["rows"]])
+        self._images = None  # the memmap, opened lazily in each DataLoader worker
+
+    def __getstate__(self):  # pickling a memmap would copy all of it: workers reopen their own
+        return {**self.__dict__, "_images": None}
+
+    def __len__(self):
+        return len(self.samples)
+
+    def report(self, index):
+        """The study's sentences, without reading the image."""
+        return self.samples[index][0]["sentences"]
+
+    def __getitem__(self, index):
+        study, rows = self.samples[index]
+        row = rows[torch.randint(len(rows), ()).item()]  # torch RNG: seeded per DataLoader worker
+        if self._images is None:
+            self._images = np.memmap(self.cache_dir / "images.bin", np.uint8, "r",
+                                     shape=(self.n_images, self.cache_size, self.cache_size))
+        pixels = np.array(self._images[row])  # S x S uint8, copied out of the read-only map
+        if not self.train and self.image_size != self.cache_size:
+            pixels = square_resize(Image.fromarray(pixels), self.image_size)
+        labels = torch.tensor([math.nan if v is None else v for v in study["labels"]], dtype=torch.float32)
+        return dict(image=to_image_tensor(pixels, self.mean, self.std), sentences=list(study["sentences"]),
+                    text=" ".join(study["sentences"]), labels=labels, study_id=study["study_id"])
+
+
+# ==== 4. Image-report pairs from a CSV file (IU X-ray, CheXpert Plus, own data); make_dataset =======================
 class CsvPairs(Dataset):
     """Image-report pairs listed in a CSV: `image_col` holds image paths relative to the CSV's folder,
     `text_col` the report text (split with split_sentences), optional `split_col` (train/validate/test) and
@@ -644,359 +1095,6 @@ class CsvPairs(Dataset):
                     study_id=str(it["study_id"]))
 
 
-# ==== MIMIC-CXR: report sections, the small-resolution cache (prepare-mimic), MimicCXR ====
-# MIMIC-CXR-JPG 2.0.0 + MIMIC-CXR 2.0.0 reports (formats.md §1, common.md §3, lovt.md §4).
-#
-# `python data.py prepare-mimic --root ROOT --out CACHE [--reports DIR] [--image-size 256] [--workers N]` decodes every
-# frontal (PA/AP) JPEG once and writes CACHE/
-#     images.bin      uint8 np.memmap, N x S x S (nanoGPT style: zero decode cost when training)
-#     manifest.csv    row,subject_id,study_id,dicom_id,split,view,height,width,x0,y0,x1,y1 (original size, content box)
-#     studies.jsonl   one kept study per line: ids, split, memmap rows, sentences (findings then impression), the
-#                     stripped findings and impression texts, 14 CheXpert labels (CHEXPERT_LABELS order, null = blank)
-#     meta.json       image_size, counts, crc32 of images.bin, per-split pixel mean/std over the content boxes (LoVT's
-#                     rule: mean of image means; variance = mean of image variances + variance of the means; [0, 1])
-#     rejected.csv    path,reason for every image and report refused (never replaced by zeros): missing/empty/
-#                     unreadable (incl. truncated)/constant image, missing/unreadable report, custom_rule_study,
-#                     no_findings_or_impression, too_few_tokens (< 3), no_valid_image (the study lost all its images)
-# Reports follow LoVT (lovt.md §4), with the suite's split_sentences instead of Stanza (a documented deviation).
-# Images: decoded with libjpeg DCT scaling (`Image.draft`, 1/2, 1/4 or 1/8 scale, never below the target), longer side
-# resized to S with Image.Resampling.BOX (area average, like cv2.INTER_AREA in MGCA), zero-padded centred to S x S.
-# The issue text said "--size on the shorter side"; we follow common.md §3.3 instead (longer side, padded square), so
-# the memmap has a fixed shape and nothing is cropped away; BatchAugment crops on the device.
-# Resumable: studies are processed in sorted order in chunks; after each chunk the memmap and text files are flushed
-# and state.json is replaced atomically, so a rerun truncates any half-written tail and continues at the same row.
-# --- MIT-LCP section parser (MIT-LCP/mimic-cxr txt/section_parser.py, reimplemented literally, formats.md §1.8) ---
-# A header is a newline, exactly one space, UPPER-CASE letters / space / ()/,- and a colon: "Findings:" is no header.
-_HEADER = re.compile(r"\n ([A-Z ()/,-]+):\s", re.DOTALL)
-_SECTION_ALIASES = {  # normalised name <- exact (lower-cased) header spellings, MIT-LCP's `frequent_sections`
-    "impression": "impression|conclusion|findings and impression|findings/impression|findings/ impression|impresson|"
-                  "imprression|imoression|impressoin|imprssion|impresion|imperssion|mpression|impession|ndication",
-    "findings": "findings|finding|chest, two views|reference findings|findins|findindgs|findgings|findngs|findnings|"
-                "finidngs",
-    "comparison": "comparison|comparisons|reference exam|comparison exam|comparison film|comparision|comparsion|"
-                  "comparrison|comparisions",
-    "history": "history|clinical history|clinical information|patient history|pfi",
-    "indication": "indication|reason for examination|reason for exam|clinical indication|idication",
-    "examination": "examination|exam|type of examination",
-    "recommendations": "recommendations|recommendation(s)|recommendation",
-    "wet read": "wet read|wetread",
-    "preamble": "preamble", "technique": "technique", "notification": "notification", "addendum": "addendum",
-    "date": "date", "comment": "comment",
-}
-_SECTION_SYNONYMS = {alias: name for name, aliases in _SECTION_ALIASES.items() for alias in aliases.split("|")}
-_MAIN_SECTIONS = ("impression", "findings", "history", "comparison", "addendum")  # substring match, in this order
-_FINDINGS_LIKE = re.compile(
-    "(chest|portable|pa and lateral|lateral and pa|ap and lateral|lateral and ap|frontal and|two views|frontal view|"
-    "pa view|ap view|one view|lateral view|bone window|frontal upright|frontal semi-upright|ribs|pa and lat)")
-# Studies in MIT-LCP's `custom_mimic_cxr_rules` tables (hand-set sections or offsets): LoVT skips them.
-_CUSTOM_RULE_STUDIES = frozenset(
-    "50913680 59363654 59279892 59768032 57936451 50058765 53356173 53202765 50808053 51966317 50743547 56451190 "
-    "59067458 59215320 55124749 54365831 59087630 58157373 56482935 58375018 54654948 55157853 51491012 50525523 "
-    "57564132 59982525 53488209 54875119 50196495 56579911 52648681 59889364 53514462 59505494 53182247 51410602 "
-    "56412866 54986978 59003148 57150433 56760320 59562049 52674888 55258338 59330497 52119491 58235663 50798377 "
-    "54168089 53071062 56724958 54231141 53607029 52035334".split())
-_TOKEN = re.compile(r"\w+|[^\w\s]")  # words and punctuation marks: our stand-in for Stanza's token count
-
-
-def _normalize_section_name(name):
-    name = name.lower().strip()
-    if name in _SECTION_SYNONYMS:
-        return _SECTION_SYNONYMS[name]
-    for main in _MAIN_SECTIONS:
-        if main in name:
-            return main
-    return "findings" if _FINDINGS_LIKE.search(name) else name  # title-like headers ("CHEST, PA LATERAL")
-
-
-def parse_report_sections(text):
-    """{normalised section name: body} by MIT-LCP's `section_text` rules, in report order. Bodies are not stripped;
-    if a name repeats, the last occurrence wins (LoVT)."""
-    m = _HEADER.search(text)
-    if m is None:
-        return {"full report": text}
-    bodies, names = [text[:m.start(1)]], ["preamble"]
-    while m:
-        name, start = m.group(1), m.end()
-        # The next header is searched from the end of this header's first line, never on that line.
-        m = _HEADER.search(text, max(text.find("\n", start), start))
-        bodies.append(text[start:m.start() if m else len(text)])
-        names.append(name)
-    names = [_normalize_section_name(n) for n in names]
-    # Empty findings/impression are titles or duplicated headers: drop them.
-    keep = [i for i, (n, b) in enumerate(zip(names, bodies)) if n not in ("impression", "findings") or b.strip()]
-    bodies, names = [bodies[i] for i in keep], [names[i] for i in keep]
-    if "impression" not in names and "findings" not in names and "\n \n" in bodies[-1]:
-        first, *rest = bodies[-1].split("\n \n")
-        bodies[-1:] = [first, "\n \n".join(rest)]
-        names.append("last_paragraph")
-    return dict(zip(names, bodies))  # a later duplicate overwrites the earlier one's body
-
-
-def report_sentences(text):
-    """LoVT's sentence list: findings sentences, then impression sentences (a missing section counts as empty)."""
-    sections = parse_report_sections(text)
-    return split_sentences(sections.get("findings", "")) + split_sentences(sections.get("impression", ""))
-
-
-# --- image decoding -------------------------------------------------------------------------------------------------
-def load_cxr(path, image_size, draft=True):
-    """JPEG -> (S x S uint8 square, S = image_size, (height, width) of the original, content box (x0, y0, x1, y1)).
-
-    draft=True decodes at a reduced DCT scale (data.load_grayscale). Raises OSError / ValueError on unreadable or
-    truncated files: the conversion forces the full decode, and Pillow's default ImageFile.LOAD_TRUNCATED_IMAGES =
-    False makes a truncated stream an error instead of grey rows."""
-    with Image.open(path) as img:  # reads the header only: the original size for the manifest
-        w0, h0 = img.size
-    img = load_grayscale(path, min_size=image_size if draft else None)
-    w, h = img.size
-    scale = image_size / max(w, h)  # where square_resize places the content
-    box_w, box_h = max(1, round(w * scale)), max(1, round(h * scale))
-    x0, y0 = (image_size - box_w) // 2, (image_size - box_h) // 2
-    return square_resize(img, image_size), (h0, w0), (x0, y0, x0 + box_w, y0 + box_h)
-
-
-def _read_report(path, study_id):
-    """(dict of sentences and the stripped findings / impression texts, None) for a valid report, or (None, reason)
-    following LoVT's filters (lovt.md §4). The raw sections let other methods build their own text (MGCA, LRCLR)."""
-    if study_id in _CUSTOM_RULE_STUDIES:
-        return None, "custom_rule_study"
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        return None, "missing_report" if isinstance(e, FileNotFoundError) else "unreadable_report"
-    sections = parse_report_sections(text)
-    if "findings" not in sections and "impression" not in sections:
-        return None, "no_findings_or_impression"  # the unlabelled last paragraph is not used
-    sentences = report_sentences(text)
-    if len(_TOKEN.findall(" ".join(sentences))) < 3:
-        return None, "too_few_tokens"
-    return dict(sentences=sentences, findings=sections.get("findings", "").strip(),
-                impression=sections.get("impression", "").strip()), None
-
-
-def _prepare_study(study, image_size):
-    """Worker: validate the report, then decode each frontal image -> dict of results (plain, picklable)."""
-    report, reason = _read_report(study["report"], study["study_id"])
-    images = []
-    for dicom_id, view, path in study["images"] if reason is None else []:
-        try:
-            square, hw, box = load_cxr(path, image_size)
-            x0, y0, x1, y1 = box
-            content = square[y0:y1, x0:x1] / 255.0
-            bad = "constant_image" if content.min() == content.max() else None
-            images.append(dict(dicom_id=dicom_id, view=view, path=path, reason=bad, square=square, hw=hw, box=box,
-                               mean=float(content.mean()), var=float(content.var())))
-        except FileNotFoundError:
-            images.append(dict(path=path, reason="missing_image"))
-        except (OSError, ValueError, Image.DecompressionBombError):
-            empty = os.path.exists(path) and os.path.getsize(path) == 0
-            images.append(dict(path=path, reason="empty_image" if empty else "unreadable_image"))
-    return dict(report=report, reason=reason, images=images)
-
-
-def _prepare_chunk(studies, image_size):
-    return [_prepare_study(s, image_size) for s in studies]
-
-
-# --- prepare-mimic --------------------------------------------------------------------------------------------------
-def _read_csv(root, name):
-    for path in (root / name, root / f"{name}.gz"):
-        if path.exists():
-            with gzip.open(path, "rt", newline="") if path.suffix == ".gz" else open(path, newline="") as f:
-                return list(csv.DictReader(f))  # by column name; ids stay strings
-    raise FileNotFoundError(f"{name}[.gz] not found in {root}")
-
-
-def _mimic_studies(root, reports):
-    """Frontal images grouped by study, in sorted (subject, study, dicom) order -> (studies, n non-frontal)."""
-    views = {r["dicom_id"]: r["ViewPosition"] for r in _read_csv(root, "mimic-cxr-2.0.0-metadata.csv")}
-    labels = {r["study_id"]: [float(r[k]) if r[k] else None for k in CHEXPERT_LABELS]  # None = blank
-              for r in _read_csv(root, "mimic-cxr-2.0.0-chexpert.csv")}
-    studies, non_frontal = {}, 0
-    for r in _read_csv(root, "mimic-cxr-2.0.0-split.csv"):
-        view = views.get(r["dicom_id"]) or ""
-        if view not in ("PA", "AP"):  # blank and every other view are excluded, as in LoVT and MGCA
-            non_frontal += 1
-            continue
-        subject, study = r["subject_id"], r["study_id"]
-        folder = f"files/p{subject[:2]}/p{subject}"
-        s = studies.setdefault((subject, study), dict(
-            subject_id=subject, study_id=study, split=r["split"], report=str(reports / folder / f"s{study}.txt"),
-            labels=labels.get(study, [None] * len(CHEXPERT_LABELS)), images=[]))  # a missing label row = blank
-        s["images"].append((r["dicom_id"], view, str(root / folder / f"s{study}" / f"{r['dicom_id']}.jpg")))
-    for s in studies.values():
-        s["images"].sort()
-    return [studies[k] for k in sorted(studies)], non_frontal
-
-
-def _save_state(path, state):
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(state))
-    os.replace(tmp, path)  # atomic: a crash leaves the old state or the new one, never half of one
-
-
-def prepare_mimic(root, out, reports=None, image_size=256, workers=1, chunk_size=64):
-    """Build (or resume) the cache described in the section docstring; returns meta.json's dict."""
-    root, out = Path(root), Path(out)
-    reports = Path(reports) if reports else root
-    reports = reports.parent if reports.name == "files" else reports  # accept the folder holding files/ or files/
-    studies, non_frontal = _mimic_studies(root, reports)
-    if not studies:
-        raise SystemExit(f"no frontal images listed under {root}")
-    n_images = sum(len(s["images"]) for s in studies)
-    out.mkdir(parents=True, exist_ok=True)
-    texts = {"manifest": out / "manifest.csv", "studies": out / "studies.jsonl", "rejected": out / "rejected.csv"}
-    state_path, bin_path = out / "state.json", out / "images.bin"
-    ids = [[s["study_id"], [dicom_id for dicom_id, _, _ in s["images"]]] for s in studies]
-    fingerprint = zlib.crc32(json.dumps([image_size, ids]).encode())  # what the fixed row order depends on
-    if state_path.exists():
-        state = json.loads(state_path.read_text())
-        if state["fingerprint"] != fingerprint:
-            raise SystemExit(f"{out} holds a cache of other data or another --image-size; choose a new --out")
-        for key, path in texts.items():  # drop whatever a killed run appended after its last saved chunk
-            os.truncate(path, state["offsets"][key])
-    else:
-        texts["manifest"].write_text("row,subject_id,study_id,dicom_id,split,view,height,width,x0,y0,x1,y1\n")
-        texts["studies"].write_text("")
-        texts["rejected"].write_text("path,reason\n")
-        shape = (n_images, image_size, image_size)  # an upper bound, cut at the end
-        np.memmap(bin_path, np.uint8, "w+", shape=shape).flush()
-        state = dict(fingerprint=fingerprint, image_size=image_size, next_study=0, next_row=0, kept_studies=0, crc32=0,
-                     rejected={}, stats={}, offsets={k: p.stat().st_size for k, p in texts.items()}, done=False)
-        _save_state(state_path, state)
-    start = state["next_study"]
-    if start < len(studies):
-        images = np.memmap(bin_path, np.uint8, "r+", shape=(n_images, image_size, image_size))
-        chunks = [studies[i:i + chunk_size] for i in range(start, len(studies), chunk_size)]
-        work = partial(_prepare_chunk, image_size=image_size)
-        pool = Pool(workers) if workers > 1 else None
-        done = sum(len(s["images"]) for s in studies[:start])
-        bar = tqdm(total=n_images, initial=done, unit="img", desc="prepare-mimic", smoothing=0.1)  # shows img/s
-        files = {k: open(p, "a", newline="") for k, p in texts.items()}
-        try:
-            for chunk, results in zip(chunks, pool.imap(work, chunks) if pool else map(work, chunks)):
-                _write_chunk(chunk, results, images, files, state)
-                images.flush()
-                for f in files.values():
-                    f.flush()
-                    os.fsync(f.fileno())
-                state["offsets"] = {k: f.tell() for k, f in files.items()}
-                _save_state(state_path, state)
-                bar.update(sum(len(s["images"]) for s in chunk))
-        finally:
-            bar.close()
-            for f in files.values():
-                f.close()
-            if pool:
-                pool.terminate()
-        del images
-    if not state["done"]:
-        os.truncate(bin_path, state["next_row"] * image_size * image_size)  # the memmap keeps only the rows written
-        stats = {}
-        for split, (n, sum_mean, sum_var, sum_mean_sq) in sorted(state["stats"].items()):
-            mean = sum_mean / n  # LoVT: mean of image means; variance = mean of variances + variance of means
-            stats[split] = dict(n_images=n, mean=mean, std=math.sqrt(sum_var / n + max(sum_mean_sq / n - mean**2, 0)))
-        meta = dict(image_size=image_size, n_images=state["next_row"], n_studies=state["kept_studies"],
-                    non_frontal_skipped=non_frontal, rejected=dict(sorted(state["rejected"].items())),
-                    crc32=state["crc32"], stats=stats)
-        (out / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
-        state["done"] = True
-        _save_state(state_path, state)
-    meta = json.loads((out / "meta.json").read_text())
-    print(f"prepare-mimic: kept {meta['n_images']} images / {meta['n_studies']} studies; skipped "
-          f"{meta['non_frontal_skipped']} non-frontal images; rejected "
-          f"{', '.join(f'{k}={v}' for k, v in meta['rejected'].items()) or 'none'} (list: {texts['rejected']})")
-    return meta
-
-
-def _write_chunk(chunk, results, images, files, state):
-    """Main process, in study order: memmap rows, text lines, counts and running pixel statistics."""
-    def reject(path, reason):
-        csv.writer(files["rejected"], lineterminator="\n").writerow([path, reason])
-        state["rejected"][reason] = state["rejected"].get(reason, 0) + 1
-    for study, res in zip(chunk, results):
-        state["next_study"] += 1
-        if res["reason"]:
-            reject(study["report"], res["reason"])
-            continue
-        rows = []
-        for im in res["images"]:
-            if im["reason"]:
-                reject(im["path"], im["reason"])
-                continue
-            row = state["next_row"]
-            images[row] = im["square"]
-            state["crc32"] = zlib.crc32(im["square"].tobytes(), state["crc32"])
-            (h, w), (x0, y0, x1, y1) = im["hw"], im["box"]
-            files["manifest"].write(f"{row},{study['subject_id']},{study['study_id']},{im['dicom_id']},"
-                                    f"{study['split']},{im['view']},{h},{w},{x0},{y0},{x1},{y1}\n")
-            acc = state["stats"].setdefault(study["split"], [0, 0.0, 0.0, 0.0])  # n, sums of mean, var, mean^2
-            for i, value in enumerate((1, im["mean"], im["var"], im["mean"] ** 2)):
-                acc[i] += value
-            rows.append(row)
-            state["next_row"] += 1
-        if not rows:
-            reject(study["report"], "no_valid_image")
-            continue
-        record = dict(subject_id=study["subject_id"], study_id=study["study_id"], split=study["split"], rows=rows,
-                      **res["report"], labels=study["labels"])
-        files["studies"].write(json.dumps(record) + "\n")
-        state["kept_studies"] += 1
-
-
-def add_mimic_commands(subparsers):
-    """Register `prepare-mimic` on data.py's argparse subparsers (dispatch: args.func(args))."""
-    p = subparsers.add_parser("prepare-mimic", help="build the small-resolution MIMIC-CXR cache (resumable)")
-    p.add_argument("--root", required=True, help="mimic-cxr-jpg/2.0.0: the split/metadata/chexpert CSVs and files/")
-    p.add_argument("--out", required=True, help="cache folder (rerun with the same --out to resume)")
-    p.add_argument("--reports", default=None, help="folder holding files/pXX/pSUBJECT/sSTUDY.txt (default: --root)")
-    p.add_argument("--image-size", type=int, default=256, help="side S of the cached S x S squares")
-    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="decoding processes")
-    p.set_defaults(func=lambda a: prepare_mimic(a.root, a.out, a.reports, a.image_size, a.workers))
-
-
-class MimicCXR(Dataset):
-    """Image-report pairs from a prepare-mimic cache -> DESIGN sample dicts.
-
-    one_image_per_study=True: one sample per study, a random frontal view each time it is loaded (LoVT);
-    False: one sample per frontal image (MGCA). train=True returns the cached S x S square (BatchAugment crops it on
-    the device); train=False resizes it to image_size. Normalised with the train split's statistics."""
-
-    def __init__(self, cache_dir, split="train", image_size=224, train=True, one_image_per_study=True):
-        self.cache_dir, self.image_size, self.train = Path(cache_dir), image_size, train
-        meta = json.loads((self.cache_dir / "meta.json").read_text())
-        self.cache_size, self.n_images = meta["image_size"], meta["n_images"]
-        self.mean, self.std = meta["stats"]["train"]["mean"], meta["stats"]["train"]["std"]
-        with open(self.cache_dir / "studies.jsonl") as f:
-            studies = [s for s in map(json.loads, f) if s["split"] == split]
-        self.samples = ([(s, s["rows"]) for s in studies] if one_image_per_study
-                        else [(s, [row]) for s in studies for row in s["rows"]])
-        self._images = None  # the memmap, opened lazily in each DataLoader worker
-
-    def __getstate__(self):  # pickling a memmap would copy all of it: workers reopen their own
-        return {**self.__dict__, "_images": None}
-
-    def __len__(self):
-        return len(self.samples)
-
-    def report(self, index):
-        """The study's sentences, without reading the image."""
-        return self.samples[index][0]["sentences"]
-
-    def __getitem__(self, index):
-        study, rows = self.samples[index]
-        row = rows[torch.randint(len(rows), ()).item()]  # torch RNG: seeded per DataLoader worker
-        if self._images is None:
-            self._images = np.memmap(self.cache_dir / "images.bin", np.uint8, "r",
-                                     shape=(self.n_images, self.cache_size, self.cache_size))
-        pixels = np.array(self._images[row])  # S x S uint8, copied out of the read-only map
-        if not self.train and self.image_size != self.cache_size:
-            pixels = square_resize(Image.fromarray(pixels), self.image_size)
-        labels = torch.tensor([math.nan if v is None else v for v in study["labels"]], dtype=torch.float32)
-        return dict(image=to_image_tensor(pixels, self.mean, self.std), sentences=list(study["sentences"]),
-                    text=" ".join(study["sentences"]), labels=labels, study_id=study["study_id"])
-
-
 def report_texts(ds, indices=None):
     """Every report of a dataset (or of nested Subsets of one) as one string each, in order: what a tokenizer's
     vocabulary is built from. Uses the datasets' report(index), so MIMIC and CSV images are never decoded."""
@@ -1023,10 +1121,11 @@ def make_dataset(name, root=None, split="train", image_size=224, train=True, see
     raise ValueError(f"unknown dataset {name!r}: use 'synthetic', 'mimic' or 'csv'")
 
 
-# -------------------- Batch augmentation on the training device (LoVT's chain, per-sample parameters) ---
+# ==== 5. Augmentation and batching: BatchAugment on the training device, collate, tokenizer =========================
 class BatchAugment(torch.nn.Module):
-    """LoVT's training augmentation (lovt.md section 3) for a whole batch on its device, per-sample parameters
-    drawn from the same distributions as torchvision's transforms (sample_params), then applied (apply):
+    """LoVT's training augmentation (the defaults of philip-mueller/lovt:src/models/image/scan_transforms.py:
+    ScanAugmentationConfig) for a whole batch on its device, per-sample parameters drawn from the same
+    distributions as torchvision's transforms (sample_params), then applied (apply):
 
     1. RandomResizedCrop(image_size, scale=crop_scale, ratio=(3/4, 4/3)): torchvision's 10-try rejection
        sampling with integer crop boxes and its fallback, composed with
@@ -1043,10 +1142,10 @@ class BatchAugment(torch.nn.Module):
     Horizontal flips are not part of this chain: reports say left/right (see SyntheticCXR's hflip).
 
     Input and output are normalized with (mean, std); the chain works on [0, 1] pixels in between. The crop
-    acts on the suite's square training view (train_native_size) instead of LoVT's full non-square film
-    (documented deviation, lovt.md section 3). Bilinear sampling without antialiasing suffices: crops are at
-    most 8/7 of the output size. forward(images, generator=None): B x 1 x h x w -> B x 1 x image_size x
-    image_size; parameters are drawn on the CPU from `generator` (default: torch's global RNG).
+    acts on the suite's square training view (train_native_size) instead of LoVT's full non-square film (a
+    documented deviation). Bilinear sampling without antialiasing suffices: crops are at most 8/7 of the output
+    size. forward(images, generator=None): B x 1 x h x w -> B x 1 x image_size x image_size; parameters are
+    drawn on the CPU from `generator` (default: torch's global RNG).
     """
 
     def __init__(self, image_size, mean, std, crop_scale=(0.6, 1.0), rotation=20.0, translate=0.1,
@@ -1144,9 +1243,10 @@ class BatchAugment(torch.nn.Module):
         return F.conv2d(x, kernel.view(b, 1, -1, 1) / self.std, bias, groups=b).view(b, 1, s, s)
 
 
-# -------------------- Tokenization and collation ------------------------------------------------------
+# ---- tokenization and collation ------------------------------------------------------------------------------------
 def collate(samples, tokenizer, max_length=512, sentence_transform=None):
-    """Batch sample dicts and tokenize the reports in LoVT's "joint" mode (lovt.md section 7.10).
+    """Batch sample dicts and tokenize the reports in LoVT's "joint" mode
+    (philip-mueller/lovt:src/models/text/report_encoder.py:ReportJointSentenceBatchCollator).
 
     Each sentence is tokenized without special tokens; sentences are concatenated while the total stays
     <= max_length - 2; the first sentence that does not fit and all later ones are dropped, except that a
@@ -1228,9 +1328,9 @@ def build_tokenizer(texts, min_freq=1):
     return _bert_tokenizer(list(_SPECIAL_TOKENS) + words)
 
 
-# ----------------------------------------------------------------------------------------------------
-# Downstream datasets (segmentation / detection): readers for RSNA, SIIM, COVID rural, Object-CXR, NIH,
-# a plain folder, and the synthetic set. Formats: specs/formats.md §3-7; protocol: specs/lovt.md §5.
+# ==== 6. Downstream datasets (segmentation / detection) =============================================================
+# Readers for RSNA, SIIM, COVID rural, Object-CXR, NIH, a plain folder and the synthetic set, each after LoVT's
+# philip-mueller/lovt:src/data/datasets/<dataset>/; the protocol is its src/models/downstream/downstream_evaluation.py.
 #
 #   read_records(name, root, task="seg"|"det", skip_bad=False, num_samples=None) -> (records, classes)
 #   load_record(rec, image_size) -> dict(image uint8 S x S, mask bool C x S x S, boxes float32 N x 4, box_labels)
@@ -1238,35 +1338,34 @@ def build_tokenizer(texts, min_freq=1):
 #   take_fraction(records, fraction, seed=0) -> records   (1 % / 10 % / 100 % training subsets)
 #   rle_decode(rle, h, w) / rle_encode(mask)            (SIIM relative, column-major RLE)
 #
-# A record is a plain dict, cheap to keep in memory for every image of a dataset:
+# A record is a plain dict, cheap to keep in memory for every image of a dataset; every reader builds it with
+# _record, so every record has every key:
 #   id        str, the image id (file stem; what LoVT's split CSVs list in their `ID` column)
 #   patient   str or None, what the seeded split keeps together
 #   path      image file (None for synthetic)
-#   height, width  original image size (read from the file header when the records are built)
+#   split     where the dataset fixes it (synthetic; Object-CXR dev = test), else None
+#   height, width  original image size (from the file header, filled in by _check_record)
 #   boxes     float32 N x 4, x1 y1 x2 y2 in original pixels;  box_labels int64 N (index into classes)
-#   and how to build the mask, one of:
+#   num_classes  len(classes), filled in by read_records
+#   and how to build the mask: the one of these that is not None
 #     rle     list of (where, rle string) OR-ed into channel 0 (SIIM)
 #     mask_path  a single-channel image, nonzero = foreground, same size as the image (COVID rural, folder)
 #     shapes  list of (type, coords) drawn into channel 0 (Object-CXR: 0 rectangle, 1 ellipse, 2 polygon)
 #     synthetic  (split, index, n): rendered by SyntheticCXR(split, num_samples=n)
-#     nothing else: the boxes are filled, one channel per class (RSNA, NIH, boxes CSV)
-#   split     only where the dataset fixes it (synthetic; Object-CXR dev = test), else absent
+#     none of them: the boxes are filled, one channel per class (RSNA, NIH, boxes CSV)
 #
-# Image preprocessing is LoVT's (lovt.md §5.0): zero-pad to a centred square, resize to S (masks nearest),
-# boxes moved the same way; no augmentation. Normalization is left to the caller (dataset-level mean/std).
-# ----------------------------------------------------------------------------------------------------
+# Every record then goes through the one check, _check_record (image header, mask size, RLE, boxes), and every
+# problem is collected by _BadRecords: all of them are reported at once, or skipped and counted (skip_bad).
+# Image preprocessing is LoVT's: zero-pad to a centred square, resize to S (masks nearest), boxes moved the
+# same way; no augmentation. Normalization is left to the caller (dataset-level mean/std).
 DOWNSTREAM_DATASETS = ("synthetic", "rsna", "siim", "covid-rural", "object-cxr", "nih", "folder")
 NIH_BOX_CLASSES = ("Atelectasis", "Cardiomegaly", "Effusion", "Infiltrate", "Mass", "Nodule", "Pneumonia",
                    "Pneumothorax")  # LoVT TARGET_MAPPING order
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".dcm")  # when a stem exists twice, the earlier extension wins
-SPLITS = ("train", "validate", "test")
+_SYNTHETIC_RECORD_SIZE = 128  # synthetic records keep their boxes at SyntheticCXR's default size
 
 
-class BadRecord(ValueError):
-    """A row or file that cannot be used; the message names the file (and row)."""
-
-
-# ---- RLE (SIIM train-rle.csv: relative starts, column-major pixel order) -----------------------------
+# ---- RLE (SIIM train-rle.csv: relative starts, column-major pixel order) -------------------------------------------
 
 def rle_decode(rle, h, w):
     """'start length start length ...' -> bool h x w. Each start counts from the end of the previous run;
@@ -1298,7 +1397,7 @@ def rle_encode(mask):
     return " ".join(f"{g} {l}" for g, l in zip(gaps, ends - starts))
 
 
-# ---- reading files -------------------------------------------------------------------------------------
+# ---- reading files -------------------------------------------------------------------------------------------------
 
 def _index_images(folder):
     """{file stem: path} for every image under folder (recursive; SIIM hides files two levels down)."""
@@ -1354,27 +1453,11 @@ def read_image(path):
         raise BadRecord(f"{path}: unreadable image ({e})") from None
 
 
-def _rows(path):
-    """CSV rows as dicts, with their line numbers for error messages; header names stripped of spaces."""
-    with open(path, newline="") as f:
-        reader = csv.reader(f)
-        header = [h.strip() for h in next(reader)]
-        for line, row in enumerate(reader, start=2):
-            if row:
-                yield line, dict(zip(header, (v.strip() for v in row)))
-
-
 def _floats(values, where):
     try:
         return [float(v) for v in values]
     except ValueError:
         raise BadRecord(f"{where}: not a number in {values}") from None
-
-
-def _record(id, path, boxes=(), labels=(), patient=None, **mask_source):
-    boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
-    return dict(id=id, patient=patient, path=path, boxes=boxes,
-                box_labels=np.asarray(labels, dtype=np.int64).reshape(-1), **mask_source)
 
 
 def _xywh(where, x, y, w, h):
@@ -1384,41 +1467,30 @@ def _xywh(where, x, y, w, h):
     return [x, y, x + w, y + h]
 
 
-class _Collector:
-    """Raises on the first bad row, or (skip_bad) counts them and says so at the end."""
-
-    def __init__(self, name, skip_bad):
-        self.name, self.skip_bad, self.bad = name, skip_bad, []
-
-    def __call__(self, fn, *args):
-        try:
-            return fn(*args)
-        except BadRecord as e:
-            if not self.skip_bad:
-                raise
-            self.bad.append(str(e))
-
-    def report(self):
-        if self.bad:
-            print(f"{self.name}: skipped {len(self.bad)} bad records (skip_bad=True); first: {self.bad[0]}",
-                  file=sys.stderr)
+def _record(id, path, patient=None, split=None, boxes=(), box_labels=(), height=None, width=None, rle=None,
+            mask_path=None, shapes=None, synthetic=None):
+    """The one record schema (see the top of this section); every reader builds its records here."""
+    return dict(id=id, patient=patient, path=path, split=split, height=height, width=width,
+                boxes=np.asarray(boxes, dtype=np.float32).reshape(-1, 4),
+                box_labels=np.asarray(box_labels, dtype=np.int64).reshape(-1), num_classes=None,
+                rle=rle, mask_path=mask_path, shapes=shapes, synthetic=synthetic)
 
 
-# ---- one reader per dataset: each returns records (without sizes) and class names ------------------------
+# ---- one reader per dataset: each returns records (without image sizes) and class names ----------------------------
 
 def _read_synthetic(num_samples):
-    """SyntheticCXR's own train/validate/test parts (60/20/20 of num_samples); record boxes at its 128 px default,
-    load_record renders at the requested size (the scene is drawn in resolution-free coordinates)."""
+    """SyntheticCXR's own train/validate/test parts (60/20/20 of num_samples, default 500); record boxes at its
+    128 px default, load_record renders at the requested size (the scene is drawn in resolution-free coordinates)."""
     num_samples = num_samples or 500
     counts = dict(train=round(0.6 * num_samples), validate=round(0.2 * num_samples))
     counts["test"] = max(num_samples - counts["train"] - counts["validate"], 1)
     records = []
     for split, n in counts.items():
         for i in range(n):
-            r = _synthetic(split, n, 128).render(i)  # ~3 ms; rendered again by load_record
-            records.append(dict(_record(f"synthetic-{split}-{i:05d}", None, r["boxes"], r["box_labels"]),
-                                synthetic=(split, i, n), split=split, height=r["pixels"].shape[0],
-                                width=r["pixels"].shape[1], num_classes=len(SYNTH_FINDINGS)))
+            r = _synthetic(split, n, _SYNTHETIC_RECORD_SIZE).render(i)  # ~3 ms; rendered again by load_record
+            records.append(_record(f"synthetic-{split}-{i:05d}", None, split=split, boxes=r["boxes"],
+                                   box_labels=r["box_labels"], height=_SYNTHETIC_RECORD_SIZE,
+                                   width=_SYNTHETIC_RECORD_SIZE, synthetic=(split, i, n)))
     return records, list(SYNTH_FINDINGS)
 
 
@@ -1432,7 +1504,7 @@ def _read_rsna(root, task, bad):
     images_dir = os.path.join(root, "stage_2_train_images")
     images = _index_images(images_dir if os.path.isdir(images_dir) else root)
     by_patient = {}  # several rows per patient: one per box; Target 0 rows carry no box
-    for line, row in _rows(csv_path):
+    for line, row in _csv_rows(csv_path):
         where = f"{csv_path} line {line}"
         pid = row["patientId"]
         entry = by_patient.setdefault(pid, [])
@@ -1442,7 +1514,7 @@ def _read_rsna(root, task, bad):
                 by_patient[pid] = None  # a patient with one bad box is dropped whole
             elif entry is not None:
                 entry.append(box)
-    return [_record(pid, images.get(pid), boxes, [0] * len(boxes), patient=pid)
+    return [_record(pid, images.get(pid), patient=pid, boxes=boxes, box_labels=[0] * len(boxes))
             for pid, boxes in by_patient.items() if boxes is not None], ["opacity"]
 
 
@@ -1452,8 +1524,8 @@ def _read_siim(root, task, bad):
     csv_path = os.path.join(root, "train-rle.csv")  # stage 1; stage 2's absolute RLE is not read
     images_dir = os.path.join(root, "dicom-images-train")
     images = _index_images(images_dir if os.path.isdir(images_dir) else root)
-    rles = {}  # the header is "ImageId, EncodedPixels": _rows strips the spaces from names and values
-    for line, row in _rows(csv_path):
+    rles = {}  # the header is "ImageId, EncodedPixels": _csv_table strips the spaces from names and values
+    for line, row in _csv_rows(csv_path):
         rles.setdefault(row["ImageId"], []).append((f"{csv_path} line {line}", row["EncodedPixels"]))
     return [_record(i, images.get(i), rle=r) for i, r in rles.items()], ["pneumothorax"]
 
@@ -1467,14 +1539,10 @@ def _read_covid_rural(root, task, bad):
     records = []
     for stem, path in _index_images(os.path.join(root, "jpgs")).items():
         if stem not in masks:  # not every scan has a mask; LoVT skips those too
-            bad(_raise, f"{path}: no mask in pngs_masks/")
+            bad.add(f"{path}: no mask in pngs_masks/")
             continue
         records.append(_record(stem, path, patient=stem.split("_")[0], mask_path=masks[stem]))
     return records, ["opacity"]
-
-
-def _raise(msg):
-    raise BadRecord(msg)
 
 
 def _object_cxr_shapes(annotation, where):
@@ -1501,13 +1569,14 @@ def _read_object_cxr(root, task, bad):
     for part, split in (("train", None), ("dev", "test")):  # dev.csv is the test set (LoVT and MGCA)
         images = _index_images(os.path.join(root, part))
         csv_path = os.path.join(root, f"{part}.csv")
-        for line, row in _rows(csv_path):
+        for line, row in _csv_rows(csv_path):
             name = row.get("image_name") or row["image_path"]
             stem = os.path.splitext(os.path.basename(name))[0]
             parsed = bad(_object_cxr_shapes, row.get("annotation", ""), f"{csv_path} line {line}")
             if parsed is not None:
-                rec = _record(stem, images.get(stem), parsed[1], [0] * len(parsed[1]), shapes=parsed[0])
-                records.append(dict(rec, split=split) if split else rec)
+                shapes, boxes = parsed
+                records.append(_record(stem, images.get(stem), split=split, boxes=boxes, box_labels=[0] * len(boxes),
+                                       shapes=shapes))
     return records, ["foreign object"]
 
 
@@ -1524,24 +1593,28 @@ def _read_nih(root, task, bad, n_negatives=100, seed=0):
             where = f"{csv_path} line {line}"
             name, label, *xywh = row[:6]
             if label not in NIH_BOX_CLASSES:
-                bad(_raise, f"{where}: unknown finding {label!r}")
+                bad.add(f"{where}: unknown finding {label!r}")
                 continue
             box = bad(_xywh, where, *xywh)
             if box is not None:
                 boxes.setdefault(name, []).append((box, NIH_BOX_CLASSES.index(label)))
-    names = list(boxes)
-    # LoVT adds 100 "No Finding" images of the official test list as negatives when those files are there
+    names = list(boxes) + _nih_negatives(root, exclude=boxes, n=n_negatives, seed=seed)
+    return [_record(os.path.splitext(n)[0], images.get(os.path.splitext(n)[0]), patient=n.split("_")[0],
+                    boxes=[b for b, _ in boxes.get(n, [])], box_labels=[c for _, c in boxes.get(n, [])])
+            for n in names], list(NIH_BOX_CLASSES)
+
+
+def _nih_negatives(root, exclude, n, seed):
+    """LoVT adds n "No Finding" images of the official test list as negatives, when those files are there."""
     entry, test_list = os.path.join(root, "Data_Entry_2017_v2020.csv"), os.path.join(root, "test_list.txt")
     if not os.path.exists(entry):
         entry = os.path.join(root, "Data_Entry_2017.csv")
-    if n_negatives and os.path.exists(entry) and os.path.exists(test_list):
-        test = set(open(test_list).read().split())
-        free = sorted(r["Image Index"] for _, r in _rows(entry)
-                      if r["Finding Labels"] == "No Finding" and r["Image Index"] in test and r["Image Index"] not in boxes)
-        names += random.Random(seed).sample(free, min(n_negatives, len(free)))
-    return [_record(os.path.splitext(n)[0], images.get(os.path.splitext(n)[0]),
-                    [b for b, _ in boxes.get(n, [])], [c for _, c in boxes.get(n, [])], patient=n.split("_")[0])
-            for n in names], list(NIH_BOX_CLASSES)
+    if not (n and os.path.exists(entry) and os.path.exists(test_list)):
+        return []
+    test = set(open(test_list).read().split())
+    free = sorted(name for name, finding in ((r["Image Index"], r["Finding Labels"]) for _, r in _csv_rows(entry))
+                  if finding == "No Finding" and name in test and name not in exclude)
+    return random.Random(seed).sample(free, min(n, len(free)))
 
 
 def _read_folder(root, task, bad):
@@ -1556,14 +1629,11 @@ def _read_folder(root, task, bad):
         if task == "det":
             raise ValueError(f"{base}: masks/ only, detection needs a boxes CSV (image,x,y,w,h,label)")
         masks = _index_images(masks_dir)
-        records = []
         for stem, path in images.items():
             if stem not in masks:
-                bad(_raise, f"{path}: no mask with the same stem in {masks_dir}")
-            else:
-                records.append(_record(stem, path, mask_path=masks[stem]))
-        return records, ["mask"]
-    rows = list(_rows(csv_path))
+                bad.add(f"{path}: no mask with the same stem in {masks_dir}")
+        return [_record(stem, path, mask_path=masks[stem]) for stem, path in images.items() if stem in masks], ["mask"]
+    rows = _csv_rows(csv_path)
     classes = sorted({r["label"] for _, r in rows if r.get("x")})
     per_image = {}
     for line, row in rows:
@@ -1574,29 +1644,33 @@ def _read_folder(root, task, bad):
             if box is not None:
                 entry[0].append(box)
                 entry[1].append(classes.index(row["label"]))
-    return [_record(stem, images.get(stem), b, l, patient=None) for stem, (b, l) in per_image.items()], classes
+    return [_record(stem, images.get(stem), boxes=b, box_labels=l) for stem, (b, l) in per_image.items()], classes
+
+
+_READERS = {"rsna": _read_rsna, "siim": _read_siim, "covid-rural": _read_covid_rural, "object-cxr": _read_object_cxr,
+            "nih": _read_nih, "folder": _read_folder}
 
 
 def read_records(name, root, task="seg", skip_bad=False, num_samples=None):
-    """Read a downstream dataset -> (records, class names). Every record is checked against its image
-    header (missing / unreadable image, mask of another size, RLE past the image, box outside the image
-    beyond 1 px): the first problem raises a BadRecord naming the file and row, or with skip_bad=True
-    all bad records are skipped and their count is printed. num_samples: number of synthetic images
-    (60/20/20 over SyntheticCXR's train/validate/test parts); root: the dataset folder (unused for synthetic)."""
+    """Read a downstream dataset -> (records, class names). Every record is checked against its image header
+    (missing / unreadable image, mask of another size, RLE past the image, box outside the image beyond 1 px):
+    all problems are reported at once in one BadRecord (the first 20, each naming its file and row, and the
+    count), or with skip_bad=True the bad records are skipped and their count is printed. num_samples: number
+    of synthetic images (60/20/20 over SyntheticCXR's train/validate/test parts); root: the dataset folder
+    (unused for synthetic)."""
     if name not in DOWNSTREAM_DATASETS:
         raise ValueError(f"unknown dataset {name!r}; choose from {DOWNSTREAM_DATASETS}")
     if task not in ("seg", "det"):
         raise ValueError(f"task must be 'seg' or 'det', not {task!r}")
-    bad = _Collector(name, skip_bad)
+    bad = _BadRecords(root or name, skip_bad)
     if name == "synthetic":
-        return _read_synthetic(num_samples)
-    if not root or not os.path.exists(root):
+        records, classes = _read_synthetic(num_samples)
+    elif not root or not os.path.exists(root):
         raise FileNotFoundError(f"{name}: data root {root!r} does not exist")
-    reader = {"rsna": _read_rsna, "siim": _read_siim, "covid-rural": _read_covid_rural,
-              "object-cxr": _read_object_cxr, "nih": _read_nih, "folder": _read_folder}[name]
-    records, classes = reader(root, task, bad)
-    checked = [r for r in (bad(_check, rec) for rec in records) if r is not None]
-    bad.report()
+    else:
+        records, classes = _READERS[name](root, task, bad)
+    checked = [r for r in (bad(_check_record, rec) for rec in records) if r is not None]
+    bad.finish()
     if not checked:
         raise ValueError(f"{name}: no usable records under {root}")
     for rec in checked:
@@ -1604,17 +1678,19 @@ def read_records(name, root, task="seg", skip_bad=False, num_samples=None):
     return checked, classes
 
 
-def _check(rec):
+def _check_record(rec):
     """Fill in height/width from the image header and validate everything that depends on them."""
+    if rec["synthetic"]:
+        return rec  # rendered on demand: nothing on disk to check
     if rec["path"] is None or not os.path.exists(rec["path"]):
         raise BadRecord(f"image {rec['id']!r}: missing image file (looked for {'/'.join(IMAGE_EXTS)})")
     h, w = image_shape(rec["path"])
-    for where, rle in rec.get("rle", ()):
+    for where, rle in rec["rle"] or ():
         try:
             rle_decode(rle, h, w)
         except (BadRecord, ValueError) as e:
             raise BadRecord(f"{where} ({rec['path']}): {e}") from None
-    if rec.get("mask_path"):
+    if rec["mask_path"]:
         mh, mw = image_shape(rec["mask_path"])
         if (mh, mw) != (h, w):
             raise BadRecord(f"{rec['mask_path']}: mask is {mh}x{mw}, image {rec['path']} is {h}x{w}")
@@ -1626,7 +1702,7 @@ def _check(rec):
     return rec
 
 
-# ---- one record -> arrays at the evaluation size --------------------------------------------------------
+# ---- one record -> arrays at the evaluation size -------------------------------------------------------------------
 
 def _fill_boxes(boxes, labels, num_classes, h, w):
     """Box masks as LoVT builds them: mask[round(y1):round(y2), round(x1):round(x2)] = 1, one channel per class."""
@@ -1652,7 +1728,7 @@ def _draw_shapes(shapes, h, w):
 
 def _read_mask(rec, h, w):
     """The record's mask at the original resolution: bool C x h x w."""
-    if rec.get("rle") is not None:
+    if rec["rle"] is not None:
         mask = np.zeros((h, w), dtype=bool)
         for where, rle in rec["rle"]:  # several rows per image are OR-combined
             try:
@@ -1660,13 +1736,13 @@ def _read_mask(rec, h, w):
             except ValueError as e:
                 raise BadRecord(f"{where} ({rec['path']}): {e}") from None
         return mask[None]
-    if rec.get("mask_path"):
+    if rec["mask_path"]:
         with Image.open(rec["mask_path"]) as im:
             mask = np.asarray(im.convert("L")) > 0  # COVID rural masks are 0/1, others 0/255
         if mask.shape != (h, w):
             raise BadRecord(f"{rec['mask_path']}: mask is {mask.shape[0]}x{mask.shape[1]}, image is {h}x{w}")
         return mask[None]
-    if rec.get("shapes") is not None:
+    if rec["shapes"] is not None:
         return _draw_shapes(rec["shapes"], h, w)
     return _fill_boxes(rec["boxes"], rec["box_labels"], rec["num_classes"], h, w)
 
@@ -1688,7 +1764,7 @@ def pad_resize(image, mask, boxes, image_size):
 def load_record(rec, image_size):
     """-> dict(image=uint8 S x S, mask=bool C x S x S, boxes=float32 N x 4 (in the S x S frame), box_labels=int64
     N), S = image_size. Raises BadRecord naming the file when the image or mask cannot be used."""
-    if rec.get("synthetic"):
+    if rec["synthetic"]:
         split, index, n = rec["synthetic"]
         r = _synthetic(split, n, image_size).render(index)  # already S x S
         return dict(image=r["pixels"], mask=r["masks"], boxes=r["boxes"], box_labels=r["box_labels"])
@@ -1700,11 +1776,7 @@ def load_record(rec, image_size):
     return dict(image=image, mask=mask, boxes=boxes, box_labels=rec["box_labels"])
 
 
-# ---- splits and label fractions --------------------------------------------------------------------------
-
-_SPLIT_NAMES = {"train": "train", "validation": "validate", "validate": "validate", "val": "validate",
-                "valid": "validate", "test": "test"}
-
+# ---- splits and label fractions ------------------------------------------------------------------------------------
 
 def _read_split_csv(split_csv):
     """{id: split}, in file order. Accepts LoVT's shipped split folder (train.csv, validation.csv, test.csv,
@@ -1714,9 +1786,9 @@ def _read_split_csv(split_csv):
     lovt = [os.path.join(folder, f"{s}.csv") for s in ("train", "validation", "test")]
     if (os.path.isdir(split_csv) or os.path.basename(split_csv) in ("train.csv", "validation.csv", "test.csv")) \
             and all(map(os.path.exists, lovt)):
-        return {row["ID"]: split for path, split in zip(lovt, SPLITS) for _, row in _rows(path)}
+        return {row["ID"]: split for path, split in zip(lovt, SPLITS) for _, row in _csv_rows(path)}
     out = {}
-    for line, row in _rows(split_csv):
+    for line, row in _csv_rows(split_csv):
         key = next((k for k in ("ID", "id", "image") if k in row), None)
         if key is None or "split" not in row or row["split"].lower() not in _SPLIT_NAMES:
             raise ValueError(f"{split_csv} line {line}: need an ID/id/image column and a split column "
@@ -1779,7 +1851,7 @@ def take_fraction(records, fraction, seed=0):
     return [records[i] for i in keep]
 
 
-# -------------------- CLI: demo, prepare-mimic -------------------------------------------------------
+# ==== 7. CLI: demo, prepare-mimic ===================================================================================
 _OUTLINE_COLORS = ((255, 80, 80), (255, 220, 0), (80, 160, 255), (0, 230, 120), (230, 80, 255))
 
 

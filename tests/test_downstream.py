@@ -1,4 +1,6 @@
 """Downstream readers (data.py) on fixture files written in the datasets' exact formats."""
+import re
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -71,8 +73,11 @@ def test_box_outside_image_and_missing_image(tmp_path, capsys):
     root = rsna_root(tmp_path)
     (root / "stage_2_train_labels.csv").write_text(RSNA_CSV + "p-0004,50.0,50.0,20.0,5.0,1\np-0005,,,,,0\n")
     write_png(root / "stage_2_train_images" / "p-0004.png", 64, 64)  # box reaches x = 70 > 64 + 1
-    with pytest.raises(BadRecord, match="p-0004.png: box outside"):
+    with pytest.raises(BadRecord) as e:  # every bad record at once, in the same words as CsvPairs
         read_records("rsna", str(root))
+    lines = str(e.value).splitlines()
+    assert lines[0] == f"2 bad records in {root}:" and lines[-1] == ds.SKIP_BAD_HINT
+    assert "p-0004.png: box outside" in lines[1] and re.search("p-0005.*missing image", lines[2])
     records, _ = read_records("rsna", str(root), skip_bad=True)
     assert len(records) == 3 and "skipped 2 bad records" in capsys.readouterr().err
     (root / "stage_2_train_labels.csv").write_text(RSNA_CSV + "p-0005,,,,,0\n")
@@ -130,7 +135,7 @@ def test_object_cxr_shapes(tmp_path):
         write_png(tmp_path / part / f"{stem}.jpg", 48, 64)
     records, classes = read_records("object-cxr", str(tmp_path), task="det")
     r = by_id(records)
-    assert classes == ["foreign object"] and r["00003"]["split"] == "test" and "split" not in r["00001"]
+    assert classes == ["foreign object"] and r["00003"]["split"] == "test" and r["00001"]["split"] is None
     np.testing.assert_array_equal(r["00001"]["boxes"], [[2, 2, 10, 8], [20, 20, 40, 30]])  # no w/h swap
     np.testing.assert_array_equal(r["00003"]["boxes"], [[10, 10, 30, 30]])
     assert r["00002"]["boxes"].shape == (0, 4)

@@ -1,6 +1,7 @@
 """MIMIC-CXR part of data.py: MIT-LCP section parser, prepare-mimic cache (validation, resume, workers), MimicCXR.
 
-The fixture is a tiny MIMIC-CXR-JPG 2.0.0 tree in the exact layout and CSV formats of formats.md §1."""
+The fixture is a tiny MIMIC-CXR-JPG 2.0.0 tree in the release's exact layout and CSV formats (made-up ids and texts;
+MIT-LCP/mimic-cxr:dcm/create-mimic-cxr-jpg-metadata.ipynb, txt/section_parser.py)."""
 import argparse
 import csv
 import gzip
@@ -19,7 +20,7 @@ from data import MimicCXR, parse_report_sections, prepare_mimic, report_sentence
 
 S = 64  # the cache's image size in the tests
 
-REPORT_1 = (  # formats.md §1.7, byte-exact
+REPORT_1 = (  # made up, byte-exact in MIMIC-CXR's format: header line, one leading space, " " blank lines
     "                                 FINAL REPORT\n"
     " EXAMINATION:  CHEST (PA AND LAT)\n \n"
     " INDICATION:  ___ year old man with cough and fever  // ?pneumonia\n \n"
@@ -31,7 +32,7 @@ REPORT_1 = (  # formats.md §1.7, byte-exact
     " pleural effusion or pneumothorax is seen.\n \n"
     " IMPRESSION: \n \n"
     " Right lower lobe opacity concerning for pneumonia.\n")
-REPORT_2 = (  # formats.md §1.7: no FINDINGS / IMPRESSION headers
+REPORT_2 = (  # no FINDINGS / IMPRESSION headers: MIT-LCP's last-paragraph fallback
     "                                 FINAL REPORT\n"
     " CHEST, PA LATERAL:\n \n"
     " INDICATION:  ___ with dyspnea.\n \n"
