@@ -17,19 +17,20 @@ Sections, in file order:
                                     finding, exposure, the report and its labels
   3. MIMIC-CXR                      the MIT-LCP section parser, the prepare-mimic cache (resumable, validated),
                                     MimicCXR
-  4. CSV pairs                      CsvPairs (image path + report: IU X-ray, CheXpert Plus, own data);
-                                    make_dataset, the entry point the methods call; report_texts
+  4. CSV pairs                      CsvPairs (image path + report: IU X-ray, CheXpert Plus, own data; every row
+                                    checked up front); make_dataset, the entry point the methods call; report_texts
   5. Augmentation and batching      BatchAugment (on the training device), collate, build_tokenizer
   6. Downstream readers             read_records, load_record, split_records, take_fraction: RSNA, SIIM, COVID
                                     rural, Object-CXR, NIH, a folder, synthetic (for eval_seg.py, eval_det.py)
   7. CLI                            python data.py demo --out DIR     synthetic reports, a PNG grid with mask outlines
                                     python data.py prepare-mimic ...  the MIMIC-CXR cache
-Throughput benchmarks (generator, BatchAugment, collate, prepare-mimic): python tests/bench_data.py
+Throughput benchmarks (generator, BatchAugment, collate, prepare-mimic, the CSV check): python tests/bench_data.py
 """
 import argparse
 import bisect
 import csv
 import gzip
+import hashlib
 import json
 import math
 import os
@@ -37,7 +38,6 @@ import random
 import re
 import sys
 import tempfile
-import warnings
 import zlib
 from collections import Counter, namedtuple
 from dataclasses import dataclass
@@ -48,7 +48,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, UnidentifiedImageError
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
@@ -182,8 +182,8 @@ class _BadRecords:
     """Collects the bad records of one reading pass and reports them all at once, instead of stopping at the
     first one (a user would fix one row per run) or failing deep inside training: finish() raises ONE BadRecord
     listing the first `max_listed` problems (each names its file and row) and the total, ending with
-    SKIP_BAD_HINT; with skip_bad=True it prints how many were skipped instead. The downstream readers
-    (eval_seg/eval_det --skip-bad) use it."""
+    SKIP_BAD_HINT; with skip_bad=True it prints how many were skipped instead. CsvPairs and the downstream
+    readers (eval_seg/eval_det --skip-bad) share it, so both say the same thing."""
 
     def __init__(self, source, skip_bad, max_listed=20):
         self.source, self.skip_bad, self.max_listed, self.problems = source, skip_bad, max_listed, []
@@ -1018,59 +1018,36 @@ class MimicCXR(Dataset):
 class CsvPairs(Dataset):
     """Image-report pairs listed in a CSV: `image_col` holds image paths relative to the CSV's folder,
     `text_col` the report text (split with split_sentences), optional `split_col` (train/validate/test) and
-    optional label columns named as in CHEXPERT_LABELS (blank = nan). Rows with a missing image file or an
-    empty report raise a ValueError naming the CSV row; an unreadable image raises when it is loaded.
+    optional label columns named as in CHEXPERT_LABELS (blank = nan).
+
+    Splits: the split column where there is one. Without it the rows are split 80/10/10 with split_seed (a fixed
+    default, not the run's seed, so every method sees the same split), by a `patient` column, else a `study_id`
+    column, else by row; a patient (study) never spans two splits, and the counts are printed once per process.
+    split=None: every row.
+
+    Every row of the CSV, of all splits (a bad test row must not surface after hours of training), is checked
+    when the first dataset of the CSV is built, once per process: the image file exists and looks whole
+    (image_file_problem), the report has a sentence, labels are numbers, split names are known. Bad rows raise
+    ONE BadRecord listing them (file, row, problem), or with skip_bad=True are dropped and counted.
 
     Images: grayscale, zero-padded to a centred square, resized (train: to train_native_size(image_size) for
     BatchAugment; eval: image_size), normalized with mean/std. mean/std default to LoVT-style statistics of
-    up to 64 evenly spaced training rows (the "train" split when the CSV has a split column), so that
-    validation and test use the training statistics.
+    up to 64 evenly spaced training rows, so that validation and test use the training statistics.
     """
 
     def __init__(self, csv_path, split=None, image_size=224, train=True, image_col="image", text_col="report",
-                 split_col="split", mean=None, std=None, num_samples=None):
+                 split_col="split", mean=None, std=None, num_samples=None, split_seed=0, skip_bad=False):
+        if split is not None and split not in SPLITS:
+            raise ValueError(f"split must be None (every row) or one of {SPLITS}, got {split!r}")
         self.csv_path, self.image_size, self.train = csv_path, image_size, train
         self.native_size = train_native_size(image_size) if train else image_size
-        root = os.path.dirname(os.path.abspath(csv_path))
-        with open(csv_path, newline="", encoding="utf-8-sig") as fh:
-            reader = csv.DictReader(fh)
-            header = reader.fieldnames or []
-            for col in (image_col, text_col):
-                if col not in header:
-                    raise ValueError(f"{csv_path}: no column {col!r} (columns: {header})")
-            rows = list(enumerate(reader, start=2))  # numbered like spreadsheet rows: the header is row 1
-        if split is not None and split_col not in header:
-            warnings.warn(f"{csv_path} has no {split_col!r} column: split={split!r} uses every row")
-        label_cols = [c for c in CHEXPERT_LABELS if c in header]
-
-        self.items, train_paths = [], []
-        for line, r in rows:
-            path = os.path.join(root, r[image_col] or "")
-            where = f"{csv_path} row {line}"
-            if not r[image_col] or not os.path.isfile(path):
-                raise ValueError(f"{where}: image file not found: {path}")
-            sentences = split_sentences(r[text_col] or "")
-            if not sentences:
-                raise ValueError(f"{where}: empty report in column {text_col!r}")
-            row_split = r.get(split_col) if split_col in header else None
-            if row_split in (None, "train"):
-                train_paths.append(path)
-            if split is not None and row_split is not None and row_split != split:
-                continue
-            labels = np.full(len(CHEXPERT_LABELS), np.nan, np.float32)
-            for c in label_cols:
-                if (r[c] or "").strip():
-                    try:
-                        labels[CHEXPERT_LABELS.index(c)] = float(r[c])
-                    except ValueError:
-                        raise ValueError(f"{where}: label {c!r} is not a number: {r[c]!r}") from None
-            self.items.append(dict(path=path, where=where, sentences=sentences, labels=labels,
-                                   study_id=r.get("study_id") or r[image_col]))
-        if num_samples is not None:
-            self.items = self.items[:num_samples]
+        digest = hashlib.sha256(Path(csv_path).read_bytes()).hexdigest()  # an edited CSV is read again
+        pairs = _checked_pairs(os.path.abspath(csv_path), digest, image_col, text_col, split_col, split_seed, skip_bad)
+        self.items = [p for p in pairs if split is None or p["split"] == split][:num_samples]
         if mean is None or std is None:
-            sample = train_paths[:: max(1, len(train_paths) // 64)][:64] or [it["path"] for it in self.items[:64]]
-            mean, std = pixel_stats([self._read(p, p, image_size) for p in sample])
+            train_rows = [p for p in pairs if p["split"] == "train"]
+            sample = train_rows[::max(1, len(train_rows) // 64)][:64] or self.items[:64]
+            mean, std = _sample_pixel_stats(tuple((p["path"], p["where"]) for p in sample), image_size)
         self.mean, self.std = float(mean), float(std)
 
     @staticmethod
@@ -1078,14 +1055,14 @@ class CsvPairs(Dataset):
         try:
             return square_resize(load_grayscale(path, min_size=image_size), image_size)
         except (OSError, ValueError) as e:  # PIL raises OSError (UnidentifiedImageError) for bad files
-            raise ValueError(f"{where}: cannot read image {path}: {e}") from e
+            raise BadRecord(f"{where}: cannot read image {path}: {e}") from e
 
     def __len__(self):
         return len(self.items)
 
     def report(self, index):
         """The report's sentences, without reading the image."""
-        return self.items[index]["sentences"]
+        return list(self.items[index]["sentences"])
 
     def __getitem__(self, index):
         it = self.items[index]
@@ -1093,6 +1070,97 @@ class CsvPairs(Dataset):
         return dict(image=to_image_tensor(pixels, self.mean, self.std), sentences=list(it["sentences"]),
                     text=" ".join(it["sentences"]), labels=torch.from_numpy(it["labels"].copy()),
                     study_id=str(it["study_id"]))
+
+
+@lru_cache(maxsize=16)
+def _checked_pairs(csv_path, digest, image_col, text_col, split_col, split_seed, skip_bad):
+    """Every row of a pairs CSV read, split and checked, once per process for all of its datasets (lovt and
+    joimternet build train, validate and test separately) -> tuple of pair dicts (path, where, sentences, labels,
+    study_id, split). digest: the CSV's content hash, part of the cache key (a file's mtime can stay the same
+    across two quick writes). A BadRecord is raised, not cached: the next construction checks again."""
+    header, rows = _csv_table(csv_path)
+    for col in (image_col, text_col):
+        if col not in header:
+            raise ValueError(f"{csv_path}: no column {col!r} (columns: {header}); name the image and report "
+                             f"columns {image_col!r} and {text_col!r}")
+    if split_col in header:
+        splits = [row[split_col] for _, row in rows]
+    else:
+        group_col = next((c for c in ("patient", "study_id") if c in header), None)
+        splits = _split_rows(rows, group_col, split_seed)
+    columns = (image_col, text_col, [c for c in CHEXPERT_LABELS if c in header])
+    bad = _BadRecords(csv_path, skip_bad)
+    pairs = [bad(_check_pair, csv_path, line, row, columns, split) for (line, row), split in zip(rows, splits)]
+    bad.finish()
+    pairs = tuple(p for p in pairs if p is not None)
+    if split_col not in header:
+        counts = Counter(p["split"] for p in pairs)
+        print(f"{csv_path}: no {split_col!r} column; split 80/10/10 by {group_col or 'row'} (seed {split_seed}): "
+              + " / ".join(f"{counts[s]} {s}" for s in SPLITS) + " pairs", file=sys.stderr)
+    return pairs
+
+
+def _split_rows(rows, group_col, seed, ratios=(0.8, 0.1, 0.1)):
+    """The split of each row: split_records' seeded split with whole groups (a blank group cell: the row alone).
+    Every row takes part, bad ones too, so that skipping bad rows never moves a good one to another split."""
+    records = [dict(id=str(i), patient=(row[group_col] or None) if group_col else None) for i, (_, row) in
+               enumerate(rows)]
+    split_of = {r["id"]: split for split, part in split_records(records, seed=seed, ratios=ratios).items()
+                for r in part}
+    return [split_of[str(i)] for i in range(len(rows))]
+
+
+def _check_pair(csv_path, line, row, columns, split):
+    """One CSV row -> its pair dict, or a BadRecord naming the CSV row and its (first) problem."""
+    image_col, text_col, label_cols = columns
+    where = f"{csv_path} row {line}"
+    path = os.path.join(os.path.dirname(csv_path), row[image_col])
+    if not row[image_col] or not os.path.isfile(path):
+        raise BadRecord(f"{where}: image file not found: {path}")
+    problem = image_file_problem(path)
+    if problem:
+        raise BadRecord(f"{where}: {problem}")
+    sentences = split_sentences(row[text_col])
+    if not sentences:
+        raise BadRecord(f"{where}: empty report in column {text_col!r}")
+    labels = np.full(len(CHEXPERT_LABELS), np.nan, np.float32)
+    for c in label_cols:
+        if row[c]:  # blank = not mentioned: nan
+            try:
+                labels[CHEXPERT_LABELS.index(c)] = float(row[c])
+            except ValueError:
+                raise BadRecord(f"{where}: label {c!r} is not a number: {row[c]!r}") from None
+    if split.lower() not in _SPLIT_NAMES:
+        raise BadRecord(f"{where}: split {split!r} is not one of train / validate / test")
+    return dict(path=path, where=where, sentences=tuple(sentences), labels=labels,
+                study_id=row.get("study_id") or row[image_col], split=_SPLIT_NAMES[split.lower()])
+
+
+def image_file_problem(path):
+    """Why an image file cannot be used, or None if it looks whole; cheap (no pixel decoding). Pillow's
+    Image.open reads the header and verify() walks a PNG's chunks checking their CRCs up to IEND, which catches a
+    truncated PNG; for a JPEG verify() checks nothing, so a JPEG must also end with the end-of-image marker FF D9
+    (a truncated one does not; trailing zero padding is tolerated)."""
+    try:
+        with Image.open(path) as im:
+            is_jpeg = im.format == "JPEG"
+            im.verify()
+    except UnidentifiedImageError:
+        return f"not an image file Pillow can read: {path}"
+    except Exception as e:  # Pillow raises OSError, SyntaxError, ValueError, struct.error, ... on damaged files
+        return f"truncated or damaged image {path}: {e}"
+    if is_jpeg:
+        with open(path, "rb") as f:
+            f.seek(max(0, os.fstat(f.fileno()).st_size - 64))
+            if not f.read().rstrip(b"\0").endswith(b"\xff\xd9"):
+                return f"truncated JPEG {path}: no end-of-image marker (FF D9) at the end of the file"
+    return None
+
+
+@lru_cache(maxsize=16)
+def _sample_pixel_stats(sample, image_size):
+    """pixel_stats of the sampled training images ((path, where) pairs) at image_size, once per process."""
+    return pixel_stats([CsvPairs._read(path, where, image_size) for path, where in sample])
 
 
 def report_texts(ds, indices=None):
@@ -1104,13 +1172,17 @@ def report_texts(ds, indices=None):
     return [" ".join(ds.report(i)) for i in indices]
 
 
-def make_dataset(name, root=None, split="train", image_size=224, train=True, seed=0, num_samples=None):
+def make_dataset(name, root=None, split="train", image_size=224, train=True, seed=0, num_samples=None,
+                 skip_bad=False):
     """The one entry point the methods call. name: "synthetic" | "mimic" (root = the prepare-mimic cache
-    folder) | "csv" (root = the CSV file). num_samples: how many samples (synthetic), else the first ones."""
+    folder) | "csv" (root = the CSV file). seed: the synthetic generator's (a CSV's split does not follow it).
+    num_samples: how many samples (synthetic), else the first num_samples ones. skip_bad (csv): drop the rows
+    that fail CsvPairs' check and count them, instead of raising one BadRecord that lists them."""
     if name == "synthetic":
         return SyntheticCXR(split=split, num_samples=num_samples, image_size=image_size, seed=seed, train=train)
     if name == "csv":
-        return CsvPairs(root, split=split, image_size=image_size, train=train, num_samples=num_samples)
+        return CsvPairs(root, split=split, image_size=image_size, train=train, num_samples=num_samples,
+                        skip_bad=skip_bad)
     if name == "mimic":
         ds = MimicCXR(root, split=split, image_size=image_size, train=train)
         if num_samples is not None and num_samples < len(ds):

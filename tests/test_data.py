@@ -324,11 +324,135 @@ def test_csv_pairs_errors(tmp_path):
     path = write_pairs(tmp_path, [["a.png", "  ", "train", ""]])
     with pytest.raises(ValueError, match=r"row 2: empty report"):
         data.CsvPairs(path)
+    path = write_pairs(tmp_path, [["a.png", "Fine.", "train", "yes"]])
+    with pytest.raises(data.BadRecord, match=r"row 2: label 'Cardiomegaly' is not a number: 'yes'"):
+        data.CsvPairs(path)
+    path = write_pairs(tmp_path, [["a.png", "Fine.", "train", ""], ["a.png", "Fine.", "val", ""],
+                                  ["a.png", "Fine.", "later", ""]])
+    with pytest.raises(data.BadRecord, match=r"row 4: split 'later' is not one of"):  # "val" is a known spelling
+        data.CsvPairs(path)
+    # a bad test row is found when the training split is built, before any training
     path = write_pairs(tmp_path, [["a.png", "Fine.", "train", ""], ["bad.png", "Fine.", "test", ""]])
     (tmp_path / "bad.png").write_bytes(b"not an image")
-    ds = data.CsvPairs(path, split="test", mean=0.5, std=0.25)
-    with pytest.raises(ValueError, match=r"row 3: cannot read image .*bad\.png"):
-        ds[0]
+    with pytest.raises(data.BadRecord, match=r"row 3: not an image file .*bad\.png"):
+        data.CsvPairs(path, split="train", mean=0.5, std=0.25)
+
+
+def noise_image(path, size=64, seed=0, **save):
+    """A noise image (so that its compressed data is as long as a real film's, relative to its header)."""
+    pixels = np.random.default_rng(seed).integers(0, 256, (size, size), dtype=np.uint8)
+    Image.fromarray(pixels).save(path, **save)
+    return path
+
+
+def truncate(path, keep=0.5):
+    data_ = path.read_bytes()
+    path.write_bytes(data_[:int(len(data_) * keep)])
+    return path
+
+
+def write_csv(path, header, rows):
+    with open(path, "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(header)
+        writer.writerows(rows)
+    return str(path)
+
+
+def test_image_file_problem_detects_truncated_png_and_jpeg(tmp_path):
+    png, jpeg = noise_image(tmp_path / "a.png"), noise_image(tmp_path / "a.jpg", quality=95)
+    assert data.image_file_problem(str(png)) is None and data.image_file_problem(str(jpeg)) is None
+    # PNG: verify() checks each chunk's CRC up to IEND, so any cut through the data (or a missing IEND) is found
+    for keep in (0.5, 0.9):
+        assert "truncated or damaged" in data.image_file_problem(str(truncate(noise_image(tmp_path / "b.png"), keep)))
+    # JPEG: verify() accepts a cut file; only the missing end-of-image marker gives it away
+    cut = truncate(noise_image(tmp_path / "b.jpg", quality=95), 0.9)
+    with Image.open(cut) as im:
+        im.verify()  # Pillow alone does not notice
+    assert "no end-of-image marker" in data.image_file_problem(str(cut))
+    padded = tmp_path / "c.jpg"
+    padded.write_bytes(jpeg.read_bytes() + b"\0" * 16)  # zero padding after the marker is tolerated
+    assert data.image_file_problem(str(padded)) is None
+    (tmp_path / "d.png").write_bytes(b"not an image")
+    assert "not an image file" in data.image_file_problem(str(tmp_path / "d.png"))
+
+
+def test_csv_truncated_image_beyond_the_statistics_sample_is_found_at_construction(tmp_path):
+    for k in range(4):
+        noise_image(tmp_path / f"{k}.png", seed=k)
+    truncate(noise_image(tmp_path / "cut.png"))
+    rows = [[f"{i % 4}.png", "Fine.", "train", ""] for i in range(200)]
+    rows[149][0] = "cut.png"  # index 149: not among the 64 evenly spaced rows (every 3rd) the statistics decode
+    path = write_csv(tmp_path / "pairs.csv", ["image", "report", "split", "Cardiomegaly"], rows)
+    with pytest.raises(data.BadRecord, match=r"1 bad record in .*pairs\.csv:\n .*pairs\.csv row 151: truncated"):
+        data.CsvPairs(path, split="train", image_size=28)
+
+
+def test_csv_bad_rows_all_listed_or_skipped(tmp_path, capsys):
+    noise_image(tmp_path / "a.png")
+    truncate(noise_image(tmp_path / "cut.png"))
+    truncate(noise_image(tmp_path / "cut.jpg", quality=95), 0.9)
+    rows = [["a.png", "Fine.", "train", "1"]] * 6 + [["a.png", "Fine.", "test", ""]] * 2
+    rows[1], rows[3], rows[4] = ["missing.png", "Fine.", "train", ""], ["cut.png", "Fine.", "train", ""], \
+        ["cut.jpg", "Fine.", "validate", ""]
+    rows.append(["a.png", " ___ ", "test", ""])  # a report without a sentence
+    path = write_csv(tmp_path / "pairs.csv", ["image", "report", "split", "Cardiomegaly"], rows)
+    with pytest.raises(data.BadRecord) as e:
+        data.CsvPairs(path, split="train", image_size=28)
+    lines = str(e.value).splitlines()
+    assert lines[0].startswith("4 bad records in") and lines[-1] == data.SKIP_BAD_HINT
+    assert [re.search(r"row (\d+): (\w+)", line).groups() for line in lines[1:-1]] == [
+        ("3", "image"), ("5", "truncated"), ("6", "truncated"), ("10", "empty")]
+    assert "missing.png" in lines[1] and "end-of-image" in lines[3]
+    ds = data.make_dataset("csv", path, split="train", image_size=28, skip_bad=True)
+    assert "skipped 4 bad records" in capsys.readouterr().err
+    assert len(ds) == 3 and all(ds[i]["image"].shape == (1, 32, 32) for i in range(len(ds)))  # the good train rows
+    assert len(data.make_dataset("csv", path, split="test", image_size=28, train=False, skip_bad=True)) == 2
+    assert "skipped" not in capsys.readouterr().err  # checked once per process, for every split
+    rows = [[f"gone{i}.png", "Fine.", "train", ""] for i in range(25)]
+    with pytest.raises(data.BadRecord, match=r"(?s)^25 bad records in .*gone19\.png\n  \.\.\. and 5 more\n\(--skip-bad"):
+        data.CsvPairs(write_csv(tmp_path / "gone.csv", ["image", "report", "split"], rows))
+
+
+def split_ids(path, **kw):
+    """{split: the study ids of its samples}."""
+    datasets = {s: data.CsvPairs(path, split=s, image_size=28, mean=0.5, std=0.25, **kw) for s in data.SPLITS}
+    return {s: [ds[i]["study_id"] for i in range(len(ds))] for s, ds in datasets.items()}
+
+
+def test_csv_without_split_column_is_split_by_patient(tmp_path, capsys):
+    noise_image(tmp_path / "a.png")
+    sizes = np.random.default_rng(0).integers(1, 4, 100)  # 100 patients with 1-3 studies each
+    rows = [["a.png", "Fine.", f"p{p}", f"s{p}-{k}"] for p, n in enumerate(sizes) for k in range(n)]
+    path = write_csv(tmp_path / "pairs.csv", ["image", "report", "patient", "study_id"], rows)
+    ids = split_ids(path)
+    patients = {s: {i.split("-")[0] for i in ids[s]} for s in data.SPLITS}
+    assert not (patients["train"] & patients["validate"] or patients["train"] & patients["test"]
+                or patients["validate"] & patients["test"])  # no patient in two splits
+    assert sum(map(len, ids.values())) == len(rows)
+    for s, share in zip(data.SPLITS, (0.8, 0.1, 0.1)):
+        assert abs(len(ids[s]) / len(rows) - share) < 0.03
+    err = capsys.readouterr().err
+    assert err.count("no 'split' column; split 80/10/10 by patient (seed 0): ") == 1  # once, for all splits
+    assert f"{len(ids['train'])} train / {len(ids['validate'])} validate / {len(ids['test'])} test pairs" in err
+    data._checked_pairs.cache_clear()
+    assert split_ids(path) == ids  # deterministic; another split_seed gives another split
+    assert split_ids(path, split_seed=1) != ids
+    assert len(data.CsvPairs(path, image_size=28, mean=0.5, std=0.25)) == len(rows)  # split=None: every row
+
+
+def test_csv_without_split_column_by_study_or_row_and_the_split_column_wins(tmp_path, capsys):
+    noise_image(tmp_path / "a.png")
+    rows = [["a.png", "Fine.", f"s{i // 2}"] for i in range(100)]  # 50 studies of two images
+    ids = split_ids(write_csv(tmp_path / "studies.csv", ["image", "report", "study_id"], rows))
+    assert [len(ids[s]) for s in data.SPLITS] == [80, 10, 10] and not set(ids["train"]) & set(ids["test"])
+    assert "split 80/10/10 by study_id (seed 0)" in capsys.readouterr().err
+    ids = split_ids(write_csv(tmp_path / "rows.csv", ["image", "report"], [r[:2] for r in rows]))
+    assert [len(ids[s]) for s in data.SPLITS] == [80, 10, 10]
+    assert "split 80/10/10 by row (seed 0): 80 train / 10 validate / 10 test pairs" in capsys.readouterr().err
+    explicit = [["a.png", "Fine.", f"s{i}", "test" if i < 30 else "train"] for i in range(100)]
+    ids = split_ids(write_csv(tmp_path / "explicit.csv", ["image", "report", "study_id", "split"], explicit))
+    assert [len(ids[s]) for s in data.SPLITS] == [70, 0, 30] and "split" not in capsys.readouterr().err
 
 
 # --------------------------------------------------------------------------------------------- entry points
