@@ -1,5 +1,5 @@
 """Throughput of data.py, in CPU time (robust to other processes on the machine): the synthetic generator,
-BatchAugment, collate, prepare-mimic's decode and cache read path.
+BatchAugment, collate, prepare-mimic's decode and cache read path, and CsvPairs' up-front check of every row.
 
     python tests/bench_data.py            the full run (about a minute of CPU)
     python tests/bench_data.py --quick    a few seconds: only shows that everything runs
@@ -122,6 +122,29 @@ def bench_mimic(n_files=8, copies=4, image_size=256, crop=224, reads=3000):
         torch.set_num_threads(threads)
 
 
+def bench_csv_check(n_rows=1000, image_size=512, n_files=8):
+    """CPU time of CsvPairs' up-front check (parse, file exists, header + verify, PNG CRCs / JPEG end marker,
+    report, labels) per 1,000 rows, for PNG and JPEG films of image_size px (hard links to n_files sources)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp, rng = Path(tmp), np.random.default_rng(0)
+        for ext, options in (("png", {}), ("jpg", dict(quality=95))):
+            sources = [tmp / f"source{i}.{ext}" for i in range(n_files)]
+            for path in sources:
+                fake_radiograph(rng, image_size, image_size).save(path, **options)
+            for k in range(n_rows):
+                os.link(sources[k % n_files], tmp / f"{k}.{ext}")
+            csv_path = tmp / f"pairs_{ext}.csv"
+            csv_path.write_text("image,report,split,Cardiomegaly\n" + "".join(
+                f"{k}.{ext},Heart size is normal. Lungs are clear. No pleural effusion.,train,0\n" for k in range(n_rows)))
+            data._checked_pairs.cache_clear()
+            t = time.process_time()
+            data.CsvPairs(str(csv_path), mean=0.5, std=0.25)  # given statistics: only the check is timed
+            cpu = time.process_time() - t
+            kb = np.mean([p.stat().st_size for p in sources]) / 1e3
+            print(f"bench csv check ({ext.upper()}, {image_size} x {image_size} px, {kb:.0f} kB per file): "
+                  f"{1000 * cpu / n_rows:.2f} s CPU per 1,000 rows")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny sizes: shows that every benchmark runs")
@@ -129,9 +152,11 @@ def main(argv=None):
     if args.quick:
         bench_pipeline(min_seconds=0.05)
         bench_mimic(n_files=2, copies=2, reads=20)
+        bench_csv_check(n_rows=20, image_size=128, n_files=2)
     else:
         bench_pipeline(min_seconds=1.0)
         bench_mimic()
+        bench_csv_check()
 
 
 if __name__ == "__main__":
