@@ -982,6 +982,9 @@ class MimicCXR(Dataset):
     def __init__(self, cache_dir, split="train", image_size=224, train=True, one_image_per_study=True):
         self.cache_dir, self.image_size, self.train = Path(cache_dir), image_size, train
         meta = json.loads((self.cache_dir / "meta.json").read_text())
+        if "image_size" not in meta:  # caches written before the key was renamed from "size"
+            raise ValueError(f"{self.cache_dir / 'meta.json'} has no 'image_size': it was written by an older "
+                             "prepare-mimic; rename its key 'size' to 'image_size' (the images are unchanged)")
         self.cache_size, self.n_images = meta["image_size"], meta["n_images"]
         self.mean, self.std = meta["stats"]["train"]["mean"], meta["stats"]["train"]["std"]
         with open(self.cache_dir / "studies.jsonl") as f:

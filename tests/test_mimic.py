@@ -283,6 +283,13 @@ def test_mimic_dataset_samples(cache):
     assert mp.report_texts(ds) == [ds[i]["text"] for i in range(len(ds))]
 
 
+def test_mimic_cache_from_before_the_image_size_key_says_how_to_fix_it(cache, tmp_path):
+    for name in ("meta.json", "studies.jsonl"):
+        (tmp_path / name).write_text((cache / name).read_text().replace('"image_size"', '"size"'))
+    with pytest.raises(ValueError, match="rename its key 'size' to 'image_size'"):
+        MimicCXR(tmp_path)
+
+
 def test_mimic_random_view_and_pickling(cache):
     ds = MimicCXR(cache, split="train")
     index = [s[0]["study_id"] for s in ds.samples].index("53000005")
