@@ -134,8 +134,9 @@ def bench_csv_check(n_rows=1000, image_size=512, n_files=8):
             for k in range(n_rows):
                 os.link(sources[k % n_files], tmp / f"{k}.{ext}")
             csv_path = tmp / f"pairs_{ext}.csv"
-            csv_path.write_text("image,report,split,Cardiomegaly\n" + "".join(
-                f"{k}.{ext},Heart size is normal. Lungs are clear. No pleural effusion.,train,0\n" for k in range(n_rows)))
+            report = "Heart size is normal. Lungs are clear. No pleural effusion."
+            csv_path.write_text("image,report,split,Cardiomegaly\n"
+                                + "".join(f"{k}.{ext},{report},train,0\n" for k in range(n_rows)))
             data._checked_pairs.cache_clear()
             t = time.process_time()
             data.CsvPairs(str(csv_path), mean=0.5, std=0.25)  # given statistics: only the check is timed

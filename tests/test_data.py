@@ -410,7 +410,8 @@ def test_csv_bad_rows_all_listed_or_skipped(tmp_path, capsys):
     assert len(data.make_dataset("csv", path, split="test", image_size=28, train=False, skip_bad=True)) == 2
     assert "skipped" not in capsys.readouterr().err  # checked once per process, for every split
     rows = [[f"gone{i}.png", "Fine.", "train", ""] for i in range(25)]
-    with pytest.raises(data.BadRecord, match=r"(?s)^25 bad records in .*gone19\.png\n  \.\.\. and 5 more\n\(--skip-bad"):
+    twenty_listed = r"(?s)^25 bad records in .*gone19\.png\n  \.\.\. and 5 more\n\(--skip-bad"
+    with pytest.raises(data.BadRecord, match=twenty_listed):
         data.CsvPairs(write_csv(tmp_path / "gone.csv", ["image", "report", "split"], rows))
 
 
