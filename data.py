@@ -1166,13 +1166,19 @@ def _sample_pixel_stats(sample, image_size):
     return pixel_stats([CsvPairs._read(path, where, image_size) for path, where in sample])
 
 
-def report_texts(ds, indices=None):
-    """Every report of a dataset (or of nested Subsets of one) as one string each, in order: what a tokenizer's
-    vocabulary is built from. Uses the datasets' report(index), so MIMIC and CSV images are never decoded."""
+def dataset_reports(ds, indices=None):
+    """Every report of a dataset (or of nested Subsets of one) as its list of sentences, in order. Uses the
+    datasets' report(index), so MIMIC and CSV images are never decoded (synthetic reports are drawn with their
+    image, so those render)."""
     indices = range(len(ds)) if indices is None else indices
     if isinstance(ds, torch.utils.data.Subset):
-        return report_texts(ds.dataset, [ds.indices[i] for i in indices])
-    return [" ".join(ds.report(i)) for i in indices]
+        return dataset_reports(ds.dataset, [ds.indices[i] for i in indices])
+    return [list(ds.report(i)) for i in indices]
+
+
+def report_texts(ds):
+    """Every report of a dataset as one string each, in order: what a tokenizer's vocabulary is built from."""
+    return [" ".join(sentences) for sentences in dataset_reports(ds)]
 
 
 def make_dataset(name, root=None, split="train", image_size=224, train=True, seed=0, num_samples=None,
