@@ -1,15 +1,17 @@
 """Shared building blocks of cxr-vlp: encoders, heads, the DDP-correct InfoNCE, metrics and training plumbing.
 
-Every method file (lovt.py, joimternet.py, ...) imports this module; nothing here knows about a particular method.
-Read top to bottom:
+Every method file (lovt.py, joimternet.py, ...) imports this module; nothing here knows about a particular method's
+losses. Read top to bottom:
 
-1. encoders      ImageEncoder (torchvision ResNet, 1-channel), TextEncoder (transformers BERT), pool_sentences
+1. encoders      ImageEncoder (torchvision ResNet, 1-channel), SoftAttentionResNet (JoImTeRNet's image encoder,
+                 here so that the evaluation scripts can rebuild it), TextEncoder (transformers BERT), pool_sentences
 2. heads         ProjectionHead (LoVT BN-MLP), AttentionPool (LoVT GlobalAvgAttentionAggregator)
-3. contrastive   gather_with_grad, info_nce (each rank: own rows vs. gathered columns, common.md section 5);
-                word_region_attention / _score / _matrix (AttnGAN DAMSM, chunked over reports)
+3. contrastive   gather_with_grad, info_nce (each rank: own rows vs. gathered columns);
+                 word_region_attention / _score / _matrix (AttnGAN DAMSM, chunked over reports)
 4. metrics       recall_at_k, block_recall_at_k, precision_at_k, roc_auc, bootstrap_ci, zero_shot_auc
-5. plumbing      arg/parse_args, setup_distributed, seeding, AMP, LR schedules, checkpoints, Logger,
-                 check_finite, encoder export/import, peak_memory_mb
+5. plumbing      arg/parse_args, setup_distributed, run_folder, seeding, AMP, LR schedules, checkpoints and resume,
+                 ResumableSampler, to_device, Logger, check_finite, bench report, encoder export/import,
+                 print_comparison
 
 Shapes: B batch, N local tokens (regions), L text tokens, S sentences, D/C channels.
 """
@@ -18,10 +20,13 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
+import itertools
+import json
 import math
 import os
 import random
 import sys
+import tempfile
 import time
 import types
 import typing
@@ -35,6 +40,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 from torch.utils.checkpoint import checkpoint
+from torch.utils.data import DistributedSampler
 from tqdm.auto import tqdm
 
 # ================================================================================================================
@@ -74,6 +80,8 @@ class ImageEncoder(nn.Module):
     `weights`: None / "none" (random init), "imagenet" (torchvision IMAGENET1K_V1) or a path to a torchvision state
     dict (3- or 1-channel conv1) or to an exported image_encoder.pt.
     `self.backbone` is a plain torchvision ResNet (fc = Identity), so its state dict is torchvision-compatible.
+    Every image encoder of the suite offers feature_maps(images) -> [c1 .. c5] (strides 2, 4, 8, 16, 32) with
+    `stage_channels`, `arch` and `config` (the constructor keywords that rebuild it): what the evaluation scripts use.
     """
 
     def __init__(self, arch: str = "resnet50", weights: str | None = None, channels_last: bool = False):
@@ -87,25 +95,99 @@ class ImageEncoder(nn.Module):
             sd = _resnet_state_dict(arch, weights)
             sd["conv1.weight"] = sd["conv1.weight"].sum(1, keepdim=True)  # 64x3x7x7 -> 64x1x7x7 (no-op for 1 ch)
             net.load_state_dict(sd, strict=True)
-        self.arch, self.backbone, self.channels_last = arch, net, channels_last
-        self.out_dim = 2048 if arch == "resnet50" else 512  # layer4 channels
+        self.arch, self.config, self.backbone, self.channels_last = arch, {}, net, channels_last
+        wide = 4 if arch == "resnet50" else 1  # Bottleneck blocks expand their width 4 times
+        self.stage_channels = [64, 64 * wide, 128 * wide, 256 * wide, 512 * wide]
+        self.out_dim = self.stage_channels[-1]  # layer4 channels
         if channels_last:
             self.to(memory_format=torch.channels_last)
 
-    def forward(self, images: torch.Tensor) -> dict:
-        """images B x 1 x H x W -> dict(global_feat B x C (avg pool), local_feats B x N x C (row-major layer4 grid,
-        region index = w_grid * row + col), grid (h, w), stages [layer1, layer2, layer3, layer4] maps B x C_i x h_i x w_i).
-        """
+    def feature_maps(self, images: torch.Tensor) -> list:
+        """images B x 1 x H x W -> [c1 (stem after ReLU, stride 2), c2 .. c5 (layer1 .. layer4, stride 32)];
+        ResNet-50 at 224 px: 64 x 112^2, 256 x 56^2, 512 x 28^2, 1024 x 14^2, 2048 x 7^2."""
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         net = self.backbone
-        x = net.maxpool(net.relu(net.bn1(net.conv1(images))))
-        stages = []
-        for layer in (net.layer1, net.layer2, net.layer3, net.layer4):
-            x = layer(x)
-            stages.append(x)
+        maps = [net.relu(net.bn1(net.conv1(images)))]
+        for i, layer in enumerate((net.layer1, net.layer2, net.layer3, net.layer4)):
+            maps.append(layer(net.maxpool(maps[-1]) if i == 0 else maps[-1]))
+        return maps
+
+    def forward(self, images: torch.Tensor) -> dict:
+        """images B x 1 x H x W -> dict(global_feat B x C (avg pool), local_feats B x N x C (row-major layer4 grid,
+        region index = w_grid * row + col), grid (h, w), stages = feature_maps(images))."""
+        stages = self.feature_maps(images)
+        x = stages[-1]
         return dict(global_feat=x.mean((2, 3)), local_feats=x.flatten(2).transpose(1, 2),
                     grid=tuple(x.shape[2:]), stages=stages)
+
+
+class SoftAttention(nn.Module):
+    """JoImTeRNet's soft attention (mshaikh2/JoImTeR_MLMI_2021:JoImTeR/model_img.py): 16 logit maps
+    h_k = W_k F + b_k (the code's Conv3d with kernel (C,1,1) == a 1x1 conv), LeakyReLU, softmax over positions per
+    head, summed: A (B x 1 x H x W, sums to 16). Output F + gamma (F * A), gamma ~ U(0,1) learned."""
+
+    def __init__(self, channels: int, heads: int = 16):
+        super().__init__()
+        self.logits = nn.Conv2d(channels, heads, 1)
+        self.gamma = nn.Parameter(torch.rand(1))
+
+    def forward(self, x):
+        b, _, h, w = x.shape
+        attn = F.leaky_relu(self.logits(x)).flatten(2).softmax(-1).sum(1).view(b, 1, h, w)
+        return x + self.gamma * (x * attn), attn
+
+
+class SoftAttentionResNet(nn.Module):
+    """JoImTeRNet's image encoder (mshaikh2/JoImTeR_MLMI_2021:JoImTeR/model_img.py:ImageEncoder), from scratch:
+    stem 7x7 1->8 (stride `stem_stride`, no max-pool), six stages of 2 BasicBlocks (the first strided, with a 1x1
+    conv + BN shortcut), soft attention after stages 4 and 5; regions V = 1x1 conv of the stage-5 map, global
+    v = Linear(avgpool_2x2(stage 6)). It lives here, not in joimternet.py, so that eval_seg.py / eval_det.py can
+    rebuild an exported JoImTeRNet encoder. With stem_stride 1, c1 .. c5 = stages 1 .. 5 (after the attention) have
+    the ResNet strides 2 .. 32."""
+    arch = "joimternet-resnet"
+
+    def __init__(self, dim=512, widths=(16, 32, 64, 128, 256, 512), stem_stride=4):
+        super().__init__()
+        from torchvision.models.resnet import BasicBlock
+        self.config = dict(dim=dim, widths=list(widths), stem_stride=stem_stride)
+        self.stem = nn.Sequential(nn.Conv2d(1, 8, 7, stem_stride, 3, bias=False), nn.BatchNorm2d(8), nn.ReLU(True))
+        stages, c = [], 8
+        for w in widths:  # every stage halves the map
+            down = nn.Sequential(nn.Conv2d(c, w, 1, 2, bias=False), nn.BatchNorm2d(w))
+            stages.append(nn.Sequential(BasicBlock(c, w, 2, down), BasicBlock(w, w)))
+            c = w
+        self.stages = nn.ModuleList(stages)
+        self.region = nn.Conv2d(widths[4], dim, 1, bias=False)
+        self.global_fc = nn.Linear(4 * widths[5], dim)
+        for m in self.modules():  # before the attention blocks exist: the code's init skips their Conv3d
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight), nn.init.zeros_(m.bias)
+        self.sa4, self.sa5 = SoftAttention(widths[3]), SoftAttention(widths[4])
+        self.stage_channels = list(widths[:5])
+
+    def _trunk(self, images):
+        """-> stage 1 .. 5 maps (soft attention applied after 4 and 5) and the two attention maps."""
+        maps = [self.stages[0](self.stem(images))]
+        for stage in self.stages[1:4]:
+            maps.append(stage(maps[-1]))
+        maps[3], attn4 = self.sa4(maps[3])                           # 128 x 32 x 32 at 2048 px
+        x, attn5 = self.sa5(self.stages[4](maps[3]))                 # 256 x 16 x 16
+        return maps + [x], attn4, attn5
+
+    def feature_maps(self, images):
+        return self._trunk(images)[0]
+
+    def forward(self, images):
+        """images B x 1 x H x W -> dict(global_feat B x D, local_feats B x R x D (row-major regions), grid (h, w),
+        attn4, attn5 (the soft-attention maps))."""
+        maps, attn4, attn5 = self._trunk(images)
+        regions = self.region(maps[4])                                # B x D x 16 x 16
+        pooled = F.adaptive_avg_pool2d(self.stages[5](maps[4]), 2)    # B x 512 x 2 x 2
+        return dict(global_feat=self.global_fc(pooled.flatten(1)), local_feats=regions.flatten(2).transpose(1, 2),
+                    grid=tuple(regions.shape[-2:]), attn4=attn4, attn5=attn5)
 
 
 class TextEncoder(nn.Module):
@@ -183,8 +265,8 @@ class ProjectionHead(nn.Module):
     """LoVT's BN-MLP: Linear -> BN1d -> ReLU -> Linear (norm=None drops the BN: ConVIRT's head), optionally followed
     by BN1d without affine (final_norm="batch": the MGCA head). Works on B x D and on B x N x D; BN statistics are
     taken over all B*N positions, padded ones included (LoVT's behaviour; padded sentence slots hold 0).
-    Init (LoVT, lovt.md section 1.3): Kaiming-normal fan_out with ReLU gain for the first Linear, linear gain for the
-    second, zero biases.
+    Init (philip-mueller/lovt:src/models/components/fc.py:MLP): Kaiming-normal fan_out with ReLU gain for the first
+    Linear, linear gain for the second, zero biases.
     """
 
     def __init__(self, in_dim: int, hidden_dim: int, out_dim: int, norm: str | None = "batch",
@@ -209,8 +291,9 @@ class ProjectionHead(nn.Module):
 class AttentionPool(nn.Module):
     """LoVT's GlobalAvgAttentionAggregator: one multi-head attention whose single query is the mean of the tokens.
 
-    Caveat reproduced from LoVT (lovt.md section 1.2): the query is sum(valid tokens) / N_padded, i.e. divided by
-    the padded length of the batch, not by the number of valid tokens. With no mask it is the plain mean.
+    Caveat reproduced from LoVT (philip-mueller/lovt:src/models/components/aggregation.py:GlobalAvgAttentionAggregator):
+    the query is sum(valid tokens) / N_padded, i.e. divided by the padded length of the batch, not by the number of
+    valid tokens. With no mask it is the plain mean.
     """
 
     def __init__(self, dim: int, heads: int = 8):
@@ -229,7 +312,7 @@ class AttentionPool(nn.Module):
 
 
 # ================================================================================================================
-# 3. Contrastive loss, DDP-correct (common.md section 5)
+# 3. Contrastive loss, DDP-correct
 # ================================================================================================================
 
 def _distributed() -> bool:
@@ -270,7 +353,7 @@ def info_nce(a: torch.Tensor, b: torch.Tensor, tau, gather: bool = True) -> tupl
 
 
 # ================================================================================================================
-# 3b. Word-region attention (AttnGAN DAMSM / GLoRIA; JoImTeRNet, RECLF), common.md section 4.4
+# 3b. Word-region attention (AttnGAN DAMSM / GLoRIA; JoImTeRNet, RECLF)
 # ================================================================================================================
 
 def fp32(t):
@@ -300,14 +383,15 @@ def word_region_score(regions, words, word_mask, gamma1, gamma2):
     return (gamma2 * rho).masked_fill(~word_mask, float("-inf")).logsumexp(-1)
 
 
-def word_region_matrix(regions, words, word_mask, gamma1, gamma2, chunk=16):
+def word_region_matrix(regions, words, word_mask, gamma1, gamma2, chunk=16, checkpoint_above=2**24):
     """R[i, j] for every image i (I x R x D) and report j (T x L x D, mask T x L) -> I x T, in fp32.
 
     Memory: the full attention is I x T x L x R (128 x 128 x 160 x 256 = 0.67 G floats, plus an I x T x L x D
     context, ~2.7 GB per tensor in fp32, several alive for backward). Here reports go in chunks of `chunk`,
-    each chunk trimmed to its longest report, and under autograd each chunk is checkpointed (recomputed in the
-    backward), so the peak is ~ 4 x I x chunk x L x R + I x chunk x L x D floats (~1.5 GB at the paper's
-    sizes with chunk 16) instead of all chunks at once."""
+    each chunk trimmed to its longest report, and under autograd a chunk whose attention has more than
+    `checkpoint_above` entries is checkpointed (recomputed in the backward), so the peak is ~ 4 x I x chunk x L x R
+    + I x chunk x L x D floats (~1.5 GB at the paper's sizes with chunk 16) instead of all chunks at once. Smaller
+    chunks (the CPU demo's 32 x 16 x 60 x 16) keep their activations: recomputing them would cost more than it saves."""
     regions, words = fp32(regions), fp32(words)
     columns = []
     for s in range(0, words.shape[0], chunk):
@@ -315,8 +399,9 @@ def word_region_matrix(regions, words, word_mask, gamma1, gamma2, chunk=16):
         n = int(m.sum(1).max())                                            # drop all-padding tail positions
         w, m = words[s:s + chunk, :n], m[:, :n]
         fn = lambda r, w, m: word_region_score(r[:, None], w[None], m[None], gamma1, gamma2)  # I x chunk
+        big = regions.shape[0] * w.shape[0] * n * regions.shape[-2] > checkpoint_above
         grad = torch.is_grad_enabled() and (regions.requires_grad or w.requires_grad)
-        columns.append(checkpoint(fn, regions, w, m, use_reentrant=False) if grad else fn(regions, w, m))
+        columns.append(checkpoint(fn, regions, w, m, use_reentrant=False) if grad and big else fn(regions, w, m))
     return torch.cat(columns, 1)
 
 
@@ -330,12 +415,13 @@ def _numpy(x) -> np.ndarray:
 
 def recall_at_k(sim, ks=(1, 5, 10)) -> dict:
     """sim Q x Q (query x gallery, the paired item on the diagonal) -> {"R@k": fraction}.
-    rank(q) = 1 + #{g != q : sim[q, g] >= sim[q, q]}: ties count against the query (common.md section 8.2).
-    Pass sim for image->text and sim.T for text->image."""
+    rank(q) = 1 + #{g != q : sim[q, g] >= sim[q, q]}: ties count against the query (the pessimistic convention).
+    Pass sim for image->text and sim.T for text->image. R@k is nan when the gallery has k items or fewer: every
+    query would be in the top k, a 1.0 that says nothing."""
     sim = _numpy(sim)
     positive = np.diag(sim)[:, None]
     beaten = (sim >= positive).sum(1) - 1  # the positive itself always counts once
-    return {f"R@{k}": float((beaten + 1 <= k).mean()) for k in ks}
+    return {f"R@{k}": float((beaten + 1 <= k).mean()) if k < len(sim) else float("nan") for k in ks}
 
 
 def block_recall_at_k(sim, block: int = 1000, ks=(1, 5, 10)) -> dict:
@@ -364,7 +450,7 @@ def roc_auc(scores, targets) -> float:
 
 
 def precision_at_k(sim, query_labels, gallery_labels, ks=(1, 5, 10)) -> dict:
-    """Class-based retrieval (the 5x200 sets, common.md section 8.2): sim Q x G, integer classes Q and G ->
+    """Class-based retrieval (MGCA's CheXpert 5x200 sets): sim Q x G, integer classes Q and G ->
     {"P@k": mean over queries of the fraction of the top-k gallery items with the query's class}."""
     sim, query_labels, gallery_labels = _numpy(sim), np.asarray(query_labels), np.asarray(gallery_labels)
     order = np.argsort(-sim, axis=1, kind="stable")  # Q x G, best first
@@ -373,8 +459,8 @@ def precision_at_k(sim, query_labels, gallery_labels, ks=(1, 5, 10)) -> dict:
 
 
 def bootstrap_ci(metric, *arrays, n: int = 1000, seed: int = 0, alpha: float = 0.05) -> tuple[float, float]:
-    """Percentile bootstrap (1 - alpha) interval of metric(*arrays) over resampled rows (common.md section 8.7:
-    1,000 resamples). Resamples where the metric is nan (e.g. a class absent) are skipped."""
+    """Percentile bootstrap (1 - alpha) interval of metric(*arrays) over resampled rows (1,000 resamples, as
+    CheXzero reports its intervals). Resamples where the metric is nan (e.g. a class absent) are skipped."""
     arrays = [_numpy(a) for a in arrays]
     rng = np.random.default_rng(seed)
     values = [metric(*[a[idx] for a in arrays]) for idx in rng.integers(0, len(arrays[0]), (n, len(arrays[0])))]
@@ -384,9 +470,10 @@ def bootstrap_ci(metric, *arrays, n: int = 1000, seed: int = 0, alpha: float = 0
 
 
 def zero_shot_auc(image_emb, pos_text_emb, neg_text_emb, labels, names=None) -> dict:
-    """CheXzero pair prompts (common.md section 8.3): image_emb N x D, pos/neg prompt embeddings C x D ("c" / "no c"),
-    labels N x C (1 / 0, others ignored) -> {name: AUC}. p_c = softmax over (s_pos, s_neg) with s the cosine.
-    A temperature would not change the AUC: p_c = sigmoid((s_pos - s_neg) / tau) is monotone in s_pos - s_neg."""
+    """CheXzero pair prompts (rajpurkarlab/CheXzero:zero_shot.py:run_softmax_eval): image_emb N x D, pos/neg prompt
+    embeddings C x D ("c" / "no c"), labels N x C (1 / 0, others ignored) -> {name: AUC}. p_c = softmax over
+    (s_pos, s_neg) with s the cosine. A temperature would not change the AUC: p_c = sigmoid((s_pos - s_neg) / tau)
+    is monotone in s_pos - s_neg."""
     image = F.normalize(torch.as_tensor(image_emb).double(), dim=-1)
     pos = image @ F.normalize(torch.as_tensor(pos_text_emb).double(), dim=-1).T  # N x C
     neg = image @ F.normalize(torch.as_tensor(neg_text_emb).double(), dim=-1).T
@@ -427,12 +514,16 @@ def _flag_kwargs(tp) -> dict:
     return dict(type=tp)
 
 
-def parse_args(ArgsClass, presets: dict | None = None, argv=None):
+def parse_args(ArgsClass, presets: dict | None = None, argv=None, default_preset: str | None = None):
     """Args dataclass -> argparse flags -> instance. Each field `some_name` becomes `--some-name` (bools also
     `--no-some-name`; tuples take several values; Optional accepts `none`), help from field(metadata={"help"})
     (see `arg`). `--preset NAME` applies presets[NAME] (a dict of field overrides) first; explicit flags win.
-    If the dataclass has a `preset` field it receives the preset's name."""
+    If the dataclass has a `preset` field it receives the preset's name. default_preset is used when argv names
+    neither --preset nor --data: the methods' one rule, `python lovt.py` alone runs the synthetic demo."""
     presets = presets or {}
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if default_preset and not any(a.split("=")[0] in ("--preset", "--data") for a in argv):
+        argv = ["--preset", default_preset, *argv]
     hints = typing.get_type_hints(ArgsClass)
     fields = [f for f in dataclasses.fields(ArgsClass) if f.init]
     parser = argparse.ArgumentParser(description=(ArgsClass.__doc__ or "").split("\n\n")[0],
@@ -497,6 +588,67 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
+def micro_batches_per_step(accum: int, world_size: int) -> int:
+    """--accum is the accumulation of the whole job: each of the world_size processes does accum / world_size
+    micro-batches per optimizer step, so the recipe's pairs per step do not depend on the number of GPUs."""
+    if accum % world_size:
+        raise SystemExit(f"--accum {accum} (micro-batches per optimizer step, whole job) must be divisible by the "
+                         f"{world_size} processes")
+    return accum // world_size
+
+
+def run_folder(out_dir: str, method: str, ddp: Dist, args=None) -> str:
+    """The run folder: out_dir, or a new runs/<method>-<YYYYmmdd-HHMMSS> (rank 0 names it, every rank gets the same
+    name, and two runs never share a metrics.csv). Rank 0 creates it and writes args.json (the resolved args)."""
+    name = out_dir
+    if not name and ddp.is_main:
+        name = stem = time.strftime(f"runs/{method}-%Y%m%d-%H%M%S")
+        for k in itertools.count(2):  # a run started in the same second
+            if not os.path.exists(name):
+                break
+            name = f"{stem}-{k}"
+    if ddp.distributed and not out_dir:
+        box = [name]
+        dist.broadcast_object_list(box, src=0)
+        name = box[0]
+    if ddp.is_main:
+        os.makedirs(name, exist_ok=True)
+        if args is not None:
+            with open(os.path.join(name, "args.json"), "w") as f:
+                json.dump(plain(args), f, indent=1)
+    return name
+
+
+class ResumableSampler(DistributedSampler):
+    """DistributedSampler (order = f(seed, epoch)) that can start an epoch after its first `skip` indices: on resume,
+    the batches the killed run already trained on in that epoch are not seen twice."""
+    skip = 0
+
+    def __iter__(self):
+        return itertools.islice(super().__iter__(), self.skip, None)
+
+    def __len__(self):
+        return self.num_samples - self.skip
+
+
+def to_device(batch: dict, device) -> dict:
+    """The tensors of a batch dict on `device` (non-blocking from pinned memory); lists and strings as they are."""
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def wrap_ddp(model: nn.Module, ddp: Dist, **kwargs) -> nn.Module:
+    """The model in DistributedDataParallel under torchrun (one device per process), else the model itself."""
+    if not ddp.distributed:
+        return model
+    ids = [ddp.device] if ddp.device.type == "cuda" else None
+    return nn.parallel.DistributedDataParallel(model, ids, **kwargs)
+
+
+def count_parameters(optimizer) -> int:
+    """Parameters the optimizer trains (frozen ones are not passed to it)."""
+    return sum(p.numel() for group in optimizer.param_groups for p in group["params"])
+
+
 def seed_everything(seed: int):
     """Seed python, numpy and torch (all devices). Use `seed` for model init (same on every rank), then
     seed_everything(seed + rank) for data order and augmentation."""
@@ -506,7 +658,7 @@ def seed_everything(seed: int):
 
 
 def amp_dtype(device: torch.device, precision: str = "auto") -> torch.dtype | None:
-    """common.md section 6. precision "auto": bf16 on CUDA where supported, else fp16 (needs the GradScaler);
+    """Mixed precision policy. precision "auto": bf16 on CUDA where supported, else fp16 (needs the GradScaler);
     None (no autocast) on CPU. "bf16" / "fp16" / "fp32" force a choice."""
     if precision == "fp32" or (precision == "auto" and device.type != "cuda"):
         return None
@@ -611,6 +763,25 @@ def load_checkpoint(path: str, map_location="cpu") -> dict:
     return torch.load(path, map_location=map_location, weights_only=True)
 
 
+def save_training_state(path: str, stateful: dict, **progress):
+    """ckpt.pt of a training run: the state_dict() of every object in `stateful` (model, optimizers, schedulers,
+    scaler) under its name, the progress counters (step, epoch, ..., args) and the RNG states, written atomically."""
+    save_checkpoint(path, {**{k: v.state_dict() for k, v in stateful.items()}, **progress})
+
+
+def resume_training_state(path: str, stateful: dict, progress: dict, rank: int = 0) -> dict:
+    """--resume: load `path` into every object of `stateful` (the names save_training_state used), set the keys of
+    `progress` (step, epoch, ...) from it, restore the RNG streams; returns the checkpoint."""
+    if not os.path.exists(path):
+        raise SystemExit(f"--resume: no checkpoint at {path} (pass the killed run's --out-dir)")
+    ckpt = load_checkpoint(path)
+    for name, obj in stateful.items():
+        obj.load_state_dict(ckpt[name])
+    progress.update({k: ckpt[k] for k in progress})
+    restore_rng(ckpt, rank)
+    return ckpt
+
+
 def _append_csv(path: str, row: dict):
     """Append a row; the columns are fixed by the file's header (or by this row if the file is new)."""
     columns = None
@@ -627,16 +798,21 @@ def _append_csv(path: str, row: dict):
 class Logger:
     """tqdm progress (rank 0) and CSV logs in run_dir. Wrap the loader with `iterate` to measure the data wait:
 
-        for batch in logger.iterate(loader): ...; logger.log(step, epoch, {"lr": lr, "loss/total": loss}, images=n)
+        for batch in logger.iterate(loader):
+            ...; logger.add(terms, images=B * world)      # every (micro-)step: the loss terms, detached
+            logger.log(step, epoch, {"lr": lr})            # every log_every steps: one metrics.csv row
 
-    log() writes metrics.csv with perf/img_per_s and perf/data_wait_frac over the interval since the previous call
-    (`images`: images processed by all ranks in that interval). On resume (start_step > 0) rows past start_step
-    from the killed run are dropped, then rows are appended. write(name, row) appends to another CSV (e.g. val)."""
+    log() writes the metrics given, the mean of every added term since the previous row (`loss` as loss/total, a
+    term t as loss/t; add() keeps tensors on their device, so logging costs one sync per row, not per step) and
+    perf/img_per_s (the images added) and perf/data_wait_frac over that interval. On resume (start_step > 0) rows
+    past start_step from the killed run are dropped, then rows are appended. write(name, row) appends to another CSV
+    (e.g. val.csv)."""
 
     def __init__(self, run_dir: str, is_main: bool, total_steps: int, start_step: int = 0):
         self.run_dir, self.is_main = run_dir, is_main
         self.bar = tqdm(total=total_steps, initial=start_step, disable=not is_main, dynamic_ncols=True)
         self.path, self.wait, self.last = os.path.join(run_dir, "metrics.csv"), 0.0, time.perf_counter()
+        self.sums, self.images = {}, 0
         if is_main and start_step > 0 and os.path.exists(self.path):
             with open(self.path, newline="") as fh:
                 rows = list(csv.reader(fh))
@@ -654,16 +830,22 @@ class Logger:
             self.wait += time.perf_counter() - t0
             yield batch
 
-    def log(self, step: int, epoch: int, metrics: dict, images: int = 0):
+    def add(self, terms: dict, images: int = 0):
+        for k, v in terms.items():
+            total, n = self.sums.get(k, (0.0, 0))
+            self.sums[k] = (total + (v.detach() if torch.is_tensor(v) else v), n + 1)
+        self.images += images
+
+    def log(self, step: int, epoch: int, metrics: dict):
         now = time.perf_counter()
         elapsed, self.last = max(now - self.last, 1e-9), now
-        row = {"step": step, "epoch": epoch, **{k: float(v) for k, v in metrics.items()},
-               "perf/img_per_s": images / elapsed, "perf/data_wait_frac": min(self.wait / elapsed, 1.0)}
-        self.wait = 0.0
+        means = {"loss/total" if k == "loss" else f"loss/{k}": float(t / n) for k, (t, n) in self.sums.items()}
+        row = {"step": step, "epoch": epoch, **{k: float(v) for k, v in metrics.items()}, **means,
+               "perf/img_per_s": self.images / elapsed, "perf/data_wait_frac": min(self.wait / elapsed, 1.0)}
+        self.wait, self.sums, self.images = 0.0, {}, 0
         if self.is_main:
             self.bar.update(step - self.bar.n)
-            loss = row.get("loss/total", row.get("loss", float("nan")))
-            self.bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{row['perf/img_per_s']:.1f}",
+            self.bar.set_postfix(loss=f"{row.get('loss/total', math.nan):.4f}", img_s=f"{row['perf/img_per_s']:.1f}",
                                  wait=f"{100 * row['perf/data_wait_frac']:.0f}%")
             _append_csv(self.path, row)
 
@@ -685,25 +867,76 @@ def check_finite(loss: torch.Tensor, step: int, ckpt_path: str, terms: dict | No
                                  f"rate or another precision (fp32, or bf16 instead of fp16).")
 
 
-def export_image_encoder(path: str, encoder: ImageEncoder, mean: float, std: float, image_size: int, method: str,
+def bench_args(args, **overrides):
+    """--bench N: the same run for N + 1 optimizer steps on synthetic data in a temporary folder, logged only at the
+    first step and the last (so the last metrics.csv row times the N steps after the warm-up one)."""
+    return dataclasses.replace(args, data="synthetic", out_dir=tempfile.mkdtemp(prefix="bench-"), resume=False,
+                               max_steps=args.bench + 1, log_every=10**9, **overrides)
+
+
+def print_bench(run_dir: str, images_per_step: int, device: torch.device, amp: torch.dtype | None):
+    """The --bench result, from the last metrics.csv row: images/s, data-wait share and peak memory."""
+    with open(os.path.join(run_dir, "metrics.csv")) as f:
+        row = list(csv.DictReader(f))[-1]
+    speed = float(row["perf/img_per_s"])
+    print(f"bench: {speed:.1f} images/s ({images_per_step / speed:.2f} s per step of {images_per_step} images), "
+          f"data wait {100 * float(row['perf/data_wait_frac']):.0f} %, peak memory {peak_memory_mb(device):.0f} MB "
+          f"({device}, {amp or torch.float32})")
+
+
+def print_comparison(results: dict, path: str | None = None):
+    """results {model: {metric: value}} (e.g. untrained and trained) -> a table with one row per metric and a column
+    per model, also written to `path` as JSON. A metric that is nan for every model has no data (a class with one
+    outcome in the split, R@k on a gallery of k items or fewer): it is named on one line, not printed as a number."""
+    models, metrics = list(results), list(dict.fromkeys(k for r in results.values() for k in r))
+    value = lambda m, k: float(results[m].get(k, math.nan))
+    shown = [k for k in metrics if any(not math.isnan(value(m, k)) for m in models)]
+    width = max([len(k) for k in shown] + [6]) + 2
+    print(f"{'metric':<{width}}" + "".join(f"{m:>12}" for m in models))
+    for k in shown:
+        print(f"{k:<{width}}" + "".join(f"{value(m, k):>12.3f}" for m in models))
+    empty = [k for k in metrics if k not in shown]
+    if empty:
+        print(f"no data for {', '.join(empty)} (AUC needs both outcomes in the split, R@k more than k items)")
+    if path:
+        with open(path, "w") as f:
+            json.dump(results, f, indent=1)
+
+
+def export_image_encoder(path: str, encoder: nn.Module, mean: float, std: float, image_size: int, method: str,
                          args=None):
-    """Write the contract's image_encoder.pt (a plain dict, weights_only-loadable) atomically."""
+    """Write image_encoder.pt (a plain dict, weights_only-loadable) atomically: arch + config rebuild the encoder
+    (build_image_encoder), state_dict fills it (for the ResNets the torchvision-compatible backbone state dict),
+    then in_chans, the input normalisation, the pre-training image size, the method and its args."""
     encoder = unwrap(encoder)
-    state = {k: v.detach().cpu().contiguous() for k, v in encoder.backbone.state_dict().items()
-             if not k.startswith("fc.")}
-    payload = dict(arch=encoder.arch, state_dict=state, in_chans=state["conv1.weight"].shape[1], mean=float(mean),
+    module = encoder.backbone if isinstance(encoder, ImageEncoder) else encoder
+    state = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+    payload = dict(arch=encoder.arch, config=plain(encoder.config), state_dict=state, in_chans=1, mean=float(mean),
                    std=float(std), image_size=int(image_size), method=method, args=plain(args or {}))
     _atomic_save(payload, path)
 
 
+def build_image_encoder(arch: str, config: dict | None = None, weights: str | None = None) -> nn.Module:
+    """An image encoder of the suite from its exported arch name and config (random init unless `weights`, which
+    only the torchvision ResNets have: "imagenet" or a state-dict path)."""
+    if arch in ("resnet18", "resnet50"):
+        return ImageEncoder(arch, weights)
+    if weights not in (None, "none", ""):
+        raise ValueError(f"{arch} has no pre-trained weights to load (only resnet18 / resnet50 do)")
+    if arch == SoftAttentionResNet.arch:
+        return SoftAttentionResNet(**(config or {}))
+    raise ValueError(f"unknown image encoder architecture {arch!r} (known: resnet18, resnet50, "
+                     f"{SoftAttentionResNet.arch})")
+
+
 def load_image_encoder(path: str, map_location="cpu") -> tuple[nn.Module, dict]:
-    """image_encoder.pt -> (torchvision ResNet with conv1 of in_chans channels and fc = Identity, metadata dict)."""
+    """image_encoder.pt -> (the encoder, rebuilt and loaded, in eval mode; the metadata without the state dict).
+    The encoder offers feature_maps(images) -> [c1 .. c5] and stage_channels, whatever method exported it."""
     payload = torch.load(path, map_location=map_location, weights_only=True)
-    model = getattr(torchvision.models, payload["arch"])(weights=None)
-    model.conv1 = nn.Conv2d(payload["in_chans"], 64, kernel_size=7, stride=2, padding=3, bias=False)
-    model.fc = nn.Identity()
-    model.load_state_dict(payload["state_dict"], strict=True)
-    return model, {k: v for k, v in payload.items() if k != "state_dict"}
+    encoder = build_image_encoder(payload["arch"], payload.get("config"))
+    module = encoder.backbone if isinstance(encoder, ImageEncoder) else encoder
+    module.load_state_dict(payload["state_dict"], strict=True)
+    return encoder.eval(), {k: v for k, v in payload.items() if k != "state_dict"}
 
 
 def export_text_encoder(directory: str, text_encoder: TextEncoder, tokenizer=None):
@@ -712,6 +945,14 @@ def export_text_encoder(directory: str, text_encoder: TextEncoder, tokenizer=Non
     unwrap(text_encoder).bert.save_pretrained(directory)
     if tokenizer is not None:
         tokenizer.save_pretrained(directory)
+
+
+def export_encoders(run_dir: str, image_encoder, text_encoder, tokenizer, mean: float, std: float, image_size: int,
+                    method: str, args=None):
+    """The end of every run: run_dir/image_encoder.pt (what eval_seg.py / eval_det.py read) and run_dir/text_encoder/
+    (BERT and tokenizer, save_pretrained)."""
+    export_image_encoder(os.path.join(run_dir, "image_encoder.pt"), image_encoder, mean, std, image_size, method, args)
+    export_text_encoder(os.path.join(run_dir, "text_encoder"), text_encoder, tokenizer)
 
 
 def peak_memory_mb(device: torch.device) -> float:

@@ -1,17 +1,19 @@
 """Detection with a frozen or fine-tuned pre-trained image encoder: mAP over IoU 0.40-0.75 and fROC.
 
-Every method exports `image_encoder.pt` (a torchvision ResNet, see the contract); this script trains a
-detector on its conv3-conv5 stages and reports mAP, so that encoders from different methods (and the
-`random` / `imagenet` baselines) are compared by the same yardstick.
+Every method exports `image_encoder.pt` (its architecture, configuration and weights, so that
+eval_seg.load_encoders rebuilds any encoder of the suite from it); this script trains a detector on its conv3-conv5
+stages and reports mAP, so that encoders from different methods (and the `random` / `imagenet` baselines) are
+compared by the same yardstick.
 
     python eval_det.py --encoder runs/lovt/image_encoder.pt --encoder random            # synthetic, CPU
     python eval_det.py --encoder runs/lovt/image_encoder.pt --finetune
     python eval_det.py --dataset rsna --data-root DIR --fraction 0.1 --lr 1e-3 --seeds 5 --device cuda
     python eval_det.py --dataset object-cxr --data-root DIR --split-csv lovt/datasets/object-CXR
 
-A DIFFERENT DETECTOR THAN THE PAPERS. LoVT and MGCA put a YOLOv3 head on conv3-conv5 (lovt.md §5.1,
-common.md §8.6). This script uses torchvision's FCOS (anchor-free, one point per feature-map cell) on an
-FPN over c3-c5 of the exported ResNet, so its numbers compare encoders within this suite and are NOT
+A DIFFERENT DETECTOR THAN THE PAPERS. LoVT and MGCA put a YOLOv3 head on conv3-conv5 (philip-mueller/lovt:
+src/models/downstream/detection.py; HKU-MedAI/MGCA:mgca/models/ssl_detector.py).
+This script uses torchvision's FCOS (anchor-free, one point per feature-map cell) on an FPN over c3-c5 of the
+exported encoder, so its numbers compare encoders within this suite and are NOT
 comparable with the YOLOv3 numbers in the papers' tables.
 
 Detector: FPN (torchvision FeaturePyramidNetwork, `--fpn-channels` wide: 128, or 64 in the synthetic CPU
@@ -54,7 +56,6 @@ from collections import OrderedDict
 
 import numpy as np
 import torch
-import torch.nn as nn
 from torchvision.models.detection import FCOS
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.fcos import FCOSHead
@@ -64,7 +65,7 @@ from tqdm.auto import tqdm
 
 import data
 from eval_seg import (Batches, add_common_eval_args, extract_features, finetune_phase, load_encoders, load_splits,
-                      print_table, resnet_stages, stage_channels, summarize, write_results)
+                      print_table, summarize, write_results)
 
 IOU_THRESHOLDS = tuple(np.round(np.arange(0.40, 0.76, 0.05), 2).tolist())  # 0.40 ... 0.75, 8 values
 RECALL_POINTS = np.linspace(0.0, 1.0, 101)
@@ -247,7 +248,7 @@ def train_one(args, backbone, task_data, num_classes, seed):
     if finetune:
         backbone = copy.deepcopy(backbone)  # every seed starts from the exported weights
     backbone.to(device)
-    model = build_detector(stage_channels(backbone), num_classes, size, args.fpn_channels, args.head_convs,
+    model = build_detector(backbone.stage_channels, num_classes, size, args.fpn_channels, args.head_convs,
                            args.score_thresh, args.nms_thresh).to(device)
     params = list(model.parameters()) + (list(backbone.parameters()) if finetune else [])
     opt = torch.optim.Adam(params, lr=args.lr, weight_decay=1e-6)
@@ -289,7 +290,7 @@ def train_one(args, backbone, task_data, num_classes, seed):
 def c345_bytes(backbone, image_size):
     """float32 bytes of one image's c3, c4, c5 maps (ResNet-50 at 224 px: 2.8 MB)."""
     with torch.no_grad():
-        stages = resnet_stages(backbone.eval(), torch.zeros(1, 1, image_size, image_size))
+        stages = backbone.eval().feature_maps(torch.zeros(1, 1, image_size, image_size))
     return 4 * sum(s.numel() for s in stages[2:])
 
 

@@ -1,8 +1,8 @@
 """Segmentation with a frozen or fine-tuned pre-trained image encoder: LoVT's evaluation protocol.
 
-Every method exports `image_encoder.pt` (a torchvision ResNet, see the contract); this script trains a
-segmentation head on top of it and reports Dice, so that encoders from different methods (and the
-`random` / `imagenet` baselines) are compared by the same yardstick.
+Every method exports `image_encoder.pt` (its architecture, configuration and weights, so that any encoder of the
+suite is rebuilt from it); this script trains a segmentation head on top of it and reports Dice, so that encoders
+from different methods (and the `random` / `imagenet` baselines) are compared by the same yardstick.
 
     python eval_seg.py --encoder runs/lovt/image_encoder.pt --encoder random           # synthetic, CPU
     python eval_seg.py --encoder runs/lovt/image_encoder.pt --head unet --finetune
@@ -74,7 +74,7 @@ def add_common_eval_args(parser):
     """Flags shared by eval_seg.py and eval_det.py."""
     a = parser.add_argument
     a("--encoder", action="append", default=None,
-      help="image_encoder.pt | random[:resnet18|resnet50] | imagenet[:arch]; repeat to compare "
+      help="image_encoder.pt | random[:arch] | imagenet[:resnet18|resnet50]; repeat to compare "
            "(default: random)")
     a("--dataset", default="synthetic", help="synthetic | rsna | siim | covid-rural | object-cxr | nih | folder")
     a("--data-root", default=None, help="dataset folder (not needed for synthetic)")
@@ -89,7 +89,7 @@ def add_common_eval_args(parser):
     a("--batch-size", type=int, default=64)
     a("--patience", type=int, default=10, help="early stopping: epochs without a better validation metric")
     a("--out", default=None, help="results file stem: writes OUT.json and OUT.csv")
-    a("--synthetic-size", type=int, default=None, help="synthetic: number of images, split 60/20/20 (default 500)")
+    a("--synthetic-samples", type=int, default=None, help="synthetic: number of images, split 60/20/20 (default 500)")
     a("--skip-bad", action="store_true", help="skip unreadable / inconsistent records and count them")
     a("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     return parser
@@ -98,10 +98,12 @@ def add_common_eval_args(parser):
 def load_encoders(specs, image_size):
     """specs: list of `path/to/image_encoder.pt`, `random[:arch]`, `imagenet[:arch]`.
 
-    Returns [(name, backbone, meta)]: backbone = torchvision ResNet with a 1-channel conv1 and
-    fc = Identity, in eval mode on the CPU; meta = the exported dict without the state dict (for the
-    baselines: arch and method). `random` / `imagenet` without an arch take the architecture of the
-    first exported encoder in `specs` (ResNet-50 if there is none), so the baseline matches.
+    Returns [(name, encoder, meta)]: encoder = the suite's image encoder rebuilt from the export (a 1-channel
+    torchvision ResNet, JoImTeRNet's soft-attention ResNet, ...), in eval mode on the CPU, with
+    encoder.feature_maps(x) -> [c1 .. c5] at strides 2 .. 32 and encoder.stage_channels; meta = the exported dict
+    without the state dict (for the baselines: arch and method). `random` without an arch is the architecture (and
+    configuration) of the first exported encoder in `specs`, randomly initialised, so that the baseline matches;
+    `imagenet` without an arch takes the first exported ResNet's (ResNet-50 if there is none).
     """
     loaded = {}
     for spec in specs:
@@ -111,57 +113,51 @@ def load_encoders(specs, image_size):
             raise SystemExit(f"--encoder {spec}: no such file (expected an exported image_encoder.pt, "
                              f"`random[:arch]` or `imagenet[:arch]`)")
         try:
-            backbone, meta = common.load_image_encoder(spec)
-        except (AttributeError, KeyError, RuntimeError) as e:  # another arch, missing keys, wrong shapes
-            raise SystemExit(f"--encoder {spec}: not an exported torchvision ResNet-18/50 image encoder "
+            encoder, meta = common.load_image_encoder(spec)
+        except (AttributeError, KeyError, RuntimeError, ValueError) as e:  # not an export, missing keys, wrong shapes
+            raise SystemExit(f"--encoder {spec}: not an image_encoder.pt exported by this suite "
                              f"({type(e).__name__}: {e})")
         if meta.get("image_size") not in (None, image_size):
             print(f"note: {spec} was pre-trained at {meta['image_size']} px and is evaluated at {image_size} px")
-        loaded[spec] = (backbone, meta)
-    default_arch = next((meta["arch"] for _, meta in loaded.values()), "resnet50")
+        loaded[spec] = (encoder, meta)
+    first = next((meta for _, meta in loaded.values()), dict(arch="resnet50"))
+    first_resnet = next((m["arch"] for _, m in loaded.values() if m["arch"] in ("resnet18", "resnet50")), "resnet50")
 
     encoders, names = [], set()
     for spec in specs:
         if spec in loaded:
-            backbone, meta = loaded[spec]
+            encoder, meta = loaded[spec]
             folder, file = os.path.split(os.path.abspath(spec))
             name = os.path.basename(folder) if file == "image_encoder.pt" else os.path.splitext(file)[0]
         else:
             kind, _, arch = spec.partition(":")
-            arch = arch or default_arch
-            if arch not in ("resnet18", "resnet50"):
-                raise SystemExit(f"--encoder {spec}: the architecture must be resnet18 or resnet50")
+            arch = arch or (first["arch"] if kind == "random" else first_resnet)
+            config = first.get("config") if arch == first["arch"] else None
             torch.manual_seed(0)  # the same random encoder in every run
             # common.ImageEncoder: 1-channel conv1, ImageNet conv1 summed over RGB (= grayscale repeated).
             try:
-                backbone = common.ImageEncoder(arch, weights=None if kind == "random" else "imagenet").backbone
+                encoder = common.build_image_encoder(arch, config, weights=None if kind == "random" else "imagenet")
+            except ValueError as e:
+                raise SystemExit(f"--encoder {spec}: {e}") from None
             except SystemExit as e:  # common's clear message when the ImageNet weights cannot be had
                 raise SystemExit(f"{e}\nHere: evaluate `--encoder random` or an exported image_encoder.pt "
                                  f"instead.") from None
-            meta, name = dict(arch=arch, method=kind), f"{kind}-{arch}"
+            meta, name = dict(arch=arch, config=config, method=kind), f"{kind}-{arch}"
+        check_strides(spec, encoder, image_size)
         while name in names:  # e.g. two runs/*/lovt/image_encoder.pt
             name += "'"
         names.add(name)
-        encoders.append((name, backbone.eval(), meta))
+        encoders.append((name, encoder.eval(), meta))
     return encoders
 
 
-def resnet_stages(backbone, x):
-    """Feature maps of a torchvision ResNet: [c1 (stem after ReLU, stride 2), c2, c3, c4, c5 (stride 32)].
-    For ResNet-50 at 224 px: 64×112², 256×56², 512×28², 1024×14², 2048×7²."""
-    c1 = backbone.relu(backbone.bn1(backbone.conv1(x)))
-    c2 = backbone.layer1(backbone.maxpool(c1))
-    c3 = backbone.layer2(c2)
-    c4 = backbone.layer3(c3)
-    c5 = backbone.layer4(c4)
-    return [c1, c2, c3, c4, c5]
-
-
-def stage_channels(backbone):
-    """Channels of [c1 .. c5] (BasicBlock ends in bn2, Bottleneck in bn3)."""
-    def out(layer):
-        return (layer[-1].bn3 if hasattr(layer[-1], "bn3") else layer[-1].bn2).num_features
-    return [backbone.conv1.out_channels] + [out(getattr(backbone, f"layer{i}")) for i in range(1, 5)]
+def check_strides(spec, encoder, image_size):
+    """The heads need c1 .. c5 at strides 2, 4, 8, 16, 32 (JoImTeRNet with --stem-stride 4 has 8 .. 128)."""
+    with torch.no_grad():
+        sides = [m.shape[-1] for m in encoder.eval().feature_maps(torch.zeros(1, 1, image_size, image_size))]
+    if sides != [image_size // 2 ** k for k in range(1, 6)]:
+        raise SystemExit(f"--encoder {spec}: its five feature maps are {sides} px at {image_size} px input; the "
+                         f"segmentation and detection heads need strides 2, 4, 8, 16, 32")
 
 
 def normalize(images, mean, std):
@@ -233,7 +229,7 @@ def load_splits(args, image_size, task="seg"):
     reader's message, which names the file or row; with --skip-bad the bad records are counted and skipped."""
     try:
         records, classes = data.read_records(args.dataset, args.data_root, task, args.skip_bad,
-                                                   num_samples=args.synthetic_size)
+                                             num_samples=args.synthetic_samples)
         splits = data.split_records(records, args.split_csv)
         # LoVT takes the first rows of its split files; without them a seeded random subset
         splits["train"] = data.take_fraction(splits["train"], args.fraction, seed=None if args.split_csv else 0)
@@ -270,7 +266,7 @@ def extract_features(backbone, images, mean, std, stages, batch_size, device):
     CPU tensor N×C×h×w. The backbone must be in eval mode (BN running statistics, LoVT's frozen mode)."""
     out = [[] for _ in stages]
     for i in tqdm(range(0, len(images), batch_size), desc="features", leave=False):
-        feats = resnet_stages(backbone, normalize(images[i:i + batch_size].to(device), mean, std))
+        feats = backbone.feature_maps(normalize(images[i:i + batch_size].to(device), mean, std))
         for o, s in zip(out, stages):
             o.append(feats[s].float().cpu())
     return [torch.cat(o) for o in out]
@@ -299,7 +295,7 @@ class Batches:
             stages = [f[idx].to(self.device) for f in self.feats]
         else:
             with torch.set_grad_enabled(encoder_grad):
-                stages = resnet_stages(backbone, x)
+                stages = backbone.feature_maps(x)
         return x, stages, self.masks[idx].to(self.device)
 
 
@@ -396,7 +392,7 @@ class ResUNetHead(nn.Module):
 
 
 def build_head(kind, backbone, n_classes):
-    channels = stage_channels(backbone)
+    channels = backbone.stage_channels
     return LinearSegHead(channels, n_classes) if kind == "linear" else ResUNetHead(channels, n_classes)
 
 
@@ -478,7 +474,7 @@ def train_one(args, kind, backbone, data_splits, n_classes, seed):
 def cache_fits(backbone, image_size, n_images, limit_gb):
     """Whether all five float32 stage maps of n_images fit in limit_gb (ResNet-50 at 224: 9.2 MB an image)."""
     with torch.no_grad():
-        sizes = [s.numel() for s in resnet_stages(backbone.eval(), torch.zeros(1, 1, image_size, image_size))]
+        sizes = [s.numel() for s in backbone.eval().feature_maps(torch.zeros(1, 1, image_size, image_size))]
     return 4 * sum(sizes) * n_images / 2 ** 30 <= limit_gb
 
 

@@ -2,65 +2,95 @@
 
 Paper: Z. Ji*, M. A. Shaikh*, D. Moukheiber, S. N. Srihari, Y. Peng, M. Gao, "Improving Joint Learning of Chest
 X-Ray and Radiology Report by Word Region Alignment", MLMI 2021 (LNCS 12966, pp. 110-119), arXiv 2109.01949.
-Official code: github.com/mshaikh2/JoImTeR_MLMI_2021 @ 965bca9 (JoImTeR/, misc/losses.py, misc/GlobalAttention.py).
-The paper's text was not available; this follows the official code (spec: specs/joimternet.md, cited by section).
+Official code: github.com/mshaikh2/JoImTeR_MLMI_2021 @ 965bca9, cited below as path:function in that repository.
+The paper's text was not available; this follows the official code and the authors' notebooks.
 
-Model (section 3). Image: a small ResNet (stem 7x7 1->8, six stages of 2 BasicBlocks, widths 16..512) with
-soft-attention blocks after stages 4 and 5; regions V = 1x1 conv of the stage-5 map (16 x 16 x 512 at 2048 px,
-or at 512 px with --stem-stride 1), global v = Linear(avgpool_2x2(stage 6)). Text: a 3-layer 512-wide BERT from
-scratch on a word-level vocabulary; sentence e = Linear(h_[CLS]), words E = Linear(h_t) for t >= 1 ([SEP] counts
-as a word, [CLS] does not). Cosines are taken inside the losses; nothing is L2-normalised.
+Model (JoImTeR/model_img.py, JoImTeR/model_txt.py). Image: a small ResNet (stem 7x7 1->8, six stages of 2
+BasicBlocks, widths 16..512) with soft-attention blocks after stages 4 and 5, common.SoftAttentionResNet (kept in
+common.py so that eval_seg.py / eval_det.py can rebuild an exported encoder); regions V = 1x1 conv of the stage-5
+map (16 x 16 x 512 at 2048 px, or at 512 px with --stem-stride 1), global v = Linear(avgpool_2x2(stage 6)).
+Text: a 3-layer 512-wide BERT from scratch on a word-level vocabulary; sentence e = Linear(h_[CLS]), words
+E = Linear(h_t) for t >= 1 ([SEP] counts as a word, [CLS] does not). Cosines are taken inside the losses; nothing is
+L2-normalised.
 
-Losses (section 5), gamma1 = 4, gamma2 = 5, gamma3 = 10, CE_rows(S) = mean_i -log softmax_j(S_ij)[i]:
-  global CE   S^g_ij = gamma3 cos(v_i, e_j);          L^g = CE_rows(S^g) + CE_rows(S^g^T)
+Losses (misc/losses.py, misc/GlobalAttention.py), gamma1 = 4, gamma2 = 5, gamma3 = 10,
+CE_rows(S) = mean_i -log softmax_j(S_ij)[i]:
+  global CE   S^g_ij = gamma3 cos(v_i, e_j);          L^g = CE_rows(S^g) + CE_rows(S^g^T)          (sent_loss)
   word-region a_rw = V_r . E_w;  abar = softmax over words w (AttnGAN Eq. 8);  alpha_wr = softmax over regions r
               of gamma1 abar (Eq. 9);  c_w = sum_r alpha_wr V_r;  R(i,j) = log sum_w exp(gamma2 cos(E_w, c_w))
               (Eq. 10 without the 1/gamma2);  S^l_ij = gamma3 R(i,j);  L^l = CE_rows(S^l) + CE_rows(S^l^T)
+                                                                                  (func_attention, words_loss)
   triplets    one random in-batch negative n(b) per anchor, shared by the four terms, margins 0.5:
               [d(v_b,e_b) - d(v_b,e_n(b)) + 0.5]_+ and [d(e_b,v_b) - d(e_b,v_n(b)) + 0.5]_+ with d = 1 - cos;
               [R(b,n(b)) - R(b,b) + 0.5]_+ and [R(n(b),b) - R(b,b) + 0.5]_+ (distance -R, no gamma3)
+                                                                     (sent_triplet_loss, words_triplet_loss)
   ITM step    L = 1.0 (L^g + L^l) + 2.0 (four triplet terms), both encoders updated
   MLM step    with probability 0.7 a step is masked-LM on the text encoder alone (BERT 80/10/10 masking of 15 %
               of the non-special words); an epoch = len(ITM loader) ITM steps.
+Training (JoImTeR/trainer_pretrain.py, misc/config.py): one AdamW per encoder, lr 1e-4, wd 1e-4; StepLR x 0.1 at
+epoch 20 of 35; grad-norm clipping 1.5 per encoder; batch 128. Gradients are zeroed with zeros, not None, as the
+code's module.zero_grad() did (PyTorch < 2.0): once a head has had a gradient, AdamW keeps stepping it on the steps
+that do not use it (its moments decay and weight decay applies): the projection heads on MLM steps, the MLM head on
+ITM steps (--no-step-idle-heads skips them). The image encoder is not stepped on MLM steps.
 
-Run (CACHE from `python data.py prepare-mimic --root MIMIC --out CACHE --size 512`; --resume: from RUN/ckpt.pt):
+Run (CACHE from `python data.py prepare-mimic --root MIMIC --out CACHE --image-size 512`):
   python joimternet.py                       # demo preset: synthetic data, CPU, a few minutes, prints numbers
-  torchrun --nproc_per_node=8 joimternet.py --preset paper --data mimic --data-root CACHE   # (python: one GPU)
-At the end, untrained vs trained: retrieval R@1/5/10 both ways (global cosine, 1k blocks and full gallery),
-per-class AUC of the image-only classifier on the frozen encoder, word->region attention PNGs in RUN/viz.
+  python joimternet.py --preset paper --data mimic --data-root CACHE                                 # one GPU
+  torchrun --nproc_per_node=8 joimternet.py --preset paper --data mimic --data-root CACHE --batch-size 16
+  python joimternet.py --resume --out-dir runs/joimternet-XXXX                        # continue a killed run
+--batch-size is per process: with W processes, 128 / W keeps the code's 128 pairs per step (the CE terms score each
+rank's pairs against all W x B gathered columns). Without --data the demo preset runs on the built-in synthetic
+data. The run folder (default runs/joimternet-<time>) holds args.json, metrics.csv, val.csv, ckpt.pt,
+image_encoder.pt, text_encoder/ (BERT, tokenizer, joimternet_heads.pt), eval.json and viz/. At the end, untrained vs
+trained: retrieval R@1/5/10 both ways (global cosine, 1k blocks and full gallery), per-class AUC of the image-only
+classifier on the frozen encoder, word->region attention PNGs.
 
-Deviations and choices (all "our choice" unless the spec marks them otherwise):
-  - 512-px cached squares with stem stride 1 instead of 2048-px crops with stride 4 (spec 9.1): the same grids
-    from stage 1 on; no random 2048 crop, rotation +-15 deg and brightness/contrast [0.5, 1.8] kept
-    (BatchAugment, on the device). Normalisation uses the dataset's scalar mean/std, not (0.5, 0.5).
+Deviations and choices (all "our choice" unless said otherwise):
+  - 512-px cached squares with stem stride 1 instead of 2048-px crops with stride 4: the same grids from stage 1 on;
+    no random 2048 crop, rotation +-15 deg and brightness/contrast [0.5, 1.8] kept (BatchAugment, on the device).
+    Normalisation uses the dataset's scalar mean/std, not (0.5, 0.5).
   - Report text: findings + impression sentences (the suite's loader); the code used the whole normalised
     report. data.collate drops whole trailing sentences beyond 160 tokens instead of cutting mid-sentence.
   - Numbers -> NUMBER: whole numbers and decimals (regex below); the MIT normalisation's exact rule is not visible.
-  - Local image->text triplet: the negative report keeps its own length; --triplet-quirk reproduces the code,
-    which cuts or pads the negative report's words to the anchor's length (spec 5.3).
+  - Local image->text triplet: the negative report keeps its own length; --triplet-quirk reproduces the code
+    (misc/losses.py:words_triplet_loss), which cuts or pads the negative report's words to the anchor's length.
   - DDP (not in the code, single GPU): the global and local CE use gathered features with gradient (each rank
-    scores its rows against all columns, common.md 5); triplet negatives are drawn over the global batch.
+    scores its rows against all columns); triplet negatives are drawn over the global batch. Text batches are padded
+    to the longest report of any rank before the BERT, so the gathered word states have one length and
+    --triplet-quirk reads the pad-position states of other ranks' reports, exactly as one process would.
   - Same-study masking of off-diagonal logits is omitted: every study appears once per batch.
   - ckpt.pt at epoch ends (and at --max-steps); StepLR per epoch as in the code. bf16 autocast on GPU, losses fp32.
-  - Classification: the image-only head of section 7.2 trained on cached features of the frozen encoder (eval
-    mode, no augmentation), Adam lr 1e-4 wd 1e-4, 20 epochs, StepLR at 10, batch 32, weighted BCE of the code with
-    counts from the training labels; labels 1 -> positive, anything else negative. Avg = mean over classes other
-    than No Finding that have both outcomes in the test set.
-  - demo preset (synthetic data on CPU, ~5 min): 128 px, widths 4..128, dim 128, 2-layer BERT, batch 32, 2000 pairs,
-    4 epochs (248 ITM steps). From scratch the [CLS] vector of every report is nearly the same (cosine 0.9999 at
-    init), so both encoders sit on a plateau (global CE = log B) until the text encoder becomes content-aware:
+  - Validation as the code's (means over batches of the matching terms and the MLM loss / accuracy); a batch of one
+    pair (a split of 1 mod the batch size) has no negative, so its triplet terms are left out.
+  - Retrieval: the authors' notebook (JoImTeR/TestingR1k.ipynb) builds its TextEncoder with the default pool='avg',
+    i.e. the report vector from the masked mean of all token states ([CLS] and [SEP] included), while training used
+    [CLS]: --eval-text-pool mean reproduces it. The notebook loads the epoch-30 checkpoint; StepLR does not depend
+    on the number of epochs, so --epochs 30 ends in exactly that state.
+  - Classification: the image-only head (Downstream/Classification/model_phrase_cls.py:ImageEncoder_Classification)
+    trained on cached features of the frozen encoder (eval mode, no augmentation), Adam lr 1e-4 wd 1e-4, 20 epochs,
+    StepLR at 10, batch 32, weighted BCE of the code with counts from the training labels; labels 1 -> positive,
+    anything else negative. Avg = mean over classes other than No Finding that have both outcomes in the test set.
+  - demo preset (synthetic data on CPU, a few minutes): 128 px, widths 4..128, dim 128, 2-layer BERT, batch 32,
+    2000 pairs, 4 epochs (248 ITM steps). From scratch the [CLS] vector of every report is nearly the same (cosine
+    0.9999 at init), so both encoders sit on a plateau (global CE = log B) until the text encoder becomes
+    content-aware:
     - no augmentation (--no-augment): with rotation and brightness/contrast the tiny CNN does not leave the plateau
       within the demo's steps (the LoVT demo trains on plain views too).
     - lr 1e-3 (not 1e-4) and no StepLR drop within the 4 epochs (lr_drop 4): the plateau lasts ~80 ITM steps at 1e-3,
       longer at 5e-4, and the remaining steps are all needed to learn.
-  - image_encoder.pt has arch "joimternet-smallresnet" (not a torchvision ResNet); text_encoder/ = BERT + tokenizer
-    (save_pretrained) + joimternet_heads.pt (sentence/word projections, MLM head).
+    - --no-step-idle-heads: at lr 1e-3 the momentum steps of idle heads (~2.3 MLM steps between two ITM steps keep
+      moving the projection heads) cost the demo retrieval: R@10 0.09-0.17 in three runs with them, 0.19-0.25 in
+      three without.
+  - MLM steps read the training reports without their images (Reports): same batches, no image decoded or rendered.
+  - image_encoder.pt: arch "joimternet-resnet" with its config; eval_seg.py / eval_det.py rebuild it (c1 .. c5 =
+    stages 1 .. 5, strides 2 .. 32 with stem stride 1).
 """
 import dataclasses
 import functools
 import math
 import os
 import time
+from typing import Literal
 
 import numpy as np
 import torch
@@ -69,8 +99,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers
-from torch.utils.data import DataLoader, DistributedSampler, Subset
-from torchvision.models.resnet import BasicBlock
+from torch.utils.data import DataLoader, DistributedSampler
 from transformers import BertConfig, BertModel, PreTrainedTokenizerFast
 
 import common
@@ -80,18 +109,23 @@ from common import arg
 
 @dataclasses.dataclass
 class Args:
-    """JoImTeRNet pre-training (defaults = the official code, spec section 6)."""
-    preset: str = arg(None, "named set of overrides: paper | demo (demo is used when --data is not given)")
+    """JoImTeRNet pre-training (defaults = the official code; `--preset demo` is used when no --data is given)."""
+    preset: str = arg(None, "paper | demo (default: demo without --data, else the defaults = the code's)")
+    # data and run
     data: str = arg("synthetic", "synthetic | mimic | csv")
-    data_root: str = arg("", "prepare-mimic cache folder or pairs CSV")
-    out_dir: str = arg("runs/joimternet", "run folder: ckpt.pt, metrics.csv, exported encoders, viz/")
-    resume: bool = arg(False, "continue from out_dir/ckpt.pt")
-    device: str = arg(None, "cuda / cpu (default: cuda if available)")
-    precision: str = arg("auto", "auto (bf16 on GPU, none on CPU) | bf16 | fp16 | fp32")
+    data_root: str = arg("", "mimic: the prepare-mimic cache folder (512 px); csv: the pairs CSV")
+    train_samples: int = arg(0, "use only the first N training pairs (0 = all; synthetic: how many are generated)")
+    eval_samples: int = arg(0, "use only the first N validation / test pairs (0 = all; synthetic: 500)")
+    skip_bad: bool = arg(False, "skip unreadable / inconsistent records and count them (else stop and list them)")
+    out_dir: str = arg("", "run folder (default runs/joimternet-<time>)")
+    resume: bool = arg(False, "continue from ckpt.pt in --out-dir")
+    max_steps: int = arg(0, "stop after this many optimizer steps, ITM and MLM (0 = all epochs)")
     seed: int = arg(42, "seed (model init identical on every rank, data seed + rank)")
     workers: int = arg(4, "DataLoader workers per process")
-    train_size: int = arg(None, "synthetic only: number of training pairs")
-    eval_size: int = arg(None, "synthetic only: number of validation / test pairs")
+    device: str = arg("", "cuda | cpu (default: cuda if available)")
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = arg("auto", "auto: bf16/fp16 on GPU, fp32 on CPU")
+    log_every: int = arg(10, "log every N ITM steps")
+    # encoders
     image_size: int = arg(512, "input side (cached 512 px with stem stride 1 = the 2048 px grids)")
     stem_stride: int = arg(1, "stride of the 7x7 stem (4 in the code at 2048 px)")
     widths: tuple[int, ...] = arg((16, 32, 64, 128, 256, 512), "channels of the six ResNet stages")
@@ -100,6 +134,7 @@ class Args:
     dropout: float = arg(0.1, "BERT hidden and attention dropout")
     max_length: int = arg(160, "tokens per report including [CLS] and [SEP]")
     min_word_count: int = arg(2, "vocabulary = words seen at least this often in the training reports")
+    # objective
     gamma1: float = arg(4.0, "sharpening of the softmax over regions (AttnGAN Eq. 9)")
     gamma2: float = arg(5.0, "log-sum-exp pooling of word relevances (Eq. 10)")
     gamma3: float = arg(10.0, "logit scale of the global and local CE (1/temperature)")
@@ -111,33 +146,37 @@ class Args:
     local_chunk: int = arg(16, "reports per chunk of the B x B word-region attention")
     p_mlm: float = arg(0.7, "probability that a step is an MLM step (0 = ITM only)")
     mlm_prob: float = arg(0.15, "fraction of non-special tokens chosen for MLM")
-    batch_size: int = arg(128, "global ITM/MLM batch (split over ranks)")
-    eval_batch_size: int = arg(100, "evaluation batch")
+    # optimisation
+    batch_size: int = arg(128, "ITM / MLM batch per process (the code: 128 on one GPU)")
+    eval_batch_size: int = arg(100, "validation and evaluation batch")
     epochs: int = arg(35, "epochs of len(ITM loader) ITM steps")
     lr: float = arg(1e-4, "AdamW learning rate of both encoders")
     weight_decay: float = arg(1e-4, "AdamW weight decay")
     lr_drop: int = arg(20, "StepLR: x 0.1 every lr_drop epochs")
     clip: float = arg(1.5, "max grad norm, per encoder")
-    augment: bool = arg(True, "augment ITM images (rotation +-15 deg, brightness/contrast [0.5, 1.8], spec 9.1)")
-    max_steps: int = arg(0, "stop after this many optimizer steps (0 = all epochs); for tests")
-    log_every: int = arg(10, "log every N steps")
+    step_idle_heads: bool = arg(True, "zero, not None, gradients (the code's zero_grad): AdamW keeps stepping the "
+                                      "heads a step leaves unused")
+    augment: bool = arg(True, "augment ITM images (rotation +-15 deg, brightness/contrast [0.5, 1.8])")
+    # evaluation
     block: int = arg(1000, "retrieval block size (the '1k' protocol)")
+    eval_text_pool: Literal["cls", "mean"] = arg("cls", "report vector for retrieval: [CLS] (as trained) | mean "
+                                                        "(masked mean of the token states: the authors' notebook)")
     cls_lr: float = arg(1e-4, "classifier Adam learning rate")
-    cls_train_size: int = arg(None, "cap on classifier training images (None = whole train split)")
+    cls_train_samples: int = arg(0, "train the classifier on the first N training images (0 = as many as train)")
     viz: int = arg(4, "validation images to draw word->region maps for")
 
 
 PRESETS = {
-    "paper": {},
+    "paper": dict(data="mimic"),  # the defaults are the code's
     # Small enough for 2 CPU cores in a few minutes: 128 px (4 x 4 regions), a 2-layer 128-wide BERT. Plain views,
     # lr 1e-3 and no lr drop: from scratch both encoders first sit on a plateau (see the deviations in the docstring).
     "demo": dict(image_size=128, widths=(4, 8, 16, 32, 64, 128), dim=128, bert_layers=2, batch_size=32, epochs=4,
-                 lr_drop=4, lr=1e-3, augment=False, workers=1, train_size=2000, eval_size=300, cls_lr=1e-3,
-                 cls_train_size=800, out_dir="runs/joimternet-demo"),
+                 lr_drop=4, lr=1e-3, augment=False, workers=1, train_samples=2000, eval_samples=300, cls_lr=1e-3,
+                 cls_train_samples=800, step_idle_heads=False),
 }
 
 
-# ==== TOKENIZER: word level, lower-case \w+, numbers -> NUMBER (spec 2.1) ====
+# ==== TOKENIZER: word level, lower-case \w+, numbers -> NUMBER (ScratchPads/DatasetPreprocess_MIMIC_temp.ipynb) ====
 
 SPECIALS = ("[PAD]", "[CLS]", "[SEP]", "[UNK]")  # ids 0..3; [MASK] is the last id
 
@@ -165,59 +204,13 @@ def build_word_tokenizer(texts, min_count: int = 2, max_length: int = 160) -> Pr
                                    mask_token="[MASK]")
 
 
-# ==== MODEL: small ResNet with soft attention (spec 3.1), word-level BERT (3.2) ====
-
-class SoftAttention(nn.Module):
-    """16 logit maps h_k = W_k F + b_k (the code's Conv3d with kernel (C,1,1) == a 1x1 conv), LeakyReLU, softmax over
-    positions per head, summed: A (B x 1 x H x W, sums to 16). Output F + gamma (F * A), gamma ~ U(0,1) learned."""
-
-    def __init__(self, channels: int, heads: int = 16):
-        super().__init__()
-        self.logits = nn.Conv2d(channels, heads, 1)
-        self.gamma = nn.Parameter(torch.rand(1))
-
-    def forward(self, x):
-        b, _, h, w = x.shape
-        attn = F.leaky_relu(self.logits(x)).flatten(2).softmax(-1).sum(1).view(b, 1, h, w)
-        return x + self.gamma * (x * attn), attn
-
-
-class ImageEncoder(nn.Module):
-    """1-channel image -> global v (B x D), regions V (B x R x D, row-major h x w grid), soft-attention maps."""
-
-    def __init__(self, dim=512, widths=(16, 32, 64, 128, 256, 512), stem_stride=4):
-        super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(1, 8, 7, stem_stride, 3, bias=False), nn.BatchNorm2d(8), nn.ReLU(True))
-        stages, c = [], 8
-        for w in widths:  # every stage halves the map; its first block has a strided 1x1 conv + BN shortcut
-            down = nn.Sequential(nn.Conv2d(c, w, 1, 2, bias=False), nn.BatchNorm2d(w))
-            stages.append(nn.Sequential(BasicBlock(c, w, 2, down), BasicBlock(w, w)))
-            c = w
-        self.stages = nn.ModuleList(stages)
-        self.region = nn.Conv2d(widths[4], dim, 1, bias=False)
-        self.global_fc = nn.Linear(4 * widths[5], dim)
-        for m in self.modules():  # before the attention blocks exist: the code's init skips their Conv3d
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight), nn.init.zeros_(m.bias)
-        self.sa4, self.sa5 = SoftAttention(widths[3]), SoftAttention(widths[4])
-
-    def forward(self, images):
-        x = self.stem(images)
-        for stage in self.stages[:4]:
-            x = stage(x)
-        x, attn4 = self.sa4(x)                                       # 128 x 32 x 32 at 2048 px
-        x, attn5 = self.sa5(self.stages[4](x))                       # 256 x 16 x 16
-        regions = self.region(x)                                     # B x D x 16 x 16
-        pooled = F.adaptive_avg_pool2d(self.stages[5](x), 2)         # B x 512 x 2 x 2
-        return dict(global_feat=self.global_fc(pooled.flatten(1)), local_feats=regions.flatten(2).transpose(1, 2),
-                    grid=tuple(regions.shape[-2:]), attn4=attn4, attn5=attn5)
-
+# ==== MODEL: the small ResNet with soft attention (common.SoftAttentionResNet) and a word-level BERT ====
 
 class TextEncoder(nn.Module):
     """BERT from a config (no pooler) -> sentence e = Linear(h_[CLS]), words E = Linear(h_1..) with their mask
-    (attention mask without [CLS]: real words and [SEP]); MLM head on the raw states, vocab - 1 outputs."""
+    (attention mask without [CLS]: real words and [SEP]); MLM head on the raw states, vocab - 1 outputs
+    (JoImTeR/model_txt.py:TextEncoder, MLMHead). pool="mean": e from the masked mean of all token states instead
+    (the code's pool='avg', which the retrieval notebook used)."""
 
     def __init__(self, vocab_size, dim=512, layers=3, heads=8, ffn=2048, dropout=0.1):
         super().__init__()
@@ -230,17 +223,22 @@ class TextEncoder(nn.Module):
         self.mlm = nn.Sequential(nn.Linear(dim, dim), nn.GELU(), nn.LayerNorm(dim, eps=1e-12),
                                  nn.Linear(dim, vocab_size - 1))  # [MASK] (the last id) is never a target
 
-    def forward(self, input_ids, attention_mask, task="itm"):
+    def forward(self, input_ids, attention_mask, task="itm", pool="cls"):
         h = self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # B x L x H
         if task == "mlm":
             return self.mlm(h)                                                                # B x L x V-1
-        return dict(sent=self.sent_fc(h[:, 0]), words=self.word_fc(h[:, 1:]), word_mask=attention_mask[:, 1:].bool())
+        if pool == "cls":
+            sent = h[:, 0]
+        else:
+            m = attention_mask[..., None].to(h.dtype)
+            sent = (h * m).sum(1) / m.sum(1)
+        return dict(sent=self.sent_fc(sent), words=self.word_fc(h[:, 1:]), word_mask=attention_mask[:, 1:].bool())
 
 
 # The word-region attention (AttnGAN DAMSM, Eqs. 7-10) lives in common.py: RECLF uses it too.
 
 
-# ==== LOSSES (spec 5), pure functions of tensors ====
+# ==== LOSSES (misc/losses.py), pure functions of tensors ====
 
 def global_ce(v, e, v_all, e_all, offset, gamma3):
     """Global CE matching, per direction. v, e: this rank's B x D image / sentence vectors; v_all, e_all: the
@@ -261,16 +259,19 @@ def local_ce(V, E, M, V_all, E_all, M_all, offset, gamma1, gamma2, gamma3, chunk
 
 
 def sample_negatives(n, generator=None, device=None):
-    """One index per anchor, uniform over the other n - 1 batch members (the code's np.random.choice)."""
+    """One index per anchor, uniform over the other n - 1 batch members (the code's np.random.choice). A batch of
+    one has no negative: callers leave the triplet terms out (itm_losses with neg=None)."""
+    if n < 2:
+        raise ValueError(f"a batch of {n} pair(s) has no negative: pass neg=None to leave the triplet terms out")
     shift = torch.randint(1, n, (n,), generator=generator)
     return ((torch.arange(n) + shift) % n).to(device)
 
 
 def triplet_terms(v, e, V, E, M, pos, neg, gamma1, gamma2, margin_sent, margin_word, quirk=False):
-    """The four triplet terms (spec 5.3) for anchors `pos` with negatives `neg` (index tensors into the batch
-    tensors v, e: N x D, V: N x R x D, E: N x L x D, M: N x L). Returns (global i2t, global t2i, local i2t,
-    local t2i), each a mean over anchors. quirk=True: the negative report's words are cut/padded to the
-    anchor's length L_b (the code's words_triplet_loss), else each report keeps its own mask."""
+    """The four triplet terms (sent_triplet_loss, words_triplet_loss) for anchors `pos` with negatives `neg` (index
+    tensors into the batch tensors v, e: N x D, V: N x R x D, E: N x L x D, M: N x L). Returns (global i2t,
+    global t2i, local i2t, local t2i), each a mean over anchors. quirk=True: the negative report's words are
+    cut/padded to the anchor's length L_b (the code's words_triplet_loss), else each report keeps its own mask."""
     d = lambda x, y: 1 - common.cosine(common.fp32(x), common.fp32(y))
     g_i2t = F.relu(d(v[pos], e[pos]) - d(v[pos], e[neg]) + margin_sent).mean()
     g_t2i = F.relu(d(e[pos], v[pos]) - d(e[pos], v[neg]) + margin_sent).mean()
@@ -302,32 +303,33 @@ TERMS = ("global_ce_i2t", "global_ce_t2i", "local_ce_i2t", "local_ce_t2i", "glob
          "local_trip_i2t", "local_trip_t2i")
 
 
-def itm_losses(v, V, e, E, M, neg, cfg, pad_to=None, gather=True):
-    """All eight matching terms of one ITM step and the weighted total (spec 5.4).
+TERMS = ("global_ce_i2t", "global_ce_t2i", "local_ce_i2t", "local_ce_t2i", "global_trip_i2t", "global_trip_t2i",
+         "local_trip_i2t", "local_trip_t2i")
 
-    v: B x D global image, V: B x R x D regions, e: B x D sentence, E: B x L x D words, M: B x L word mask
-    (this rank's part of the batch). neg: (world * B,) negative index per anchor of the whole batch (identical on
-    every rank). Under DDP the features are gathered with gradient (words padded to pad_to so that shapes match):
-    CE rows are this rank's anchors against all columns, the triplets use this rank's anchors with negatives
-    from the whole batch; with DDP's gradient averaging this equals the single-process full batch (tested)."""
-    if gather and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        if pad_to is not None and E.shape[1] < pad_to:
-            E, M = F.pad(E, (0, 0, 0, pad_to - E.shape[1])), F.pad(M, (0, pad_to - M.shape[1]))
-        v_all, V_all, e_all, E_all = (common.gather_with_grad(t) for t in (v, V, e, E))
-        M_all = common.gather_with_grad(M.to(v.dtype)) > 0  # the mask needs no gradient
-        offset = dist.get_rank() * v.shape[0]
-    else:
-        v_all, V_all, e_all, E_all, M_all, offset = v, V, e, E, M, 0
+
+def itm_losses(v, V, e, E, M, neg, *, gathered=None, offset=0, gamma1=4.0, gamma2=5.0, gamma3=10.0, margin_sent=0.5,
+               margin_word=0.5, lambda_ce=1.0, lambda_triplet=2.0, triplet_quirk=False, chunk=16):
+    """All eight matching terms of one ITM step and the weighted total (JoImTeR/trainer_pretrain.py:train).
+
+    v: B x D global image, V: B x R x D regions, e: B x D sentence, E: B x L x D words, M: B x L word mask: this
+    rank's part of the batch. neg: (N,) one negative index per anchor of the whole batch of N pairs (identical on
+    every rank: sample_negatives), or None to leave the four triplet terms out (a batch of one has no negative).
+    gathered: (v, V, e, E, M) of the whole batch, every rank's in rank order with gradient (gather_features), and
+    offset = rank * B; None on one process. CE rows are this rank's anchors against all columns, the triplets use
+    this rank's anchors with negatives from the whole batch; with DDP's gradient averaging this equals the
+    single-process full batch (tested)."""
+    v_all, V_all, e_all, E_all, M_all = gathered or (v, V, e, E, M)
     out = {}
-    out["global_ce_i2t"], out["global_ce_t2i"] = global_ce(v, e, v_all, e_all, offset, cfg.gamma3)
-    out["local_ce_i2t"], out["local_ce_t2i"] = local_ce(V, E, M, V_all, E_all, M_all, offset, cfg.gamma1,
-                                                        cfg.gamma2, cfg.gamma3, cfg.local_chunk)
-    pos = torch.arange(v.shape[0], device=v.device) + offset
-    terms = triplet_terms(v_all, e_all, V_all, E_all, M_all, pos, neg.to(v.device)[pos], cfg.gamma1, cfg.gamma2,
-                          cfg.margin_sent, cfg.margin_word, cfg.triplet_quirk)
-    out.update(zip(TERMS[4:], terms))
-    ce = sum(v for k, v in out.items() if "_ce_" in k)
-    out["loss"] = cfg.lambda_ce * ce + cfg.lambda_triplet * sum(terms)
+    out["global_ce_i2t"], out["global_ce_t2i"] = global_ce(v, e, v_all, e_all, offset, gamma3)
+    out["local_ce_i2t"], out["local_ce_t2i"] = local_ce(V, E, M, V_all, E_all, M_all, offset, gamma1, gamma2, gamma3,
+                                                        chunk)
+    out["loss"] = lambda_ce * sum(out.values())
+    if neg is not None:
+        pos = torch.arange(v.shape[0], device=v.device) + offset
+        terms = triplet_terms(v_all, e_all, V_all, E_all, M_all, pos, neg.to(v.device)[pos], gamma1, gamma2,
+                              margin_sent, margin_word, triplet_quirk)
+        out.update(zip(TERMS[4:], terms))
+        out["loss"] = out["loss"] + lambda_triplet * sum(terms)
     return out
 
 
@@ -342,32 +344,58 @@ def mlm_loss(logits, labels):
 class JoImTeRNet(nn.Module):
     """Both encoders; forward(batch, task) -> dict with `loss` and every term (unweighted)."""
 
-    def __init__(self, cfg, vocab_size):
+    def __init__(self, args, vocab_size):
         super().__init__()
-        self.cfg = cfg
-        self.image = ImageEncoder(cfg.dim, cfg.widths, cfg.stem_stride)
-        self.text = TextEncoder(vocab_size, cfg.dim, cfg.bert_layers, cfg.dim // 64, 4 * cfg.dim, cfg.dropout)
+        self.args = args
+        self.image = common.SoftAttentionResNet(args.dim, args.widths, args.stem_stride)
+        self.text = TextEncoder(vocab_size, args.dim, args.bert_layers, args.dim // 64, 4 * args.dim, args.dropout)
 
     def forward(self, batch, task="itm", neg=None, gather=True):
-        if task == "mlm":  # input_ids already masked, mlm_labels from mlm_mask
-            loss, acc = mlm_loss(self.text(batch["input_ids"], batch["attention_mask"], task="mlm"), batch["mlm_labels"])
+        """task "mlm": input_ids already masked, mlm_labels from mlm_mask. "itm": the eight matching terms, under DDP
+        (gather) against the whole batch; neg: the negatives (default: drawn here; None for a batch of one)."""
+        if task == "mlm":
+            logits = self.text(batch["input_ids"], batch["attention_mask"], task="mlm")
+            loss, acc = mlm_loss(logits, batch["mlm_labels"])
             return dict(loss=loss, mlm=loss, mlm_acc=acc)
-        img = self.image(batch["images"])
-        txt = self.text(batch["input_ids"], batch["attention_mask"])
-        n = img["global_feat"].shape[0] * (dist.get_world_size() if gather and dist.is_initialized() else 1)
-        neg = sample_negatives(n) if neg is None else neg
+        gather = gather and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        ids, mask = pad_to_global_length(batch["input_ids"], batch["attention_mask"]) if gather else \
+            (batch["input_ids"], batch["attention_mask"])
+        img, txt = self.image(batch["images"]), self.text(ids, mask)
+        feats = (img["global_feat"], img["local_feats"], txt["sent"], txt["words"], txt["word_mask"])
+        gathered, offset = gather_features(*feats) if gather else (None, 0)
+        n = len(feats[0]) * (dist.get_world_size() if gather else 1)
+        if neg is None and n > 1:
+            neg = sample_negatives(n)
+        a = self.args
         with torch.autocast(batch["images"].device.type, enabled=False):  # similarities and softmaxes in fp32
-            return itm_losses(img["global_feat"], img["local_feats"], txt["sent"], txt["words"], txt["word_mask"],
-                              neg, self.cfg, pad_to=self.cfg.max_length - 1, gather=gather)
+            return itm_losses(*feats, neg, gathered=gathered, offset=offset, gamma1=a.gamma1, gamma2=a.gamma2,
+                              gamma3=a.gamma3, margin_sent=a.margin_sent, margin_word=a.margin_word,
+                              lambda_ce=a.lambda_ce, lambda_triplet=a.lambda_triplet, triplet_quirk=a.triplet_quirk,
+                              chunk=a.local_chunk)
 
     def encode_image(self, images):
         return F.normalize(common.fp32(self.image(images)["global_feat"]), dim=-1)
 
     def encode_text(self, batch):
-        return F.normalize(common.fp32(self.text(batch["input_ids"], batch["attention_mask"])["sent"]), dim=-1)
+        txt = self.text(batch["input_ids"], batch["attention_mask"], pool=self.args.eval_text_pool)
+        return F.normalize(common.fp32(txt["sent"]), dim=-1)
 
 
-# ==== EVALUATION: retrieval (spec 7.1), image-only classification (7.2), word->region maps ====
+def pad_to_global_length(input_ids, attention_mask):
+    """Pad a text batch with [PAD] (id 0) to the longest report on any rank: the gathered word tensors need one
+    length, and the pad positions then hold BERT states as they would in one process."""
+    length = torch.tensor(input_ids.shape[1], device=input_ids.device)
+    dist.all_reduce(length, op=dist.ReduceOp.MAX)
+    pad = (0, int(length) - input_ids.shape[1])
+    return F.pad(input_ids, pad, value=0), F.pad(attention_mask, pad, value=0)
+
+
+def gather_features(v, V, e, E, M):
+    """This rank's ITM features -> (the whole batch's, every rank's in rank order with gradient; the offset of this
+    rank's rows). The word tensors must have one length on every rank (pad_to_global_length)."""
+    gathered = tuple(common.gather_with_grad(t) for t in (v, V, e, E)) + (common.gather_with_grad(M.to(v.dtype)) > 0,)
+    return gathered, dist.get_rank() * v.shape[0]
+
 
 class ClassifierHead(nn.Module):
     """Image-only head of the code (ImageEncoder_Classification): pooled regions and global vector, each
@@ -384,16 +412,19 @@ class ClassifierHead(nn.Module):
 
 
 @torch.no_grad()
-def encode_split(model, loader, device, amp):
-    """Frozen features of a split: global image/sentence vectors, pooled regions, labels (all on the CPU)."""
+def encode_split(model, loader, device, amp, text=True):
+    """Frozen features of a split: global image vectors, pooled regions, labels and (text) the report vectors, all
+    on the CPU."""
     model.eval()
-    out = {k: [] for k in ("v", "e", "pooled", "labels")}
+    out = {k: [] for k in ("v", "pooled", "labels", "e")[:4 if text else 3]}
     for batch in loader:
         with common.autocast(device, amp):
             img = model.image(batch["images"].to(device))
-            txt = model.text(batch["input_ids"].to(device), batch["attention_mask"].to(device))
-        # pooled = the classifier head's global average pool of the region map
-        for k, x in zip(out, (img["global_feat"], txt["sent"], img["local_feats"].mean(1), batch["labels"])):
+            # pooled = the classifier head's global average pool of the region map
+            feats = [img["global_feat"], img["local_feats"].mean(1), batch["labels"]]
+            if text:
+                feats.append(model.encode_text(common.to_device(batch, device)))
+        for k, x in zip(out, feats):
             out[k].append(common.fp32(x).cpu())
     return {k: torch.cat(v) for k, v in out.items()}
 
@@ -409,15 +440,16 @@ def retrieval(feats, block):
     return res
 
 
-def classification(train, test, cfg, device):
-    """Train the image-only head on frozen features, return per-class test AUC and "Avg" (spec 7.2)."""
-    torch.manual_seed(cfg.seed)
+def classification(train, test, args, device):
+    """Train the image-only head on frozen features, return per-class test AUC and "Avg" (the mean over the
+    classes other than No Finding that have both outcomes in the test set; nan if none has)."""
+    torch.manual_seed(args.seed)
     y, y_test = (train["labels"] == 1).float(), (test["labels"] == 1).float()  # 1 -> positive, else negative
     q = y.sum(0)
     pos_weight = (q[0] / q.clamp(min=1)).clamp(max=5) if q[0] > 0 else torch.ones_like(q)  # No Finding count
     class_weight = (len(y) - q) / len(y)
     head = ClassifierHead(train["v"].shape[1], y.shape[1]).to(device)
-    opt = torch.optim.Adam(head.parameters(), lr=cfg.cls_lr, weight_decay=1e-4)
+    opt = torch.optim.Adam(head.parameters(), lr=args.cls_lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.StepLR(opt, 10, 0.1)  # frozen regime: 20 epochs, step at 10, batch 32
     pooled, glob, y, pos_weight, class_weight = (t.to(device) for t in (train["pooled"], train["v"], y, pos_weight,
                                                                         class_weight))
@@ -444,7 +476,7 @@ FINDING_WORDS = set(data.SYNTH_FINDINGS) | {"consolidation", "edema", "atelectas
 
 @torch.no_grad()
 def save_attention_maps(model, batch, tokenizer, mean, std, folder, prefix, n=4, gamma1=4.0):
-    """For the first n pairs, overlay one word's map alpha_w (spec 5.2 step 3) on its image as a PNG: the first
+    """For the first n pairs, overlay one word's map alpha_w (AttnGAN Eq. 9) on its image as a PNG: the first
     finding word of the report, else the word with the most peaked map."""
     model.eval()
     images, ids, mask = (batch[k][:n].to(next(model.parameters()).device) for k in ("images", "input_ids",
@@ -468,190 +500,210 @@ def save_attention_maps(model, batch, tokenizer, mean, std, folder, prefix, n=4,
         picture.save(os.path.join(folder, f"{prefix}_{b}_{tokens[w]}.png"))
 
 
-def evaluate(model, loaders, tokenizer, mean, std, cfg, device, amp, tag):
+def evaluate(model, loaders, tokenizer, mean_std, args, device, amp, tag, out):
     """Retrieval on the test split, classification trained on the train split, attention PNGs. Returns a dict."""
     test = encode_split(model, loaders["test"], device, amp)
-    res = retrieval(test, cfg.block)
-    auc, res["cls/Avg"] = classification(encode_split(model, loaders["cls_train"], device, amp), test, cfg, device)
+    res = retrieval(test, args.block)
+    cls_train = encode_split(model, loaders["cls_train"], device, amp, text=False)
+    auc, res["cls/Avg"] = classification(cls_train, test, args, device)
     res.update({f"cls/{k}": v for k, v in auc.items()})
-    save_attention_maps(model, next(iter(loaders["val"])), tokenizer, mean, std, os.path.join(cfg.out_dir, "viz"),
-                        tag, cfg.viz, cfg.gamma1)
+    if args.viz:
+        save_attention_maps(model, next(iter(loaders["val"])), tokenizer, *mean_std, os.path.join(out, "viz"), tag,
+                            args.viz, args.gamma1)
     return res
 
 
 # ==== TRAINING ====
 
-def main(argv=None):
-    argv = list(os.sys.argv[1:] if argv is None else argv)
-    if not any(a.split("=")[0] in ("--preset", "--data") for a in argv):
-        argv = ["--preset", "demo", *argv]  # no data given: the synthetic demo
-    cfg = common.parse_args(Args, PRESETS, argv)
-    ctx = common.setup_distributed(cfg.device)
-    dev, t_start = ctx.device, time.time()
-    os.makedirs(cfg.out_dir, exist_ok=True)
-    ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
-    size = lambda n: n if cfg.data == "synthetic" else None
-    make = lambda split, train, n=None: data.make_dataset(cfg.data, cfg.data_root or None, split, cfg.image_size,
-                                                          train, cfg.seed, num_samples=n)
-    train_ds = make("train", True, size(cfg.train_size))
-    val_ds, test_ds = make("validate", False, size(cfg.eval_size)), make("test", False, size(cfg.eval_size))
+class Reports(torch.utils.data.Dataset):
+    """The reports of an image-report dataset without its images: what MLM steps read, so that they never decode or
+    render an image (the same sentences, so the same batches). Samples carry a 1x1x1 placeholder image for collate."""
 
-    tok_dir = os.path.join(cfg.out_dir, "tokenizer")  # built from the training reports, identical on every rank
-    tokenizer = PreTrainedTokenizerFast.from_pretrained(tok_dir) if cfg.resume and os.path.isdir(tok_dir) else \
-        build_word_tokenizer(data.report_texts(train_ds), cfg.min_word_count, cfg.max_length)
-    if ctx.is_main:
-        tokenizer.save_pretrained(tok_dir)
-    collate = functools.partial(data.collate, tokenizer=tokenizer, max_length=cfg.max_length)
+    def __init__(self, dataset):
+        self.sentences = data.dataset_reports(dataset)
 
-    common.seed_everything(cfg.seed)  # same initialisation on every rank
-    model = JoImTeRNet(cfg, len(tokenizer)).to(dev)
-    opt_img = torch.optim.AdamW(model.image.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    opt_txt = torch.optim.AdamW(model.text.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched_img, sched_txt = (torch.optim.lr_scheduler.StepLR(o, cfg.lr_drop, 0.1) for o in (opt_img, opt_txt))
-    amp = common.amp_dtype(dev, cfg.precision)
-    scaler = common.grad_scaler(dev, amp)
-    # Task choice and triplet negatives must agree across ranks: one generator, same seed everywhere.
-    task_rng = torch.Generator().manual_seed(cfg.seed + 1)
-    stateful = dict(model=model, opt_img=opt_img, opt_txt=opt_txt, sched_img=sched_img, sched_txt=sched_txt, scaler=scaler)
-    epoch = step = itm_step = 0
-    if cfg.resume and os.path.exists(ckpt_path):
-        ck = common.load_checkpoint(ckpt_path)
-        for key, obj in stateful.items():
-            obj.load_state_dict(ck[key])
-        task_rng.set_state(ck["task_rng"])
-        epoch, step, itm_step = ck["epoch"], ck["step"], ck["itm_step"]
-        common.restore_rng(ck, ctx.rank)
-    else:
-        common.seed_everything(cfg.seed + ctx.rank)  # data order and augmentation differ per rank
-    ddp = nn.parallel.DistributedDataParallel(model, find_unused_parameters=True) if ctx.distributed else model
+    def __len__(self):
+        return len(self.sentences)
 
-    per_rank = cfg.batch_size // ctx.world_size
-    def loader(ds, batch, train, seed=0):  # training order: a function of (seed, epoch), also on one process
-        sampler = DistributedSampler(ds, ctx.world_size, ctx.rank, True, cfg.seed + seed, True) if train else None
-        return DataLoader(ds, batch, sampler=sampler, drop_last=train, num_workers=cfg.workers, collate_fn=collate,
-                          persistent_workers=cfg.workers > 0)
-    itm_loader, mlm_loader = loader(train_ds, per_rank, True), loader(train_ds, per_rank, True, seed=1)
-    val_loader = loader(val_ds, cfg.eval_batch_size, False)
-    augment = data.BatchAugment(cfg.image_size, train_ds.mean, train_ds.std, crop_scale=(1.0, 1.0), ratio=(1.0, 1.0),
-                                rotation=15.0, translate=0.0, scale=(1.0, 1.0), brightness=(0.5, 1.8),
-                                contrast=(0.5, 1.8), blur_sigma=(1e-3, 1e-3))  # sigma -> 0: no blur (the code has none)
-    to_dev = lambda b: {k: b[k].to(dev, non_blocking=True) for k in ("images", "input_ids", "attention_mask")}
-    steps_per_epoch = len(itm_loader)
-    logger = common.Logger(cfg.out_dir, ctx.is_main, cfg.epochs * steps_per_epoch, itm_step)
-    count = lambda m: f"{sum(p.numel() for p in m.parameters()) / 1e6:.1f}M"
-    if ctx.is_main:
-        print(f"JoImTeRNet: {count(model.image)} image + {count(model.text)} text parameters, vocab {len(tokenizer)}, "
-              f"{steps_per_epoch} ITM steps/epoch, {ctx.world_size} x {per_rank} pairs, amp {amp}, device {dev}")
-    mlm_epoch, mlm_iter, sums, done = epoch - 1, iter(()), {}, False
-    while epoch < cfg.epochs and not done:
-        ddp.train()
-        itm_loader.sampler.set_epoch(epoch)
-        itm_iter, itm_in_epoch = logger.iterate(itm_loader), 0
-        while itm_in_epoch < steps_per_epoch:
-            task = "mlm" if torch.rand((), generator=task_rng) < cfg.p_mlm else "itm"
-            if task == "mlm":  # MLM step: the text encoder alone (spec 5.4)
-                batch = next(mlm_iter, None)
-                if batch is None:  # the MLM stream runs through the training set at its own pace
-                    mlm_epoch += 1
-                    mlm_loader.sampler.set_epoch(mlm_epoch)
-                    mlm_iter = iter(mlm_loader)
-                    batch = next(mlm_iter)
-                ids, labels = mlm_mask(batch["input_ids"], tokenizer.mask_token_id, cfg.mlm_prob)
-                with common.autocast(dev, amp):
-                    out = ddp(dict(input_ids=ids.to(dev), attention_mask=batch["attention_mask"].to(dev),
-                                   mlm_labels=labels.to(dev)), task="mlm")
-                opts, params = (opt_txt,), (model.text.parameters(),)
-            else:  # ITM step: both encoders, the eight matching terms
-                b = to_dev(next(itm_iter))
-                if cfg.augment:
-                    b["images"] = augment(b["images"])
-                neg = sample_negatives(per_rank * ctx.world_size, task_rng)
-                with common.autocast(dev, amp):
-                    out = ddp(b, neg=neg)
-                opts, params = (opt_img, opt_txt), (model.image.parameters(), model.text.parameters())
-                itm_in_epoch, itm_step = itm_in_epoch + 1, itm_step + 1
-            for o in opts:
-                o.zero_grad(set_to_none=True)
-            scaler.scale(out["loss"]).backward()
-            for o, p in zip(opts, params):  # clip each encoder separately, as the code does
-                scaler.unscale_(o)
-                nn.utils.clip_grad_norm_(p, cfg.clip)
-                scaler.step(o)
-            scaler.update()
-            step += 1
-            for k, v in out.items():  # running means since the last log line, every term unweighted
-                k = "total" if k == "loss" and task == "itm" else k
-                if k != "loss":
-                    sums.setdefault(k, []).append(v.detach())
-            if task == "itm" and itm_step % cfg.log_every == 0:  # one row per log_every ITM steps
-                common.check_finite(out["loss"], step, ckpt_path, out)
-                logger.log(itm_step, epoch, {**{f"loss/{k}": float(torch.stack(sums[k]).mean()) if k in sums else
-                                                math.nan for k in ("total", *TERMS, "mlm", "mlm_acc")},
-                                             "lr": opt_img.param_groups[0]["lr"]},
-                           images=cfg.batch_size * len(sums.get("total", [])))
-                sums = {}
-            if cfg.max_steps and step >= cfg.max_steps:
-                done = True
-                break
-        epoch += 1
-        sched_img.step(), sched_txt.step()
-        val = validate(model, val_loader, tokenizer, cfg, dev, amp)
-        logger.write("val.csv", {"epoch": epoch, "step": step, **val})
-        if ctx.is_main:
-            print(f"epoch {epoch}: " + ", ".join(f"{k} {v:.4f}" for k, v in val.items()))
-            common.save_checkpoint(ckpt_path, {**{k: o.state_dict() for k, o in stateful.items()}, "epoch": epoch,
-                                               "step": step, "itm_step": itm_step, "task_rng": task_rng.get_state(),
-                                               "args": cfg})
-    logger.close()
-    train_time = time.time() - t_start
-    common.cleanup_distributed()  # evaluation below runs on rank 0 alone
-    if not ctx.is_main:
-        return None
+    def __getitem__(self, index):
+        sentences = self.sentences[index]
+        return dict(image=torch.zeros(1, 1, 1), sentences=list(sentences), text=" ".join(sentences),
+                    labels=torch.zeros(len(data.CHEXPERT_LABELS)), study_id=str(index))
 
-    export(model, tokenizer, train_ds.mean, train_ds.std, cfg)
-    cls_train = make("train", False, size(cfg.train_size))
-    if cfg.cls_train_size and cfg.cls_train_size < len(cls_train):
-        cls_train = Subset(cls_train, range(cfg.cls_train_size))
-    loaders = {"test": loader(test_ds, cfg.eval_batch_size, False), "val": val_loader,
-               "cls_train": loader(cls_train, cfg.eval_batch_size, False)}
-    common.seed_everything(cfg.seed)
-    untrained = JoImTeRNet(cfg, len(tokenizer)).to(dev)  # the same seed gives the trained model's initialisation
-    results = {tag: evaluate(m, loaders, tokenizer, train_ds.mean, train_ds.std, cfg, dev, amp, tag)
-               for tag, m in (("untrained", untrained), ("trained", model))}
-    print(f"\nheld-out split ({len(test_ds)} pairs), trained {train_time:.0f}s, total {time.time() - t_start:.0f}s")
-    print(f"{'metric':28s} {'untrained':>10s} {'trained':>10s}")
-    for k in results["trained"]:
-        print(f"{k:28s} {results['untrained'][k]:10.3f} {results['trained'][k]:10.3f}")
-    print(f"word->region maps: {os.path.join(cfg.out_dir, 'viz')}")
-    return results
+
+def datasets(args, out):
+    """Training pairs, their reports alone (Reports, for the MLM steps), validation and test pairs, the classifier's
+    training images, and the word-level tokenizer of the training reports (kept in the run folder for --resume)."""
+    if args.data != "synthetic" and not args.data_root:
+        raise SystemExit(f"--data {args.data} needs --data-root (mimic: the `python data.py prepare-mimic` cache)")
+
+    def dataset(split, train, num_samples):
+        return data.make_dataset(args.data, args.data_root, split, args.image_size, train, args.seed,
+                                 num_samples or None, skip_bad=args.skip_bad)
+    sets = dict(train=dataset("train", True, args.train_samples), test=dataset("test", False, args.eval_samples),
+                validate=dataset("validate", False, args.eval_samples),
+                cls_train=dataset("train", False, args.cls_train_samples or args.train_samples))
+    sets["reports"] = Reports(sets["train"])
+    tok_dir = os.path.join(out, "tokenizer")  # built from the training reports, identical on every rank
+    if args.resume and os.path.isdir(tok_dir):
+        return sets, PreTrainedTokenizerFast.from_pretrained(tok_dir)
+    texts = [" ".join(s) for s in sets["reports"].sentences]
+    return sets, build_word_tokenizer(texts, args.min_word_count, args.max_length)
+
+
+def collate_pairs(samples, tokenizer, max_length):
+    """data.collate without the synthetic masks and boxes, which JoImTeRNet never reads: every tensor a DataLoader
+    worker hands over costs a file-descriptor transfer (a tenth of the CPU demo's time went there)."""
+    batch = data.collate(samples, tokenizer, max_length)
+    return {k: v for k, v in batch.items() if k not in ("masks", "boxes", "box_labels")}
+
+
+def loaders(args, ddp, tokenizer, sets):
+    """ITM and MLM training loaders (each its own order, a function of (seed, epoch), also on one process) and the
+    evaluation loaders (validation: every rank runs all of it; test and classifier training: rank 0)."""
+    collate = functools.partial(collate_pairs, tokenizer=tokenizer, max_length=args.max_length)
+
+    def loader(name, batch_size, seed=None):
+        sampler = None if seed is None else DistributedSampler(sets[name], ddp.world_size, ddp.rank, True, seed, True)
+        return DataLoader(sets[name], batch_size, sampler=sampler, drop_last=seed is not None, collate_fn=collate,
+                          num_workers=args.workers, persistent_workers=args.workers > 0)
+    return dict(itm=loader("train", args.batch_size, args.seed), mlm=loader("reports", args.batch_size, args.seed + 1),
+                val=loader("validate", args.eval_batch_size), test=loader("test", args.eval_batch_size),
+                cls_train=loader("cls_train", args.eval_batch_size))
 
 
 @torch.no_grad()
-def validate(model, loader, tokenizer, cfg, device, amp):
-    """The code's per-epoch validation: mean CE / triplet losses and MLM loss + accuracy (fixed masking seed)."""
+def validate(model, loader, tokenizer, args, device, amp):
+    """The code's per-epoch validation (JoImTeR/trainer_pretrain.py:evaluate_itm, evaluate_mlm): means over batches
+    of the matching terms and of the MLM loss and accuracy (fixed masking seed). Every rank runs the whole split."""
     model.eval()
     g, rows = torch.Generator().manual_seed(0), []
-    for batch in loader:  # every rank runs the whole validation set, without gathering
+    for batch in loader:
         b = {k: batch[k].to(device) for k in ("images", "input_ids", "attention_mask")}
-        ids, labels = mlm_mask(batch["input_ids"], tokenizer.mask_token_id, cfg.mlm_prob, g)
+        ids, labels = mlm_mask(batch["input_ids"], tokenizer.mask_token_id, args.mlm_prob, g)
+        n = len(b["images"])
         with common.autocast(device, amp):
-            itm = model(b, neg=sample_negatives(len(b["images"]), g), gather=False)
+            itm = model(b, neg=sample_negatives(n, g) if n > 1 else None, gather=False)
             mlm = model({**b, "input_ids": ids.to(device), "mlm_labels": labels.to(device)}, task="mlm")
         rows.append({f"val/{k}": float(v) for k, v in {**itm, **mlm}.items() if k != "loss"})
-    return {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
+    keys = dict.fromkeys(k for r in rows for k in r)  # a batch of one has no triplet terms
+    return {k: float(np.mean([r[k] for r in rows if k in r])) for k in keys}
 
 
-def export(model, tokenizer, mean, std, cfg):
-    """image_encoder.pt (our own architecture, not a torchvision ResNet) and text_encoder/ (save_pretrained)."""
-    payload = dict(arch="joimternet-smallresnet", state_dict={k: v.cpu() for k, v in model.image.state_dict().items()},
-                   in_chans=1, mean=float(mean), std=float(std), image_size=cfg.image_size, method="joimternet",
-                   args=common.plain(cfg))
-    torch.save(payload, os.path.join(cfg.out_dir, "image_encoder.pt"))
-    folder = os.path.join(cfg.out_dir, "text_encoder")
-    common.export_text_encoder(folder, model.text, tokenizer)
+def finish(args, model, tokenizer, sets, loader, mean_std, device, amp, out, started):
+    """Export both encoders, then the trained model next to the untrained one it started from (retrieval,
+    classification, word->region maps), printed and written to eval.json."""
+    common.export_encoders(out, model.image, model.text, tokenizer, *mean_std, args.image_size, "joimternet", args)
     heads = {k: v.cpu() for k, v in model.text.state_dict().items() if not k.startswith("bert.")}
-    torch.save(heads, os.path.join(folder, "joimternet_heads.pt"))  # sentence/word projections and MLM head
+    torch.save(heads, os.path.join(out, "text_encoder", "joimternet_heads.pt"))  # projections and MLM head
+    trained_in = time.time() - started
+    common.seed_everything(args.seed)
+    untrained = JoImTeRNet(args, len(tokenizer)).to(device)  # the same seed gives the trained model's initialisation
+    results = {tag: evaluate(m, loader, tokenizer, mean_std, args, device, amp, tag, out)
+               for tag, m in (("untrained", untrained), ("trained", model))}
+    print(f"\nheld-out {args.data} test split ({len(sets['test'])} pairs), trained {trained_in:.0f}s, total "
+          f"{time.time() - started:.0f}s")
+    common.print_comparison(results, os.path.join(out, "eval.json"))
+    print(f"word->region maps: {os.path.join(out, 'viz')}")
+    return results
+
+
+def main(argv=None):
+    args = common.parse_args(Args, PRESETS, argv, default_preset="demo")
+    ddp = common.setup_distributed(args.device or None)
+    dev, amp, started = ddp.device, common.amp_dtype(ddp.device, args.precision), time.time()
+    out = common.run_folder(args.out_dir, "joimternet", ddp, args)
+    ckpt_path = os.path.join(out, "ckpt.pt")
+    sets, tokenizer = datasets(args, out)
+    if ddp.is_main:
+        tokenizer.save_pretrained(os.path.join(out, "tokenizer"))
+    loader = loaders(args, ddp, tokenizer, sets)
+    mean_std = sets["train"].mean, sets["train"].std
+    common.seed_everything(args.seed)  # same initialisation on every rank
+    model = JoImTeRNet(args, len(tokenizer)).to(dev)
+    opt_img = torch.optim.AdamW(model.image.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    opt_txt = torch.optim.AdamW(model.text.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    sched_img, sched_txt = (torch.optim.lr_scheduler.StepLR(o, args.lr_drop, 0.1) for o in (opt_img, opt_txt))
+    scaler = common.grad_scaler(dev, amp)
+    task_rng = torch.Generator().manual_seed(args.seed + 1)  # task choice and negatives: the same on every rank
+    stateful = dict(model=model, opt_img=opt_img, opt_txt=opt_txt, sched_img=sched_img, sched_txt=sched_txt,
+                    scaler=scaler)
+    progress = dict(epoch=0, step=0, itm_step=0)
+    if args.resume:
+        task_rng.set_state(common.resume_training_state(ckpt_path, stateful, progress, ddp.rank)["task_rng"])
+    else:
+        common.seed_everything(args.seed + ddp.rank)  # data order and augmentation differ per rank
+    net = common.wrap_ddp(model, ddp, find_unused_parameters=True)  # MLM steps leave the image encoder unused
+    augment = data.BatchAugment(args.image_size, *mean_std, crop_scale=(1.0, 1.0), ratio=(1.0, 1.0), rotation=15.0,
+                                translate=0.0, scale=(1.0, 1.0), brightness=(0.5, 1.8), contrast=(0.5, 1.8),
+                                blur_sigma=(1e-3, 1e-3))  # sigma -> 0: no blur (the code has none)
+    steps_per_epoch, pairs = len(loader["itm"]), args.batch_size * ddp.world_size
+    logger = common.Logger(out, ddp.is_main, args.epochs * steps_per_epoch, progress["itm_step"])
+    if ddp.is_main:
+        print(f"JoImTeRNet: {common.count_parameters(opt_img) / 1e6:.1f}M image + "
+              f"{common.count_parameters(opt_txt) / 1e6:.1f}M text parameters, vocab {len(tokenizer)}, "
+              f"{steps_per_epoch} ITM steps/epoch of {ddp.world_size} x {args.batch_size} pairs, {dev}, {amp}")
+    mlm_epoch, mlm_iter, done = progress["epoch"] - 1, iter(()), False
+    while progress["epoch"] < args.epochs and not done:
+        net.train()
+        loader["itm"].sampler.set_epoch(progress["epoch"])
+        itm_iter, itm_in_epoch = logger.iterate(loader["itm"]), 0
+        while itm_in_epoch < steps_per_epoch:
+            task = "mlm" if torch.rand((), generator=task_rng) < args.p_mlm else "itm"
+            if task == "mlm":  # MLM step: the text encoder alone
+                batch = next(mlm_iter, None)
+                if batch is None:  # the MLM stream runs through the training reports at its own pace
+                    mlm_epoch += 1
+                    loader["mlm"].sampler.set_epoch(mlm_epoch)
+                    mlm_iter = iter(loader["mlm"])
+                    batch = next(mlm_iter)
+                ids, labels = mlm_mask(batch["input_ids"], tokenizer.mask_token_id, args.mlm_prob)
+                with common.autocast(dev, amp):
+                    terms = net(dict(input_ids=ids.to(dev), attention_mask=batch["attention_mask"].to(dev),
+                                     mlm_labels=labels.to(dev)), task="mlm")
+                optimizers = (opt_txt,)
+                logger.add({k: terms[k] for k in ("mlm", "mlm_acc")})
+            else:  # ITM step: both encoders, the eight matching terms
+                batch = common.to_device(next(itm_iter), dev)
+                if args.augment:
+                    batch["images"] = augment(batch["images"])
+                neg = sample_negatives(pairs, task_rng)
+                with common.autocast(dev, amp):
+                    terms = net(batch, neg=neg)
+                optimizers = (opt_img, opt_txt)
+                logger.add(terms, images=pairs)
+                itm_in_epoch, progress["itm_step"] = itm_in_epoch + 1, progress["itm_step"] + 1
+            for o in optimizers:  # zeros (the code's): AdamW keeps stepping the heads this step leaves unused
+                o.zero_grad(set_to_none=not args.step_idle_heads)
+            scaler.scale(terms["loss"]).backward()
+            for o in optimizers:  # clip each encoder separately, as the code does
+                scaler.unscale_(o)
+                nn.utils.clip_grad_norm_(o.param_groups[0]["params"], args.clip)
+                scaler.step(o)
+            scaler.update()
+            progress["step"] += 1
+            if task == "itm" and progress["itm_step"] % args.log_every == 0:  # one row per log_every ITM steps
+                common.check_finite(terms["loss"], progress["step"], ckpt_path, terms)
+                logger.log(progress["itm_step"], progress["epoch"], {"lr": opt_img.param_groups[0]["lr"],
+                                                                     "loss/mlm": math.nan, "loss/mlm_acc": math.nan})
+            if args.max_steps and progress["step"] >= args.max_steps:
+                done = True
+                break
+        progress["epoch"] += 1
+        sched_img.step(), sched_txt.step()
+        val = validate(model, loader["val"], tokenizer, args, dev, amp)
+        logger.write("val.csv", {"epoch": progress["epoch"], "step": progress["step"], **val})
+        if ddp.is_main:
+            print(f"epoch {progress['epoch']}: " + ", ".join(f"{k} {v:.4f}" for k, v in val.items()))
+            common.save_training_state(ckpt_path, stateful, task_rng=task_rng.get_state(), args=args, **progress)
+    logger.close()
+    common.cleanup_distributed()  # evaluation below runs on rank 0 alone
+    if ddp.is_main:
+        return finish(args, model, tokenizer, sets, loader, mean_std, dev, amp, out, started)
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (FloatingPointError, data.BadRecord) as e:  # a NaN stop (check_finite) or bad training data: no traceback
+        raise SystemExit(f"stopped: {e}")

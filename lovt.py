@@ -2,7 +2,8 @@
 
 Paper: P. Müller, G. Kaissis, C. Zou, D. Rueckert, "Joint Learning of Localized Representations from Medical
 Images and Reports", ECCV 2022, https://arxiv.org/abs/2112.02889. Official code: philip-mueller/lovt at
-f548985d0e56989107948df983a7d508fe510878; every detail below follows that code (specs/lovt.md), not our memory.
+f548985d0e56989107948df983a7d508fe510878; every detail below follows that code (src/models/, configs/), not
+the paper's prose where the two differ.
 
 Model. A ResNet-50 turns the image into 7x7 = 49 region features y_a (layer4, row-major) and a BERT turns the
 report (one pass over all sentences) into sentence features y_b (channel-wise max over each sentence's tokens).
@@ -22,20 +23,23 @@ Objectives (cos = cosine similarity, each term a mean over the micro-batch):
   weights  w = the detached, masked, renormalised attention-pool weights of the anchor modality
   total    L = 0.75 L_global_a2b + 0.25 L_global_b2a
              + 0.375 (L_a_l2att + L_a_att2l) + 0.375 (L_b_l2att + L_b_att2l)
-Training: AdamW lr 1e-4 wd 1e-6, micro-batch 32 x 16 accumulation (negatives and BN statistics still come from
-the 32-sample micro-batch), cosine wave per epoch never reset, <= 100 epochs, early stopping (patience 10) on the
-validation loss, the best-validation checkpoint is exported.
+Training: AdamW lr 1e-4 wd 1e-6, micro-batch 32 x 16 accumulation = 512 pairs per optimizer step (negatives and BN
+statistics still come from the 32-sample micro-batch), cosine wave per epoch never reset, <= 100 epochs, early
+stopping (patience 10) on the validation loss, the best-validation checkpoint is exported. --accum is the
+accumulation of the whole job: with W processes each does accum / W micro-batches per step (16 / 8 = 2 on 8 GPUs),
+so the step is 512 pairs on 1 GPU or on 8, as nanoGPT does.
 
 Commands:
-  python lovt.py                                          # demo: synthetic data, small models, ~5 min on 2 CPU cores
+  python lovt.py                                          # demo: synthetic data, small models, minutes on 2 CPU cores
   python lovt.py --preset paper --data mimic --data-root CACHE                      # LoVT_100, one GPU
-  torchrun --nproc_per_node=8 lovt.py --preset paper --data mimic --data-root CACHE  # 8 GPUs (see deviations)
+  torchrun --nproc_per_node=8 lovt.py --preset paper --data mimic --data-root CACHE  # LoVT_100, 8 GPUs x 2 x 32
   torchrun --nproc_per_node=2 lovt.py --max-steps 5                                 # DDP smoke test on CPU (gloo)
   python lovt.py --preset paper --data csv --data-root pairs.csv                    # own image-report pairs
   python lovt.py --resume --out-dir runs/lovt-XXXX                                  # continue a killed run
   python lovt.py --bench 20 [--preset paper --image-weights none --text-model bert-base]   # throughput
-CACHE is written once by `python data.py prepare-mimic ...`. The run folder holds args.json, metrics.csv,
-ckpt.pt (last), best.pt (best validation loss), image_encoder.pt, text_encoder/ and viz/*.png.
+CACHE is written once by `python data.py prepare-mimic ...`. The run folder (default runs/lovt-<time>) holds
+args.json, metrics.csv, val.csv, ckpt.pt (last), best.pt (best validation loss), image_encoder.pt, text_encoder/,
+eval.json and viz/*.png. Without --data the demo preset runs on the built-in synthetic data.
 
 Deviations / our choices:
 - Images come from the suite's small-resolution cache, so RandomResizedCrop acts on the zero-padded square
@@ -43,24 +47,16 @@ Deviations / our choices:
 - Sentences are split by data.split_sentences instead of Stanza.
 - No horizontal flips (LoVT flips with p = 0.5 although the reports say left and right).
 - bf16 autocast where supported, fp16 + GradScaler otherwise, fp32 on CPU (LoVT: fp16); loss math in fp32.
-- Under DDP each process keeps LoVT's per-micro-batch negatives (--gather-negatives gathers them across GPUs);
-  the effective batch is 32 x 16 x GPUs unless --accum is lowered accordingly (e.g. 2 with 8 GPUs).
+- Under DDP each process keeps LoVT's per-micro-batch negatives (--gather-negatives gathers them across GPUs).
 - The online CheXpert linear probes of the official code are not trained.
 - The demo preset (ResNet-18 and a 2-layer BERT from scratch, 128 px, 1 epoch) trains without augmentation.
 - Resume is exact in one process with --workers 0 (tested); with workers or several ranks the data order is
   exact, but the random draws of the interrupted epoch (sentence swaps, MIMIC's view choice) are drawn anew.
 """
-import csv
-import dataclasses
-import itertools
-import json
 import math
 import os
 import random
-import sys
-import tempfile
 import textwrap
-import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from functools import partial
@@ -85,8 +81,9 @@ class Args:
     data: str = arg("synthetic", "synthetic | mimic | csv")
     data_root: str = arg("", "mimic: the prepare-mimic cache folder; csv: the pairs CSV")
     train_subset: float = arg(1.0, "use the first fraction of the training studies (LoVT_30: 0.3)")
-    synthetic_size: int = arg(4000, "number of synthetic training samples")
-    eval_size: int = arg(0, "use only the first N validation / test pairs (0 = all)")
+    train_samples: int = arg(0, "use only the first N training pairs (0 = all; synthetic: how many are generated)")
+    eval_samples: int = arg(0, "use only the first N validation / test pairs (0 = all; synthetic: 500)")
+    skip_bad: bool = arg(False, "skip unreadable / inconsistent records and count them (else stop and list them)")
     out_dir: str = arg("", "run folder (default runs/lovt-<time>)")
     resume: bool = arg(False, "continue from ckpt.pt in --out-dir")
     max_steps: int = arg(0, "stop after this many optimizer steps (0 = no limit)")
@@ -102,6 +99,7 @@ class Args:
     image_arch: str = arg("resnet50", "resnet50 | resnet18")
     image_weights: str = arg("imagenet", "imagenet | none | path to a state dict")
     image_size: int = arg(224, "input size (the 7x7 conv5 grid at 224)")
+    channels_last: bool = arg(True, "NHWC memory format for the ResNet: faster convolutions on CPUs and tensor cores")
     augment: bool = arg(True, "LoVT's image augmentation (crop, affine, jitter, blur) on training batches")
     text_model: str = arg("emilyalsentzer/Bio_ClinicalBERT", "name/path, or tiny | bert-base (random init, "
                           "vocabulary from the training reports)")
@@ -112,7 +110,7 @@ class Args:
     pool_heads: int = arg(8, "heads of the attention pooling")
     # optimisation
     batch_size: int = arg(32, "micro-batch per process (negatives and BN statistics)")
-    accum: int = arg(16, "micro-batches per optimizer step")
+    accum: int = arg(16, "micro-batches per optimizer step, whole job (each of W processes does accum / W)")
     lr: float = arg(1e-4, "AdamW learning rate (cosine wave with a 2-epoch period)")
     weight_decay: float = arg(1e-6, "AdamW weight decay (all parameters)")
     epochs: int = arg(100, "maximum epochs")
@@ -141,7 +139,7 @@ PRESETS = {
     # steps: 3.50 with it, 2.40 without), so the demo trains on the plain views: one epoch = one cosine decay.
     "demo": dict(data="synthetic", image_arch="resnet18", image_weights="none", image_size=128, augment=False,
                  text_model="tiny", text_freeze_layers=0, batch_size=32, accum=1, lr=1e-3, epochs=1,
-                 synthetic_size=4000, workers=0, viz=4, ckpt_every=50, log_every=5),
+                 train_samples=4000, workers=0, viz=4, ckpt_every=50, log_every=5),
 }
 
 
@@ -184,11 +182,11 @@ class LoVT(nn.Module):
     def __init__(self, args, tokenizer):
         super().__init__()
         self.args = args
-        self.image_encoder = common.ImageEncoder(args.image_arch, args.image_weights)
-        size = dict(hidden_size=768, num_layers=12, num_heads=12, intermediate_size=3072)  # = Bio_ClinicalBERT
+        self.image_encoder = common.ImageEncoder(args.image_arch, args.image_weights, args.channels_last)
+        bert_base = dict(hidden_size=768, num_layers=12, num_heads=12, intermediate_size=3072)  # = Bio_ClinicalBERT
         self.text_encoder = common.TextEncoder("tiny" if args.text_model == "bert-base" else args.text_model,
                                                tokenizer, args.text_freeze_layers,
-                                               **(size if args.text_model == "bert-base" else {}))
+                                               **(bert_base if args.text_model == "bert-base" else {}))
         ca, cb, d, hidden = self.image_encoder.out_dim, self.text_encoder.out_dim, args.proj_dim, args.proj_hidden
         self.pool_a, self.pool_b = common.AttentionPool(ca, args.pool_heads), common.AttentionPool(cb, args.pool_heads)
         # four independent BN-MLP heads; the local ones act per region / per sentence (padded slots included)
@@ -321,21 +319,6 @@ def random_sentence_swaps(sentences, p=0.6, rng=random):
 
 
 # ==== TRAINING: data, loop, evaluation ====
-class ResumableSampler(DistributedSampler):
-    """DistributedSampler (order = f(seed, epoch)) that can start an epoch after its first `skip` indices."""
-    skip = 0
-
-    def __iter__(self):
-        return itertools.islice(super().__iter__(), self.skip, None)
-
-    def __len__(self):
-        return self.num_samples - self.skip
-
-
-def to_device(batch, device):
-    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
-
-
 def report_tokenizer(args, train_set):
     """Bio_ClinicalBERT's tokenizer, or (tiny / bert-base) a word-level vocabulary of the training reports."""
     if args.text_model in ("tiny", "bert-base"):
@@ -346,6 +329,38 @@ def report_tokenizer(args, train_set):
     except OSError as e:
         raise SystemExit(f"Could not load the tokenizer of {args.text_model} ({e}). Without internet pass a local "
                          f"save_pretrained folder, or --text-model tiny.")
+
+
+def datasets(args):
+    """Training set (the un-augmented view: BatchAugment runs on the device; LoVT_30 keeps the first 30 % of the
+    studies), validation and test sets (evaluation views), the training statistics (mean, std) and the tokenizer."""
+    if args.data != "synthetic" and not args.data_root:
+        raise SystemExit(f"--data {args.data} needs --data-root (mimic: the `python data.py prepare-mimic` cache)")
+
+    def dataset(split, num_samples):
+        return data.make_dataset(args.data, args.data_root, split, args.image_size, train=split == "train",
+                                 num_samples=num_samples or None, skip_bad=args.skip_bad)
+    base = dataset("train", args.train_samples)
+    train_set = torch.utils.data.Subset(base, range(round(args.train_subset * len(base))))
+    val_set, test_set = dataset("validate", args.eval_samples), dataset("test", args.eval_samples)
+    return train_set, val_set, test_set, (base.mean, base.std), report_tokenizer(args, train_set)
+
+
+def loaders(args, ddp, tokenizer, train_set, val_set, test_set):
+    """The training loader (ResumableSampler: order = f(seed, epoch), LoVT's random sentence swaps at collation),
+    the validation loader (split over the ranks) and the test loader (rank 0)."""
+    sampler = common.ResumableSampler(train_set, ddp.world_size, ddp.rank, shuffle=True, seed=args.seed,
+                                      drop_last=True)
+    collate = partial(data.collate, tokenizer=tokenizer, max_length=args.max_length)
+    swaps = partial(random_sentence_swaps, p=args.swap_prob)
+    # worker seeds come from this generator, reseeded every epoch, so that they never touch the global RNG
+    train = DataLoader(train_set, args.batch_size, sampler=sampler, num_workers=args.workers, drop_last=True,
+                       collate_fn=partial(collate, sentence_transform=swaps), generator=torch.Generator(),
+                       pin_memory=ddp.device.type == "cuda")
+    val = DataLoader(val_set, args.batch_size, num_workers=args.workers, generator=torch.Generator(),
+                     sampler=DistributedSampler(val_set, ddp.world_size, ddp.rank, shuffle=False), collate_fn=collate)
+    test = DataLoader(test_set, args.batch_size, collate_fn=collate, num_workers=args.workers)
+    return sampler, train, val, test
 
 
 SYNTH_PROMPTS = dict(opacity="airspace opacity", nodule="pulmonary nodule", effusion="pleural effusion",
@@ -365,7 +380,7 @@ def validation_loss(model, loader, device, amp):
     total = torch.zeros(2, device=device)  # sum of loss * n, n
     for batch in loader:
         with common.autocast(device, amp):
-            loss = model(to_device(batch, device))["loss"].float()
+            loss = model(common.to_device(batch, device))["loss"].float()
         total += torch.stack([loss * len(batch["images"]), torch.tensor(float(len(batch["images"])), device=device)])
     if torch.distributed.is_initialized():
         torch.distributed.all_reduce(total)
@@ -375,11 +390,12 @@ def validation_loss(model, loader, device, amp):
 @torch.no_grad()
 def evaluate(model, loader, tokenizer, device):
     """Retrieval R@1/5/10 in both directions and zero-shot AUC with pair prompts ("x" vs "no x") on held-out pairs.
-    Synthetic data: one finding per SYNTH_FINDINGS (present = non-empty mask); real data: the CheXpert labels."""
+    Synthetic data: one finding per SYNTH_FINDINGS (present = non-empty mask); real data: the CheXpert labels.
+    auc_mean averages the findings that have both outcomes in the split (it is left out when none has)."""
     model.eval()
     images, reports, labels = [], [], []
     for batch in loader:
-        b = to_device(batch, device)
+        b = common.to_device(batch, device)
         images.append(model.encode_image(b["images"]))
         reports.append(model.encode_text(b))
         labels.append(torch.stack([m.flatten(1).any(1) for m in batch["masks"]]).float() if "masks" in batch
@@ -390,12 +406,36 @@ def evaluate(model, loader, tokenizer, device):
     res.update({f"t2i_{k}": v for k, v in common.recall_at_k(sim.t()).items()})
     names = list(data.SYNTH_FINDINGS) if "masks" in batch else [n.lower() for n in data.CHEXPERT_LABELS[1:]]
     phrases = [SYNTH_PROMPTS.get(n, n) for n in names]
-    pos = model.encode_text(to_device(prompt_batch(phrases, tokenizer), device))
-    neg = model.encode_text(to_device(prompt_batch([f"no {p}" for p in phrases], tokenizer), device))
+    pos = model.encode_text(common.to_device(prompt_batch(phrases, tokenizer), device))
+    neg = model.encode_text(common.to_device(prompt_batch([f"no {p}" for p in phrases], tokenizer), device))
     auc = common.zero_shot_auc(img, pos, neg, torch.cat(labels), names)
     res.update({f"auc_{k}": v for k, v in auc.items()})
-    res["auc_mean"] = sum(v for v in auc.values() if v == v) / max(1, sum(v == v for v in auc.values()))
+    measured = [v for v in auc.values() if not math.isnan(v)]
+    if measured:
+        res["auc_mean"] = sum(measured) / len(measured)
     return res
+
+
+def finish(args, model, tokenizer, test_loader, mean_std, device, out):
+    """The end of a run: the best-validation model (LoVT's downstream checkpoint) is exported and evaluated next to
+    the untrained model it started from (printed and written to eval.json), then the attention overlays."""
+    best_path = os.path.join(out, "best.pt")
+    if os.path.exists(best_path):
+        model.load_state_dict(common.load_checkpoint(best_path)["model"])
+    common.export_encoders(out, model.image_encoder, model.text_encoder, tokenizer, *mean_std, args.image_size,
+                           "lovt", args)
+    common.seed_everything(args.seed)
+    initial = LoVT(args, tokenizer).to(device)  # the same initialisation the training started from
+    results = {k: evaluate(m, test_loader, tokenizer, device) for k, m in (("untrained", initial), ("trained", model))}
+    print(f"held-out {args.data} test split ({len(test_loader.dataset)} pairs):")
+    if "auc_mean" not in results["trained"]:
+        print(f"zero-shot AUC: no finding has both outcomes in this split. It needs label columns named as the "
+              f"CheXpert findings ({', '.join(repr(n) for n in data.CHEXPERT_LABELS[1:4])}, ...: 1 positive, "
+              f"0 negative) with positive and negative studies.")
+    common.print_comparison(results, os.path.join(out, "eval.json"))
+    if args.viz:
+        write_viz(model, next(iter(test_loader)), os.path.join(out, "viz"), *mean_std, args.viz, device)
+    print(f"run folder: {out}")
 
 
 @torch.no_grad()
@@ -403,7 +443,7 @@ def write_viz(model, batch, folder, mean, std, n, device):
     """PNG per image: the region weights of the attention pooling, then each sentence's a->b attention map."""
     model.eval()
     os.makedirs(folder, exist_ok=True)
-    region, sentence = model.attention_maps(to_device(batch, device))  # B x h x w, B x S x h x w
+    region, sentence = model.attention_maps(common.to_device(batch, device))  # B x h x w, B x S x h x w
     for i in range(min(n, len(region))):
         gray = ((batch["images"][i, 0] * std + mean).clamp(0, 1) * 255).float()
         gray = F.interpolate(gray[None, None], size=256, mode="bilinear")[0, 0]
@@ -420,96 +460,52 @@ def write_viz(model, batch, folder, mean, std, n, device):
 
 
 def main(argv=None):
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if not any(x in ("--preset", "--data") or x.startswith(("--preset=", "--data=")) for x in argv):
-        argv = ["--preset", "demo"] + argv  # no data given: the synthetic demo
-    args = common.parse_args(Args, PRESETS, argv)
-    if args.bench:  # N timed optimizer steps (no accumulation) after one warm-up step, in a temporary folder
-        args = dataclasses.replace(args, data="synthetic", out_dir=tempfile.mkdtemp(), accum=1,
-                                   max_steps=args.bench + 1, ckpt_every=0, log_every=10**9, resume=False)
-    if args.data != "synthetic" and not args.data_root:
-        raise SystemExit(f"--data {args.data} needs --data-root (mimic: the `python data.py prepare-mimic` cache)")
+    args = common.parse_args(Args, PRESETS, argv, default_preset="demo")
+    if args.bench:  # N timed optimizer steps without accumulation after one warm-up step
+        args = common.bench_args(args, accum=1, ckpt_every=0)
     ddp = common.setup_distributed(args.device or None)
     dev, amp = ddp.device, common.amp_dtype(ddp.device, args.precision)
-    out = args.out_dir or time.strftime("runs/lovt-%Y%m%d-%H%M%S")
+    micro_per_step = common.micro_batches_per_step(args.accum, ddp.world_size)  # 32 x 16 pairs on 1 GPU or on 8
+    out = common.run_folder(args.out_dir, "lovt", ddp, args)
     ckpt_path, best_path = os.path.join(out, "ckpt.pt"), os.path.join(out, "best.pt")
-    if ddp.is_main:
-        os.makedirs(out, exist_ok=True)
-        with open(os.path.join(out, "args.json"), "w") as f:
-            json.dump(dataclasses.asdict(args), f, indent=1)
-
-    # data: the un-augmented training view (BatchAugment runs on the device), eval views for val/test
-    def dataset(split, n=None):  # the first n samples
-        train = split == "train"
-        num_samples = dict(num_samples=args.synthetic_size) if train and args.data == "synthetic" else {}
-        ds = data.make_dataset(args.data, args.data_root, split, args.image_size, train=train, **num_samples)
-        return torch.utils.data.Subset(ds, range(min(n, len(ds)))) if n else ds
-    base = dataset("train")
-    train_set = torch.utils.data.Subset(base, range(round(args.train_subset * len(base))))  # LoVT_30: the first 30 %
-    val_set = dataset("validate", args.eval_size)
-    tokenizer = report_tokenizer(args, train_set)
-    eval_collate = partial(data.collate, tokenizer=tokenizer, max_length=args.max_length)
+    train_set, val_set, test_set, (mean, std), tokenizer = datasets(args)
     common.seed_everything(args.seed)  # the same initial model on every rank
     model = LoVT(args, tokenizer).to(dev)
-    sampler = ResumableSampler(train_set, ddp.world_size, ddp.rank, shuffle=True, seed=args.seed, drop_last=True)
-    loader_rng = torch.Generator()  # worker seeds; reseeded every epoch so that they never touch the global RNG
-    swaps = partial(random_sentence_swaps, p=args.swap_prob)
-    loader = DataLoader(train_set, args.batch_size, sampler=sampler, num_workers=args.workers, drop_last=True,
-                        collate_fn=partial(data.collate, tokenizer=tokenizer, max_length=args.max_length,
-                                           sentence_transform=swaps), generator=loader_rng,
-                        pin_memory=dev.type == "cuda")
-    val_loader = DataLoader(val_set, args.batch_size, num_workers=args.workers, generator=torch.Generator(),
-                            sampler=DistributedSampler(val_set, ddp.world_size, ddp.rank, shuffle=False),
-                            collate_fn=eval_collate)
-    augment = data.BatchAugment(args.image_size, base.mean, base.std).to(dev)
-
-    # optimisation: AdamW on the trainable parameters, cosine wave over each epoch's optimizer steps
+    sampler, loader, val_loader, test_loader = loaders(args, ddp, tokenizer, train_set, val_set, test_set)
+    augment = data.BatchAugment(args.image_size, mean, std).to(dev)
     n_micro = sampler.num_samples // args.batch_size
-    steps_per_epoch = math.ceil(n_micro / args.accum)
+    steps_per_epoch = math.ceil(n_micro / micro_per_step)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], args.lr,
                                   weight_decay=args.weight_decay)
-    scheduler = common.per_epoch_cosine(optimizer, steps_per_epoch)
+    scheduler = common.per_epoch_cosine(optimizer, steps_per_epoch)  # the cosine wave over each epoch's steps
     scaler = common.grad_scaler(dev, amp)
+    stateful = dict(model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler)
     state = dict(step=0, epoch=0, micro=0, best_val=math.inf, bad_epochs=0)
     if args.resume:
-        if not os.path.exists(ckpt_path):
-            raise SystemExit(f"--resume: no checkpoint at {ckpt_path} (pass the run's --out-dir)")
-        ckpt = common.load_checkpoint(ckpt_path)
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        scaler.load_state_dict(ckpt["scaler"])
-        state = {k: ckpt[k] for k in state}
-        common.restore_rng(ckpt, ddp.rank)
+        common.resume_training_state(ckpt_path, stateful, state, ddp.rank)
     else:
         common.seed_everything(args.seed + ddp.rank)  # data order, augmentation and dropout differ per rank
-    net = model
-    if ddp.distributed:
-        net = nn.parallel.DistributedDataParallel(model, [dev] if dev.type == "cuda" else None)
-    total_steps = min(args.max_steps or math.inf, steps_per_epoch * args.epochs)
-    logger = common.Logger(out, ddp.is_main, total_steps, state["step"])
-    if ddp.is_main:
-        print(f"LoVT: {sum(p.numel() for p in optimizer.param_groups[0]['params']) / 1e6:.1f}M trainable parameters, "
-              f"{dev}, {amp or torch.float32}, {n_micro} micro-batches of {args.batch_size} x {ddp.world_size} "
-              f"per epoch, {steps_per_epoch} optimizer steps. The image-local terms cannot fall below the entropy "
-              f"of their soft target (~3.1-3.9 nats on 7x7).")
-
+    net = common.wrap_ddp(model, ddp)
     def save(path=ckpt_path):
         if ddp.is_main:
-            common.save_checkpoint(path, dict(model=model.state_dict(), optimizer=optimizer.state_dict(),
-                                              scheduler=scheduler.state_dict(), scaler=scaler.state_dict(),
-                                              args=args, **state))
+            common.save_training_state(path, stateful, args=args, **state)
+    logger = common.Logger(out, ddp.is_main, min(args.max_steps or math.inf, steps_per_epoch * args.epochs),
+                           state["step"])
+    if ddp.is_main:
+        print(f"LoVT: {common.count_parameters(optimizer) / 1e6:.1f}M trainable parameters, {dev}, {amp or torch.float32}"
+              f", {steps_per_epoch} steps of {args.batch_size * args.accum} pairs per epoch. The image-local terms "
+              f"cannot fall below the entropy of their soft target (~3.1-3.9 nats on 7x7).")
 
-    stop, sums = False, {}
+    stop = False
     while state["epoch"] < args.epochs and not stop:
         sampler.set_epoch(state["epoch"])
         sampler.skip = state["micro"] * args.batch_size  # resume: the batches this epoch already trained on
-        loader_rng.manual_seed(args.seed + 1000 * state["epoch"] + ddp.rank)
+        loader.generator.manual_seed(args.seed + 1000 * state["epoch"] + ddp.rank)
         net.train()
         for batch in logger.iterate(loader):
             state["micro"] += 1
-            last = state["micro"] % args.accum == 0 or state["micro"] == n_micro
-            batch = to_device(batch, dev)
+            last = state["micro"] % micro_per_step == 0 or state["micro"] == n_micro
+            batch = common.to_device(batch, dev)
             if args.augment:
                 batch["images"] = augment(batch["images"])
             with nullcontext() if last or not ddp.distributed else net.no_sync():  # all-reduce once per step
@@ -517,9 +513,8 @@ def main(argv=None):
                     terms = net(batch)
                 detached = {k: v.detach() for k, v in terms.items()}
                 common.check_finite(detached["loss"], state["step"], ckpt_path, detached)
-                scaler.scale(terms["loss"] / args.accum).backward()
-            for k, v in dict(detached, n=1).items():  # n counts the micro-batches since the last log
-                sums[k] = sums.get(k, 0) + v
+                scaler.scale(terms["loss"] / micro_per_step).backward()
+            logger.add(detached, images=args.batch_size * ddp.world_size)
             if not last:
                 continue
             scaler.step(optimizer)
@@ -528,11 +523,7 @@ def main(argv=None):
             scheduler.step()
             state["step"] += 1
             if state["step"] % args.log_every == 0 or state["step"] in (1, args.max_steps):  # interval means
-                n = sums.pop("n")
-                metrics = {"lr": scheduler.get_last_lr()[0], "loss/total": sums.pop("loss") / n}
-                metrics.update({f"loss/{k}": v / n for k, v in sums.items()})
-                logger.log(state["step"], state["epoch"], metrics, images=n * args.batch_size * ddp.world_size)
-                sums = {}
+                logger.log(state["step"], state["epoch"], {"lr": scheduler.get_last_lr()[0]})
             if args.ckpt_every and state["step"] % args.ckpt_every == 0:
                 save()
             if state["step"] == args.max_steps:
@@ -556,41 +547,15 @@ def main(argv=None):
     logger.close()
     if ddp.distributed:
         torch.distributed.barrier()
-    if not ddp.is_main:
-        return common.cleanup_distributed()
-    if args.bench:  # the last metrics row covers the steps after the first (warm-up) one
-        with open(os.path.join(out, "metrics.csv")) as f:
-            row = list(csv.DictReader(f))[-1]
-        speed = float(row["perf/img_per_s"])
-        print(f"bench: {speed:.1f} images/s ({args.batch_size * ddp.world_size / speed:.2f} s per step of "
-              f"{args.batch_size} x {ddp.world_size}), data wait {100 * float(row['perf/data_wait_frac']):.0f} %, "
-              f"peak memory {common.peak_memory_mb(dev):.0f} MB ({dev}, {amp or torch.float32})")
-        return common.cleanup_distributed()
-
-    # the best-validation model (LoVT's downstream checkpoint) is exported and evaluated next to the initial one
-    if os.path.exists(best_path):
-        model.load_state_dict(common.load_checkpoint(best_path)["model"])
-    common.export_image_encoder(os.path.join(out, "image_encoder.pt"), model.image_encoder, base.mean, base.std,
-                                args.image_size, "lovt", args)
-    common.export_text_encoder(os.path.join(out, "text_encoder"), model.text_encoder, tokenizer)
-    test_set = dataset("test", args.eval_size)
-    test_loader = DataLoader(test_set, args.batch_size, collate_fn=eval_collate, num_workers=args.workers)
-    common.seed_everything(args.seed)
-    initial = LoVT(args, tokenizer).to(dev)  # the same initialisation the training started from
-    results = {k: evaluate(m, test_loader, tokenizer, dev) for k, m in (("untrained", initial), ("trained", model))}
-    print(f"held-out {args.data} test split ({len(test_set)} pairs):\n{'metric':<22}{'untrained':>10}{'trained':>10}")
-    for key in results["trained"]:
-        print(f"{key:<22}{results['untrained'][key]:>10.3f}{results['trained'][key]:>10.3f}")
-    with open(os.path.join(out, "eval.json"), "w") as f:
-        json.dump(results, f, indent=1)
-    if args.viz:
-        write_viz(model, next(iter(test_loader)), os.path.join(out, "viz"), base.mean, base.std, args.viz, dev)
-    print(f"run folder: {out}")
+    if ddp.is_main and args.bench:
+        common.print_bench(out, args.batch_size * ddp.world_size, dev, amp)
+    elif ddp.is_main:
+        finish(args, model, tokenizer, test_loader, (mean, std), dev, out)
     common.cleanup_distributed()
 
 
 if __name__ == "__main__":
     try:
         main()
-    except FloatingPointError as e:  # common.check_finite: say what happened and where the last good state is
+    except (FloatingPointError, data.BadRecord) as e:  # a NaN stop (check_finite) or bad training data: no traceback
         raise SystemExit(f"stopped: {e}")

@@ -1,5 +1,6 @@
 """Tests of common.py: loss values, the 2-process DDP gradient test, pooling, encoders, metrics and plumbing."""
 import csv
+import json
 import math
 import os
 import random
@@ -54,7 +55,7 @@ def test_info_nce_logits_in_fp32_under_low_precision_inputs():
     assert C.info_nce(a, b, 0.07)[0].dtype == torch.float32
 
 
-# ---------------------------------------------------------------- DDP gradient test (common.md section 5.5)
+# ---------------------------------------------------------------- DDP gradient test: 2 gloo ranks == one full batch
 
 B, WORLD, DIM_A, DIM_B, DIM_Z = 3, 2, 5, 6, 4
 
@@ -230,7 +231,9 @@ def test_image_encoder_shapes_resnet18():
     out = enc(torch.randn(2, 1, 64, 64))
     assert enc.out_dim == 512 and out["grid"] == (2, 2)
     assert out["global_feat"].shape == (2, 512) and out["local_feats"].shape == (2, 4, 512)
-    assert [s.shape[1] for s in out["stages"]] == [64, 128, 256, 512]
+    assert [s.shape[1] for s in out["stages"]] == enc.stage_channels == [64, 64, 128, 256, 512]
+    assert [s.shape[-1] for s in out["stages"]] == [32, 16, 8, 4, 2]  # c1 .. c5: strides 2 .. 32
+    assert C.ImageEncoder("resnet50").stage_channels == [64, 256, 512, 1024, 2048]
     # row-major regions: index = w * row + col
     assert torch.equal(out["local_feats"][:, 1 * 2 + 0], out["stages"][-1][:, :, 1, 0])
     fast = C.ImageEncoder("resnet18", channels_last=True)
@@ -287,7 +290,9 @@ def test_recall_at_k_identity_and_ties():
     sim = np.array([[0.9, 0.9, 0.1],    # tie with a negative: rank 2
                     [0.8, 0.5, 0.6],    # two negatives above: rank 3
                     [0.0, 0.1, 0.2]])   # rank 1
-    assert C.recall_at_k(sim, ks=(1, 2, 3)) == {"R@1": 1 / 3, "R@2": 2 / 3, "R@3": 1.0}
+    r = C.recall_at_k(sim, ks=(1, 2, 3))
+    assert r["R@1"] == 1 / 3 and r["R@2"] == 2 / 3
+    assert math.isnan(r["R@3"])  # a gallery of 3: every query is in the top 3, a 1.0 that says nothing
     sim = np.eye(5) + 2 * np.eye(5, k=2)  # rows 0-2 prefer the item two places right of their pair
     assert C.recall_at_k(sim, ks=(1,))["R@1"] == pytest.approx(2 / 5)
     # blocks [0:2] and [2:4] do not contain those items; the incomplete block [4:5] is dropped
@@ -417,22 +422,39 @@ def test_export_and_load_image_encoder(tmp_path):
     assert not any(k.startswith("fc.") for k in payload["state_dict"])
     model, meta = C.load_image_encoder(path)
     assert meta["mean"] == 0.5 and meta["method"] == "test" and meta["args"]["lr"] == 1e-4
+    assert isinstance(model, C.ImageEncoder) and not model.training
     image = torch.randn(2, 1, 64, 64)
-    assert torch.allclose(model.eval()(image), enc(image)["global_feat"], atol=1e-6)
+    assert torch.allclose(model(image)["global_feat"], enc(image)["global_feat"], atol=1e-6)
+    # JoImTeRNet's encoder: arch + config rebuild it from the weights_only file
+    torch.manual_seed(0)
+    small = C.SoftAttentionResNet(32, (4, 4, 8, 8, 16, 16), stem_stride=1).eval()
+    C.export_image_encoder(path, small, mean=0.5, std=0.25, image_size=64, method="joimternet")
+    payload = torch.load(path, weights_only=True)
+    assert payload["arch"] == "joimternet-resnet" and payload["config"]["widths"] == [4, 4, 8, 8, 16, 16]
+    again, _ = C.load_image_encoder(path)
+    assert all(torch.equal(a, b) for a, b in zip(again.feature_maps(image), small.feature_maps(image)))
+    assert [m.shape[-1] for m in again.feature_maps(image)] == [32, 16, 8, 4, 2] and again.stage_channels[-1] == 16
+    with pytest.raises(ValueError, match="unknown image encoder"):
+        C.build_image_encoder("vit-l/14")
 
 
 def test_logger_csv_and_resume(tmp_path):
     logger = C.Logger(str(tmp_path), is_main=True, total_steps=4)
     for step, batch in enumerate(logger.iterate([1, 2, 3]), 1):
-        logger.log(step, 0, {"lr": 0.1, "loss/total": torch.tensor(1.0 / step)}, images=8)
+        for micro in range(2):  # the row holds the means of what was added since the previous row
+            logger.add({"loss": torch.tensor(1.0 / step + micro), "term": 2.0 * micro}, images=8)
+        logger.log(step, 0, {"lr": 0.1})
     logger.close()
     resumed = C.Logger(str(tmp_path), is_main=True, total_steps=4, start_step=2)  # killed after the step-2 checkpoint
-    resumed.log(3, 0, {"lr": 0.1, "loss/total": 0.5, "loss/new_term": 1.0}, images=8)  # unknown column: ignored
+    resumed.add({"loss": 0.5, "new_term": 1.0})  # a column the file does not have: ignored
+    resumed.log(3, 0, {"lr": 0.1})
     resumed.close()
     rows = list(csv.DictReader(open(tmp_path / "metrics.csv")))
     assert [r["step"] for r in rows] == ["1", "2", "3"]
-    assert list(rows[0]) == ["step", "epoch", "lr", "loss/total", "perf/img_per_s", "perf/data_wait_frac"]
-    assert float(rows[2]["loss/total"]) == 0.5 and 0 <= float(rows[0]["perf/data_wait_frac"]) <= 1
+    assert list(rows[0]) == ["step", "epoch", "lr", "loss/total", "loss/term", "perf/img_per_s", "perf/data_wait_frac"]
+    assert float(rows[1]["loss/total"]) == pytest.approx(0.5 + 0.5) and float(rows[1]["loss/term"]) == 1.0
+    assert float(rows[2]["loss/total"]) == 0.5 and rows[2]["loss/term"] == ""  # not added in that interval
+    assert 0 <= float(rows[0]["perf/data_wait_frac"]) <= 1 and float(rows[0]["perf/img_per_s"]) > 0
 
 
 def test_check_finite_names_step_terms_and_checkpoint():
@@ -453,3 +475,19 @@ def test_amp_policy_and_seeding():
     assert torch.equal(first, torch.rand(2))
     assert C.peak_memory_mb(cpu) > 0
     assert C.setup_distributed("cpu").device == cpu
+
+
+def test_run_folder_accumulation_and_comparison_table(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    first, second = C.run_folder("", "lovt", C.Dist(), args=_Args()), C.run_folder("", "lovt", C.Dist())
+    assert first != second and first.startswith("runs/lovt-")  # two runs never share a metrics.csv
+    assert json.load(open(os.path.join(first, "args.json")))["lr"] == 1e-4
+    assert C.run_folder(str(tmp_path / "mine"), "lovt", C.Dist()) == str(tmp_path / "mine")
+    assert C.micro_batches_per_step(16, 1) == 16 and C.micro_batches_per_step(16, 8) == 2  # 512 pairs on 1 or 8
+    with pytest.raises(SystemExit, match="divisible"):
+        C.micro_batches_per_step(16, 3)
+    results = {"untrained": {"R@1": 0.1, "auc_edema": math.nan}, "trained": {"R@1": 0.5, "auc_edema": math.nan}}
+    C.print_comparison(results, str(tmp_path / "eval.json"))
+    printed = capsys.readouterr().out
+    assert "0.100" in printed and "0.500" in printed and "nan" not in printed
+    assert "no data for auc_edema" in printed and json.load(open(tmp_path / "eval.json"))["trained"]["R@1"] == 0.5

@@ -86,7 +86,7 @@ def test_froc_hand_case():
 
 def run_main(tmp_path, *extra):
     out = tmp_path / "det"
-    rows = eval_det.main(["--encoder", "random:resnet18", "--synthetic-size", "20", "--image-size", "64",
+    rows = eval_det.main(["--encoder", "random:resnet18", "--synthetic-samples", "20", "--image-size", "64",
                           "--epochs", "1", "--batch-size", "4", "--fpn-channels", "32", "--head-convs", "1",
                           "--out", str(out), *extra])
     saved = json.loads((tmp_path / "det.json").read_text())
@@ -104,9 +104,9 @@ def test_main_finetune_changes_encoder(tmp_path, monkeypatch):
     original = eval_det.train_one
 
     def spy(args, backbone, data, num_classes, seed):
-        before = backbone.layer1[0].conv1.weight.clone()
+        before = backbone.backbone.layer1[0].conv1.weight.clone()
         result = original(args, backbone, data, num_classes, seed)
-        seen["exported weights untouched"] = torch.equal(before, backbone.layer1[0].conv1.weight)
+        seen["exported weights untouched"] = torch.equal(before, backbone.backbone.layer1[0].conv1.weight)
         return result
 
     monkeypatch.setattr(eval_det, "train_one", spy)

@@ -67,13 +67,13 @@ def test_load_encoders_random_and_exported(tmp_path):
     torch.load(path, weights_only=True)  # the contract: a plain, weights_only-loadable dict
     (name, exported, meta), (rname, rand, rmeta) = es.load_encoders([str(path), "random"], 64)
     assert name == "lovt_run" and meta["method"] == "lovt" and "state_dict" not in meta
-    assert torch.equal(exported.conv1.weight, enc.backbone.conv1.weight)
+    assert torch.equal(exported.backbone.conv1.weight, enc.backbone.conv1.weight)
     # `random` takes the architecture of the exported encoder, so the baseline is comparable
     assert rname == "random-resnet18" and rmeta["arch"] == "resnet18"
     assert not exported.training and not rand.training
     x = torch.randn(2, 1, 64, 64)
-    stages = es.resnet_stages(rand, x)
-    assert [s.shape[1] for s in stages] == es.stage_channels(rand) == [64, 64, 128, 256, 512]
+    stages = rand.feature_maps(x)
+    assert [s.shape[1] for s in stages] == rand.stage_channels == [64, 64, 128, 256, 512]
     assert [s.shape[-1] for s in stages] == [32, 16, 8, 4, 2]  # strides 2 .. 32
     assert es.load_encoders(["random:resnet50"], 64)[0][2]["arch"] == "resnet50"
     with pytest.raises(SystemExit, match="no such file"):
@@ -92,7 +92,7 @@ def test_resunet_widths_follow_lovt_layout():
 
 def _run(tmp_path, name, *extra):
     out = tmp_path / name
-    rows = es.main(["--encoder", "random:resnet18", "--synthetic-size", "10", "--image-size", "64",
+    rows = es.main(["--encoder", "random:resnet18", "--synthetic-samples", "10", "--image-size", "64",
                     "--batch-size", "8", "--out", str(out), *extra])
     saved = json.loads((tmp_path / f"{name}.json").read_text())
     assert (tmp_path / f"{name}.csv").exists() and len(saved) == len(rows)

@@ -2,7 +2,6 @@
 import math
 import os
 import socket
-import types
 
 import pytest
 import torch
@@ -12,8 +11,8 @@ import torch.nn.functional as F
 import common
 import joimternet as jt
 
-CFG = types.SimpleNamespace(gamma1=4.0, gamma2=5.0, gamma3=10.0, margin_sent=0.5, margin_word=0.5, lambda_ce=1.0,
-                            lambda_triplet=2.0, triplet_quirk=False, local_chunk=2)
+LOSS_ARGS = dict(gamma1=4.0, gamma2=5.0, gamma3=10.0, margin_sent=0.5, margin_word=0.5, lambda_ce=1.0,
+                 lambda_triplet=2.0, chunk=2)
 
 
 def reference_similarities(V, E, lengths, gamma1=4.0, gamma2=5.0):
@@ -139,10 +138,11 @@ def test_word_tokenizer(tmp_path):
     assert again(["Nodule 12 at t12 ___ (right)"], add_special_tokens=False)["input_ids"][0] == ids
 
 
-# ---- DDP: 2 gloo processes equal one process on the full batch (common.md 5.5) ----
+# ---- DDP: 2 gloo processes equal one process on the full batch ----
 
 class TinyPair(torch.nn.Module):
-    """Two linear 'encoders': image inputs B x (1 + R) x 3 -> global + regions, text B x L x 5 -> [CLS] + words."""
+    """Two linear 'encoders': image inputs B x (1 + R) x 3 -> global + regions, text B x L x 5 -> [CLS] + words.
+    Every position has a state, padding included, as BERT's do (what --triplet-quirk reads)."""
 
     def __init__(self):
         super().__init__()
@@ -151,32 +151,41 @@ class TinyPair(torch.nn.Module):
     def forward(self, x, y, lengths):
         img, txt = self.image(x), self.text(y)
         M = torch.arange(y.shape[1])[None] < lengths[:, None]
-        L = int(lengths.max())  # each rank trims its own padding: itm_losses pads back before gathering
-        return img[:, 0], img[:, 1:], txt[:, 0], txt[:, 1:L], M[:, 1:L]
+        return img[:, 0], img[:, 1:], txt[:, 0], txt[:, 1:], M[:, 1:]
 
 
-def _ddp_worker(rank, world, port, ref, inputs, state):
+def _ddp_worker(rank, world, port, refs, inputs, state):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    # every rank pads its text batch to the longest report of any rank, so that the gathered words have one length
+    ids = torch.full((2, 5 if rank == 0 else 3), 7)
+    padded, mask = jt.pad_to_global_length(ids, torch.ones_like(ids))
+    assert padded.shape == mask.shape == (2, 5) and padded[:, ids.shape[1]:].eq(0).all()
+    assert mask.sum().item() == ids.numel()
     torch.set_default_dtype(torch.float64)
-    model = TinyPair()
-    model.load_state_dict(state)
-    ddp = torch.nn.parallel.DistributedDataParallel(model)  # averages the gradients over the ranks
     x, y, lengths, neg = inputs
     b = x.shape[0] // world
     sl = slice(rank * b, (rank + 1) * b)
-    out = jt.itm_losses(*ddp(x[sl], y[sl], lengths[sl]), neg, CFG, pad_to=y.shape[1] - 1)
-    out["loss"].backward()
-    for k, want in ref["terms"].items():
-        got = out[k].detach().clone()
-        torch.distributed.all_reduce(got)
-        torch.testing.assert_close(got / world, want, rtol=1e-10, atol=1e-12)
-    for p, want in zip(model.parameters(), ref["grads"]):
-        torch.testing.assert_close(p.grad, want, rtol=1e-9, atol=1e-12)
+    for quirk, ref in refs.items():
+        model = TinyPair()
+        model.load_state_dict(state)
+        ddp = torch.nn.parallel.DistributedDataParallel(model)  # averages the gradients over the ranks
+        feats = ddp(x[sl], y[sl], lengths[sl])
+        gathered, offset = jt.gather_features(*feats)
+        out = jt.itm_losses(*feats, neg, gathered=gathered, offset=offset, triplet_quirk=quirk, **LOSS_ARGS)
+        out["loss"].backward()
+        for k, want in ref["terms"].items():
+            got = out[k].detach().clone()
+            torch.distributed.all_reduce(got)
+            torch.testing.assert_close(got / world, want, rtol=1e-10, atol=1e-12)
+        for p, want in zip(model.parameters(), ref["grads"]):
+            torch.testing.assert_close(p.grad, want, rtol=1e-9, atol=1e-12)
     torch.distributed.destroy_process_group()
 
 
 def test_ddp_gathered_losses_equal_full_batch():
+    """Loss terms and gradients of 2 ranks x 3 pairs equal one process on 6, also with --triplet-quirk (whose negative
+    reports read other ranks' pad-position word states)."""
     torch.manual_seed(0)
     dtype = torch.get_default_dtype()
     torch.set_default_dtype(torch.float64)
@@ -185,28 +194,32 @@ def test_ddp_gathered_losses_equal_full_batch():
         x, y = torch.randn(6, 7, 3), torch.randn(6, 6, 5)    # 6 pairs: 1 + 6 regions, [CLS] + 5 words
         lengths = torch.tensor([6, 3, 5, 2, 4, 3])            # rank 1's longest report is shorter than rank 0's
         neg = jt.sample_negatives(6, torch.Generator().manual_seed(1))
-        out = jt.itm_losses(*model(x, y, lengths), neg, CFG)
-        out["loss"].backward()
-        ref = dict(terms={k: v.detach() for k, v in out.items()}, grads=[p.grad.clone() for p in model.parameters()])
-        state = {k: v.clone() for k, v in model.state_dict().items()}
+        state, refs = {k: v.clone() for k, v in model.state_dict().items()}, {}
+        for quirk in (False, True):
+            model.zero_grad(set_to_none=True)
+            out = jt.itm_losses(*model(x, y, lengths), neg, triplet_quirk=quirk, **LOSS_ARGS)
+            out["loss"].backward()
+            refs[quirk] = dict(terms={k: v.detach() for k, v in out.items()},
+                               grads=[p.grad.clone() for p in model.parameters()])
+        assert not torch.equal(refs[False]["terms"]["local_trip_i2t"], refs[True]["terms"]["local_trip_i2t"])
     finally:
         torch.set_default_dtype(dtype)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    mp.spawn(_ddp_worker, args=(2, port, ref, (x, y, lengths, neg), state), nprocs=2, join=True)
+    mp.spawn(_ddp_worker, args=(2, port, refs, (x, y, lengths, neg), state), nprocs=2, join=True)
 
 
 # ---- the model end to end ----
 
-TINY = ["--image-size", "64", "--widths", "4", "4", "8", "8", "16", "16", "--dim", "64", "--bert-layers", "1",
-        "--batch-size", "8", "--eval-batch-size", "20", "--train-size", "48", "--eval-size", "20",
-        "--cls-train-size", "24", "--workers", "0", "--viz", "2", "--log-every", "1"]
+TINY = ["--image-size", "64", "--widths", "4", "4", "8", "8", "32", "32", "--dim", "64", "--bert-layers", "1",
+        "--batch-size", "8", "--eval-batch-size", "20", "--train-samples", "48", "--eval-samples", "20",
+        "--cls-train-samples", "24", "--workers", "0", "--viz", "2", "--log-every", "1"]
 
 
 def test_presets_keep_the_papers_defaults():
     paper = jt.common.parse_args(jt.Args, jt.PRESETS, ["--preset", "paper"])
-    assert paper == jt.Args(preset="paper") and paper.augment and paper.lr == 1e-4 and paper.p_mlm == 0.7
+    assert paper == jt.Args(preset="paper", data="mimic") and paper.augment and paper.lr == 1e-4 and paper.p_mlm == 0.7
     demo = jt.common.parse_args(jt.Args, jt.PRESETS, ["--preset", "demo"])
     assert not demo.augment and demo.lr == 1e-3  # the demo's plain views (docstring deviations)
 
@@ -235,15 +248,41 @@ def test_overfit_one_batch():
     assert (sim.argmax(1) == torch.arange(8)).float().mean() >= 0.75
 
 
-def test_main_three_steps_and_resume(tmp_path):
-    out = str(tmp_path / "run")
-    res = jt.main(["--preset", "demo", *TINY, "--out-dir", out, "--max-steps", "3"])
+def test_batch_of_one_leaves_the_triplet_terms_out():
+    import data
+    args = jt.common.parse_args(jt.Args, jt.PRESETS, ["--preset", "demo", *TINY])
+    ds = data.make_dataset("synthetic", None, "validate", 64, False, 0, 3)
+    tok = jt.build_word_tokenizer(data.report_texts(ds), min_count=1)
+    torch.manual_seed(0)
+    model = jt.JoImTeRNet(args, len(tok)).eval()
+    with pytest.raises(ValueError, match="no negative"):
+        jt.sample_negatives(1)
+    with torch.no_grad():
+        out = model(data.collate([ds[0]], tok, 160), gather=False)
+    assert set(out) == {"loss", *jt.TERMS[:4]} and torch.isfinite(out["loss"])
+    assert out["loss"].item() == pytest.approx(sum(out[k].item() for k in jt.TERMS[:4]))  # lambda_ce = 1
+    # a validation split of 3 pairs in batches of 2: the last batch holds one pair (it crashed before)
+    loader = torch.utils.data.DataLoader(ds, 2, collate_fn=lambda s: data.collate(s, tok, 160))
+    val = jt.validate(model, loader, tok, args, torch.device("cpu"), None)
+    assert set(val) == {f"val/{k}" for k in (*jt.TERMS, "mlm", "mlm_acc")}
+    assert all(math.isfinite(v) for v in val.values())
+
+
+@pytest.fixture(scope="module")
+def three_step_run(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("joimternet") / "run")
+    return out, jt.main(["--preset", "demo", *TINY, "--out-dir", out, "--max-steps", "3"])
+
+
+def test_main_three_steps_and_resume(three_step_run):
+    out, res = three_step_run
     assert {"i2t_20/R@1", "t2i_20/R@10", "cls/Avg"} <= set(res["trained"]) and set(res) == {"untrained", "trained"}
     ck = jt.common.load_checkpoint(os.path.join(out, "ckpt.pt"))
     assert ck["step"] == 3 and ck["epoch"] == 1
     enc = torch.load(os.path.join(out, "image_encoder.pt"), weights_only=True)
-    assert enc["arch"] == "joimternet-smallresnet" and enc["in_chans"] == 1
-    image = jt.ImageEncoder(64, (4, 4, 8, 8, 16, 16), stem_stride=1)
+    assert enc["arch"] == "joimternet-resnet" and enc["in_chans"] == 1
+    assert enc["config"] == dict(dim=64, widths=[4, 4, 8, 8, 32, 32], stem_stride=1)
+    image = jt.common.SoftAttentionResNet(64, (4, 4, 8, 8, 32, 32), stem_stride=1)
     image.load_state_dict(enc["state_dict"])
     image.eval()
     assert image(torch.zeros(1, 1, 64, 64))["local_feats"].shape == (1, 4, 64)  # 2 x 2 regions at 64 px
@@ -254,6 +293,47 @@ def test_main_three_steps_and_resume(tmp_path):
     assert len([f for f in os.listdir(os.path.join(out, "viz")) if f.endswith(".png")]) == 4  # 2 x (untrained, trained)
     with open(os.path.join(out, "metrics.csv")) as fh:
         header = fh.readline()
-    assert "loss/total" in header and "loss/local_ce_i2t" in header
+    assert "loss/total" in header and "loss/local_ce_i2t" in header and "loss/mlm" in header
     jt.main(["--preset", "demo", *TINY, "--out-dir", out, "--max-steps", "5", "--epochs", "2", "--resume"])
     assert jt.common.load_checkpoint(os.path.join(out, "ckpt.pt"))["step"] == 5
+
+
+def test_export_is_judged_by_both_evaluation_scripts(three_step_run, tmp_path):
+    """eval_seg.py and eval_det.py rebuild JoImTeRNet's soft-attention ResNet from image_encoder.pt alone."""
+    import eval_det
+    import eval_seg
+    path = os.path.join(three_step_run[0], "image_encoder.pt")
+    (name, encoder, meta), (_, baseline, _) = eval_seg.load_encoders([path, "random"], 64)
+    assert meta["method"] == "joimternet" and isinstance(encoder, jt.common.SoftAttentionResNet)
+    assert isinstance(baseline, jt.common.SoftAttentionResNet)  # `random` = the same architecture, untrained
+    common_args = ["--encoder", path, "--synthetic-samples", "10", "--image-size", "64", "--epochs", "1",
+                   "--seeds", "1", "--batch-size", "4"]
+    seg = eval_seg.main([*common_args, "--head", "linear", "--head", "unet", "--out", str(tmp_path / "seg")])
+    assert [r["head"] for r in seg] == ["linear", "unet"] and all(0 <= r["dice"][0] <= 1 for r in seg)
+    det = eval_det.main([*common_args, "--fpn-channels", "32", "--head-convs", "1", "--out", str(tmp_path / "det")])
+    assert det[0]["method"] == "joimternet" and 0 <= det[0]["map"][0] <= 1
+    with pytest.raises(SystemExit, match="strides"):  # stem stride 4: c1 .. c5 at strides 8 .. 128
+        jt.common.export_image_encoder(str(tmp_path / "s4.pt"), jt.common.SoftAttentionResNet(64, (4,) * 6, 4),
+                                       0.5, 0.25, 64, "joimternet")
+        eval_seg.load_encoders([str(tmp_path / "s4.pt")], 64)
+
+
+def test_idle_heads_keep_stepping_with_zero_gradients(tmp_path):
+    """The code zeroes gradients with zeros: the ITM step after an MLM step still moves the MLM head (AdamW's
+    momentum and weight decay); --no-step-idle-heads leaves it where the MLM step put it."""
+    seed = next(s for s in range(100) if _mlm_then_itm(s))
+
+    def run(name, steps, *flags):
+        jt.main(["--preset", "demo", *TINY, "--seed", str(seed), "--p-mlm", "0.5", "--max-steps", str(steps),
+                 "--out-dir", str(tmp_path / name), "--viz", "0", *flags])
+        return jt.common.load_checkpoint(tmp_path / name / "ckpt.pt")["model"]
+    after_mlm, idle, skipped = run("a", 1), run("b", 2, "--step-idle-heads"), run("c", 2, "--no-step-idle-heads")
+    head = [k for k in after_mlm if k.startswith("text.mlm.")]
+    assert head and all(torch.equal(after_mlm[k], skipped[k]) for k in head)
+    assert not any(torch.equal(after_mlm[k], idle[k]) for k in head if k.endswith("weight"))
+    assert not torch.equal(after_mlm["image.region.weight"], skipped["image.region.weight"])  # the ITM step ran
+
+
+def _mlm_then_itm(seed):
+    g = torch.Generator().manual_seed(seed + 1)  # main's task generator
+    return [torch.rand((), generator=g).item() < 0.5 for _ in range(2)] == [True, False]

@@ -170,7 +170,7 @@ def test_random_sentence_swaps():
 
 
 # ---------- the model and the training loop on a tiny configuration ----------
-TINY = ["--preset", "demo", "--image-size", "64", "--synthetic-size", "32", "--eval-size", "8", "--batch-size", "4",
+TINY = ["--preset", "demo", "--image-size", "64", "--train-samples", "32", "--eval-samples", "8", "--batch-size", "4",
         "--accum", "2", "--proj-dim", "32", "--proj-hidden", "64", "--pool-heads", "2", "--max-length", "64",
         "--workers", "0", "--epochs", "3", "--log-every", "1", "--viz", "0", "--lr", "1e-3", "--augment"]
 
@@ -253,7 +253,7 @@ def test_three_step_run_writes_the_run_folder(runs):
     assert payload["arch"] == "resnet18" and payload["in_chans"] == 1 and payload["method"] == "lovt"
     assert payload["image_size"] == 64 and isinstance(payload["mean"], float)
     encoder, _ = common.load_image_encoder(str(run / "image_encoder.pt"))
-    assert encoder(torch.zeros(1, 1, 64, 64)).shape == (1, 512)
+    assert encoder(torch.zeros(1, 1, 64, 64))["global_feat"].shape == (1, 512)
     header = (run / "metrics.csv").read_text().splitlines()[0].split(",")
     for k in ("lr", "loss/total", "loss/global_a2b", "loss/local_b_att2l", "perf/img_per_s", "perf/data_wait_frac"):
         assert k in header
