@@ -483,6 +483,17 @@ def zero_shot_auc(image_emb, pos_text_emb, neg_text_emb, labels, names=None) -> 
     return {name: roc_auc(prob[:, c], labels[:, c]) for c, name in enumerate(names)}
 
 
+def zero_shot_auc_ci(pos_scores, neg_scores, labels, names=None, n_boot: int = 1000, seed: int = 0) -> dict:
+    """Zero-shot AUC with bootstrap 95 % intervals from any pair score (a cosine, a local or a combined score):
+    pos/neg_scores N x C (image n vs the prompts "c" / "no c"), labels N x C -> {name: (auc, low, high)}.
+    The CheXzero softmax over (pos, neg) is sigmoid(pos - neg), so the AUC is that of pos - neg; every method
+    of the suite reports its zero-shot table through this one function, with the same resamples for every score."""
+    margin, labels = _numpy(pos_scores) - _numpy(neg_scores), _numpy(labels)
+    names = names or [str(c) for c in range(labels.shape[1])]
+    return {name: (roc_auc(margin[:, c], labels[:, c]),
+                   *bootstrap_ci(roc_auc, margin[:, c], labels[:, c], n=n_boot, seed=seed))
+            for c, name in enumerate(names)}
+
 # ================================================================================================================
 # 5. Plumbing: arguments, distributed, seeds, AMP, schedules, checkpoints, logging, export
 # ================================================================================================================

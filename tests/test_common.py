@@ -325,6 +325,20 @@ def test_zero_shot_auc_pair_prompts():
     assert C.zero_shot_auc(images, pos, neg, labels, names=["a", "b"]) == {"a": 1.0, "b": 1.0}
 
 
+
+def test_zero_shot_auc_ci_matches_the_embedding_version():
+    rng = np.random.default_rng(1)
+    images, pos, neg = rng.normal(size=(60, 8)), rng.normal(size=(3, 8)), rng.normal(size=(3, 8))
+    labels = (rng.random((60, 3)) < 0.4).astype(float)
+    unit = lambda x: x / np.linalg.norm(x, axis=1, keepdims=True)
+    table = C.zero_shot_auc_ci(unit(images) @ unit(pos).T, unit(images) @ unit(neg).T, labels, ["a", "b", "c"],
+                               n_boot=200)
+    plain = C.zero_shot_auc(images, pos, neg, labels, ["a", "b", "c"])
+    for name, (auc, low, high) in table.items():
+        assert auc == pytest.approx(plain[name]) and low < auc < high
+        margin = (unit(images) @ unit(pos).T - unit(images) @ unit(neg).T)[:, "abc".index(name)]
+        assert (low, high) == C.bootstrap_ci(C.roc_auc, margin, labels[:, "abc".index(name)], n=200)
+
 # ---------------------------------------------------------------- plumbing
 
 @dataclass
