@@ -38,6 +38,7 @@ Run (CACHE from `python data.py prepare-mimic --root MIMIC --out CACHE --image-s
   python joimternet.py --preset paper --data mimic --data-root CACHE                                 # one GPU
   torchrun --nproc_per_node=8 joimternet.py --preset paper --data mimic --data-root CACHE --batch-size 16
   python joimternet.py --resume --out-dir runs/joimternet-XXXX                        # continue a killed run
+  python joimternet.py --bench 20 [--preset paper]        # throughput of the image-text steps (images/s, memory)
 --batch-size is per process: with W processes, 128 / W keeps the code's 128 pairs per step (the CE terms score each
 rank's pairs against all W x B gathered columns). Without --data the demo preset runs on the built-in synthetic
 data. The run folder (default runs/joimternet-<time>) holds args.json, metrics.csv, val.csv, ckpt.pt,
@@ -127,6 +128,7 @@ class Args:
     device: str = arg("", "cuda | cpu (default: cuda if available)")
     precision: Literal["auto", "bf16", "fp16", "fp32"] = arg("auto", "auto: bf16/fp16 on GPU, fp32 on CPU")
     log_every: int = arg(10, "log every N ITM steps")
+    bench: int = arg(0, "time N image-text steps on synthetic data (no MLM), print throughput, exit")
     # encoders
     image_size: int = arg(512, "input side (cached 512 px with stem stride 1 = the 2048 px grids)")
     stem_stride: int = arg(1, "stride of the 7x7 stem (4 in the code at 2048 px)")
@@ -612,6 +614,8 @@ def finish(args, model, tokenizer, sets, loader, mean_std, device, amp, out, sta
 
 def main(argv=None):
     args = common.parse_args(Args, PRESETS, argv, default_preset="demo")
+    if args.bench:  # N timed image-text steps (no MLM steps interleaved) after one warm-up step
+        args = common.bench_args(args, p_mlm=0.0)
     ddp = common.setup_distributed(args.device or None)
     dev, amp, started = ddp.device, common.amp_dtype(ddp.device, args.precision), time.time()
     out = common.run_folder(args.out_dir, "joimternet", ddp, args)
@@ -684,13 +688,16 @@ def main(argv=None):
                 scaler.step(o)
             scaler.update()
             progress["step"] += 1
-            if task == "itm" and progress["itm_step"] % args.log_every == 0:  # one row per log_every ITM steps
+            if task == "itm" and (progress["itm_step"] % args.log_every == 0 or progress["step"] == args.max_steps
+                                  or progress["itm_step"] == 1):  # one row per log_every ITM steps
                 common.check_finite(terms["loss"], progress["step"], ckpt_path, terms)
                 logger.log(progress["itm_step"], progress["epoch"], {"lr": opt_img.param_groups[0]["lr"],
                                                                      "loss/mlm": math.nan, "loss/mlm_acc": math.nan})
             if args.max_steps and progress["step"] >= args.max_steps:
                 done = True
                 break
+        if args.bench:
+            break
         progress["epoch"] += 1
         sched_img.step(), sched_txt.step()
         val = validate(model, loader["val"], tokenizer, args, dev, amp)
@@ -700,6 +707,8 @@ def main(argv=None):
             common.save_training_state(ckpt_path, stateful, task_rng=task_rng.get_state(), args=args, **progress)
     logger.close()
     common.cleanup_distributed()  # evaluation below runs on rank 0 alone
+    if ddp.is_main and args.bench:
+        return common.print_bench(out, pairs, dev, amp)
     if ddp.is_main:
         return finish(args, model, tokenizer, sets, loader, mean_std, dev, amp, out, started)
 

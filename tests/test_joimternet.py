@@ -337,3 +337,11 @@ def test_idle_heads_keep_stepping_with_zero_gradients(tmp_path):
 def _mlm_then_itm(seed):
     g = torch.Generator().manual_seed(seed + 1)  # main's task generator
     return [torch.rand((), generator=g).item() < 0.5 for _ in range(2)] == [True, False]
+
+
+def test_bench_prints_throughput(capsys):
+    jt.main(["--preset", "demo", *TINY, "--bench", "2"])
+    line = [s for s in capsys.readouterr().out.splitlines() if s.startswith("bench:")]
+    assert len(line) == 1 and "images/s" in line[0] and "peak memory" in line[0]
+    speed = float(line[0].split()[1])
+    assert speed > 0
