@@ -321,12 +321,16 @@ def _distributed() -> bool:
 
 def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     """B x ... on each rank -> (world_size * B) x ... in rank order, with gradient: the backward sums every rank's
-    contribution (a reduce-scatter). Identity when not distributed. .contiguous() guards against the PyTorch bug
-    that gave wrong gradients for non-contiguous inputs (pytorch/pytorch#120386)."""
+    contribution (a reduce-scatter). Identity when not distributed. Both .contiguous() guard against all_gather
+    giving wrong gradients: for a non-contiguous input (pytorch/pytorch#120386), and (torch 2.14, gloo) for a
+    non-contiguous incoming gradient, such as a slot-batched einsum over the gathered tensor produces (tested)."""
     if not _distributed():
         return x
     from torch.distributed.nn.functional import all_gather  # autograd-aware collective
-    return torch.cat(all_gather(x.contiguous()), dim=0)
+    out = torch.cat(all_gather(x.contiguous()), dim=0)
+    if out.requires_grad:
+        out.register_hook(lambda grad: grad.contiguous())
+    return out
 
 
 def info_nce(a: torch.Tensor, b: torch.Tensor, tau, gather: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
@@ -505,11 +509,25 @@ def arg(default, help: str = ""):
     return field(default=default, metadata={"help": help})
 
 
+class _BoolFlag(argparse.Action):
+    """`--name` sets True and `--no-name` False. argparse.BooleanOptionalAction reads every flag that starts with
+    `--no-` as the negative one, so a field named no_local could never be switched on by `--no-local`."""
+
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__([option_strings[0], "--no-" + option_strings[0][2:]], dest, nargs=0, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, option_string == self.option_strings[0])
+
+    def format_usage(self):
+        return " | ".join(self.option_strings)
+
+
 def _flag_kwargs(tp) -> dict:
     """argparse keywords for a type annotation: bool, int/float/str, Literal, tuple/list, Optional[...]."""
     origin, targs = typing.get_origin(tp), typing.get_args(tp)
     if tp is bool:
-        return dict(action=argparse.BooleanOptionalAction)
+        return dict(action=_BoolFlag)
     if origin in (typing.Union, types.UnionType) and type(None) in targs:
         kw = _flag_kwargs(next(t for t in targs if t is not type(None)))
         if "action" in kw:  # Optional[bool]: the flag pair already covers it
