@@ -115,6 +115,7 @@ class Args:
     channels_last: bool = arg(True, "NHWC memory format for the ResNet")
     text_model: str = arg("emilyalsentzer/Bio_ClinicalBERT", "name/path, or tiny (random init, vocabulary from the "
                           "training reports)")
+    text_pool: Literal["cls", "mean"] = arg("cls", "u from the [CLS] state (CLIP-style) or the mean of the tokens")
     max_length: int = arg(512, "token limit of a report incl. [CLS]/[SEP]")
     dim: int = arg(512, "D, the joint space")
     # the added layers
@@ -147,6 +148,7 @@ PRESETS = {
     "paper": dict(data="mimic"),
     # 2 CPU cores, about 2 minutes for base + control + lrclr: small encoders from scratch, 128 px (4x4 grid, K = 3).
     "demo": dict(data="synthetic", image_arch="resnet18", image_weights="none", image_size=128, text_model="tiny",
+                 text_pool="mean",
                  max_length=128, dim=256, batch_size=32, lr=1e-3, weight_decay=0.05, warmup=0.1, epochs=1,
                  ft_batch_size=32, ft_lr=2e-4, ft_lr_new=2e-3, ft_warmup_steps=5, ft_epochs=1, ft_max_steps=28,
                  train_samples=1800, eval_samples=400, workers=0, ckpt_every=50, log_every=5),
@@ -184,8 +186,12 @@ class LRCLR(nn.Module):
         return self.image_proj(out["global_feat"]), self.image_proj(out["local_feats"]), out["grid"]
 
     def text_features(self, batch):
-        """-> u B x D, phi_txt of the [CLS] state."""
-        return self.text_proj(self.text_encoder(batch["input_ids"], batch["attention_mask"])[:, 0])
+        """-> u B x D, phi_txt of the [CLS] state (or, --text-pool mean, of the mean over the report's tokens)."""
+        states = self.text_encoder(batch["input_ids"], batch["attention_mask"])
+        if self.args.text_pool == "cls":
+            return self.text_proj(states[:, 0])
+        mask = batch["attention_mask"][..., None].to(states.dtype)
+        return self.text_proj((states * mask).sum(1) / mask.sum(1))
 
     def forward(self, batch):
         g, tokens, _ = self.image_features(batch["images"])
