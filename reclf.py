@@ -42,9 +42,11 @@ Scoring (zero-shot, retrieval): sim(a, b) = (cos(g_a, t_b) + S(a, b)) / 2, GLoRI
 Cost: the B x B all-pairs matching. For every pair, T x R attention and T contexts of D: 2 B^2 T R D
 multiply-adds (1.3e11 at B 48, T 98, R 361, D 768), then B^2 graphs of T + 1 nodes. relation_matrix takes the
 reports in chunks of --chunk and checkpoints each chunk (recomputed in the backward), as common.word_region_matrix
-does, so the peak holds one chunk's B x chunk x T x (R + 4 D) activations. Measured on CPU (fp32, peak resident
-memory of the process, python reclf.py --bench 1 --preset paper --image-weights none --text-model bert-base
---workers 0 --upsample 299 --batch-size B): see the README's benchmark rows (B = 8 and the all-pairs block at B = 48).
+does, so the peak holds one chunk's B x chunk x T x (R + 4 D) activations. Measured (no GPU was available): the
+all-pairs block alone at the paper's sizes (R 361, T 98, D 768, d_m 256, graph SRM + IRM, chunk 8), fp32 on CPU,
+forward + backward, peak resident memory of the process 1.2 GB at 8 x 8 pairs and 1.7 GB at 16 x 16 pairs
+(0.6 GB above the 8 x 8 run); the chunk term grows linearly with the number of images, so B = 48 should need about
+3 x that term (~2-3 GB), which was not measured. The encoders (ResNet-50 at 299 px, BERT-base) come on top.
 Under DDP the relation term needs the other ranks' local features: each rank scores its own images against all
 gathered reports and its own reports against all gathered images (2 B x N B pairs); with DDP's gradient averaging
 the loss and gradients equal one process on the full batch (tested).
