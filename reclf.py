@@ -1,0 +1,824 @@
+"""RECLF: relation-enhanced contrastive learning of chest X-rays and reports, in one file (a reconstruction).
+
+Paper: M. Li, M. Meng, M. Fulham, D. D. Feng, L. Bi, J. Kim, "Enhancing Medical Vision-Language Contrastive Learning
+via Inter-Matching Relation Modelling", IEEE TMI 2025 (doi 10.1109/TMI.2025.3534436), arXiv 2401.10501. No official
+code. Only the abstract could be read: image sub-regions and report keywords form "local-matchings"; instead of the
+"simple pooling" of earlier methods, a semantic-relation reasoning module (SRM) reasons across related matchings (a
+disease word and a location word) and an importance-relation reasoning module (IRM) tells important matchings from
+those of less meaningful words such as conjunctions. Everything beyond that is reconstructed on GLoRIA
+(marshuang80/gloria, the local matching RECLF starts from) and SGRAF (Paranioar/SGRAF:model.py, whose similarity
+graph reasoning and attention filtration match SRM and IRM in role); each piece says "as GLoRIA:", "as SGRAF:" or
+"our choice:". Check every "our choice" against the paper's full text before treating it as RECLF's.
+
+Model (one image a with regions v_j, one report b with words e_i; ^ = L2-normalised):
+  encoders   as GLoRIA (gloria/models/vision_model.py, text_model.py): ResNet-50 on the image upsampled to 299 px;
+             regions = 1x1 conv (no bias) of layer3 (19 x 19 = 361 x 768), global g = Linear(avg-pooled layer4);
+             BERT (Bio_ClinicalBERT) with the hidden states of its last 4 layers summed, word pieces summed into
+             words, report t = [CLS]; no text projection (D = 768 = the BERT width).
+             our choice: the words are all words of the report ([CLS], [SEP], [UNK] and punctuation out, no
+             stop-word removal: IRM exists to weight function words), at most 97 (GLoRIA's word_num).
+  contexts   as GLoRIA (AttnGAN Eqs. 7-9, common.word_region_attention): s_ij = v_j . e_i, softmax over words per
+             region, softmax over regions of gamma1 = 4 times it per word: alpha_ij; c_i = sum_j alpha_ij v_j.
+  matchings  as SGRAF (similarity vectors): m_i = norm2(W_l (e^_i - c^_i)^2) in R^256, the element sum of
+             (e^_i - c^_i)^2 being 2 - 2 cos(e_i, c_i): GLoRIA's scalar, disentangled; the global node
+             m_0 = norm2(W_g (g^ - t^)^2); nodes M = [m_0; m_1 .. m_T] with the padding masked.
+  SRM        as SGRAF GraphReasoning, our choice: 3 steps, weights not shared:
+             A = softmax_row((M W_q)(M W_k)^T) (padded columns -inf), M <- ReLU((A M) W_r).
+             --srm transformer: 2 pre-LN encoder layers (4 heads, FFN 1024, dropout 0.1); --srm none: skipped.
+  IRM        as SGRAF AttentionFiltration: beta_i = sigmoid(BN(w . m_i + b)), beta~_i = beta_i / sum_valid beta_k
+             (padding exactly 0), z = norm2(sum_i beta~_i m_i).
+  score      our choice: S_rel(a, b) = sigmoid(w_s . z + b_s) in (0, 1), SRM then IRM (--combine seq). IRM off:
+             z = the global node after SRM (SGRAF's SGR read-out). --combine parallel (SGRAF's SGR + SAF ensemble):
+             S_rel = (sigmoid(w_1 . M_0 after SRM) + sigmoid(w_2 . z of IRM on the unreasoned nodes)) / 2.
+  baseline   --srm none --irm off is GLoRIA itself: scalar matchings cos(c_i, e_i) pooled by log-sum-exp,
+             S_loc(a, b) = log sum_i exp(gamma2 cos(c_i, e_i)), gamma2 = 5 (gloria/loss/gloria_loss.py:local_loss).
+Losses (all B x B pairs; CE_rows = images -> reports, CE_cols = reports -> images; each a mean over anchors):
+  L_g    = CE_rows + CE_cols of cos(g_a, t_b) / 0.1                                   (as GLoRIA: the sum of both)
+  L_rel  = CE_rows + CE_cols of S_rel(a, b) / 0.1                                      (our choice: InfoNCE, not
+           SGRAF's hinge; a (0, 1) score over 0.1 spans the logit range of GLoRIA's gamma3 = 10 on a cosine)
+  L      = L_g + L_rel;  --add-lse-local adds L_loc = CE_rows + CE_cols of 10 S_loc; the baseline is L_g + L_loc.
+Scoring (zero-shot, retrieval): sim(a, b) = (cos(g_a, t_b) + S(a, b)) / 2, GLoRIA's "both" similarity
+(gloria/gloria.py), S = S_rel (S_loc for the baseline).
+Cost: the B x B all-pairs matching. For every pair, T x R attention and T contexts of D: 2 B^2 T R D
+multiply-adds (1.3e11 at B 48, T 98, R 361, D 768), then B^2 graphs of T + 1 nodes. relation_matrix takes the
+reports in chunks of --chunk and checkpoints each chunk (recomputed in the backward), as common.word_region_matrix
+does, so the peak holds one chunk's B x chunk x T x (R + 4 D) activations. Measured (no GPU was available): the
+all-pairs block alone at the paper's sizes (R 361, T 98, D 768, d_m 256, graph SRM + IRM, chunk 8), fp32 on CPU,
+forward + backward, peak resident memory of the process 1.2 GB at 8 x 8 pairs and 1.7 GB at 16 x 16 pairs
+(0.6 GB above the 8 x 8 run); the chunk term grows linearly with the number of images, so B = 48 should need about
+3 x that term (~2-3 GB), which was not measured. The encoders (ResNet-50 at 299 px, BERT-base) come on top.
+Under DDP the relation term needs the other ranks' local features: each rank scores its own images against all
+gathered reports and its own reports against all gathered images (2 B x N B pairs); with DDP's gradient averaging
+the loss and gradients equal one process on the full batch (tested).
+
+Training (our choice, GLoRIA's recipe on MIMIC-CXR): Adam lr 5e-5 (relation modules 1e-4), weight decay 1e-6,
+batch 48, <= 50 epochs, ReduceLROnPlateau on the validation loss (factor 0.5, patience 5), early stopping
+(patience 10), gradient clipping 0.25, bf16 autocast where supported (losses fp32); 256-px cache, random 224 crop,
+upsampled to 299.
+
+Commands:
+  python reclf.py                                                          # demo: synthetic data, CPU, minutes
+  python reclf.py --preset paper --data mimic --data-root CACHE                                    # one GPU
+  torchrun --nproc_per_node=4 reclf.py --preset paper --data mimic --data-root CACHE --batch-size 12
+  torchrun --nproc_per_node=2 reclf.py --max-steps 5                       # DDP smoke test on CPU (gloo)
+  python reclf.py --srm transformer | --srm none --irm off | --combine parallel | --add-lse-local   # ablations
+  python reclf.py --resume --out-dir runs/reclf-XXXX                                   # continue a killed run
+  python reclf.py --bench 20 [--preset paper --image-weights none --text-model bert-base]       # throughput
+  sh tests/reclf_ladder.sh                         # the ablation ladder GLoRIA -> +SRM -> +IRM -> +both
+CACHE is written once by `python data.py prepare-mimic ...`. The run folder (default runs/reclf-<time>) holds
+args.json, metrics.csv, val.csv, ckpt.pt, best.pt, image_encoder.pt (the ResNet backbone; the 1x1 conv and Linear
+heads are RECLF's and stay in ckpt.pt), text_encoder/, eval.json and viz/*.png.
+
+Deviations / our choices (besides those marked above):
+- Pre-training on MIMIC-CXR (frontal images, findings + impression sentences) instead of GLoRIA's CheXpert corpus.
+- BN of IRM: the statistics are those of the valid nodes of each (image, report) graph, with BN's learned affine.
+  SGRAF's BatchNorm1d(1) pools the nodes of all pairs scored together, which would make a pair's score depend on
+  which pairs share its chunk or its rank; per-graph statistics keep every score a function of its own pair
+  (chunked == unchunked, DDP == one process) and training == evaluation.
+- Zero-shot: CheXzero's pair prompts ("x" / "no x", common.zero_shot_auc_ci) instead of GLoRIA's prompt
+  ensembles; retrieval Precision@K on the test pairs that show exactly one finding (the 5 x 200 sets' rule).
+- The demo preset (ResNet-18 from scratch at 128 px: 8 x 8 regions, a 2-layer BERT with the last 2 layers summed,
+  64-d matchings, batch 16, lr 1e-3, one epoch of 2,000 pairs, no augmentation) fits 2 CPU cores in a few minutes.
+"""
+import math
+import os
+import textwrap
+from contextlib import nullcontext
+from dataclasses import dataclass
+from functools import partial
+from typing import Literal, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from PIL import Image, ImageDraw
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+from torch.utils.data import DataLoader, DistributedSampler
+
+import common
+import data
+from common import arg
+
+
+@dataclass
+class Args:
+    """RECLF pre-training (defaults = the reconstruction's paper recipe; `--preset demo` without --data)."""
+    preset: Optional[str] = arg(None, "paper | demo (default: demo without --data, else paper)")
+    # data and run
+    data: str = arg("synthetic", "synthetic | mimic | csv")
+    data_root: str = arg("", "mimic: the prepare-mimic cache folder; csv: the pairs CSV")
+    train_samples: int = arg(0, "use only the first N training pairs (0 = all; synthetic: how many are generated)")
+    eval_samples: int = arg(0, "use only the first N validation / test pairs (0 = all; synthetic: 500)")
+    skip_bad: bool = arg(False, "skip unreadable / inconsistent records and count them (else stop and list them)")
+    out_dir: str = arg("", "run folder (default runs/reclf-<time>)")
+    resume: bool = arg(False, "continue from ckpt.pt in --out-dir")
+    max_steps: int = arg(0, "stop after this many optimizer steps (0 = no limit)")
+    bench: int = arg(0, "time N optimizer steps on synthetic data, print throughput, exit")
+    viz: int = arg(0, "write IRM-weight, SRM-relation and word->region PNGs for this many test pairs")
+    seed: int = arg(12345, "seed (model init; data order uses seed + rank)")
+    workers: int = arg(8, "DataLoader workers per process")
+    device: str = arg("", "cuda | cpu (default: cuda if available)")
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = arg("auto", "auto: bf16/fp16 on GPU, fp32 on CPU")
+    ckpt_every: int = arg(500, "write ckpt.pt every N optimizer steps (and at every epoch end)")
+    log_every: int = arg(10, "log every N optimizer steps")
+    # encoders (GLoRIA's)
+    image_arch: str = arg("resnet50", "resnet50 | resnet18")
+    image_weights: str = arg("imagenet", "imagenet | none | path to a state dict")
+    image_size: int = arg(224, "training crop (the cache's 256-px squares, random 224 crop)")
+    upsample: int = arg(299, "bilinear upsampling of the input before the ResNet (GLoRIA: 299; 0 = none)")
+    augment: bool = arg(True, "random crop of the cached square to --image-size (train only)")
+    text_model: str = arg("emilyalsentzer/Bio_ClinicalBERT", "name/path, or tiny | bert-base (random init, "
+                          "vocabulary from the training reports)")
+    text_layers: int = arg(4, "sum of the last k BERT hidden states (GLoRIA: 4)")
+    max_length: int = arg(112, "word-piece tokens per report incl. [CLS]/[SEP]")
+    max_words: int = arg(97, "words per report kept for the local matching")
+    # RECLF
+    match_dim: int = arg(256, "d_m of the matching vectors (SGRAF sim_dim)")
+    srm: Literal["graph", "transformer", "none"] = arg("graph", "semantic-relation reasoning module")
+    srm_steps: int = arg(3, "graph reasoning steps (SGRAF sgr_step)")
+    irm: Literal["on", "off"] = arg("on", "importance-relation reasoning module")
+    combine: Literal["seq", "parallel"] = arg("seq", "SRM then IRM | SGRAF's ensemble of both")
+    add_lse_local: bool = arg(False, "ablation: add GLoRIA's log-sum-exp local loss")
+    gamma1: float = arg(4.0, "sharpening of the softmax over regions")
+    gamma2: float = arg(5.0, "GLoRIA local score: log-sum-exp scale")
+    gamma3: float = arg(10.0, "GLoRIA local loss: logit scale")
+    tau_global: float = arg(0.1, "temperature of the global InfoNCE")
+    tau_rel: float = arg(0.1, "temperature of the relation-score InfoNCE")
+    chunk: int = arg(8, "reports per chunk of the all-pairs matching")
+    # optimisation
+    batch_size: int = arg(48, "batch per process (the relation term scores it against the whole job's)")
+    accum: int = arg(1, "micro-batches per optimizer step, whole job (each of W processes does accum / W)")
+    lr: float = arg(5e-5, "Adam learning rate of the encoders and their heads")
+    head_lr: float = arg(1e-4, "Adam learning rate of the relation modules")
+    weight_decay: float = arg(1e-6, "Adam weight decay")
+    clip: float = arg(0.25, "max gradient norm")
+    epochs: int = arg(50, "maximum epochs")
+    lr_patience: int = arg(5, "ReduceLROnPlateau patience (epochs), factor 0.5")
+    patience: int = arg(10, "early stopping: epochs without a validation-loss improvement")
+
+
+PRESETS = {
+    "paper": dict(data="mimic"),
+    # 2 CPU cores, a few minutes including evaluation: small encoders from scratch, native 128 px, plain views.
+    "demo": dict(data="synthetic", image_arch="resnet18", image_weights="none", image_size=128, upsample=0,
+                 augment=False, text_model="tiny", text_layers=2, max_length=96, match_dim=64, batch_size=16,
+                 lr=1e-3, head_lr=1e-3, clip=1.0, epochs=1, train_samples=2000, eval_samples=500, workers=0, viz=3,
+                 chunk=16, ckpt_every=50, log_every=5),
+}
+
+
+# ==== METHOD: RECLF ====
+# ---- the GLoRIA text side: word pieces summed into words ----
+def word_tables(tokenizer):
+    """-> (starts, continues): bool per vocabulary id. A word starts at a piece that is neither special nor
+    punctuation nor a '##' continuation, and continues over the '##' pieces after it."""
+    vocab = tokenizer.get_vocab()
+    starts, continues = torch.zeros(len(tokenizer), dtype=torch.bool), torch.zeros(len(tokenizer), dtype=torch.bool)
+    special = set(tokenizer.all_special_tokens)
+    for token, i in vocab.items():
+        continues[i] = token.startswith("##")
+        starts[i] = not continues[i] and token not in special and any(ch.isalnum() for ch in token)
+    return starts, continues
+
+
+def word_index(input_ids, starts, continues, max_words):
+    """input_ids B x L -> the word of every token, B x L (-1: special, punctuation, padding, beyond max_words)."""
+    start, cont = starts[input_ids], continues[input_ids]
+    index = start.long().cumsum(1) - 1
+    return torch.where((start | cont) & (index >= 0) & (index < max_words), index, -1)
+
+
+def sum_pieces(token_states, index):
+    """token states B x L x D, word index B x L -> words B x T x D (as GLoRIA: the sum of their pieces), mask B x T."""
+    B, L, D = token_states.shape
+    T = max(int(index.max()) + 1, 1)
+    slot = torch.where(index >= 0, index, T)  # non-words go to a dropped extra slot
+    words = token_states.new_zeros(B, T + 1, D).scatter_add(1, slot[..., None].expand(B, L, D), token_states)
+    return words[:, :T], torch.arange(T, device=index.device) < (index.max(1).values + 1)[:, None]
+
+
+# ---- local-matching vectors (SGRAF form) ----
+def squared_difference(x, y):
+    """(x^ - y^)^2 element-wise; its sum over the channels is 2 - 2 cos(x, y) (tested)."""
+    return (F.normalize(x, dim=-1) - F.normalize(y, dim=-1)) ** 2
+
+
+class GraphStep(nn.Module):
+    """as SGRAF (model.py:GraphReasoning): one step of reasoning over the matching nodes, learned adjacency."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.query, self.key, self.out = nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, d)
+
+    def forward(self, nodes, mask):
+        """nodes N x K x d, mask N x K (True = valid) -> (new nodes N x K x d, adjacency A N x K x K)."""
+        scores = self.query(nodes) @ self.key(nodes).transpose(1, 2)
+        edges = scores.masked_fill(~mask[:, None, :], float("-inf")).softmax(-1)  # padded columns get 0
+        return F.relu(self.out(edges @ nodes)), edges
+
+
+class IRM(nn.Module):
+    """as SGRAF (model.py:AttentionFiltration): beta = sigmoid(BN(w . m + b)), L1-normalised over the valid nodes;
+    z = norm2(sum beta~ m). our choice: BN statistics over each graph's valid nodes (module docstring)."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.logit = nn.Linear(d, 1)
+        self.bn_weight, self.bn_bias = nn.Parameter(torch.ones(1)), nn.Parameter(torch.zeros(1))
+
+    def forward(self, nodes, mask):
+        """nodes N x K x d, mask N x K -> (z N x d, weights beta~ N x K: sum 1 over valid nodes, padding 0)."""
+        u, valid = self.logit(nodes).squeeze(-1), mask.to(nodes.dtype)
+        n = valid.sum(-1, keepdim=True)
+        mean = (u * valid).sum(-1, keepdim=True) / n
+        var = ((u - mean) ** 2 * valid).sum(-1, keepdim=True) / n  # biased, as BatchNorm's training statistics
+        beta = torch.sigmoid(self.bn_weight * (u - mean) / torch.sqrt(var + 1e-5) + self.bn_bias) * valid
+        weights = beta / beta.sum(-1, keepdim=True)
+        return F.normalize((weights[..., None] * nodes).sum(1), dim=-1), weights
+
+
+class RelationHead(nn.Module):
+    """Matching vectors, SRM, IRM and the relation score: forward(regions, img_g, words, word_mask, txt_g) -> S_rel
+    for every image x report pair (I x C). The inputs: regions I x R x D, img_g I x D, words C x L x D, word_mask
+    C x L, txt_g C x D."""
+
+    def __init__(self, dim, match_dim=256, srm="graph", steps=3, irm="on", combine="seq", gamma1=4.0):
+        super().__init__()
+        if combine == "parallel" and (srm == "none" or irm == "off"):
+            raise ValueError("--combine parallel ensembles SRM and IRM: it needs both (--srm graph|transformer "
+                             "--irm on)")
+        self.gamma1, self.srm_kind, self.combine = gamma1, srm, combine
+        self.word_proj, self.global_proj = nn.Linear(dim, match_dim), nn.Linear(dim, match_dim)
+        if srm == "graph":
+            self.srm = nn.ModuleList(GraphStep(match_dim) for _ in range(steps))  # not shared across steps
+        elif srm == "transformer":
+            layer = nn.TransformerEncoderLayer(match_dim, 4, 1024, 0.1, batch_first=True, norm_first=True)
+            self.srm = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.irm = IRM(match_dim) if irm == "on" else None
+        self.score = nn.Linear(match_dim, 1)
+        self.score_raw = nn.Linear(match_dim, 1) if combine == "parallel" else None
+        for m in self.modules():  # as SGRAF (model.py:init_weights): uniform +-sqrt(6 / (in + out)), biases 0
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def nodes(self, regions, img_g, words, word_mask, txt_g):
+        """-> matching nodes (I*C) x (1 + L) x d_m (the global node first), their mask, alpha I x C x L x R."""
+        contexts, alpha = common.word_region_attention(regions[:, None], words[None], word_mask[None], self.gamma1)
+        m_words = F.normalize(self.word_proj(squared_difference(words[None], contexts)), dim=-1)  # I x C x L x dm
+        m_global = F.normalize(self.global_proj(squared_difference(img_g[:, None], txt_g[None])), dim=-1)
+        nodes = torch.cat([m_global[:, :, None], m_words], 2).flatten(0, 1)
+        mask = F.pad(word_mask, (1, 0), value=True)[None].expand(len(regions), -1, -1).flatten(0, 1)
+        return nodes, mask, alpha
+
+    def reason(self, nodes, mask):
+        """SRM: -> refined nodes and the adjacency of every graph step (none for the transformer / no SRM)."""
+        edges = []
+        if self.srm_kind == "graph":
+            for step in self.srm:
+                nodes, A = step(nodes, mask)
+                edges.append(A)
+        elif self.srm_kind == "transformer":
+            nodes = self.srm(nodes, src_key_padding_mask=~mask)
+        return nodes, edges
+
+    def relate(self, regions, img_g, words, word_mask, txt_g):
+        """-> dict(score I x C, alpha I x C x L x R, edges [A (I*C) x K x K per step], weights (I*C) x K or None)."""
+        nodes, mask, alpha = self.nodes(regions, img_g, words, word_mask, txt_g)
+        refined, edges = self.reason(nodes, mask)
+        weights = None
+        if self.combine == "parallel":  # SGR read-out on the reasoned nodes, SAF on the unreasoned ones
+            z, weights = self.irm(nodes, mask)
+            score = (torch.sigmoid(self.score(refined[:, 0])) + torch.sigmoid(self.score_raw(z))) / 2
+        else:
+            z, weights = self.irm(refined, mask) if self.irm is not None else (refined[:, 0], None)
+            score = torch.sigmoid(self.score(z))
+        return dict(score=score.view(len(regions), len(words)), alpha=alpha, edges=edges, weights=weights)
+
+    def forward(self, regions, img_g, words, word_mask, txt_g):
+        return self.relate(regions, img_g, words, word_mask, txt_g)["score"]
+
+
+def relation_matrix(head, regions, img_g, words, word_mask, txt_g, chunk=8, checkpoint_above=2**22):
+    """S_rel[i, j] for every image i and report j (shapes as RelationHead) -> I x T, fp32. Reports go in chunks of
+    `chunk`, each trimmed to its longest report; under autograd a chunk whose attention has more than
+    `checkpoint_above` entries is checkpointed (recomputed in the backward): the peak holds one chunk's
+    I x chunk x L x (R + 4 D) activations instead of all of them. The values and gradients do not depend on the
+    chunking (tested)."""
+    regions, img_g, words, txt_g = map(common.fp32, (regions, img_g, words, txt_g))
+    columns = []
+    for s in range(0, len(words), chunk):
+        m = word_mask[s:s + chunk]
+        n = int(m.sum(1).max())
+        inputs = (regions, img_g, words[s:s + chunk, :n], m[:, :n], txt_g[s:s + chunk])
+        big = len(regions) * len(m) * n * regions.shape[1] > checkpoint_above
+        if torch.is_grad_enabled() and big:
+            columns.append(checkpoint(head, *inputs, use_reentrant=False))
+        else:
+            columns.append(head(*inputs))
+    return torch.cat(columns, 1)
+
+
+# ---- losses: pure functions of tensors ----
+def pair_ce(rows, cols, offset, scale):
+    """rows B x N: own images vs all reports; cols N x B: all images vs own reports (the same matrix on one
+    process) -> (CE_rows, CE_cols) of scale * score, positives at offset + arange(B)."""
+    labels = torch.arange(rows.shape[0], device=rows.device) + offset
+    return F.cross_entropy(scale * rows, labels), F.cross_entropy(scale * cols.T, labels)
+
+
+def reclf_losses(regions, img_g, words, word_mask, txt_g, relation=None, *, gathered=None, offset=0, lse=False,
+                 tau_global=0.1, tau_rel=0.1, gamma1=4.0, gamma2=5.0, gamma3=10.0, chunk=8):
+    """All terms and the total: L = L_g + L_rel (relation: a RelationHead) [+ L_loc (lse=True)].
+
+    regions B x R x D, img_g B x D, words B x L x D, word_mask B x L, txt_g B x D: this rank's features; gathered:
+    the same five for the whole job (every rank's, in rank order, with gradient) and offset = rank * B; None on one
+    process. Every term is a CE over own rows against all columns and own columns against all rows, so with DDP's
+    gradient averaging the loss and gradients equal the single-process full batch (tested)."""
+    R_all, g_all, E_all, M_all, t_all = gathered or (regions, img_g, words, word_mask, txt_g)
+    single = gathered is None
+    cos = lambda x, y: common.cosine(common.fp32(x)[:, None], common.fp32(y)[None])
+    out = {}
+    out["global_i2t"], out["global_t2i"] = pair_ce(cos(img_g, t_all), cos(g_all, txt_g), offset, 1 / tau_global)
+    if relation is not None:
+        rows = relation_matrix(relation, regions, img_g, E_all, M_all, t_all, chunk)
+        cols = rows if single else relation_matrix(relation, R_all, g_all, words, word_mask, txt_g, chunk)
+        out["rel_i2t"], out["rel_t2i"] = pair_ce(rows, cols, offset, 1 / tau_rel)
+    if lse:
+        rows = common.word_region_matrix(regions, E_all, M_all, gamma1, gamma2, chunk)
+        cols = rows if single else common.word_region_matrix(R_all, words, word_mask, gamma1, gamma2, chunk)
+        out["lse_i2t"], out["lse_t2i"] = pair_ce(rows, cols, offset, gamma3)
+    out["loss"] = sum(out.values())
+    return out
+
+
+def gather_local(regions, img_g, words, word_mask, txt_g):
+    """This rank's features -> the whole job's (rank order, with gradient), this rank's words padded to the longest
+    report of any rank (the gathered words need one length; padded words are masked), and the row offset."""
+    length = torch.tensor(words.shape[1], device=words.device)
+    dist.all_reduce(length, op=dist.ReduceOp.MAX)
+    pad = int(length) - words.shape[1]
+    words, word_mask = F.pad(words, (0, 0, 0, pad)), F.pad(word_mask, (0, pad))
+    own = (regions, img_g, words, word_mask, txt_g)
+    gathered = [common.gather_with_grad(t) for t in (regions, img_g, words)]
+    gathered += [common.gather_with_grad(word_mask.to(words.dtype)) > 0, common.gather_with_grad(txt_g)]
+    return own, tuple(gathered), dist.get_rank() * len(regions)
+
+
+# ---- the model ----
+class RECLF(nn.Module):
+    """GLoRIA's encoders and projections, the relation modules; forward(batch) -> dict of loss terms."""
+
+    def __init__(self, args, tokenizer):
+        super().__init__()
+        self.args = args
+        self.image_encoder = common.ImageEncoder(args.image_arch, args.image_weights)
+        bert_base = dict(hidden_size=768, num_layers=12, num_heads=12, intermediate_size=3072)  # = Bio_ClinicalBERT
+        self.text_encoder = common.TextEncoder("tiny" if args.text_model == "bert-base" else args.text_model,
+                                               tokenizer, **(bert_base if args.text_model == "bert-base" else {}))
+        dim, channels = self.text_encoder.out_dim, self.image_encoder.stage_channels
+        self.local_proj = nn.Conv2d(channels[3], dim, 1, bias=False)  # as GLoRIA: layer3 -> the sub-regions
+        self.global_proj = nn.Linear(channels[4], dim)
+        self.relation = None if args.srm == "none" and args.irm == "off" else RelationHead(
+            dim, args.match_dim, args.srm, args.srm_steps, args.irm, args.combine, args.gamma1)
+        if self.relation is None and args.add_lse_local:
+            raise ValueError("--srm none --irm off already is GLoRIA's log-sum-exp local loss; drop --add-lse-local")
+        for name, table in zip(("starts_word", "continues_word"), word_tables(tokenizer)):
+            self.register_buffer(name, table, persistent=False)
+
+    def image_features(self, images):
+        """-> regions B x R x D (row-major layer3 grid), global B x D, grid (h, w)."""
+        if self.args.upsample:
+            images = F.interpolate(images, size=self.args.upsample, mode="bilinear", align_corners=False)
+        maps = self.image_encoder.feature_maps(images)
+        regions = self.local_proj(maps[3])
+        return regions.flatten(2).transpose(1, 2), self.global_proj(maps[4].mean((2, 3))), tuple(regions.shape[2:])
+
+    def text_features(self, batch):
+        """-> words B x T x D, word mask B x T, report B x D ([CLS]); every report must have a word."""
+        ids = batch["input_ids"]
+        states = self.text_encoder(ids, batch["attention_mask"], sum_last=self.args.text_layers)
+        words, mask = sum_pieces(states, word_index(ids, self.starts_word, self.continues_word, self.args.max_words))
+        if not mask[:, 0].all():
+            empty = [batch["study_ids"][i] for i in (~mask[:, 0]).nonzero().flatten().tolist()]
+            raise ValueError(f"reports without a single word (only punctuation or unknown tokens): studies {empty}")
+        return words, mask, states[:, 0]
+
+    def losses(self, regions, img_g, words, word_mask, txt_g, gathered=None, offset=0):
+        a = self.args
+        with torch.autocast(regions.device.type, enabled=False):  # similarities and softmaxes in fp32
+            return reclf_losses(regions, img_g, words, word_mask, txt_g, self.relation, gathered=gathered,
+                                offset=offset, lse=self.relation is None or a.add_lse_local, tau_global=a.tau_global,
+                                tau_rel=a.tau_rel, gamma1=a.gamma1, gamma2=a.gamma2, gamma3=a.gamma3, chunk=a.chunk)
+
+    def forward(self, batch):
+        regions, img_g, _ = self.image_features(batch["images"])
+        feats = (regions, img_g, *self.text_features(batch))
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            own, gathered, offset = gather_local(*feats)
+            return self.losses(*own, gathered=gathered, offset=offset)
+        return self.losses(*feats)
+
+    def local_scores(self, regions, img_g, words, word_mask, txt_g):
+        """I x T local score: S_rel, or GLoRIA's S_loc for the baseline."""
+        if self.relation is None:
+            return common.word_region_matrix(regions, words, word_mask, self.args.gamma1, self.args.gamma2,
+                                             self.args.chunk)
+        return relation_matrix(self.relation, regions, img_g, words, word_mask, txt_g, self.args.chunk)
+
+    def encode_image(self, images):
+        return F.normalize(common.fp32(self.image_features(images)[1]), dim=-1)
+
+    def encode_text(self, batch):
+        return F.normalize(common.fp32(self.text_features(batch)[2]), dim=-1)
+
+    def score(self, images, batch):
+        """B x B GLoRIA-'both' similarity (cos(g, t) + S) / 2 of every image and report."""
+        regions, img_g, _ = self.image_features(images)
+        words, mask, txt_g = self.text_features(batch)
+        return (common.cosine(common.fp32(img_g)[:, None], common.fp32(txt_g)[None])
+                + self.local_scores(regions, img_g, words, mask, txt_g)) / 2
+
+
+# ==== TRAINING: data, loop, evaluation ====
+def report_tokenizer(args, train_set):
+    """Bio_ClinicalBERT's tokenizer, or (tiny / bert-base) a word-level vocabulary of the training reports."""
+    if args.text_model in ("tiny", "bert-base"):
+        return data.build_tokenizer(data.report_texts(train_set))
+    from transformers import AutoTokenizer
+    try:
+        return AutoTokenizer.from_pretrained(args.text_model)
+    except OSError as e:
+        raise SystemExit(f"Could not load the tokenizer of {args.text_model} ({e}). Without internet pass a local "
+                         f"save_pretrained folder, or --text-model tiny.")
+
+
+def datasets(args):
+    """Training, validation and test sets, the training statistics (mean, std) and the tokenizer."""
+    if args.data != "synthetic" and not args.data_root:
+        raise SystemExit(f"--data {args.data} needs --data-root (mimic: the `python data.py prepare-mimic` cache)")
+
+    def dataset(split, num_samples):
+        return data.make_dataset(args.data, args.data_root, split, args.image_size, train=split == "train",
+                                 num_samples=num_samples or None, skip_bad=args.skip_bad)
+    train_set = dataset("train", args.train_samples)
+    val_set, test_set = dataset("validate", args.eval_samples), dataset("test", args.eval_samples)
+    return train_set, val_set, test_set, (train_set.mean, train_set.std), report_tokenizer(args, train_set)
+
+
+def loaders(args, ddp, tokenizer, train_set, val_set, test_set):
+    sampler = common.ResumableSampler(train_set, ddp.world_size, ddp.rank, shuffle=True, seed=args.seed,
+                                      drop_last=True)
+    collate = partial(data.collate, tokenizer=tokenizer, max_length=args.max_length)
+    train = DataLoader(train_set, args.batch_size, sampler=sampler, num_workers=args.workers, drop_last=True,
+                       collate_fn=collate, generator=torch.Generator(), pin_memory=ddp.device.type == "cuda")
+    val = DataLoader(val_set, args.batch_size, num_workers=args.workers, collate_fn=collate,
+                     sampler=DistributedSampler(val_set, ddp.world_size, ddp.rank, shuffle=False))
+    test = DataLoader(test_set, args.batch_size, collate_fn=collate, num_workers=args.workers)
+    return sampler, train, val, test
+
+
+SYNTH_PROMPTS = dict(opacity="airspace opacity", nodule="pulmonary nodule", effusion="pleural effusion",
+                     pneumothorax="pneumothorax", cardiomegaly="cardiomegaly")  # the reports' wording
+
+
+def prompt_batch(texts, tokenizer):
+    """One-sentence reports (zero-shot prompts) -> a text batch."""
+    samples = [dict(image=torch.zeros(1, 1, 1), sentences=[t], text=t, labels=torch.zeros(14), study_id=t)
+               for t in texts]
+    return data.collate(samples, tokenizer)
+
+
+@torch.no_grad()
+def validation_loss(model, loader, device, amp):
+    model.eval()
+    total = torch.zeros(2, device=device)  # sum of loss * n, n
+    for batch in loader:
+        with common.autocast(device, amp):
+            loss = model(common.to_device(batch, device))["loss"].float()
+        total += torch.stack([loss * len(batch["images"]), torch.tensor(float(len(batch["images"])), device=device)])
+    if dist.is_initialized():
+        dist.all_reduce(total)
+    return (total[0] / total[1]).item()
+
+
+def pad_cat(tensors, dim=1):
+    """Concatenate batches along dim 0 after padding `dim` with zeros to the longest."""
+    n = max(t.shape[dim] for t in tensors)
+    return torch.cat([F.pad(t, [0, 0] * (t.dim() - dim - 1) + [0, n - t.shape[dim]]) for t in tensors])
+
+
+@torch.no_grad()
+def encode_split(model, loader, device):
+    """Regions, image globals, words, word masks, report globals and finding labels of a split, on the device."""
+    model.eval()
+    parts = {k: [] for k in ("regions", "img_g", "words", "mask", "txt_g", "labels")}
+    synthetic = False
+    for batch in loader:
+        b = common.to_device(batch, device)
+        regions, img_g, _ = model.image_features(b["images"])
+        words, mask, txt_g = model.text_features(b)
+        synthetic = "masks" in batch
+        labels = (torch.stack([m.flatten(1).any(1) for m in batch["masks"]]).float() if synthetic
+                  else batch["labels"][:, 1:])  # CheXpert: "No Finding" left out (inverted by the prompt)
+        for k, v in zip(parts, (regions, img_g, words, mask, txt_g, labels.to(device))):
+            parts[k].append(common.fp32(v) if v.is_floating_point() else v)
+    return {k: pad_cat(v) if k in ("words", "mask") else torch.cat(v) for k, v in parts.items()}, synthetic
+
+
+def pair_scores(model, img, txt):
+    """(global cosine, local score, both = their mean), each images x reports."""
+    g = common.cosine(img["img_g"][:, None], txt["txt_g"][None])
+    s = model.local_scores(img["regions"], img["img_g"], txt["words"], txt["mask"], txt["txt_g"])
+    return g, s, (g + s) / 2
+
+
+def mean_auc(margin, labels):
+    aucs = [common.roc_auc(margin[:, c], labels[:, c]) for c in range(labels.shape[1])]
+    return float(np.nanmean(aucs)) if not all(map(math.isnan, aucs)) else float("nan")
+
+
+@torch.no_grad()
+def evaluate(model, loader, tokenizer, device):
+    """Zero-shot AUC (pair prompts "x" / "no x", bootstrap 95 % CIs) from the global, local and both scores, and
+    image->text Precision@1/5/10 with the both score on the test pairs that show exactly one finding."""
+    model.eval()
+    test, synthetic = encode_split(model, loader, device)
+    labels = test["labels"].cpu()
+    names = list(data.SYNTH_FINDINGS) if synthetic else [n.lower() for n in data.CHEXPERT_LABELS[1:]]
+    phrases = [SYNTH_PROMPTS.get(n, n) for n in names]
+    prompts = prompt_batch(phrases + [f"no {p}" for p in phrases], tokenizer)
+    words, mask, txt_g = model.text_features(common.to_device(prompts, device))
+    scores = pair_scores(model, test, dict(words=common.fp32(words), mask=mask, txt_g=common.fp32(txt_g)))
+    res, C = {}, len(names)
+    for kind, s in zip(("global", "local", "both"), scores):
+        s = s.cpu()
+        margin = (s[:, :C] - s[:, C:]).double()
+        res[f"auc_{kind}_mean"] = mean_auc(margin, labels)
+        res[f"auc_{kind}_low"], res[f"auc_{kind}_high"] = common.bootstrap_ci(mean_auc, margin, labels)
+        if kind == "both":
+            for name, (auc, low, high) in common.zero_shot_auc_ci(s[:, :C], s[:, C:], labels, names).items():
+                res[f"auc_{name}"], res[f"auc_{name}_low"], res[f"auc_{name}_high"] = auc, low, high
+    single = ((labels == 1).sum(1) == 1).nonzero().flatten()  # one finding: that finding is the class
+    if len(single) > 10:
+        idx = single.to(device)
+        pick = lambda split, keys: {k: split[k][idx] for k in keys}
+        _, _, both = pair_scores(model, pick(test, ("regions", "img_g")), pick(test, ("words", "mask", "txt_g")))
+        classes = labels[single].argmax(1)
+        res.update({f"i2t_{k}": v for k, v in common.precision_at_k(both.cpu(), classes, classes).items()})
+    return res
+
+
+FINDING_WORDS = set(data.SYNTH_FINDINGS) | {"opacity", "consolidation", "pleural", "heart", "enlarged", "nodule"}
+FUNCTION_WORDS = {"the", "a", "an", "is", "are", "of", "and", "or", "in", "at", "with", "there", "to", "be", "this",
+                  "which", "for", "on", "seen", "noted"}
+
+
+def report_words(ids, index, tokenizer):
+    """The words of one report (word pieces joined, '##' dropped), in word order."""
+    words = {}
+    for token, w in zip(tokenizer.convert_ids_to_tokens(ids.tolist()), index.tolist()):
+        if w >= 0:
+            words[w] = words.get(w, "") + token.removeprefix("##")
+    return [words[w] for w in sorted(words)]
+
+
+@torch.no_grad()
+def explain(model, batch, i):
+    """For pair (image i, report i): its words, alpha T x R, grid, SRM adjacencies [K x K] and IRM weights K."""
+    b = {k: v[i:i + 1] if torch.is_tensor(v) else v[i:i + 1] for k, v in batch.items()}
+    regions, img_g, grid = model.image_features(b["images"])
+    words, mask, txt_g = model.text_features(b)
+    index = word_index(b["input_ids"], model.starts_word, model.continues_word, model.args.max_words)
+    out = model.relation.relate(*map(common.fp32, (regions, img_g, words)), mask, common.fp32(txt_g))
+    return dict(alpha=out["alpha"][0, 0], grid=grid, edges=[A[0] for A in out["edges"]],
+                weights=None if out["weights"] is None else out["weights"][0])
+
+
+def irm_summary(model, batch, tokenizer):
+    """Mean IRM weight x number of nodes (1 = uniform) of function words and of finding words in matched pairs."""
+    seen = {"function": [], "finding": []}
+    for i in range(len(batch["images"])):
+        index = word_index(batch["input_ids"][i:i + 1], model.starts_word, model.continues_word, model.args.max_words)
+        words = report_words(batch["input_ids"][i], index[0], tokenizer)
+        w = explain(model, batch, i)["weights"].cpu() * (len(words) + 1)
+        for k, word in enumerate(words):
+            for kind, vocab in (("function", FUNCTION_WORDS), ("finding", FINDING_WORDS)):
+                if word in vocab:
+                    seen[kind].append(float(w[k + 1]))
+    return {k: float(np.mean(v)) if v else float("nan") for k, v in seen.items()}
+
+
+def heat_rgb(gray, heat):
+    """gray, heat H x W in [0, 1] -> uint8 RGB: heat in red/orange over the half-dimmed film."""
+    rgb = torch.stack([0.5 * gray + 0.5 * heat, 0.5 * gray + 0.2 * heat, 0.5 * gray], -1)
+    return Image.fromarray((rgb.clamp(0, 1) * 255).byte().numpy())
+
+
+def draw_irm(words, weights, path):
+    """Bars of the IRM weights beta~ over the nodes ([global], then the report's words)."""
+    labels, w = ["[global]"] + words, weights.tolist()
+    top = max(w)
+    img = Image.new("RGB", (420, 14 * len(labels) + 24), "white")
+    d = ImageDraw.Draw(img)
+    d.text((4, 4), "IRM weight (1/K = uniform, dashed)", fill="black")
+    for k, (label, v) in enumerate(zip(labels, w)):
+        y = 20 + 14 * k
+        d.text((4, y), label[:16], fill="black")
+        d.rectangle([110, y + 2, 110 + int(290 * v / top), y + 11], fill=(int(255 * v / top), 60, 200 - int(150 * v / top)))
+    x = 110 + int(290 / len(w) / top)
+    for y in range(20, 20 + 14 * len(labels), 6):
+        d.line([x, y, x, y + 3], fill="gray")
+    img.save(path)
+
+
+def draw_relations(words, A, path, cell=12):
+    """Word-labelled heat map of one SRM adjacency A (rows attend over columns)."""
+    labels, K = ["[global]"] + words, len(A)
+    margin = 100
+    img = Image.new("RGB", (margin + cell * K + 4, margin + cell * K + 4), "white")
+    d = ImageDraw.Draw(img)
+    heat = (A / A.max()).cpu()
+    for r in range(K):
+        d.text((2, margin + cell * r), labels[r][:15], fill="black")
+        for c in range(K):
+            v = float(heat[r, c])
+            d.rectangle([margin + cell * c, margin + cell * r, margin + cell * (c + 1) - 1, margin + cell * (r + 1) - 1],
+                        fill=(255, int(255 * (1 - v)), int(255 * (1 - v))))
+    top = Image.new("RGB", (margin, cell * K), "white")
+    td = ImageDraw.Draw(top)
+    for c in range(K):
+        td.text((2, cell * c), labels[c][:15], fill="black")
+    img.paste(top.rotate(90, expand=True), (margin, 0))
+    img.save(path)
+
+
+@torch.no_grad()
+def write_viz(model, batch, tokenizer, folder, mean, std, n):
+    """Per test pair: IRM weights over its words, the SRM adjacencies (graph SRM), word->region maps of its
+    finding words overlaid on the image."""
+    model.eval()
+    os.makedirs(folder, exist_ok=True)
+    for i in range(min(n, len(batch["images"]))):
+        index = word_index(batch["input_ids"][i:i + 1], model.starts_word, model.continues_word, model.args.max_words)
+        words = report_words(batch["input_ids"][i], index[0], tokenizer)
+        if model.relation is None:
+            continue
+        ex = explain(model, batch, i)
+        if ex["weights"] is not None:
+            draw_irm(words, ex["weights"], os.path.join(folder, f"pair{i}_irm.png"))
+        for s, A in enumerate(ex["edges"]):
+            draw_relations(words, A, os.path.join(folder, f"pair{i}_srm_step{s + 1}.png"))
+        hits = [k for k, w in enumerate(words) if w in FINDING_WORDS][:4]
+        gray = (batch["images"][i, 0].cpu() * std + mean).clamp(0, 1)
+        panels = []
+        for k in hits:
+            heat = F.interpolate(ex["alpha"][k].view(1, 1, *ex["grid"]).cpu(), size=gray.shape, mode="bilinear")[0, 0]
+            heat = (heat - heat.min()) / (heat.max() - heat.min()).clamp_min(1e-12)
+            panel = heat_rgb(gray, heat).resize((256, 256), Image.BILINEAR)
+            ImageDraw.Draw(panel).text((4, 4), words[k], fill=(255, 255, 0))
+            panels.append(panel)
+        if panels:
+            canvas = Image.new("RGB", (256 * len(panels), 256 + 40), "white")
+            for k, p in enumerate(panels):
+                canvas.paste(p, (256 * k, 0))
+            ImageDraw.Draw(canvas).text((4, 258), "\n".join(textwrap.wrap(" ".join(words), 100)[:3]), fill="black")
+            canvas.save(os.path.join(folder, f"pair{i}_words.png"))
+
+
+def finish(args, model, tokenizer, test_loader, mean_std, device, out):
+    """Export, then the best-validation model next to the untrained one it started from, and the PNGs."""
+    best_path = os.path.join(out, "best.pt")
+    if os.path.exists(best_path):
+        model.load_state_dict(common.load_checkpoint(best_path)["model"])
+    common.export_encoders(out, model.image_encoder, model.text_encoder, tokenizer, *mean_std, args.image_size,
+                           "reclf", args)
+    common.seed_everything(args.seed)
+    initial = RECLF(args, tokenizer).to(device)  # the same initialisation the training started from
+    results = {k: evaluate(m, test_loader, tokenizer, device) for k, m in (("untrained", initial), ("trained", model))}
+    print(f"held-out {args.data} test split ({len(test_loader.dataset)} pairs):")
+    common.print_comparison(results, os.path.join(out, "eval.json"))
+    if args.viz and model.relation is not None and model.relation.irm is not None:
+        batch = common.to_device(next(iter(test_loader)), device)
+        for tag, m in (("untrained", initial), ("trained", model)):
+            s = irm_summary(m, batch, tokenizer)
+            print(f"IRM weight x nodes (1 = uniform), {tag}: function words {s['function']:.2f}, "
+                  f"finding words {s['finding']:.2f}")
+    if args.viz:
+        write_viz(model, common.to_device(next(iter(test_loader)), device), tokenizer, os.path.join(out, "viz"),
+                  *mean_std, args.viz)
+    print(f"run folder: {out}")
+    return results
+
+
+def main(argv=None):
+    args = common.parse_args(Args, PRESETS, argv, default_preset="demo")
+    if args.bench:
+        args = common.bench_args(args, accum=1, ckpt_every=0)
+    ddp = common.setup_distributed(args.device or None)
+    dev, amp = ddp.device, common.amp_dtype(ddp.device, args.precision)
+    micro_per_step = common.micro_batches_per_step(args.accum, ddp.world_size)
+    out = common.run_folder(args.out_dir, "reclf", ddp, args)
+    ckpt_path, best_path = os.path.join(out, "ckpt.pt"), os.path.join(out, "best.pt")
+    train_set, val_set, test_set, (mean, std), tokenizer = datasets(args)
+    common.seed_everything(args.seed)  # the same initial model on every rank
+    model = RECLF(args, tokenizer).to(dev)
+    sampler, loader, val_loader, test_loader = loaders(args, ddp, tokenizer, train_set, val_set, test_set)
+    side = (7 / 8) ** 2  # the random 224 crop of the 256-px training view (data.train_native_size)
+    crop = data.BatchAugment(args.image_size, mean, std, crop_scale=(side, side), ratio=(1.0, 1.0), rotation=0.0,
+                             translate=0.0, scale=(1.0, 1.0), brightness=(1.0, 1.0), contrast=(1.0, 1.0),
+                             blur_sigma=(1e-3, 1e-3)).to(dev)  # sigma -> 0: no blur
+    n_micro = sampler.num_samples // args.batch_size
+    steps_per_epoch = math.ceil(n_micro / micro_per_step)
+    groups = [dict(params=[p for n, p in model.named_parameters() if not n.startswith("relation.")])]
+    if model.relation is not None:  # our choice: the relation modules at their own learning rate
+        groups.append(dict(params=list(model.relation.parameters()), lr=args.head_lr))
+    optimizer = torch.optim.Adam(groups, args.lr, weight_decay=args.weight_decay)
+    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, factor=0.5, patience=args.lr_patience)
+    scaler = common.grad_scaler(dev, amp)
+    stateful = dict(model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler)
+    state = dict(step=0, epoch=0, micro=0, best_val=math.inf, bad_epochs=0)
+    if args.resume:
+        common.resume_training_state(ckpt_path, stateful, state, ddp.rank)
+    else:
+        common.seed_everything(args.seed + ddp.rank)
+    net = common.wrap_ddp(model, ddp)
+
+    def save(path=ckpt_path):
+        if ddp.is_main:
+            common.save_training_state(path, stateful, args=args, **state)
+    logger = common.Logger(out, ddp.is_main, min(args.max_steps or math.inf, steps_per_epoch * args.epochs),
+                           state["step"])
+    if ddp.is_main:
+        print(f"RECLF ({args.srm} SRM, IRM {args.irm}{', + LSE local' if args.add_lse_local else ''}): "
+              f"{common.count_parameters(optimizer) / 1e6:.1f}M trainable parameters, {dev}, {amp or torch.float32}, "
+              f"{steps_per_epoch} steps of {args.batch_size * args.accum} pairs per epoch")
+    stop = False
+    while state["epoch"] < args.epochs and not stop:
+        sampler.set_epoch(state["epoch"])
+        sampler.skip = state["micro"] * args.batch_size  # resume: the batches this epoch already trained on
+        loader.generator.manual_seed(args.seed + 1000 * state["epoch"] + ddp.rank)
+        net.train()
+        for batch in logger.iterate(loader):
+            state["micro"] += 1
+            last = state["micro"] % micro_per_step == 0 or state["micro"] == n_micro
+            batch = common.to_device(batch, dev)
+            if args.augment:
+                batch["images"] = crop(batch["images"])
+            with nullcontext() if last or not ddp.distributed else net.no_sync():  # all-reduce once per step
+                with common.autocast(dev, amp):
+                    terms = net(batch)
+                detached = {k: v.detach() for k, v in terms.items()}
+                common.check_finite(detached["loss"], state["step"], ckpt_path, detached)
+                scaler.scale(terms["loss"] / micro_per_step).backward()
+            logger.add(detached, images=args.batch_size * ddp.world_size)
+            if not last:
+                continue
+            scaler.unscale_(optimizer)
+            nn.utils.clip_grad_norm_(model.parameters(), args.clip)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            state["step"] += 1
+            if state["step"] % args.log_every == 0 or state["step"] in (1, args.max_steps):
+                logger.log(state["step"], state["epoch"], {"lr": optimizer.param_groups[0]["lr"]})
+            if args.ckpt_every and state["step"] % args.ckpt_every == 0:
+                save()
+            if state["step"] == args.max_steps:
+                stop = True
+                break
+        else:  # the epoch is complete: validation loss, plateau schedule, best checkpoint, early stopping
+            val = validation_loss(model, val_loader, dev, amp)
+            scheduler.step(val)
+            state.update(epoch=state["epoch"] + 1, micro=0)
+            logger.write("val.csv", dict(epoch=state["epoch"], step=state["step"], val_loss=val))
+            if val < state["best_val"] - 1e-5:
+                state.update(best_val=val, bad_epochs=0)
+                save(best_path)
+            else:
+                state["bad_epochs"] += 1
+            save()
+            if ddp.is_main:
+                print(f"epoch {state['epoch']}: val loss {val:.4f} (best {state['best_val']:.4f})")
+            stop = state["bad_epochs"] >= args.patience
+    if not args.bench:
+        save()
+    logger.close()
+    if ddp.distributed:
+        dist.barrier()
+    results = None
+    if ddp.is_main and args.bench:
+        common.print_bench(out, args.batch_size * ddp.world_size, dev, amp)
+    elif ddp.is_main:
+        results = finish(args, model, tokenizer, test_loader, (mean, std), dev, out)
+    common.cleanup_distributed()
+    return results
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (FloatingPointError, data.BadRecord) as e:  # a NaN stop (check_finite) or bad training data: no traceback
+        raise SystemExit(f"stopped: {e}")
