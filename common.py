@@ -3,11 +3,13 @@
 Every method file (lovt.py, joimternet.py, ...) imports this module; nothing here knows about a particular method's
 losses. Read top to bottom:
 
-1. encoders      ImageEncoder (torchvision ResNet, 1-channel), SoftAttentionResNet (JoImTeRNet's image encoder,
-                 here so that the evaluation scripts can rebuild it), TextEncoder (transformers BERT), pool_sentences
-2. heads         ProjectionHead (LoVT BN-MLP), AttentionPool (LoVT GlobalAvgAttentionAggregator)
-3. contrastive   gather_with_grad, info_nce (each rank: own rows vs. gathered columns);
-                 word_region_attention / _score / _matrix (AttnGAN DAMSM, chunked over reports)
+1. encoders      ImageEncoder (torchvision ResNet or ViT, 1-channel; the ViT with [CLS] attention and MAE-style
+                 visible subsets), SoftAttentionResNet (JoImTeRNet's image encoder, here so that the evaluation
+                 scripts can rebuild it), TextEncoder (transformers BERT), pool_sentences
+2. heads         ProjectionHead (LoVT BN-MLP), mgca_head, AttentionPool (LoVT GlobalAvgAttentionAggregator)
+3. contrastive   gather_with_grad, info_nce (each rank: own rows vs. gathered columns), ita (MGCA);
+                 word_region_attention / _score / _matrix (AttnGAN DAMSM, chunked over reports);
+                 mgca_tca (MGCA's token-wise alignment within each pair)
 4. metrics       recall_at_k, block_recall_at_k, precision_at_k, roc_auc, bootstrap_ci, zero_shot_auc
 5. plumbing      arg/parse_args, setup_distributed, run_folder, seeding, AMP, LR schedules, checkpoints and resume,
                  ResumableSampler, to_device, Logger, check_finite, bench report, encoder export/import,
