@@ -513,7 +513,7 @@ def _clipped_weights(weights, keep):
     w = fp32(weights.detach()).masked_fill(~keep, float("nan"))
     low, high = (torch.nanquantile(w, q, dim=-1, keepdim=True) for q in (0.1, 0.9))
     w = torch.where(keep, torch.minimum(torch.maximum(w, low), high), 0.0)
-    return w / w.sum(-1, keepdim=True)
+    return w / w.sum(-1, keepdim=True).clamp_min(1e-12)  # a row with nothing kept weighs 0 (MGCA: nan)
 
 
 def _weighted_diagonal_ce(sim, weights):

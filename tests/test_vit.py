@@ -173,3 +173,10 @@ def test_tca_padding_and_gradients():
     assert not torch.allclose(w2, loss_word)    # as MGCA: padded words are negatives of the word side
     (loss_word + loss_patch).backward()
     assert patch.grad.abs().sum() > 0 and patch_attn.grad is None  # no gradient through the weights
+
+
+def test_tca_sample_without_counted_words_is_finite():
+    patch, word, mask, word_attn, patch_attn = tca_inputs()
+    word_attn[1] = 0  # nothing to weigh in sample 1: it adds nothing to the word loss instead of a nan
+    loss_word, loss_patch = common.mgca_tca(patch, word, mask, word_attn, patch_attn)
+    assert torch.isfinite(loss_word) and torch.isfinite(loss_patch)
