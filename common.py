@@ -3,11 +3,13 @@
 Every method file (lovt.py, joimternet.py, ...) imports this module; nothing here knows about a particular method's
 losses. Read top to bottom:
 
-1. encoders      ImageEncoder (torchvision ResNet, 1-channel), SoftAttentionResNet (JoImTeRNet's image encoder,
-                 here so that the evaluation scripts can rebuild it), TextEncoder (transformers BERT), pool_sentences
-2. heads         ProjectionHead (LoVT BN-MLP), AttentionPool (LoVT GlobalAvgAttentionAggregator)
-3. contrastive   gather_with_grad, info_nce (each rank: own rows vs. gathered columns);
-                 word_region_attention / _score / _matrix (AttnGAN DAMSM, chunked over reports)
+1. encoders      ImageEncoder (torchvision ResNet or ViT, 1-channel; the ViT with [CLS] attention and MAE-style
+                 visible subsets), SoftAttentionResNet (JoImTeRNet's image encoder, here so that the evaluation
+                 scripts can rebuild it), TextEncoder (transformers BERT), pool_sentences
+2. heads         ProjectionHead (LoVT BN-MLP), mgca_head, AttentionPool (LoVT GlobalAvgAttentionAggregator)
+3. contrastive   gather_with_grad, info_nce (each rank: own rows vs. gathered columns), ita (MGCA);
+                 word_region_attention / _score / _matrix (AttnGAN DAMSM, chunked over reports);
+                 mgca_tca (MGCA's token-wise alignment within each pair)
 4. metrics       recall_at_k, block_recall_at_k, precision_at_k, roc_auc, bootstrap_ci, zero_shot_auc
 5. plumbing      arg/parse_args, setup_distributed, run_folder, seeding, AMP, LR schedules, checkpoints and resume,
                  ResumableSampler, to_device, Logger, check_finite, bench report, encoder export/import,
@@ -52,15 +54,18 @@ def _fail(message: str):
     raise SystemExit("\n" + message + "\n")
 
 
-def _resnet_state_dict(arch: str, weights: str) -> dict:
-    """State dict for `weights` = "imagenet" (torchvision download or cache) or a local file; fc.* removed."""
+def _torchvision_state_dict(arch: str, weights: str) -> dict:
+    """State dict for `weights` = "imagenet" (torchvision download or cache) or a local file; the classifier
+    (fc.* / heads.*) removed."""
     if weights == "imagenet":
-        # IMAGENET1K_V1: the weights LoVT loaded through torch.hub (`resnet50-19c8e357`).
+        # IMAGENET1K_V1: the weights LoVT loaded through torch.hub (`resnet50-19c8e357`); for the ViT torchvision's
+        # vit_b_16 (our choice: MGCA loads DeiT-B/16, which torchvision does not ship).
+        name = {"vit_b16": "vit_b_16"}.get(arch, arch)
         try:
-            sd = torchvision.models.get_model_weights(arch).IMAGENET1K_V1.get_state_dict(progress=True)
+            sd = torchvision.models.get_model_weights(name).IMAGENET1K_V1.get_state_dict(progress=True)
         except Exception as e:  # no internet, proxy, corrupt cache: all end the same way for the user
             _fail(f"Could not get the torchvision ImageNet weights for {arch} ({type(e).__name__}: {e}). "
-                  f"On a machine without internet, download them elsewhere (torchvision.models.{arch}"
+                  f"On a machine without internet, download them elsewhere (torchvision.models.{name}"
                   f"(weights='IMAGENET1K_V1').state_dict() saved with torch.save) and pass that file's path "
                   f"as the image weights, or pass `none` to start from random initialisation.")
     else:
@@ -69,42 +74,100 @@ def _resnet_state_dict(arch: str, weights: str) -> dict:
                   f"torchvision state-dict file, an exported image_encoder.pt, or `none` for random init.")
         sd = torch.load(weights, map_location="cpu", weights_only=True)
         sd = sd.get("state_dict", sd)  # our image_encoder.pt wraps the state dict with metadata
-    return {k: v for k, v in sd.items() if not k.startswith("fc.")}
+    return {k: v for k, v in sd.items() if not k.startswith(("fc.", "heads."))}
+
+
+# ViT-B/16 (MGCA's vit_base: HKU-MedAI/MGCA:mgca/models/backbones/vits.py) and a tiny CPU config.
+VIT_CONFIGS = dict(vit_b16=dict(image_size=224, patch_size=16, width=768, layers=12, heads=12, mlp=3072),
+                   vit_tiny=dict(image_size=128, patch_size=16, width=192, layers=4, heads=3, mlp=768))
 
 
 class ImageEncoder(nn.Module):
-    """Torchvision ResNet-18/50 on 1-channel images.
+    """Torchvision ResNet-18/50 or ViT (torchvision VisionTransformer) on 1-channel images.
 
-    conv1 holds the RGB kernel summed over its input channels: conv(x repeated to 3 channels, W) equals
-    conv(x, W.sum(1)), so this is exactly LoVT's "grayscale repeated to RGB" at a third of the conv1 cost.
-    `weights`: None / "none" (random init), "imagenet" (torchvision IMAGENET1K_V1) or a path to a torchvision state
-    dict (3- or 1-channel conv1) or to an exported image_encoder.pt.
-    `self.backbone` is a plain torchvision ResNet (fc = Identity), so its state dict is torchvision-compatible.
-    Every image encoder of the suite offers feature_maps(images) -> [c1 .. c5] (strides 2, 4, 8, 16, 32) with
-    `stage_channels`, `arch` and `config` (the constructor keywords that rebuild it): what the evaluation scripts use.
+    The first layer (ResNet conv1, ViT patch embedding) holds the RGB kernel summed over its input channels:
+    conv(x repeated to 3 channels, W) equals conv(x, W.sum(1)), so this is exactly LoVT's "grayscale repeated to
+    RGB" at a third of the cost. `weights`: None / "none" (random init), "imagenet" (torchvision IMAGENET1K_V1;
+    for a ViT only ViT-B/16 at 224 px) or a path to a torchvision state dict (3- or 1-channel first layer) or to
+    an exported image_encoder.pt. `self.backbone` is a plain torchvision model (classifier = Identity), so its state
+    dict is torchvision-compatible. ViTs: arch "vit_b16" or "vit_tiny" (VIT_CONFIGS), `config` overrides fields.
+    Every image encoder of the suite offers feature_maps(images) (ResNets: [c1 .. c5] at strides 2 .. 32; ViT: the
+    one patch map at stride patch_size) with `stage_channels`, `arch` and `config` (the constructor keywords that
+    rebuild it): what the evaluation scripts use.
     """
 
-    def __init__(self, arch: str = "resnet50", weights: str | None = None, channels_last: bool = False):
+    def __init__(self, arch: str = "resnet50", weights: str | None = None, channels_last: bool = False,
+                 config: dict | None = None):
         super().__init__()
+        self.arch, self.channels_last, self.is_vit = arch, channels_last, arch in VIT_CONFIGS
+        if self.is_vit:
+            self._build_vit(weights, config or {})
+            return
         if arch not in ("resnet18", "resnet50"):
-            raise ValueError(f"arch must be resnet18 or resnet50, got {arch}")
+            raise ValueError(f"arch must be resnet18, resnet50, {' or '.join(VIT_CONFIGS)}, got {arch}")
         net = getattr(torchvision.models, arch)(weights=None)
         net.conv1 = nn.Conv2d(1, 64, kernel_size=7, stride=2, padding=3, bias=False)
         net.fc = nn.Identity()
         if weights not in (None, "none", ""):
-            sd = _resnet_state_dict(arch, weights)
+            sd = _torchvision_state_dict(arch, weights)
             sd["conv1.weight"] = sd["conv1.weight"].sum(1, keepdim=True)  # 64x3x7x7 -> 64x1x7x7 (no-op for 1 ch)
             net.load_state_dict(sd, strict=True)
-        self.arch, self.config, self.backbone, self.channels_last = arch, {}, net, channels_last
+        self.config, self.backbone = {}, net
         wide = 4 if arch == "resnet50" else 1  # Bottleneck blocks expand their width 4 times
         self.stage_channels = [64, 64 * wide, 128 * wide, 256 * wide, 512 * wide]
         self.out_dim = self.stage_channels[-1]  # layer4 channels
         if channels_last:
             self.to(memory_format=torch.channels_last)
 
+    def _build_vit(self, weights, config):
+        unknown = set(config) - set(VIT_CONFIGS[self.arch])
+        if unknown:
+            raise ValueError(f"unknown ViT config fields {sorted(unknown)} (known: {sorted(VIT_CONFIGS[self.arch])})")
+        c = self.config = {**VIT_CONFIGS[self.arch], **config}
+        if weights == "imagenet" and c != VIT_CONFIGS["vit_b16"]:
+            raise ValueError(f"ImageNet weights exist only for ViT-B/16 at 224 px ({VIT_CONFIGS['vit_b16']}), "
+                             f"not for {self.arch} {c}: pass `none` or a state-dict file")
+        p = c["patch_size"]
+        net = torchvision.models.VisionTransformer(c["image_size"], p, c["layers"], c["heads"], c["width"], c["mlp"])
+        net.conv_proj = nn.Conv2d(1, c["width"], kernel_size=p, stride=p)
+        nn.init.trunc_normal_(net.conv_proj.weight, std=math.sqrt(1 / p ** 2))  # torchvision's init, fan-in 1 ch
+        nn.init.zeros_(net.conv_proj.bias)
+        net.heads = nn.Identity()
+        if weights not in (None, "none", ""):
+            sd = _torchvision_state_dict(self.arch, weights)
+            sd["conv_proj.weight"] = sd["conv_proj.weight"].sum(1, keepdim=True)  # 768x3x16x16 -> 768x1x16x16
+            net.load_state_dict(sd, strict=True)
+        self.backbone, self.patch_size = net, p
+        self.grid = (c["image_size"] // p,) * 2
+        self.out_dim, self.stage_channels = c["width"], [c["width"]]
+
+    def num_patches(self, image_size: int) -> int:
+        return (image_size // self.patch_size) ** 2
+
+    def _vit_tokens(self, images, visible=None):
+        """-> (tokens B x (1 + n) x C after the final LayerNorm, the last block's head-averaged attention
+        B x (1 + n) x (1 + n)). Position embeddings are added before `visible` selects the patches, so a subset
+        is encoded exactly as an image with the other patches removed (MAE, He et al. 2022, Sec. 3). torchvision's
+        VisionTransformer.forward, with the last block written out to return its attention weights."""
+        net, enc = self.backbone, self.backbone.encoder
+        x = net._process_input(images) + enc.pos_embedding[:, 1:]             # B x N x C
+        if visible is not None:
+            x = x.gather(1, visible[..., None].expand(-1, -1, x.shape[-1]))    # B x n x C
+        cls = (net.class_token + enc.pos_embedding[:, :1]).expand(len(x), -1, -1)
+        x = enc.layers[:-1](enc.dropout(torch.cat([cls, x], 1)))
+        last = enc.layers[-1]
+        y = last.ln_1(x)
+        y, attn = last.self_attention(y, y, y, need_weights=True, average_attn_weights=True)
+        x = x + last.dropout(y)
+        return enc.ln(x + last.mlp(last.ln_2(x))), attn
+
     def feature_maps(self, images: torch.Tensor) -> list:
-        """images B x 1 x H x W -> [c1 (stem after ReLU, stride 2), c2 .. c5 (layer1 .. layer4, stride 32)];
-        ResNet-50 at 224 px: 64 x 112^2, 256 x 56^2, 512 x 28^2, 1024 x 14^2, 2048 x 7^2."""
+        """images B x 1 x H x W -> ResNet: [c1 (stem after ReLU, stride 2), c2 .. c5 (layer1 .. layer4, stride 32)];
+        ResNet-50 at 224 px: 64 x 112^2, 256 x 56^2, 512 x 28^2, 1024 x 14^2, 2048 x 7^2.
+        ViT: [the patch tokens after the final LayerNorm as a map B x C x h x w] (ViT-B/16 at 224: 768 x 14^2)."""
+        if self.is_vit:
+            patches = self._vit_tokens(images)[0][:, 1:]
+            return [patches.transpose(1, 2).reshape(len(images), -1, *self.grid)]
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         net = self.backbone
@@ -113,13 +176,30 @@ class ImageEncoder(nn.Module):
             maps.append(layer(net.maxpool(maps[-1]) if i == 0 else maps[-1]))
         return maps
 
-    def forward(self, images: torch.Tensor) -> dict:
-        """images B x 1 x H x W -> dict(global_feat B x C (avg pool), local_feats B x N x C (row-major layer4 grid,
-        region index = w_grid * row + col), grid (h, w), stages = feature_maps(images))."""
+    def forward(self, images: torch.Tensor, visible: torch.Tensor | None = None) -> dict:
+        """images B x 1 x H x W -> dict(global_feat B x C, local_feats B x N x C (row-major grid, region index =
+        w_grid * row + col), grid (h, w), and
+        ResNet: global = avg pool of layer4, local = the layer4 grid, stages = feature_maps(images);
+        ViT: global = [CLS] and local = the patches, both after the final LayerNorm (MGCA's vit_forward),
+        cls_attn B x N = the last block's [CLS] -> patch attention averaged over heads, renormalised over the
+        patches (MGCA's patch-importance weights, HKU-MedAI/MGCA:mgca/models/mgca/mgca_module.py:MGCA.forward).
+        visible (ViT only): LongTensor B x n of patch indices; only those are encoded (MAE-style) and returned
+        in the given order (local_feats B x n x C, cls_attn B x n); grid stays the full grid."""
+        if self.is_vit:
+            tokens, attn = self._vit_tokens(images, visible)
+            cls_attn = fp32(attn[:, 0, 1:])
+            return dict(global_feat=tokens[:, 0], local_feats=tokens[:, 1:], grid=self.grid,
+                        cls_attn=cls_attn / cls_attn.sum(-1, keepdim=True))
+        if visible is not None:
+            raise ValueError(f"encoding a subset of visible patches needs a ViT, not {self.arch}")
         stages = self.feature_maps(images)
         x = stages[-1]
         return dict(global_feat=x.mean((2, 3)), local_feats=x.flatten(2).transpose(1, 2),
                     grid=tuple(x.shape[2:]), stages=stages)
+
+    def encode_visible(self, images: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+        """The visible patches only, MAE-style: B x n x C (= self(images, visible)["local_feats"])."""
+        return self(images, visible)["local_feats"]
 
 
 class SoftAttention(nn.Module):
@@ -263,29 +343,38 @@ def pool_sentences(token_states: torch.Tensor, sentence_index: torch.Tensor, num
 
 class ProjectionHead(nn.Module):
     """LoVT's BN-MLP: Linear -> BN1d -> ReLU -> Linear (norm=None drops the BN: ConVIRT's head), optionally followed
-    by BN1d without affine (final_norm="batch": the MGCA head). Works on B x D and on B x N x D; BN statistics are
-    taken over all B*N positions, padded ones included (LoVT's behaviour; padded sentence slots hold 0).
-    Init (philip-mueller/lovt:src/models/components/fc.py:MLP): Kaiming-normal fan_out with ReLU gain for the first
-    Linear, linear gain for the second, zero biases.
+    by BN1d without affine (final_norm="batch": the MGCA head, see mgca_head). Works on B x D and on B x N x D; BN
+    statistics are taken over all B*N positions, padded ones included (LoVT's and MGCA's behaviour).
+    init "lovt" (philip-mueller/lovt:src/models/components/fc.py:MLP): Kaiming-normal fan_out with ReLU gain for the
+    first Linear, linear gain for the second, zero biases; "torch": PyTorch's default init (MGCA).
     """
 
     def __init__(self, in_dim: int, hidden_dim: int, out_dim: int, norm: str | None = "batch",
-                 final_norm: str | None = None):
+                 final_norm: str | None = None, init: str = "lovt"):
         super().__init__()
         layers = [nn.Linear(in_dim, hidden_dim)]
         layers += [nn.BatchNorm1d(hidden_dim)] if norm == "batch" else []
         layers += [nn.ReLU(inplace=True), nn.Linear(hidden_dim, out_dim)]
         layers += [nn.BatchNorm1d(out_dim, affine=False)] if final_norm == "batch" else []
         self.net = nn.Sequential(*layers)
-        first, last = [m for m in layers if isinstance(m, nn.Linear)]
-        nn.init.kaiming_normal_(first.weight, mode="fan_out", nonlinearity="relu")
-        nn.init.kaiming_normal_(last.weight, mode="fan_out", nonlinearity="linear")
-        nn.init.zeros_(first.bias)
-        nn.init.zeros_(last.bias)
+        if init == "lovt":
+            first, last = [m for m in layers if isinstance(m, nn.Linear)]
+            nn.init.kaiming_normal_(first.weight, mode="fan_out", nonlinearity="relu")
+            nn.init.kaiming_normal_(last.weight, mode="fan_out", nonlinearity="linear")
+            nn.init.zeros_(first.bias)
+            nn.init.zeros_(last.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x B x D or B x N x D -> same leading shape with out_dim channels."""
         return self.net(x.reshape(-1, x.shape[-1])).reshape(*x.shape[:-1], -1)
+
+
+def mgca_head(in_dim: int, out_dim: int = 128, hidden_dim: int = 2048) -> ProjectionHead:
+    """MGCA's GlobalEmbedding / LocalEmbedding (HKU-MedAI/MGCA:mgca/models/backbones/encoder.py): Linear(in -> 2048)
+    -> BN -> ReLU -> Linear(2048 -> 128) -> BN(affine=False), PyTorch default init. The local head is the same with
+    Conv1d(kernel 1) over B x C x N, i.e. this head on B x N x C with BN over all B*N tokens (padding included).
+    Outputs are not L2-normalised here (ita and mgca_tca normalise, as MGCA.forward does after the heads)."""
+    return ProjectionHead(in_dim, hidden_dim, out_dim, final_norm="batch", init="torch")
 
 
 class AttentionPool(nn.Module):
@@ -356,6 +445,15 @@ def info_nce(a: torch.Tensor, b: torch.Tensor, tau, gather: bool = True) -> tupl
     return loss_a2b, loss_b2a
 
 
+def ita(image_emb: torch.Tensor, text_emb: torch.Tensor, tau: float = 0.07, gather: bool = True) -> torch.Tensor:
+    """MGCA's image-text alignment (Wang et al. 2022, Eq. 2; HKU-MedAI/MGCA:mgca/models/mgca/mgca_module.py:
+    MGCA.forward): S_ij = cos(v_i, t_j) / tau, L_ITA = CE_rows(S) + CE_cols(S) (the two directions summed, tau 0.07).
+    image_emb, text_emb B x E (head outputs; normalised in info_nce). MGCA uses the local batch only; gather=True
+    takes the negatives of every rank (info_nce)."""
+    loss_i2t, loss_t2i = info_nce(image_emb, text_emb, tau, gather)
+    return loss_i2t + loss_t2i
+
+
 # ================================================================================================================
 # 3b. Word-region attention (AttnGAN DAMSM / GLoRIA; JoImTeRNet, RECLF)
 # ================================================================================================================
@@ -407,6 +505,60 @@ def word_region_matrix(regions, words, word_mask, gamma1, gamma2, chunk=16, chec
         grad = torch.is_grad_enabled() and (regions.requires_grad or w.requires_grad)
         columns.append(checkpoint(fn, regions, w, m, use_reentrant=False) if grad and big else fn(regions, w, m))
     return torch.cat(columns, 1)
+
+
+# ================================================================================================================
+# 3c. MGCA token-wise cross-modal alignment (TCA), within each image-report pair
+# ================================================================================================================
+
+def _clipped_weights(weights, keep):
+    """MGCA's token importance (no gradient): per row, the entries where `keep` clipped to the row's [0.1, 0.9]
+    quantiles over the kept entries (linear interpolation, torch.quantile), 0 elsewhere, divided by the row sum."""
+    w = fp32(weights.detach()).masked_fill(~keep, float("nan"))
+    low, high = (torch.nanquantile(w, q, dim=-1, keepdim=True) for q in (0.1, 0.9))
+    w = torch.where(keep, torch.minimum(torch.maximum(w, low), high), 0.0)
+    return w / w.sum(-1, keepdim=True).clamp_min(1e-12)  # a row with nothing kept weighs 0 (MGCA: nan)
+
+
+def _weighted_diagonal_ce(sim, weights):
+    """sim B x M x M (token m vs the attended context of token m'), weights B x M -> the mean over rows and columns
+    of sum_b sum_m w_bm CE(target m) / B: MGCA's rearrange "b n1 n2 -> (b n1) n2" and "-> (b n2) n1"."""
+    rows = -sim.log_softmax(-1).diagonal(dim1=-2, dim2=-1)
+    cols = -sim.log_softmax(-2).diagonal(dim1=-2, dim2=-1)
+    return ((rows * weights).sum() + (cols * weights).sum()) / (2 * len(sim))
+
+
+def mgca_tca(patch_emb, word_emb, word_mask, word_weights, patch_weights=None, tau: float = 0.1):
+    """MGCA's token-wise cross-modal alignment (Wang et al. 2022, Sec. 3.3, Eqs. 3-5; HKU-MedAI/MGCA:mgca/models/
+    mgca/mgca_module.py:MGCA.forward, lines 124-221 at 680fe4a). Within each pair, with p_j, w_i L2-normalised:
+
+        word side:  o_i = normalize(sum_j softmax_j(w_i . p_j / tau) p_j),   L_ik = w_i . o_k / tau
+        patch side: c_j = sum_i softmax_i(p_j . w_i / tau) w_i (padding masked), Q_jl = p_j . c_l / tau
+        loss_word  = 1/2 [sum_b sum_i a_bi CE_rows(L_b)_i + sum_b sum_k a_bk CE_cols(L_b)_k] / B, loss_patch alike
+                     with the patch weights; MGCA's L_local = loss_word + loss_patch.
+
+    patch_emb B x N x E, word_emb B x T x E (the local heads' outputs at every position, padding included);
+    word_mask B x T bool (True = a word, False = padding); word_weights B x T >= 0 (MGCA: the last-layer BERT [CLS]
+    attention of each word; 0 = not counted) -> clipped to the [0.1, 0.9] quantiles of the counted entries and
+    normalised per sample. patch_weights B x N (the ViT's cls_attn) -> clipped over all N patches and normalised;
+    None (a ResNet) -> uniform 1/N. Returns (loss_word, loss_patch). No gradient reaches the weights. As MGCA:
+    - each word attends over all patches with no mask; padded words are negatives in the word loss (their head
+      outputs are non-zero after the BatchNorm), but are masked on the patch side;
+    - the patch-side context c_j is not normalised for a ViT (patch_weights given), normalised for a ResNet.
+    Similarities and softmaxes in fp32. Memory B x T x N, no cross-sample terms (no DDP gather)."""
+    p, w = F.normalize(fp32(patch_emb), dim=-1), F.normalize(fp32(word_emb), dim=-1)
+    word_context = F.normalize((w @ p.mT / tau).softmax(-1) @ p, dim=-1)                  # B x T x E
+    loss_word = _weighted_diagonal_ce(w @ word_context.mT / tau, _clipped_weights(word_weights, word_mask
+                                                                                  & (word_weights > 0)))
+    affinity = (p @ w.mT / tau).masked_fill(~word_mask[:, None, :], float("-inf"))     # B x N x T
+    patch_context = affinity.softmax(-1) @ w                                            # B x N x E
+    if patch_weights is None:
+        patch_context = F.normalize(patch_context, dim=-1)
+        patch_weights = p.new_full(p.shape[:2], 1.0 / p.shape[1])
+    else:
+        patch_weights = _clipped_weights(patch_weights, torch.ones_like(patch_weights, dtype=torch.bool))
+    loss_patch = _weighted_diagonal_ce(p @ patch_context.mT / tau, patch_weights)
+    return loss_word, loss_patch
 
 
 # ================================================================================================================
@@ -947,15 +1099,15 @@ def export_image_encoder(path: str, encoder: nn.Module, mean: float, std: float,
 
 def build_image_encoder(arch: str, config: dict | None = None, weights: str | None = None) -> nn.Module:
     """An image encoder of the suite from its exported arch name and config (random init unless `weights`, which
-    only the torchvision ResNets have: "imagenet" or a state-dict path)."""
-    if arch in ("resnet18", "resnet50"):
-        return ImageEncoder(arch, weights)
+    only the torchvision models have: "imagenet" or a state-dict path)."""
+    if arch in ("resnet18", "resnet50", *VIT_CONFIGS):
+        return ImageEncoder(arch, weights, config=config)
     if weights not in (None, "none", ""):
-        raise ValueError(f"{arch} has no pre-trained weights to load (only resnet18 / resnet50 do)")
+        raise ValueError(f"{arch} has no pre-trained weights to load (only resnet18 / resnet50 / vit_b16 do)")
     if arch == SoftAttentionResNet.arch:
         return SoftAttentionResNet(**(config or {}))
     raise ValueError(f"unknown image encoder architecture {arch!r} (known: resnet18, resnet50, "
-                     f"{SoftAttentionResNet.arch})")
+                     f"{', '.join(VIT_CONFIGS)}, {SoftAttentionResNet.arch})")
 
 
 def load_image_encoder(path: str, map_location="cpu") -> tuple[nn.Module, dict]:

@@ -16,6 +16,13 @@ This script uses torchvision's FCOS (anchor-free, one point per feature-map cell
 exported encoder, so its numbers compare encoders within this suite and are NOT
 comparable with the YOLOv3 numbers in the papers' tables.
 
+A ViT export (one patch map at stride 16) gets ViTDet's simple feature pyramid first (Li et al. 2022,
+"Exploring Plain Vision Transformer Backbones for Object Detection", Sec. 3; facebookresearch/detectron2:
+detectron2/modeling/backbone/vit.py:SimpleFeaturePyramid), built from the last map only: c3 = a learned
+2×2 deconvolution (stride 8, C/2 channels), c4 = the map, c5 = 2×2 max-pooling (stride 32); then the same
+FPN and FCOS head. Our choice: the FPN keeps its top-down path (ViTDet finds it unnecessary, not harmful),
+and the deconvolution belongs to the detector (it trains with the frozen encoder's cached map).
+
 Detector: FPN (torchvision FeaturePyramidNetwork, `--fpn-channels` wide: 128, or 64 in the synthetic CPU
 demo, which also defaults to batch 16 and 15 epochs) on c3, c4, c5 (strides 8, 16, 32) -> P3-P5; FCOS
 head with `--head-convs` conv-GroupNorm-ReLU layers per branch (classification, box regression +
@@ -56,6 +63,8 @@ from collections import OrderedDict
 
 import numpy as np
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
 from torchvision.models.detection import FCOS
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.fcos import FCOSHead
@@ -170,12 +179,28 @@ def froc(preds, gts, fps=FROC_FPS):
 # ==== MODEL ====
 
 
+class Pyramid(nn.Module):
+    """[c1 .. c5] of a CNN -> FPN(c3, c4, c5) -> [P3, P4, P5]; [patch map] of a ViT (stride 16) -> ViTDet's simple
+    pyramid (deconv ×2, identity, max-pool ÷2) -> the same FPN."""
+
+    def __init__(self, channels, fpn_channels):
+        super().__init__()
+        c = channels[-1]
+        self.up = nn.ConvTranspose2d(c, c // 2, 2, stride=2) if len(channels) == 1 else None
+        self.fpn = FeaturePyramidNetwork([c // 2, c, c] if self.up is not None else channels[2:5], fpn_channels)
+        self.out_channels = fpn_channels
+
+    def forward(self, stages):
+        x = stages[-1]
+        c345 = [self.up(x), x, F.max_pool2d(x, 2)] if self.up is not None else stages[-3:]
+        return list(self.fpn(OrderedDict(zip(("c3", "c4", "c5"), c345))).values())
+
+
 def build_detector(channels, num_classes, image_size, fpn_channels=128, head_convs=2, score_thresh=0.05,
                    nms_thresh=0.5):
-    """FPN over c3-c5 + torchvision FCOS head. The returned FCOS's `backbone` is only the FPN: the ResNet
-    runs outside (frozen: cached features), see `detect`."""
-    fpn = FeaturePyramidNetwork(channels[2:5], fpn_channels)  # c3, c4, c5 -> P3, P4, P5
-    fpn.out_channels = fpn_channels
+    """Pyramid (FPN over c3-c5, or ViTDet's simple pyramid + FPN for a ViT) + torchvision FCOS head. The returned
+    FCOS's `backbone` is only the pyramid: the encoder runs outside (frozen: cached features), see `detect`."""
+    fpn = Pyramid(channels, fpn_channels)
     anchors = AnchorGenerator(sizes=((8,), (16,), (32,)), aspect_ratios=((1.0,),) * 3)
     head = FCOSHead(fpn_channels, 1, num_classes, num_convs=head_convs)
     return FCOS(fpn, num_classes, min_size=image_size, max_size=image_size, image_mean=[0.0], image_std=[1.0],
@@ -184,10 +209,10 @@ def build_detector(channels, num_classes, image_size, fpn_channels=128, head_con
 
 
 def detect(model, stages, image_size, targets=None):
-    """FCOS on given ResNet stages [c3, c4, c5] (B×C×h×w each). -> (loss dict or None, detections or None):
+    """FCOS on given encoder stages ([.., c3, c4, c5] or a ViT's [patch map]). -> (losses or None, detections or None):
     losses when targets (list of dict(boxes n×4, labels n)) are given, detections when the model is in eval
     mode. torchvision's FCOS.forward, minus its transform (inputs are already normalized and resized)."""
-    feats = list(model.backbone(OrderedDict(zip(("c3", "c4", "c5"), stages))).values())
+    feats = model.backbone(stages)
     b = feats[0].shape[0]
     images = ImageList(feats[0].new_zeros(1, 1, 1, 1).expand(b, 1, image_size, image_size),
                        [(image_size, image_size)] * b)
@@ -230,7 +255,7 @@ def evaluate(model, backbone, batches, split, image_size, batch_size, num_classe
         idx = torch.arange(i, min(i + batch_size, len(batches)))
         _, stages, _ = batches.get(idx, backbone)
         targets = targets_of(split, idx, batches.device)
-        losses, dets = detect(model, stages[-3:], image_size, targets)
+        losses, dets = detect(model, stages, image_size, targets)
         loss_sum += total_loss(losses).item() * len(idx)
         preds += [{k: v.cpu().numpy() for k, v in d.items()} for d in dets]
         gts += [{k: v.cpu().numpy() for k, v in t.items()} for t in targets]
@@ -262,7 +287,7 @@ def train_one(args, backbone, task_data, num_classes, seed):
             encoder_trains = finetune_phase(args, backbone, opt, step, finetune)
             model.train()
             _, stages, _ = train.get(idx, backbone, encoder_grad=encoder_trains)
-            losses, _ = detect(model, stages[-3:], size, targets_of(train_split, idx, device))
+            losses, _ = detect(model, stages, size, targets_of(train_split, idx, device))
             loss = total_loss(losses)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -288,10 +313,10 @@ def train_one(args, backbone, task_data, num_classes, seed):
 
 
 def c345_bytes(backbone, image_size):
-    """float32 bytes of one image's c3, c4, c5 maps (ResNet-50 at 224 px: 2.8 MB)."""
+    """float32 bytes of one image's c3, c4, c5 maps (ResNet-50 at 224 px: 2.8 MB) or of a ViT's patch map."""
     with torch.no_grad():
         stages = backbone.eval().feature_maps(torch.zeros(1, 1, image_size, image_size))
-    return 4 * sum(s.numel() for s in stages[2:])
+    return 4 * sum(s.numel() for s in stages[-3:])
 
 
 def main(argv=None):
@@ -340,7 +365,8 @@ def main(argv=None):
         feats = dict.fromkeys(order)
         if cached:  # frozen encoder + no augmentation: the features never change, so compute them once
             backbone.to(args.device)
-            feats = {s: extract_features(backbone, splits[s]["images"], mean, std, [2, 3, 4], args.batch_size,
+            levels = [2, 3, 4] if len(backbone.stage_channels) == 5 else [-1]  # c3-c5, or a ViT's patch map
+            feats = {s: extract_features(backbone, splits[s]["images"], mean, std, levels, args.batch_size,
                                          args.device) for s in order}
             backbone.cpu()
         task_data = dict(batches=[Batches(splits[s], mean, std, args.device, feats[s]) for s in order],
@@ -359,7 +385,8 @@ def main(argv=None):
               f"{'cached features' if cached else 'live encoder'})")
 
     print(f"\nDetection, {args.dataset} ({args.image_size} px, train fraction {args.fraction}, {args.seeds} seed(s)), "
-          f"FCOS on FPN(c3-c5) - not the papers' YOLOv3; test metrics in %, mean ± 1.96·s/√N over seeds.\n"
+          f"FCOS on FPN(c3-c5; ViT: ViTDet's simple pyramid) - not the papers' YOLOv3; test metrics in %, "
+          f"mean ± 1.96·s/√N over seeds.\n"
           f"map = AP (101-point) averaged over classes with ground truth and IoU 0.40:0.05:0.75; "
           f"froc = sensitivity averaged at 1/8 ... 8 false positives per image, centre-in-box hits.")
     print_table(rows, ["encoder", "mode", "lr", "map", "map50", "map75", "froc", "epochs"])

@@ -21,6 +21,15 @@ Heads:
           skips conv4, conv3, conv2, conv1 (stem) and the input, 1×1 conv to the classes. For ResNet-50
           (C5 = 2048) this is exactly 1024/512/256/128/64. Frozen, or `--finetune`: the encoder stays
           frozen for `--warmup-steps` optimizer steps at lr 1e-3, then everything trains at `--lr`.
+  setr    MGCA's SETR-style decoder for a ViT (HKU-MedAI/MGCA:mgca/models/backbones/transformer_seg.py:
+          SETRModel with sample_rate 4): a per-patch Linear(C, C) on the patch-token map, four stages of
+          conv3×3-BN-ReLU + bilinear ×2 upsampling with widths 512/256/128/64, a final conv3×3 to the classes
+          (patch 16: 14×14 -> 224×224); frozen encoder (MGCA's protocol). On a ResNet it reads conv5 and the
+          output is resized to the input.
+
+A ViT export (ImageEncoder vit_b16 / vit_tiny) has one feature map, the patch grid after the final
+LayerNorm (stride 16), so it takes the `linear` and `setr` heads; the U-Net needs the five ResNet stages
+and refuses it. The ViT is evaluated at its pre-training size (its position embeddings are not resized).
 
 Metrics (state them next to every table):
   dice       dataset-level (micro) Dice as LoVT reports it: all test pixels pooled, sigmoid > 0.5,
@@ -74,7 +83,7 @@ def add_common_eval_args(parser):
     """Flags shared by eval_seg.py and eval_det.py."""
     a = parser.add_argument
     a("--encoder", action="append", default=None,
-      help="image_encoder.pt | random[:arch] | imagenet[:resnet18|resnet50]; repeat to compare "
+      help="image_encoder.pt | random[:arch] | imagenet[:resnet18|resnet50|vit_b16]; repeat to compare "
            "(default: random)")
     a("--dataset", default="synthetic", help="synthetic | rsna | siim | covid-rural | object-cxr | nih | folder")
     a("--data-root", default=None, help="dataset folder (not needed for synthetic)")
@@ -103,7 +112,7 @@ def load_encoders(specs, image_size):
     encoder.feature_maps(x) -> [c1 .. c5] at strides 2 .. 32 and encoder.stage_channels; meta = the exported dict
     without the state dict (for the baselines: arch and method). `random` without an arch is the architecture (and
     configuration) of the first exported encoder in `specs`, randomly initialised, so that the baseline matches;
-    `imagenet` without an arch takes the first exported ResNet's (ResNet-50 if there is none).
+    `imagenet` without an arch takes the first exported ResNet's or ViT-B/16's (ResNet-50 if there is none).
     """
     loaded = {}
     for spec in specs:
@@ -121,7 +130,8 @@ def load_encoders(specs, image_size):
             print(f"note: {spec} was pre-trained at {meta['image_size']} px and is evaluated at {image_size} px")
         loaded[spec] = (encoder, meta)
     first = next((meta for _, meta in loaded.values()), dict(arch="resnet50"))
-    first_resnet = next((m["arch"] for _, m in loaded.values() if m["arch"] in ("resnet18", "resnet50")), "resnet50")
+    first_pretrained = next((m["arch"] for _, m in loaded.values()
+                             if m["arch"] in ("resnet18", "resnet50", "vit_b16")), "resnet50")
 
     encoders, names = [], set()
     for spec in specs:
@@ -131,7 +141,7 @@ def load_encoders(specs, image_size):
             name = os.path.basename(folder) if file == "image_encoder.pt" else os.path.splitext(file)[0]
         else:
             kind, _, arch = spec.partition(":")
-            arch = arch or (first["arch"] if kind == "random" else first_resnet)
+            arch = arch or (first["arch"] if kind == "random" else first_pretrained)
             config = first.get("config") if arch == first["arch"] else None
             torch.manual_seed(0)  # the same random encoder in every run
             # common.ImageEncoder: 1-channel conv1, ImageNet conv1 summed over RGB (= grayscale repeated).
@@ -152,7 +162,13 @@ def load_encoders(specs, image_size):
 
 
 def check_strides(spec, encoder, image_size):
-    """The heads need c1 .. c5 at strides 2, 4, 8, 16, 32 (JoImTeRNet with --stem-stride 4 has 8 .. 128)."""
+    """The heads need c1 .. c5 at strides 2, 4, 8, 16, 32 (JoImTeRNet with --stem-stride 4 has 8 .. 128), or a
+    ViT's one patch map at its pre-training size (fixed position embeddings)."""
+    if getattr(encoder, "is_vit", False):
+        if image_size != encoder.config["image_size"]:
+            raise SystemExit(f"--encoder {spec}: a {encoder.arch} pre-trained at {encoder.config['image_size']} px "
+                             f"is evaluated at that size: pass --image-size {encoder.config['image_size']}")
+        return
     with torch.no_grad():
         sides = [m.shape[-1] for m in encoder.eval().feature_maps(torch.zeros(1, 1, image_size, image_size))]
     if sides != [image_size // 2 ** k for k in range(1, 6)]:
@@ -262,7 +278,8 @@ def load_splits(args, image_size, task="seg"):
 
 @torch.no_grad()
 def extract_features(backbone, images, mean, std, stages, batch_size, device):
-    """Frozen features of uint8 N×S×S images: the listed stage indices (0 = c1 … 4 = c5), each a float32
+    """Frozen features of uint8 N×S×S images: the listed stage indices (0 = c1 … 4 = c5, -1 the last
+    map: c5, or a ViT's patch map), each a float32
     CPU tensor N×C×h×w. The backbone must be in eval mode (BN running statistics, LoVT's frozen mode)."""
     out = [[] for _ in stages]
     for i in tqdm(range(0, len(images), batch_size), desc="features", leave=False):
@@ -372,6 +389,25 @@ class UpBlock(nn.Module):
         return self.convs(torch.cat([self.up(x), skip], 1))
 
 
+class SETRHead(nn.Module):
+    """MGCA's SETR-style decoder (HKU-MedAI/MGCA:mgca/models/backbones/transformer_seg.py: Encoder2D.final_dense
+    and Decoder2D): per-patch Linear(C, C) (a 1×1 conv), 4 × [conv3×3 -> BN -> ReLU -> bilinear ×2 (align_corners,
+    as there)] with widths 512/256/128/64, conv3×3 to the classes; resized to the input if the map's stride is
+    not 16."""
+
+    def __init__(self, channels, n_classes, widths=(512, 256, 128, 64)):
+        super().__init__()
+        stages, cin = [nn.Conv2d(channels[-1], channels[-1], 1)], channels[-1]
+        for w in widths:
+            stages += [conv_bn_relu(cin, w), nn.Upsample(scale_factor=2, mode="bilinear", align_corners=True)]
+            cin = w
+        self.decoder = nn.Sequential(*stages, nn.Conv2d(cin, n_classes, 3, padding=1))
+
+    def forward(self, x, stages):  # stages[-1]: the patch map B×C×S/16×S/16
+        y = self.decoder(stages[-1])
+        return y if y.shape[-2:] == x.shape[-2:] else F.interpolate(y, size=x.shape[-2:], mode="bilinear")
+
+
 class ResUNetHead(nn.Module):
     """LoVT's ResUNet decoder, widths C5/2 … C5/32 (ResNet-50: 1024, 512, 256, 128, 64)."""
 
@@ -393,7 +429,7 @@ class ResUNetHead(nn.Module):
 
 def build_head(kind, backbone, n_classes):
     channels = backbone.stage_channels
-    return LinearSegHead(channels, n_classes) if kind == "linear" else ResUNetHead(channels, n_classes)
+    return {"linear": LinearSegHead, "setr": SETRHead, "unet": ResUNetHead}[kind](channels, n_classes)
 
 
 @torch.no_grad()
@@ -480,8 +516,8 @@ def cache_fits(backbone, image_size, n_images, limit_gb):
 
 def main(argv=None):
     parser = add_common_eval_args(argparse.ArgumentParser(description=__doc__.split("\n")[0]))
-    parser.add_argument("--head", action="append", choices=["linear", "unet"], default=None,
-                        help="segmentation head, repeat for both (default: linear)")
+    parser.add_argument("--head", action="append", choices=["linear", "unet", "setr"], default=None,
+                        help="segmentation head, repeat for several (default: linear; setr for a ViT)")
     parser.add_argument("--finetune", action="store_true", help="unet: train the encoder too, after the warm-up")
     parser.add_argument("--warmup-steps", type=int, default=100, help="fine-tune: frozen-encoder steps first")
     parser.add_argument("--warmup-lr", type=float, default=1e-3, help="fine-tune: lr of the warm-up steps")
@@ -511,6 +547,9 @@ def main(argv=None):
     rows = []
     n_all = sum(len(d["images"]) for d in splits.values())
     for name, backbone, meta in load_encoders(args.encoder, image_size):
+        if "unet" in heads and len(backbone.stage_channels) != 5:
+            raise SystemExit(f"--encoder {name}: the U-Net needs the five stages of a CNN; a {meta['arch']} has one "
+                             f"patch map: use --head setr (MGCA's ViT decoder) or --head linear")
         # Frozen encoder + no augmentation: the features never change, so compute them once per encoder
         # (conv5 for the linear head; all stages when a frozen unet is asked for and they fit in memory).
         frozen_heads = [k for k in heads if not (args.finetune and k == "unet")]
@@ -521,7 +560,7 @@ def main(argv=None):
         t = time.time()
         if frozen_heads:
             backbone.to(args.device)
-            stages = [0, 1, 2, 3, 4] if cache_all else [4]
+            stages = [0, 1, 2, 3, 4] if cache_all else [-1]
             cache = {s: extract_features(backbone, d["images"], mean, std, stages, args.batch_size, args.device)
                      for s, d in splits.items()}
             backbone.cpu()
@@ -530,14 +569,14 @@ def main(argv=None):
             t = time.time()
             finetune = args.finetune and kind == "unet"
             mode = "finetune" if finetune else "frozen"
-            cached = kind == "linear" or (cache_all and not finetune)
-            feats = {s: (cache[s][-1:] if kind == "linear" else cache[s]) if cached else None for s in splits}
+            cached = kind != "unet" or (cache_all and not finetune)
+            feats = {s: (cache[s][-1:] if kind != "unet" else cache[s]) if cached else None for s in splits}
             batches = [Batches(splits[s], mean, std, args.device, feats[s]) for s in ("train", "validate", "test")]
             run = lambda lr, seed: train_one(argparse.Namespace(**{**vars(args), "lr": lr}), kind, backbone,
                                              batches, len(classes), seed)
             # LoVT's LR selection: one run (seed 0) per grid value, the best validation Dice wins, then the
             # remaining seeds with that lr. A single lr is a grid of one.
-            grid = args.lr_grid or [args.lr or {"linear": 3e-3, "unet": 1e-4 if finetune else 3e-4}[kind]]
+            grid = args.lr_grid or [args.lr or {"linear": 3e-3, "setr": 3e-4, "unet": 1e-4 if finetune else 3e-4}[kind]]
             trials = {lr: run(lr, 0) for lr in tqdm(grid, desc=f"{name} {kind} {mode} lr", disable=len(grid) == 1)}
             lr = max(grid, key=lambda v: trials[v]["best_val_dice"])
             runs = [trials[lr]] + [run(lr, seed) for seed in tqdm(range(1, args.seeds), desc=f"{name} {kind} {mode}")]

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 
+import common
 import eval_det
 from eval_det import IOU_THRESHOLDS, average_precision, box_iou, detection_map, froc
 
@@ -113,3 +114,17 @@ def test_main_finetune_changes_encoder(tmp_path, monkeypatch):
     rows, _ = run_main(tmp_path, "--finetune", "--warmup-steps", "1")
     assert rows[0]["mode"] == "finetune" and 0.0 <= rows[0]["map"][0] <= 1.0
     assert seen["exported weights untouched"]  # each seed fine-tunes a copy
+
+
+def test_main_vit_export_simple_pyramid(tmp_path):
+    torch.manual_seed(0)
+    enc = common.ImageEncoder("vit_tiny", config=dict(image_size=64, width=32, layers=1, heads=2, mlp=64))
+    path = tmp_path / "image_encoder.pt"
+    common.export_image_encoder(str(path), enc, 0.5, 0.25, 64, "place")
+    pyramid = eval_det.Pyramid([32], 16)
+    feats = pyramid([torch.randn(2, 32, 4, 4)])  # stride 16 -> P3, P4, P5 at strides 8, 16, 32
+    assert [f.shape[-1] for f in feats] == [8, 4, 2] and all(f.shape[1] == 16 for f in feats)
+    rows = eval_det.main(["--encoder", str(path), "--synthetic-samples", "20", "--image-size", "64", "--epochs", "1",
+                          "--batch-size", "4", "--fpn-channels", "32", "--head-convs", "1", "--out",
+                          str(tmp_path / "det")])
+    assert rows[0]["encoder"] == path.parent.name and 0.0 <= rows[0]["map"][0] <= 1.0

@@ -4,6 +4,7 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch.nn as nn
 from PIL import Image
 
 import common
@@ -150,3 +151,36 @@ def test_bad_records_are_named_or_skipped(tmp_path):
     args.data_root, args.fraction, args.skip_bad = str(tmp_path / "b"), 1.0, False
     with pytest.raises(SystemExit, match="ghost"):
         es.load_splits(args, 64)
+
+
+def _vit_export(tmp_path, size=64):
+    torch.manual_seed(0)
+    enc = common.ImageEncoder("vit_tiny", config=dict(image_size=size, width=32, layers=1, heads=2, mlp=64))
+    path = tmp_path / "place_run" / "image_encoder.pt"
+    path.parent.mkdir(exist_ok=True)
+    common.export_image_encoder(str(path), enc, 0.5, 0.25, size, "place")
+    return str(path)
+
+
+def test_setr_head_follows_mgca_layout():
+    head = es.SETRHead([32], n_classes=2)
+    convs = [m for m in head.decoder if isinstance(m, nn.Sequential)]
+    assert [c[0].out_channels for c in convs] == [512, 256, 128, 64]  # MGCA's decode_features
+    assert head(torch.randn(2, 1, 64, 64), [torch.randn(2, 32, 4, 4)]).shape == (2, 2, 64, 64)  # x16: patch 16
+
+
+def test_end_to_end_vit_export_setr_and_linear(tmp_path):
+    path = _vit_export(tmp_path)
+    out = tmp_path / "vit"
+    rows = es.main(["--encoder", path, "--encoder", "random", "--synthetic-samples", "10", "--image-size", "64",
+                    "--batch-size", "8", "--head", "setr", "--head", "linear", "--epochs", "1", "--seeds", "1",
+                    "--out", str(out)])
+    assert [(r["encoder"], r["head"]) for r in rows] == [("place_run", "setr"), ("place_run", "linear"),
+                                                         ("random-vit_tiny", "setr"), ("random-vit_tiny", "linear")]
+    assert all(0 <= r["dice"][0] <= 1 for r in rows)
+    with pytest.raises(SystemExit, match="five stages"):  # the U-Net needs a CNN
+        es.main(["--encoder", path, "--synthetic-samples", "10", "--image-size", "64", "--head", "unet",
+                 "--epochs", "1", "--seeds", "1", "--out", str(out)])
+    with pytest.raises(SystemExit, match="--image-size 64"):  # fixed position embeddings
+        es.main(["--encoder", path, "--synthetic-samples", "10", "--image-size", "96", "--epochs", "1",
+                 "--out", str(out)])

@@ -1,0 +1,681 @@
+"""PLACE: pathological-level cross-modal alignment and correlation exploration, in one file.
+
+Paper: J. Wang, L. Zhu, X. Yu, A. Bhalerao, Y. He, "Improving Medical Visual Representation Learning with
+Pathological-level Cross-Modal Alignment and Correlation Exploration", arXiv 2506.10573 (2025). No official code
+was found. Only the abstract, the Fig. 1 caption and a third-party summary of the full text were available, so
+everything below the encoders is a reconstruction on the MGCA code base the paper extends (HKU-MedAI/MGCA,
+mgca/models/mgca/mgca_module.py). Each piece is marked where it is implemented: "paper:" (abstract / Fig. 1),
+"third-party summary:" (a TL;DR that saw the full text), "as MGCA:" (checked in MGCA's code) or "our choice:".
+
+Model. A ViT-B/16 gives the [CLS] feature g and 196 patch tokens P (as MGCA); a BERT gives the [CLS] report feature
+t and word tokens W (word pieces summed into words, as MGCA). MGCA's BN-MLP heads project g, t (and P, W per token)
+to 128-d. New modules:
+  VPOE     K = 14 learnable pathology queries Q (K x d), 2 pre-LN decoder layers (self-attention among the queries,
+           cross-attention to P, FFN) -> V-PORs V (K x d) -> Linear -> v_k (third-party summary: query tokens;
+           our choice: K, depth, the layer)
+  TPOE     the same architecture with the SAME query embeddings Q (separate decoder weights) over W, padding masked
+           -> T-PORs -> u_k. Slot k of an image is paired with slot k of its report: no labels, no clustering
+           (paper: annotation-free; our choice: the construction)
+  CCE      target C* = the centred, L2-normalised patch-correlation matrix of the full view (N x N, stop-gradient);
+           input: a random 50 % of the patches encoded MAE-style by the same ViT; predictor: visible tokens and
+           mask tokens at their places + 2-D sin-cos positions, 2 decoder layers whose cross-attention reads the
+           report words W, Linear(d -> 256) -> z; C^ = corr(z) (third-party summary: patch covariance predicted
+           conditioned on the report; our choice: everything else)
+Losses (cos-similarities of L2-normalised vectors, CE = mean cross-entropy over rows):
+  ITA   S_ij = g_i . t_j / 0.07;  L_ITA = CE(S) + CE(S^T)                               (as MGCA, gathered)
+  TCA   MGCA's token-wise alignment within each pair (word <-> patch attention at 0.1, importance weights)
+  PCMA  inter: l^k_ab = v_ak . u_bk / 0.1;  L_inter = (1/K) sum_k (CE(l^k) + CE(l^k^T)) / 2       (gathered)
+        intra: l^a_kk' = v_ak . u_ak' / 0.1; L_intra = (1/B) sum_a (CE(l^a) + CE(l^a^T)) / 2
+  CCE   L_CCE = (1/N^2) sum_ij (C^_ij - C*_ij)^2;  --cce-loss kl: row-wise KL(softmax(C*/0.05) || softmax(C^/0.1))
+  total L = L_ITA + L_TCA + (L_inter + L_intra) + L_CCE   (MGCA's prototype term CPA is replaced by PCMA)
+Training (our choice on MGCA's defaults): AdamW (0.9, 0.999), wd 0.05, lr 2e-5 for the encoders and 1e-4 for the new
+modules and heads, linear warm-up over 40 % of the steps then cosine to 1e-8, 50 epochs, batch 144, early stopping
+(patience 5) on the validation loss, seed 42.
+
+Commands:
+  python place.py                                              # demo: tiny ViT, synthetic data, minutes on 2 CPUs
+  python place.py --preset paper --data mimic --data-root CACHE                          # ViT-B/16, one GPU
+  torchrun --nproc_per_node=2 place.py --preset paper --data mimic --data-root CACHE --batch-size 72
+  python place.py --preset paper-r50 --data mimic --data-root CACHE   # ResNet-50 for detection (no CCE)
+  python place.py --resume --out-dir runs/place-XXXX                   # continue a killed run
+  python place.py --bench 20                                           # images/s
+The run folder (default runs/place-<time>) holds args.json, metrics.csv (with the PCMA slot accuracies), val.csv,
+ckpt.pt, best.pt, image_encoder.pt, text_encoder/, eval.json and viz/ (per-slot V-POR maps with each slot's
+T-POR words, CCE target vs prediction).
+
+Deviations / our choices:
+- our choice: the queries live in d = the text width (768 for both ViT-B and BERT); cross-attention reads
+  memories of any width (kdim/vdim), so a ResNet's 2048-d regions need no extra projection.
+- our choice: with a ResNet (--image-arch resnet50, for MGCA's detection protocol) CCE is off (--no-cce is
+  required): a CNN cannot encode only the visible patches. TCA then weights the regions uniformly (as MGCA does
+  for its ResNet).
+- our choice: the report-conditioning check zeroes the word tokens the CCE predictor reads (the padding mask is
+  kept) and compares L_CCE on the test split with the same masks.
+- as MGCA: MGCA trains in fp32; here bf16 autocast where supported, fp32 on CPU; losses in fp32.
+- our choice: the demo preset (tiny ViT at 128 px, 2-layer BERT from scratch, one lr for everything) trades the
+  recipe for a 2-core CPU budget.
+"""
+import math
+import os
+import textwrap
+from contextlib import nullcontext
+from dataclasses import dataclass
+from functools import partial
+from typing import Literal, Optional
+
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw
+from torch import nn
+from torch.utils.data import DataLoader, DistributedSampler
+
+import common
+import data
+from common import arg
+
+
+@dataclass
+class Args:
+    """PLACE pre-training (defaults = the reconstruction's paper recipe; `--preset demo` without --data)."""
+    preset: Optional[str] = arg(None, "paper | paper-r50 | demo (default: demo without --data, else paper)")
+    # data and run
+    data: str = arg("synthetic", "synthetic | mimic | csv")
+    data_root: str = arg("", "mimic: the prepare-mimic cache folder; csv: the pairs CSV")
+    train_samples: int = arg(0, "use only the first N training pairs (0 = all; synthetic: how many are generated)")
+    eval_samples: int = arg(0, "use only the first N validation / test pairs (0 = all; synthetic: 500)")
+    skip_bad: bool = arg(False, "skip unreadable / inconsistent records and count them (else stop and list them)")
+    out_dir: str = arg("", "run folder (default runs/place-<time>)")
+    resume: bool = arg(False, "continue from ckpt.pt in --out-dir")
+    max_steps: int = arg(0, "stop after this many optimizer steps (0 = no limit)")
+    bench: int = arg(0, "time N optimizer steps on synthetic data, print throughput, exit")
+    viz: int = arg(0, "write V-POR / T-POR slot maps and CCE matrices for this many test images")
+    seed: int = arg(42, "seed (model init; data order uses seed + rank)")
+    workers: int = arg(8, "DataLoader workers per process")
+    device: str = arg("", "cuda | cpu (default: cuda if available)")
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = arg("auto", "auto: bf16/fp16 on GPU, fp32 on CPU")
+    ckpt_every: int = arg(500, "write ckpt.pt every N optimizer steps (and at every epoch end)")
+    log_every: int = arg(10, "log every N optimizer steps")
+    # encoders and heads
+    image_arch: str = arg("vit_b16", "vit_b16 | resnet50 (detection; needs --no-cce) | vit_tiny | resnet18")
+    image_weights: str = arg("imagenet", "imagenet (DeiT-B / torchvision) | none | path to a state dict")
+    image_size: int = arg(224, "input size (14 x 14 patches at 224)")
+    text_model: str = arg("emilyalsentzer/Bio_ClinicalBERT", "name/path, or tiny (random init, vocabulary from "
+                          "the training reports)")
+    text_width: int = arg(128, "hidden size of the tiny BERT (= the query width d in the demo)")
+    max_length: int = arg(112, "token limit of a report incl. [CLS]/[SEP] (as MGCA)")
+    emb_dim: int = arg(128, "output of MGCA's heads, the V-POR / T-POR projections")
+    head_hidden: int = arg(2048, "hidden width of MGCA's BN-MLP heads")
+    # new modules
+    num_queries: int = arg(14, "K pathology queries")
+    decoder_layers: int = arg(2, "layers of the VPOE, the textual extractor and the CCE predictor")
+    decoder_heads: int = arg(12, "attention heads of those decoders")
+    decoder_ffn: int = arg(3072, "FFN width of those decoders")
+    dropout: float = arg(0.1, "dropout of those decoders")
+    cce_dim: int = arg(256, "output width of the CCE predictor")
+    mask_ratio: float = arg(0.5, "CCE: fraction of the patches hidden from the masked view")
+    cce_loss: Literal["mse", "kl"] = arg("mse", "CCE loss: mse, or row-wise KL of the softmaxed matrices")
+    tau_ita: float = arg(0.07, "ITA temperature")
+    tau_tca: float = arg(0.1, "TCA temperature")
+    tau_pcma: float = arg(0.1, "PCMA temperature")
+    ita: bool = arg(True, "L_ITA in the total (--no-ita: ablation)")
+    tca: bool = arg(True, "L_TCA in the total (--no-tca: ablation)")
+    pcma: bool = arg(True, "L_PCMA in the total (--no-pcma: ablation)")
+    cce: bool = arg(True, "L_CCE in the total (--no-cce: ablation; required with a ResNet)")
+    # optimisation
+    batch_size: int = arg(144, "micro-batch per process (negatives and BN statistics)")
+    accum: int = arg(1, "micro-batches per optimizer step, whole job (each of W processes does accum / W)")
+    lr_encoders: float = arg(2e-5, "AdamW lr of the image and text encoders")
+    lr_new: float = arg(1e-4, "AdamW lr of the queries, decoders, CCE predictor and heads")
+    weight_decay: float = arg(0.05, "AdamW weight decay")
+    warmup: float = arg(0.4, "linear warm-up over this fraction of the steps, then cosine")
+    min_lr: float = arg(1e-8, "end of the cosine")
+    epochs: int = arg(50, "maximum epochs")
+    patience: int = arg(5, "early stopping: epochs without a validation-loss improvement > 1e-5")
+
+
+PRESETS = {
+    "paper": dict(data="mimic"),
+    "paper-r50": dict(data="mimic", image_arch="resnet50", cce=False),
+    # 2 CPU cores, ~2 minutes: tiny ViT and BERT from scratch at one lr, no warm-up.
+    "demo": dict(data="synthetic", image_arch="vit_tiny", image_weights="none", image_size=128, text_model="tiny",
+                 head_hidden=256, decoder_heads=4, decoder_ffn=256, cce_dim=64, batch_size=32, lr_encoders=1e-3,
+                 lr_new=1e-3, weight_decay=1e-4, warmup=0.05, epochs=1, train_samples=2000, eval_samples=300,
+                 workers=0, viz=2, ckpt_every=50, log_every=5),
+}
+
+
+# ==== METHOD: PLACE ====
+# ---- shared layer: a pre-LN Transformer decoder layer that returns its cross-attention ----
+class DecoderLayer(nn.Module):
+    """x += SA(LN x); x, attn = x + CA(LN x, memory); x += FFN(LN x). memory may have another width (kdim/vdim).
+    Returns the cross-attention probabilities averaged over heads (B x Q x M): the slot maps."""
+
+    def __init__(self, d, memory_dim, heads, ffn, dropout):
+        super().__init__()
+        self.norm_self, self.norm_cross, self.norm_ffn = nn.LayerNorm(d), nn.LayerNorm(d), nn.LayerNorm(d)
+        self.self_attn = nn.MultiheadAttention(d, heads, dropout, batch_first=True)
+        self.cross_attn = nn.MultiheadAttention(d, heads, dropout, batch_first=True, kdim=memory_dim,
+                                                vdim=memory_dim)
+        self.ffn = nn.Sequential(nn.Linear(d, ffn), nn.GELU(), nn.Dropout(dropout), nn.Linear(ffn, d))
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x, memory, memory_pad=None):
+        """x B x Q x d, memory B x M x C, memory_pad B x M bool (True = padding) or None."""
+        h = self.norm_self(x)
+        x = x + self.drop(self.self_attn(h, h, h, need_weights=False)[0])
+        h, attn = self.cross_attn(self.norm_cross(x), memory, memory, key_padding_mask=memory_pad)
+        x = x + self.drop(h)
+        return x + self.drop(self.ffn(self.norm_ffn(x))), attn
+
+
+class ObservationExtractor(nn.Module):
+    """VPOE (memory = patch tokens) or the textual extractor (memory = word tokens): the K shared queries through
+    `layers` decoder layers, a final LayerNorm and Linear(d -> emb_dim). -> (PORs B x K x emb_dim, unnormalised;
+    the last layer's cross-attention B x K x M)."""
+
+    def __init__(self, d, memory_dim, emb_dim, layers, heads, ffn, dropout):
+        super().__init__()
+        self.layers = nn.ModuleList(DecoderLayer(d, memory_dim, heads, ffn, dropout) for _ in range(layers))
+        self.norm, self.project = nn.LayerNorm(d), nn.Linear(d, emb_dim)
+
+    def forward(self, queries, memory, memory_pad=None):
+        x = queries.expand(len(memory), -1, -1)
+        for layer in self.layers:
+            x, attn = layer(x, memory, memory_pad)
+        return self.project(self.norm(x)), attn
+
+
+# ---- PCMA ----
+def pcma_loss(v, u, v_all=None, u_all=None, offset=0, tau=0.1):
+    """Pathological-level cross-modal alignment. v, u: B x K x D V-PORs / T-PORs of this rank's pairs (normalised
+    here, fp32); v_all, u_all: the gathered (world * B) x K x D ones (None = this batch; no DDP); offset: this rank's
+    first row in them. -> (L_inter, L_intra, intra_acc, inter_acc), scalars, the accuracies detached.
+
+      inter (per slot k, across samples):  l^k_ab = v_ak . u_bk / tau,
+            L_inter = (1/K) sum_k (CE_rows(l^k) + CE_cols(l^k)) / 2      (rank r: its rows vs all columns, both ways)
+      intra (per sample a, across slots):  l^a_kk' = v_ak . u_ak' / tau,
+            L_intra = (1/B) sum_a (CE_rows(l^a) + CE_cols(l^a)) / 2      (needs no gather)
+    Under DDP with gathered v_all / u_all and DDP's gradient averaging, the loss and gradients equal one process
+    on the full batch (tested). intra_acc: share of (a, k) whose v_ak is closest to u_ak among a's slots (chance
+    1/K); inter_acc: share of (a, k) whose v_ak retrieves u_ak among all samples' slot k."""
+    dtype = torch.promote_types(v.dtype, torch.float32)
+    v, u = F.normalize(v.to(dtype), dim=-1), F.normalize(u.to(dtype), dim=-1)
+    v_all = v if v_all is None else F.normalize(v_all.to(dtype), dim=-1)
+    u_all = u if u_all is None else F.normalize(u_all.to(dtype), dim=-1)
+    B, K = v.shape[:2]
+    labels = (torch.arange(B, device=v.device) + offset).repeat(K)  # row (k, b) -> column b + offset
+    v2u = torch.einsum("bkd,nkd->kbn", v, u_all) / tau  # K x B x NB
+    u2v = torch.einsum("bkd,nkd->kbn", u, v_all) / tau
+    inter = (F.cross_entropy(v2u.flatten(0, 1), labels) + F.cross_entropy(u2v.flatten(0, 1), labels)) / 2
+    slots = torch.arange(K, device=v.device).repeat(B)
+    within = v @ u.transpose(1, 2) / tau  # B x K x K
+    intra = (F.cross_entropy(within.flatten(0, 1), slots)
+             + F.cross_entropy(within.transpose(1, 2).flatten(0, 1), slots)) / 2
+    intra_acc = (within.argmax(-1).flatten() == slots).to(dtype).mean().detach()
+    inter_acc = (v2u.argmax(-1).flatten() == labels).to(dtype).mean().detach()
+    return inter, intra, intra_acc, inter_acc
+
+
+# ---- CCE ----
+def patch_correlation(tokens):
+    """B x N x C -> B x N x N correlation over patches (fp32): centre each channel across the N patches,
+    L2-normalise each patch vector, Gram matrix. Symmetric, unit diagonal, entries in [-1, 1]."""
+    t = common.fp32(tokens)
+    t = F.normalize(t - t.mean(1, keepdim=True), dim=-1)
+    return t @ t.transpose(1, 2)
+
+
+def cce_loss(predicted, target, kind="mse", tau_target=0.05, tau_pred=0.1):
+    """predicted C^, target C* (B x N x N, the target already detached).
+    mse: (1/N^2) sum_ij (C^_ij - C*_ij)^2, averaged over the batch.
+    kl:  (1/N) sum_i KL(softmax_j(C*_ij / tau_target) || softmax_j(C^_ij / tau_pred)), averaged over the batch."""
+    predicted, target = common.fp32(predicted), common.fp32(target)
+    if kind == "mse":
+        return (predicted - target).pow(2).mean()
+    log_p = F.log_softmax(target / tau_target, -1)
+    return (log_p.exp() * (log_p - F.log_softmax(predicted / tau_pred, -1))).sum(-1).mean()
+
+
+def random_keep_index(batch, num_patches, mask_ratio, generator=None, device=None):
+    """B x round((1 - mask_ratio) N) indices of the visible patches, a uniform random subset per image, sorted."""
+    keep = round((1 - mask_ratio) * num_patches)
+    if not 0 < keep <= num_patches:
+        raise ValueError(f"mask ratio {mask_ratio} leaves {keep} of {num_patches} patches visible")
+    noise = torch.rand(batch, num_patches, generator=generator)
+    return noise.argsort(1)[:, :keep].sort(1).values.to(device)
+
+
+def sincos_2d(h, w, dim):
+    """MAE's fixed 2-D sin-cos positional embedding (facebookresearch/mae:util/pos_embed.py): half the channels
+    encode the row, half the column, each as sin/cos of geometric frequencies. -> (h * w) x dim, row-major."""
+    if dim % 4:
+        raise ValueError(f"sin-cos positions need a width divisible by 4, got {dim}")
+    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float32) / (dim // 4))
+    rows, cols = torch.meshgrid(torch.arange(h, dtype=torch.float32), torch.arange(w, dtype=torch.float32),
+                                indexing="ij")
+    parts = [f(pos.flatten()[:, None] * omega) for pos in (rows, cols) for f in (torch.sin, torch.cos)]
+    return torch.cat(parts, 1)
+
+
+class CCEPredictor(nn.Module):
+    """The masked view's visible tokens (B x V x d) at their places, a shared learnable mask token elsewhere, plus
+    2-D sin-cos positions; `layers` decoder layers whose cross-attention reads the report words; LayerNorm and
+    Linear(d -> out_dim). -> z: B x N x out_dim (C^ = patch_correlation(z))."""
+
+    def __init__(self, d, text_dim, out_dim, layers, heads, ffn, dropout):
+        super().__init__()
+        self.mask_token = nn.Parameter(torch.randn(d) * 0.02)
+        self.layers = nn.ModuleList(DecoderLayer(d, text_dim, heads, ffn, dropout) for _ in range(layers))
+        self.norm, self.project = nn.LayerNorm(d), nn.Linear(d, out_dim)
+
+    def forward(self, visible, keep_index, grid, words, word_pad):
+        B, _, d = visible.shape
+        x = self.mask_token.to(visible.dtype).expand(B, grid[0] * grid[1], d)
+        x = x.scatter(1, keep_index[..., None].expand(-1, -1, d), visible)
+        x = x + sincos_2d(*grid, d).to(x)
+        for layer in self.layers:
+            x, _ = layer(x, words, word_pad)
+        return self.project(self.norm(x))
+
+
+# ---- the model ----
+class PLACE(nn.Module):
+    """Image and text encoders, MGCA's heads, the K shared pathology queries, VPOE, the textual extractor and (ViT)
+    the CCE predictor. forward(batch) -> dict with `loss` (weighted total), every term unweighted and the PCMA
+    accuracies."""
+
+    def __init__(self, args, tokenizer):
+        super().__init__()
+        self.args, self.sep_id, vit = args, tokenizer.sep_token_id, args.image_arch.startswith("vit")
+        if not vit and args.cce:  # our choice: CCE only with the ViT
+            raise SystemExit(f"CCE encodes only the visible patches, which needs a ViT: with --image-arch "
+                             f"{args.image_arch} pass --no-cce (as --preset paper-r50 does)")
+        self.image_encoder = common.ImageEncoder(args.image_arch, args.image_weights,
+                                                 config=dict(image_size=args.image_size) if vit else None)
+        self.text_encoder = common.TextEncoder(args.text_model, tokenizer, hidden_size=args.text_width,
+                                               num_heads=max(1, args.text_width // 32))
+        ci, ct, e, h = self.image_encoder.out_dim, self.text_encoder.out_dim, args.emb_dim, args.head_hidden
+        self.global_image, self.global_text, self.local_image, self.local_text = (
+            common.mgca_head(c, e, h) for c in (ci, ct, ci, ct))  # as MGCA
+        self.text_encoder.bert.set_attn_implementation("eager")  # MGCA's word weights need the attention maps
+        decoder = (args.decoder_layers, args.decoder_heads, args.decoder_ffn, args.dropout)
+        # third-party summary: pathology query tokens; our choice: N(0, 0.02^2), shared by both extractors
+        self.queries = nn.Parameter(torch.randn(args.num_queries, ct) * 0.02)
+        self.vpoe = ObservationExtractor(ct, ci, e, *decoder)
+        self.tpoe = ObservationExtractor(ct, ct, e, *decoder)
+        self.cce = CCEPredictor(ci, ct, args.cce_dim, *decoder) if vit else None
+
+    def image_features(self, images):
+        """-> encoder output dict; the ViT's has `cls_attn` B x N, the last block's head-averaged [CLS] attention
+        over the patches (MGCA's patch weights; a ResNet has none: uniform weights, as MGCA)."""
+        return self.image_encoder(images)
+
+    def text_features(self, batch):
+        """-> report feature B x C ([CLS]), word tokens B x T x C ([CLS], [SEP] and padding excluded), word mask
+        B x T (bool), word weights B x T (MGCA's [CLS] attention)."""
+        out = self.text_encoder.bert(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                     output_attentions=True)
+        tokens = out.last_hidden_state
+        mask = batch["attention_mask"][:, 1:].bool() & (batch["input_ids"][:, 1:] != self.sep_id)
+        weights = out.attentions[-1][:, :, 0, 1:].detach().float().mean(1) * mask  # as MGCA: [CLS] attention
+        return tokens[:, 0], tokens[:, 1:], mask, weights
+
+    def keep_index(self, images, generator=None):
+        """The masked view's visible patches (B x V), or None without CCE (a ResNet)."""
+        if self.cce is None:
+            return None
+        return random_keep_index(len(images), self.image_encoder.num_patches(images.shape[-1]), self.args.mask_ratio,
+                                 generator, images.device)
+
+    def cce_matrices(self, batch, keep_index, img=None, words=None, mask=None, zero_report=False):
+        """-> (target C* = corr of the full view's patch tokens, detached; prediction C^ from the masked view)."""
+        images = batch["images"]
+        if img is None:
+            img = self.image_features(images)
+            _, words, mask, _ = self.text_features(batch)
+        visible = self.image_encoder.encode_visible(images, keep_index)  # B x V x C: MAE-style, the same ViT
+        words = torch.zeros_like(words) if zero_report else words
+        z = self.cce(visible, keep_index, img["grid"], words, ~mask)
+        return patch_correlation(img["local_feats"].detach()), patch_correlation(z)
+
+    def forward(self, batch, keep_index=None, zero_report=False):
+        """keep_index: the masked view's visible patches (default: drawn); zero_report: CCE reads zeroed words."""
+        a = self.args
+        img = self.image_features(batch["images"])
+        report, words, mask, word_weights = self.text_features(batch)
+        terms = {}
+        terms["ita"] = common.ita(self.global_image(img["global_feat"]), self.global_text(report), a.tau_ita)
+        terms["tca_word"], terms["tca_patch"] = common.mgca_tca(  # as MGCA (uniform patch weights for a ResNet)
+            self.local_image(img["local_feats"]), self.local_text(words), mask, word_weights, img.get("cls_attn"),
+            a.tau_tca)
+        v, _ = self.vpoe(self.queries, img["local_feats"])
+        u, _ = self.tpoe(self.queries, words, ~mask)
+        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+        terms["pcma_inter"], terms["pcma_intra"], intra_acc, inter_acc = pcma_loss(
+            v, u, common.gather_with_grad(v), common.gather_with_grad(u), rank * len(v), a.tau_pcma)
+        if self.cce is not None:
+            keep_index = self.keep_index(batch["images"]) if keep_index is None else keep_index
+            target, predicted = self.cce_matrices(batch, keep_index, img, words, mask, zero_report)
+            terms["cce"] = cce_loss(predicted, target, a.cce_loss)
+        # ablations zero a weight; every term is still computed (logged, and DDP sees every parameter used)
+        on = {k: 1.0 if getattr(a, k) else 0.0 for k in ("ita", "tca", "pcma", "cce")}
+        loss = sum(on[k.split("_")[0]] * t for k, t in terms.items())
+        return dict(loss=loss, **terms, pcma_intra_acc=intra_acc, pcma_inter_acc=inter_acc)
+
+    def encode_image(self, images):
+        """-> B x 128 L2-normalised global image embeddings."""
+        return F.normalize(self.global_image(self.image_features(images)["global_feat"]).float(), dim=-1)
+
+    def encode_text(self, batch):
+        """-> B x 128 L2-normalised global report embeddings."""
+        return F.normalize(self.global_text(self.text_features(batch)[0]).float(), dim=-1)
+
+    def slot_maps(self, batch, tokenizer=None):
+        """-> V-POR attention B x K x N (last VPOE layer, head-averaged), T-POR attention B x K x T, the patch grid,
+        and (with a tokenizer) each report's words."""
+        img = self.image_features(batch["images"])
+        _, words, mask, _ = self.text_features(batch)
+        v_attn = self.vpoe(self.queries, img["local_feats"])[1]
+        u_attn = self.tpoe(self.queries, words, ~mask)[1]
+        names = None if tokenizer is None else [
+            tokenizer.convert_ids_to_tokens(ids[1:][m].tolist()) for ids, m in zip(batch["input_ids"], mask)]
+        return v_attn, u_attn, img["grid"], names
+
+
+# ==== TRAINING: data, loop, evaluation ====
+def report_tokenizer(args, train_set):
+    """Bio_ClinicalBERT's tokenizer, or (tiny) a word-level vocabulary of the training reports."""
+    if args.text_model == "tiny":
+        return data.build_tokenizer(data.report_texts(train_set))
+    from transformers import AutoTokenizer
+    try:
+        return AutoTokenizer.from_pretrained(args.text_model)
+    except OSError as e:
+        raise SystemExit(f"Could not load the tokenizer of {args.text_model} ({e}). Without internet pass a local "
+                         f"save_pretrained folder, or --text-model tiny.")
+
+
+def datasets(args):
+    """Training, validation and test sets (MGCA's only augmentation is a random crop, which the cache's square
+    frames make moot: the CCE mask is the corruption), the training statistics (mean, std) and the tokenizer."""
+    if args.data != "synthetic" and not args.data_root:
+        raise SystemExit(f"--data {args.data} needs --data-root (mimic: the `python data.py prepare-mimic` cache)")
+
+    def dataset(split, num_samples):
+        return data.make_dataset(args.data, args.data_root, split, args.image_size, train=split == "train",
+                                 seed=args.seed, num_samples=num_samples or None, skip_bad=args.skip_bad)
+    train_set = dataset("train", args.train_samples)
+    val_set, test_set = dataset("validate", args.eval_samples), dataset("test", args.eval_samples)
+    return train_set, val_set, test_set, (train_set.mean, train_set.std), report_tokenizer(args, train_set)
+
+
+def loaders(args, ddp, tokenizer, train_set, val_set, test_set):
+    """Training loader (ResumableSampler: order = f(seed, epoch)), validation (split over the ranks), test (rank 0)."""
+    sampler = common.ResumableSampler(train_set, ddp.world_size, ddp.rank, shuffle=True, seed=args.seed,
+                                      drop_last=True)
+    collate = partial(data.collate, tokenizer=tokenizer, max_length=args.max_length)
+    train = DataLoader(train_set, args.batch_size, sampler=sampler, num_workers=args.workers, drop_last=True,
+                       collate_fn=collate, generator=torch.Generator(), pin_memory=ddp.device.type == "cuda")
+    val = DataLoader(val_set, args.batch_size, num_workers=args.workers, collate_fn=collate,
+                     sampler=DistributedSampler(val_set, ddp.world_size, ddp.rank, shuffle=False))
+    test = DataLoader(test_set, args.batch_size, collate_fn=collate, num_workers=args.workers)
+    return sampler, train, val, test
+
+
+SYNTH_PROMPTS = dict(opacity="airspace opacity", nodule="pulmonary nodule", effusion="pleural effusion",
+                     pneumothorax="pneumothorax", cardiomegaly="cardiomegaly")  # the reports' wording
+
+
+def prompt_batch(texts, tokenizer):
+    """One-sentence reports (zero-shot prompts) -> a text batch."""
+    samples = [dict(image=torch.zeros(1, 1, 1), sentences=[t], text=t, labels=torch.zeros(14), study_id=t)
+               for t in texts]
+    return data.collate(samples, tokenizer)
+
+
+@torch.no_grad()
+def validation_loss(model, loader, device, amp):
+    model.eval()
+    total = torch.zeros(2, device=device)  # sum of loss * n, n
+    for batch in loader:
+        with common.autocast(device, amp):
+            loss = model(common.to_device(batch, device))["loss"].float()
+        total += torch.stack([loss * len(batch["images"]), torch.tensor(float(len(batch["images"])), device=device)])
+    if torch.distributed.is_initialized():
+        torch.distributed.all_reduce(total)
+    return (total[0] / total[1]).item()
+
+
+def slot_statistics(v_attn):
+    """V-POR maps B x K x N -> (mean entropy / log N: 1 = uniform over the patches, lower = localised;
+    mean cosine between two slots' maps of the same image: 1 = all slots look at the same place)."""
+    p = v_attn.float().clamp_min(1e-12)
+    entropy = -(p * p.log()).sum(-1).mean() / math.log(p.shape[-1])
+    unit = F.normalize(p, dim=-1)
+    cos = unit @ unit.transpose(1, 2)
+    K = p.shape[1]
+    overlap = (cos.sum((1, 2)) - cos.diagonal(dim1=1, dim2=2).sum(-1)) / (K * (K - 1))
+    return entropy.item(), overlap.mean().item()
+
+
+@torch.no_grad()
+def evaluate(model, loader, tokenizer, device, amp):
+    """On held-out pairs: retrieval R@1/5/10 both ways, zero-shot AUC with pair prompts ("x" vs "no x"; synthetic:
+    one finding per SYNTH_FINDINGS, present = non-empty mask; real data: the CheXpert labels), the PCMA slot
+    accuracies (per batch), slot-map statistics and L_CCE with the real report vs with its word tokens zeroed
+    (the same masks for both: a seeded generator). -> (metrics, {name: (auc, low, high)})."""
+    model.eval()
+    images, reports, labels, rows = [], [], [], []
+    masks = torch.Generator().manual_seed(0)
+    for batch in loader:
+        b = common.to_device(batch, device)
+        with common.autocast(device, amp):
+            images.append(model.encode_image(b["images"]))
+            reports.append(model.encode_text(b))
+            keep = model.keep_index(b["images"], masks)
+            real, zeroed = model(b, keep), model(b, keep, zero_report=True)
+            entropy, overlap = slot_statistics(model.slot_maps(b)[0])
+        row = dict(pcma_intra_acc=real["pcma_intra_acc"], pcma_inter_acc=real["pcma_inter_acc"],
+                   vpor_entropy=entropy, vpor_slot_overlap=overlap)
+        if keep is not None:
+            row.update(cce_real_report=real["cce"], cce_zeroed_report=zeroed["cce"])
+        rows.append({k: float(v) * len(batch["images"]) for k, v in row.items()})
+        labels.append(torch.stack([m.flatten(1).any(1) for m in batch["masks"]]).float() if "masks" in batch
+                      else batch["labels"][:, 1:])  # CheXpert: "No Finding" left out (inverted by the prompt)
+    img, txt, n = torch.cat(images), torch.cat(reports), len(loader.dataset)
+    sim = img @ txt.t()
+    res = {f"i2t_{k}": v for k, v in common.recall_at_k(sim).items()}
+    res.update({f"t2i_{k}": v for k, v in common.recall_at_k(sim.t()).items()})
+    names = list(data.SYNTH_FINDINGS) if "masks" in batch else [x.lower() for x in data.CHEXPERT_LABELS[1:]]
+    phrases = [SYNTH_PROMPTS.get(x, x) for x in names]
+    pos = model.encode_text(common.to_device(prompt_batch(phrases, tokenizer), device))
+    neg = model.encode_text(common.to_device(prompt_batch([f"no {p}" for p in phrases], tokenizer), device))
+    auc = common.zero_shot_auc_ci(img @ pos.t(), img @ neg.t(), torch.cat(labels), names)
+    res.update({f"auc_{k}": v[0] for k, v in auc.items()})
+    measured = [v[0] for v in auc.values() if not math.isnan(v[0])]
+    if measured:
+        res["auc_mean"] = sum(measured) / len(measured)
+    res.update({k: sum(r[k] for r in rows) / n for k in rows[0]})
+    return res, auc
+
+
+def finish(args, model, tokenizer, test_loader, mean_std, device, amp, out):
+    """The end of a run: the best-validation model is exported and evaluated next to the untrained model it started
+    from (printed, eval.json), then the report-conditioning check and the slot / CCE pictures."""
+    best_path = os.path.join(out, "best.pt")
+    if os.path.exists(best_path):
+        model.load_state_dict(common.load_checkpoint(best_path)["model"])
+    common.export_encoders(out, model.image_encoder, model.text_encoder, tokenizer, *mean_std, args.image_size,
+                           "place", args)
+    common.seed_everything(args.seed)
+    initial = PLACE(args, tokenizer).to(device)  # the same initialisation the training started from
+    results, intervals = {}, {}
+    for name, m in (("untrained", initial), ("trained", model)):
+        results[name], intervals[name] = evaluate(m, test_loader, tokenizer, device, amp)
+    print(f"held-out {args.data} test split ({len(test_loader.dataset)} pairs; chance: PCMA intra-sample slot "
+          f"accuracy 1/K = {1 / args.num_queries:.3f}, per-slot retrieval 1/B = {1 / args.batch_size:.3f}):")
+    common.print_comparison(results, os.path.join(out, "eval.json"))
+    print("zero-shot AUC, 95 % bootstrap interval (trained): " + ", ".join(
+        f"{k} {a:.3f} [{lo:.3f}, {hi:.3f}]" for k, (a, lo, hi) in intervals["trained"].items() if not math.isnan(a)))
+    r = results["trained"]
+    if "cce_real_report" in r:
+        verdict = "uses the report" if r["cce_real_report"] < r["cce_zeroed_report"] else "does NOT use the report"
+        print(f"CCE report conditioning (trained, test split): L_CCE {r['cce_real_report']:.5f} with the real report "
+              f"vs {r['cce_zeroed_report']:.5f} with its word tokens zeroed -> the predictor {verdict}")
+    if args.viz:
+        write_viz(model, next(iter(test_loader)), tokenizer, os.path.join(out, "viz"), *mean_std, args.viz, device)
+    print(f"run folder: {out}")
+
+
+def heat_overlay(gray, heat, size):
+    """Grey image (H x W in [0, 1]) and a map (h x w) -> RGB uint8 size x size, red = most attended."""
+    gray = F.interpolate(gray[None, None], size=size, mode="bilinear")[0, 0] * 255
+    heat = F.interpolate(heat[None, None].float(), size=size, mode="bilinear")[0, 0]
+    heat = (heat - heat.min()) / (heat.max() - heat.min()).clamp_min(1e-12)
+    dim = gray * (1 - 0.5 * heat)
+    return torch.stack([dim + 127.5 * heat, dim, dim], -1).round().byte().numpy()
+
+
+def correlation_picture(matrix, size=256):
+    """N x N matrix in [-1, 1] -> RGB: red positive, blue negative, white 0."""
+    m = F.interpolate(matrix[None, None].float(), size=size, mode="nearest")[0, 0].clamp(-1, 1)
+    rgb = torch.stack([1 - m.clamp(max=0).abs(), 1 - m.abs(), 1 - m.clamp(min=0)], -1)
+    return Image.fromarray((rgb * 255).round().byte().numpy())
+
+
+@torch.no_grad()
+def write_viz(model, batch, tokenizer, folder, mean, std, n, device):
+    """Per test image: slots_<i>.png, each of the K slots' V-POR cross-attention over the patches (last VPOE layer,
+    head-averaged) with the report words its T-POR attends to most; cce_<i>.png, the CCE target C* and prediction
+    C^ (ViT only)."""
+    model.eval()
+    os.makedirs(folder, exist_ok=True)
+    b = common.to_device(batch, device)
+    v_attn, u_attn, grid, words = model.slot_maps(b, tokenizer)
+    keep = model.keep_index(b["images"], torch.Generator().manual_seed(0))
+    matrices = model.cce_matrices(b, keep) if keep is not None else None
+    K, size, cols = v_attn.shape[1], 160, 7
+    for i in range(min(n, len(v_attn))):
+        gray = (batch["images"][i, 0] * std + mean).clamp(0, 1).float()
+        canvas = Image.new("RGB", (size * cols, (size + 44) * math.ceil(K / cols)), "white")
+        for k in range(K):
+            x, y = size * (k % cols), (size + 44) * (k // cols)
+            canvas.paste(Image.fromarray(heat_overlay(gray, v_attn[i, k].view(grid).cpu(), size)), (x, y))
+            top = u_attn[i, k, :len(words[i])].topk(min(3, len(words[i])))
+            caption = f"slot {k}: " + ", ".join(f"{words[i][j]} {100 * p:.0f}%" for p, j in
+                                                zip(top.values.tolist(), top.indices.tolist()))
+            ImageDraw.Draw(canvas).text((x + 3, y + size + 2), "\n".join(textwrap.wrap(caption, 26)[:3]),
+                                        fill="black")
+        canvas.save(os.path.join(folder, f"slots_{i}.png"))
+        if matrices is not None:
+            pair = Image.new("RGB", (2 * 256 + 8, 256 + 16), "white")
+            for j, (name, m) in enumerate(zip(("target C*", "predicted C^"), matrices)):
+                pair.paste(correlation_picture(m[i].cpu()), (j * 264, 16))
+                ImageDraw.Draw(pair).text((j * 264 + 2, 2), name, fill="black")
+            pair.save(os.path.join(folder, f"cce_{i}.png"))
+
+
+def optimizer_groups(model, args):
+    """Two learning rates (our choice): the pre-trained encoders at lr_encoders, the new modules and heads at
+    lr_new."""
+    encoders = {id(p) for m in (model.image_encoder, model.text_encoder) for p in m.parameters()}
+    params = [p for p in model.parameters() if p.requires_grad]
+    return [dict(params=[p for p in params if id(p) in encoders], lr=args.lr_encoders),
+            dict(params=[p for p in params if id(p) not in encoders], lr=args.lr_new)]
+
+
+def main(argv=None):
+    args = common.parse_args(Args, PRESETS, argv, default_preset="demo")
+    if args.bench:  # N timed optimizer steps without accumulation after one warm-up step
+        args = common.bench_args(args, accum=1, ckpt_every=0)
+    ddp = common.setup_distributed(args.device or None)
+    dev, amp = ddp.device, common.amp_dtype(ddp.device, args.precision)
+    micro_per_step = common.micro_batches_per_step(args.accum, ddp.world_size)
+    out = common.run_folder(args.out_dir, "place", ddp, args)
+    ckpt_path, best_path = os.path.join(out, "ckpt.pt"), os.path.join(out, "best.pt")
+    train_set, val_set, test_set, (mean, std), tokenizer = datasets(args)
+    common.seed_everything(args.seed)  # the same initial model on every rank
+    model = PLACE(args, tokenizer).to(dev)
+    sampler, loader, val_loader, test_loader = loaders(args, ddp, tokenizer, train_set, val_set, test_set)
+    n_micro = sampler.num_samples // args.batch_size
+    steps_per_epoch = math.ceil(n_micro / micro_per_step)
+    total_steps = min(args.max_steps or math.inf, steps_per_epoch * args.epochs)
+    optimizer = torch.optim.AdamW(optimizer_groups(model, args), weight_decay=args.weight_decay)
+    scheduler = common.cosine_with_warmup(optimizer, round(args.warmup * total_steps), total_steps, args.min_lr)
+    scaler = common.grad_scaler(dev, amp)
+    stateful = dict(model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler)
+    state = dict(step=0, epoch=0, micro=0, best_val=math.inf, bad_epochs=0)
+    if args.resume:
+        common.resume_training_state(ckpt_path, stateful, state, ddp.rank)
+    else:
+        common.seed_everything(args.seed + ddp.rank)  # data order, masks and dropout differ per rank
+    net = common.wrap_ddp(model, ddp)
+    def save(path=ckpt_path):
+        if ddp.is_main:
+            common.save_training_state(path, stateful, args=args, **state)
+    logger = common.Logger(out, ddp.is_main, total_steps, state["step"])
+    if ddp.is_main:
+        print(f"PLACE: {common.count_parameters(optimizer) / 1e6:.1f}M trainable parameters ({args.image_arch}, "
+              f"K = {args.num_queries}), {dev}, {amp or torch.float32}, {steps_per_epoch} steps of "
+              f"{args.batch_size * args.accum} pairs per epoch")
+
+    stop = False
+    while state["epoch"] < args.epochs and not stop:
+        sampler.set_epoch(state["epoch"])
+        sampler.skip = state["micro"] * args.batch_size  # resume: the batches this epoch already trained on
+        loader.generator.manual_seed(args.seed + 1000 * state["epoch"] + ddp.rank)
+        net.train()
+        for batch in logger.iterate(loader):
+            state["micro"] += 1
+            last = state["micro"] % micro_per_step == 0 or state["micro"] == n_micro
+            with nullcontext() if last or not ddp.distributed else net.no_sync():  # all-reduce once per step
+                with common.autocast(dev, amp):
+                    terms = net(common.to_device(batch, dev))
+                detached = {k: v.detach() for k, v in terms.items()}
+                common.check_finite(detached["loss"], state["step"], ckpt_path, detached)
+                scaler.scale(terms["loss"] / micro_per_step).backward()
+            logger.add(detached, images=args.batch_size * ddp.world_size)
+            if not last:
+                continue
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+            state["step"] += 1
+            if state["step"] % args.log_every == 0 or state["step"] in (1, args.max_steps):
+                logger.log(state["step"], state["epoch"], {"lr": scheduler.get_last_lr()[1]})
+            if args.ckpt_every and state["step"] % args.ckpt_every == 0:
+                save()
+            if state["step"] == args.max_steps:
+                stop = True
+                break
+        else:  # the epoch is complete: validation loss, best checkpoint, early stopping
+            val = validation_loss(model, val_loader, dev, amp)
+            state.update(epoch=state["epoch"] + 1, micro=0)
+            logger.write("val.csv", dict(epoch=state["epoch"], step=state["step"], val_loss=val))
+            if val < state["best_val"] - 1e-5:
+                state.update(best_val=val, bad_epochs=0)
+                save(best_path)
+            else:
+                state["bad_epochs"] += 1
+            save()
+            if ddp.is_main:
+                print(f"epoch {state['epoch']}: val loss {val:.4f} (best {state['best_val']:.4f})")
+            stop = state["bad_epochs"] >= args.patience
+    if not args.bench:
+        save()
+    logger.close()
+    if ddp.distributed:
+        torch.distributed.barrier()
+    if ddp.is_main and args.bench:
+        common.print_bench(out, args.batch_size * ddp.world_size, dev, amp)
+    elif ddp.is_main:
+        finish(args, model, tokenizer, test_loader, (mean, std), dev, amp, out)
+    common.cleanup_distributed()
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (FloatingPointError, data.BadRecord) as e:  # a NaN stop (check_finite) or bad training data: no traceback
+        raise SystemExit(f"stopped: {e}")

@@ -1,0 +1,326 @@
+"""PLACE tests (CPU, tiny shapes): PCMA and CCE against written-out loops, masks, conditioning, DDP, main(), export."""
+import math
+import os
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+import common
+import data
+import place
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny shapes leave nothing to share between threads (see tests/test_lovt.py)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+# ---------- PCMA ----------
+def hand_pcma(v, u, tau):
+    """L_inter, L_intra and both accuracies one number at a time (cosines, symmetric CE as in the docstring)."""
+    B, K, _ = v.shape
+    cos = lambda x, y: float(x @ y) / (float(x.norm()) * float(y.norm()))  # noqa: E731
+
+    def ce(logits, target):  # one row
+        return -logits[target] + math.log(sum(math.exp(s) for s in logits))
+    inter = intra = 0.0
+    intra_hits = inter_hits = 0
+    for k in range(K):
+        S = [[cos(v[a, k], u[b, k]) / tau for b in range(B)] for a in range(B)]
+        for a in range(B):
+            inter += (ce(S[a], a) + ce([S[b][a] for b in range(B)], a)) / (2 * K * B)
+            inter_hits += max(range(B), key=lambda b: S[a][b]) == a
+    for a in range(B):
+        S = [[cos(v[a, k], u[a, j]) / tau for j in range(K)] for k in range(K)]
+        for k in range(K):
+            intra += (ce(S[k], k) + ce([S[j][k] for j in range(K)], k)) / (2 * K * B)
+            intra_hits += max(range(K), key=lambda j: S[k][j]) == k
+    return inter, intra, intra_hits / (B * K), inter_hits / (B * K)
+
+
+def test_pcma_matches_a_written_out_loop():
+    torch.manual_seed(0)
+    v, u = torch.randn(3, 4, 5, dtype=torch.float64), torch.randn(3, 4, 5, dtype=torch.float64)
+    got = place.pcma_loss(v, u, tau=0.1)
+    want = hand_pcma(v, u, 0.1)
+    for g, w in zip(got, want):
+        assert g.item() == pytest.approx(w, rel=1e-9)
+    assert not got[2].requires_grad and not got[3].requires_grad
+
+
+def test_pcma_near_zero_on_perfectly_paired_separated_slots():
+    """Every (sample, slot) its own orthogonal direction, text = image: both terms vanish, both accuracies are 1;
+    pairing every image with another image's slots loses all inter-sample retrieval."""
+    B, K = 4, 6
+    v = torch.eye(B * K).view(B, K, B * K) * 3.0  # scale is irrelevant (normalised inside)
+    inter, intra, intra_acc, inter_acc = place.pcma_loss(v, v.clone(), tau=0.1)
+    assert inter.item() < 1e-3 and intra.item() < 1e-3  # (B - 1) e^-10 and (K - 1) e^-10
+    assert intra_acc.item() == 1 and inter_acc.item() == 1
+    wrong = place.pcma_loss(v, v.roll(1, dims=0), tau=0.1)
+    assert wrong[0].item() > 5 and wrong[3].item() == 0
+
+
+def test_pcma_gathered_offset_equals_full_batch():
+    """One process: the rows of two 'ranks' against the full batch average to the full-batch loss."""
+    torch.manual_seed(1)
+    v, u = torch.randn(6, 3, 4, dtype=torch.float64), torch.randn(6, 3, 4, dtype=torch.float64)
+    full = place.pcma_loss(v, u)
+    halves = [place.pcma_loss(v[r * 3:(r + 1) * 3], u[r * 3:(r + 1) * 3], v, u, offset=3 * r) for r in range(2)]
+    for i in range(4):
+        assert (halves[0][i] + halves[1][i]).item() / 2 == pytest.approx(full[i].item(), rel=1e-12)
+
+
+# ---------- CCE ----------
+def test_cce_target_is_a_correlation_matrix():
+    torch.manual_seed(2)
+    tokens = torch.randn(2, 9, 16) + 5.0  # a shared offset: centring removes it
+    C = place.patch_correlation(tokens)
+    assert C.shape == (2, 9, 9)
+    assert torch.allclose(C, C.transpose(1, 2), atol=1e-6)
+    assert torch.allclose(C.diagonal(dim1=1, dim2=2), torch.ones(2, 9), atol=1e-6)
+    assert C.abs().max().item() <= 1 + 1e-6
+    i, j = 2, 7  # by hand: centre across patches, cosine
+    centred = tokens[0] - tokens[0].mean(0)
+    assert C[0, i, j].item() == pytest.approx(F.cosine_similarity(centred[i], centred[j], dim=0).item(), abs=1e-6)
+    assert torch.allclose(place.patch_correlation(tokens + 100.0), C, atol=1e-4)
+
+
+def test_cce_losses_by_hand():
+    torch.manual_seed(3)
+    pred, target = torch.rand(2, 3, 3) * 2 - 1, torch.rand(2, 3, 3) * 2 - 1
+    mse = sum((pred[b, i, j] - target[b, i, j]).item() ** 2 for b in range(2) for i in range(3) for j in range(3))
+    assert place.cce_loss(pred, target, "mse").item() == pytest.approx(mse / 18, rel=1e-6)
+    kl = 0.0
+    for b in range(2):
+        for i in range(3):
+            p = [math.exp(target[b, i, j].item() / 0.05) for j in range(3)]
+            q = [math.exp(pred[b, i, j].item() / 0.1) for j in range(3)]
+            p, q = [x / sum(p) for x in p], [x / sum(q) for x in q]
+            kl += sum(pj * math.log(pj / qj) for pj, qj in zip(p, q)) / 6
+    assert place.cce_loss(pred, target, "kl").item() == pytest.approx(kl, rel=1e-5)
+
+
+def test_keep_index_counts_and_uniqueness():
+    g = torch.Generator().manual_seed(0)
+    for n, ratio in ((196, 0.5), (64, 0.75), (49, 0.5)):
+        keep = place.random_keep_index(5, n, ratio, g)
+        assert keep.shape == (5, round((1 - ratio) * n))
+        assert all(len(set(row.tolist())) == keep.shape[1] for row in keep)
+        assert torch.equal(keep, keep.sort(1).values) and keep.max() < n
+    with pytest.raises(ValueError, match="visible"):
+        place.random_keep_index(2, 4, 1.0)
+
+
+def test_sincos_positions():
+    pe = place.sincos_2d(3, 4, 8)
+    assert pe.shape == (12, 8)
+    # row r, col c: [sin(r w), sin(r w'), cos(r w), cos(r w'), sin(c w), ...] with w = 1, w' = 1e-2
+    r, c = 2, 3
+    want = [math.sin(r), math.sin(r / 100), math.cos(r), math.cos(r / 100),
+            math.sin(c), math.sin(c / 100), math.cos(c), math.cos(c / 100)]
+    assert pe[r * 4 + c].tolist() == pytest.approx(want, abs=1e-6)
+
+
+def test_cce_predictor_reads_the_report_and_ignores_padding():
+    torch.manual_seed(4)
+    pred = place.CCEPredictor(d=16, text_dim=12, out_dim=8, layers=2, heads=2, ffn=32, dropout=0.0).eval()
+    grid, keep = (3, 3), place.random_keep_index(2, 9, 0.5, torch.Generator().manual_seed(0))
+    visible, words = torch.randn(2, keep.shape[1], 16), torch.randn(2, 5, 12)
+    pad = torch.tensor([[False] * 5, [False, False, False, True, True]])
+    z = pred(visible, keep, grid, words, pad)
+    assert z.shape == (2, 9, 8)
+    other = words.clone()
+    other[:, 0] += 1.0  # another report: another prediction
+    assert (pred(visible, keep, grid, other, pad) - z).abs().amax((1, 2)).min() > 1e-4
+    padded = words.clone()
+    padded[1, 3:] = 100.0  # padded words are never read
+    assert torch.allclose(pred(visible, keep, grid, padded, pad), z, atol=1e-5)
+    moved = visible.clone()
+    moved[0, 0] += 1.0  # a visible token changes the predictions at every position (self-attention) of its image
+    assert torch.allclose(pred(moved, keep, grid, words, pad)[1], z[1], atol=1e-6)
+
+
+def test_decoder_attention_maps_are_distributions_over_valid_memory():
+    torch.manual_seed(5)
+    ext = place.ObservationExtractor(d=8, memory_dim=6, emb_dim=4, layers=2, heads=2, ffn=16, dropout=0.0)
+    queries, memory = torch.randn(5, 8), torch.randn(3, 7, 6)
+    pad = torch.zeros(3, 7, dtype=torch.bool)
+    pad[0, 4:] = True
+    out, attn = ext(queries, memory, pad)
+    assert out.shape == (3, 5, 4) and attn.shape == (3, 5, 7)
+    assert torch.allclose(attn.sum(-1), torch.ones(3, 5), atol=1e-6) and attn[0, :, 4:].abs().max() == 0
+
+
+# ---------- DDP: 2 gloo processes equal one process on the full batch ----------
+class TinySlots(torch.nn.Module):
+    """Linear 'encoders': images B x (1 + K) x 3 -> a global vector and K V-PORs, reports B x (1 + K) x 5 -> the
+    same."""
+
+    def __init__(self):
+        super().__init__()
+        self.image, self.text = torch.nn.Linear(3, 4), torch.nn.Linear(5, 4)
+
+    def forward(self, x, y):
+        return self.image(x), self.text(y)
+
+
+def slot_losses(img, txt):
+    """ITA and PCMA (inter and intra) as PLACE.forward computes them."""
+    v, u = img[:, 1:], txt[:, 1:]
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    ita = sum(common.info_nce(img[:, 0], txt[:, 0], 0.07))
+    inter, intra, intra_acc, inter_acc = place.pcma_loss(
+        v, u, common.gather_with_grad(v), common.gather_with_grad(u), rank * len(v), 0.1)
+    return torch.stack([ita + inter + intra, ita, inter, intra, intra_acc, inter_acc])
+
+
+def _ddp_worker(rank, world, port, ref, inputs, state):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_default_dtype(torch.float64)
+    x, y = inputs
+    b = len(x) // world
+    model = TinySlots()
+    model.load_state_dict(state)
+    out = slot_losses(*model(x[rank * b:(rank + 1) * b], y[rank * b:(rank + 1) * b]))
+    out[0].backward()
+    for p in model.parameters():  # DDP's gradient averaging, written out (see the note in the test below)
+        torch.distributed.all_reduce(p.grad)
+        p.grad /= world
+    got = out.detach().clone()
+    torch.distributed.all_reduce(got)
+    torch.testing.assert_close(got / world, ref["terms"], rtol=1e-10, atol=1e-12)
+    for p, want in zip(model.parameters(), ref["grads"]):
+        torch.testing.assert_close(p.grad, want, rtol=1e-9, atol=1e-12)
+    torch.distributed.destroy_process_group()
+
+
+def test_ddp_gathered_ita_and_pcma_equal_full_batch():
+    """2 ranks x 3 pairs = one process on 6: the loss terms, both accuracies and every gradient. The gradients are
+    averaged by an explicit all-reduce: with this tiny model wrapped in DistributedDataParallel instead they did
+    not match (unexplained; reported, see the README)."""
+    dtype = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        torch.manual_seed(0)
+        model = TinySlots()
+        x, y = torch.randn(6, 5, 3), torch.randn(6, 5, 5)  # K = 4 slots
+        out = slot_losses(*model(x, y))
+        out[0].backward()
+        ref = dict(terms=out.detach(), grads=[p.grad.clone() for p in model.parameters()])
+        state = {k: v.clone() for k, v in model.state_dict().items()}
+    finally:
+        torch.set_default_dtype(dtype)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_ddp_worker, args=(2, port, ref, (x, y), state), nprocs=2, join=True)
+
+
+# ---------- the model and main() on a tiny configuration ----------
+TINY = ["--preset", "demo", "--image-size", "64", "--train-samples", "16", "--eval-samples", "8", "--batch-size", "4",
+        "--head-hidden", "32", "--emb-dim", "16", "--text-width", "32", "--decoder-heads", "2", "--decoder-ffn", "32",
+        "--cce-dim", "16", "--num-queries", "4", "--max-length", "64", "--workers", "0", "--log-every", "1",
+        "--viz", "1"]
+
+
+def tiny_model_and_batch(*flags, n=4):
+    args = common.parse_args(place.Args, place.PRESETS, TINY + list(flags))
+    ds = data.make_dataset("synthetic", split="train", image_size=64, train=True, num_samples=n)
+    samples = [ds[i] for i in range(n)]
+    tokenizer = data.build_tokenizer([s["text"] for s in samples])
+    torch.manual_seed(0)
+    return place.PLACE(args, tokenizer), data.collate(samples, tokenizer, max_length=64), tokenizer
+
+
+def test_model_terms_masked_view_and_report_conditioning():
+    model, batch, tokenizer = tiny_model_and_batch()
+    model.eval()
+    keep = model.keep_index(batch["images"], torch.Generator().manual_seed(0))
+    N = model.image_encoder.num_patches(64)  # 4 x 4 patches of 16 px
+    assert keep.shape == (4, round(0.5 * N))
+    visible = model.image_encoder.encode_visible(batch["images"], keep)
+    assert visible.shape == (4, round(0.5 * N), model.image_encoder.out_dim)  # only the visible tokens
+    with torch.no_grad():
+        out, zeroed = model(batch, keep), model(batch, keep, zero_report=True)
+        target, predicted = model.cce_matrices(batch, keep)
+        _, other = model.cce_matrices({**batch, "input_ids": batch["input_ids"].roll(1, 0),
+                                       "attention_mask": batch["attention_mask"].roll(1, 0)}, keep)
+    assert {"loss", "ita", "tca_word", "tca_patch", "pcma_inter", "pcma_intra", "cce"} <= set(out)
+    want = sum(out[k] for k in ("ita", "tca_word", "tca_patch", "pcma_inter", "pcma_intra", "cce"))
+    assert torch.allclose(out["loss"], want)
+    assert not torch.allclose(out["cce"], zeroed["cce"]) and torch.allclose(out["ita"], zeroed["ita"])
+    assert (predicted - other).abs().max() > 1e-4  # another report, another predicted correlation matrix
+    assert torch.allclose(target.diagonal(dim1=1, dim2=2), torch.ones(4, N), atol=1e-5)
+    v_attn, u_attn, grid, words = model.slot_maps(batch, tokenizer)
+    assert v_attn.shape == (4, 4, N) and grid == (4, 4) and torch.allclose(v_attn.sum(-1), torch.ones(4, 4))
+    assert [len(w) for w in words] == (batch["attention_mask"].sum(1) - 2).tolist()  # no [CLS], [SEP], padding
+    assert u_attn[0, :, len(words[0]):].abs().max() == 0
+
+
+def test_ablation_flags_and_the_resnet_variant():
+    model, batch, _ = tiny_model_and_batch("--no-cce", "--no-tca")
+    out = model(batch)
+    assert torch.allclose(out["loss"], out["ita"] + out["pcma_inter"] + out["pcma_intra"])
+    with pytest.raises(SystemExit, match="--no-cce"):
+        tiny_model_and_batch("--image-arch", "resnet18")
+    resnet, batch, _ = tiny_model_and_batch("--image-arch", "resnet18", "--no-cce")
+    assert resnet.cce is None and resnet.keep_index(batch["images"]) is None and "cce" not in resnet(batch)
+
+
+def test_overfit_one_batch_raises_the_slot_accuracy():
+    model, batch, _ = tiny_model_and_batch("--dropout", "0")
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
+    first = None
+    for _ in range(40):
+        out = model(batch)
+        opt.zero_grad()
+        out["loss"].backward()
+        opt.step()
+        first = first or out["loss"].item()
+    assert out["loss"].item() < 0.6 * first and out["pcma_intra_acc"].item() > 0.5  # chance 1/K = 0.25
+
+
+@pytest.fixture(scope="module")
+def three_step_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("place")
+    place.main(TINY + ["--out-dir", str(root / "run"), "--max-steps", "3", "--epochs", "2"])
+    short = common.load_checkpoint(root / "run" / "ckpt.pt")
+    place.main(TINY + ["--out-dir", str(root / "run"), "--max-steps", "5", "--epochs", "2", "--resume"])
+    return root / "run", short
+
+
+def test_main_three_steps_resume_and_outputs(three_step_run):
+    run, short = three_step_run
+    assert short["step"] == 3 and common.load_checkpoint(run / "ckpt.pt")["step"] == 5
+    for name in ("args.json", "metrics.csv", "val.csv", "eval.json", "viz/slots_0.png", "viz/cce_0.png",
+                 "text_encoder/config.json"):
+        assert (run / name).exists(), name
+    header = (run / "metrics.csv").read_text().splitlines()[0].split(",")
+    for k in ("loss/pcma_intra_acc", "loss/pcma_inter_acc", "loss/cce", "loss/tca_word", "lr"):
+        assert k in header
+    payload = torch.load(run / "image_encoder.pt", weights_only=True)
+    assert payload["arch"] == "vit_tiny" and payload["method"] == "place"
+
+
+def test_export_is_judged_by_the_evaluation_scripts(three_step_run, tmp_path):
+    import eval_det
+    import eval_seg
+    path = str(three_step_run[0] / "image_encoder.pt")
+    flags = ["--encoder", path, "--synthetic-samples", "10", "--image-size", "64", "--epochs", "1", "--seeds", "1",
+             "--batch-size", "4"]
+    seg = eval_seg.main([*flags, "--head", "linear", "--out", str(tmp_path / "seg")])
+    assert 0 <= seg[0]["dice"][0] <= 1
+    try:
+        det = eval_det.main([*flags, "--fpn-channels", "32", "--head-convs", "1", "--out", str(tmp_path / "det")])
+    except SystemExit as e:  # a clear refusal is acceptable for a single-scale ViT
+        assert "vit" in str(e).lower()
+    else:
+        assert 0 <= det[0]["map"][0] <= 1
