@@ -109,7 +109,7 @@ class Args:
     ckpt_every: int = arg(500, "write ckpt.pt every N optimizer steps (and at every epoch end)")
     log_every: int = arg(10, "log every N optimizer steps")
     # encoders (stage lrclr takes them from the --init run)
-    image_arch: str = arg("resnet50", "resnet50 | resnet18 (the conv5 grid: 7x7 at 224 px)")
+    image_arch: str = arg("resnet50", "resnet50 | resnet18 (the conv5 grid: 7x7 at 224 px) | vit_b16 | vit_tiny (patches)")
     image_weights: str = arg("imagenet", "imagenet | none | path to a state dict")
     image_size: int = arg(224, "input size")
     channels_last: bool = arg(True, "NHWC memory format for the ResNet")
@@ -146,12 +146,13 @@ class Args:
 
 PRESETS = {
     "paper": dict(data="mimic"),
-    # 2 CPU cores, about 2 minutes for base + control + lrclr: small encoders from scratch, 128 px (4x4 grid, K = 3).
+    # 2 CPU cores, 209 s measured alone for base + control + lrclr: small encoders from scratch, 128 px (4x4 grid,
+    # K = 3).
     "demo": dict(data="synthetic", image_arch="resnet18", image_weights="none", image_size=128, text_model="tiny",
                  text_pool="mean",
                  max_length=128, dim=256, batch_size=32, lr=1e-3, weight_decay=0.05, warmup=0.1, epochs=1,
-                 ft_batch_size=32, ft_lr=2e-4, ft_lr_new=2e-3, ft_warmup_steps=5, ft_epochs=1, ft_max_steps=28,
-                 train_samples=1800, eval_samples=400, workers=0, ckpt_every=50, log_every=5),
+                 ft_batch_size=32, ft_lr=2e-4, ft_lr_new=2e-3, ft_warmup_steps=5, ft_epochs=1, ft_max_steps=20,
+                 train_samples=1280, eval_samples=300, workers=0, ckpt_every=50, log_every=5),
 }
 NEW_LAYERS = ("select.", "interact.")            # what stage lrclr adds to the base
 TEMPERATURES = ("log_logit_scale", "interact.log_tau")

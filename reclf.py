@@ -78,6 +78,7 @@ Deviations / our choices (besides those marked above):
 - Zero-shot: CheXzero's pair prompts ("x" / "no x", common.zero_shot_auc_ci) instead of GLoRIA's prompt
   ensembles; retrieval Precision@K on the test pairs that show exactly one finding (the 5 x 200 sets' rule).
 - The demo preset (ResNet-18 from scratch at 128 px: 8 x 8 regions, a 2-layer BERT with the last 2 layers summed,
+  the report vector the mean of its words (--text-pool mean: with [CLS] no term left log B in 125 steps),
   64-d matchings, batch 16, lr 1e-3, one epoch of 2,000 pairs, no augmentation) fits 2 CPU cores in a few minutes.
 """
 import math
@@ -134,6 +135,7 @@ class Args:
     text_layers: int = arg(4, "sum of the last k BERT hidden states (GLoRIA: 4)")
     max_length: int = arg(112, "word-piece tokens per report incl. [CLS]/[SEP]")
     max_words: int = arg(97, "words per report kept for the local matching")
+    text_pool: Literal["cls", "mean"] = arg("cls", "report vector: the [CLS] state (GLoRIA) or the mean of the words")
     # RECLF
     match_dim: int = arg(256, "d_m of the matching vectors (SGRAF sim_dim)")
     srm: Literal["graph", "transformer", "none"] = arg("graph", "semantic-relation reasoning module")
@@ -163,8 +165,9 @@ PRESETS = {
     "paper": dict(data="mimic"),
     # 2 CPU cores, a few minutes including evaluation: small encoders from scratch, native 128 px, plain views.
     "demo": dict(data="synthetic", image_arch="resnet18", image_weights="none", image_size=128, upsample=0,
-                 augment=False, text_model="tiny", text_layers=2, max_length=96, match_dim=64, batch_size=16,
-                 lr=1e-3, head_lr=1e-3, clip=1.0, epochs=1, train_samples=2000, eval_samples=500, workers=0, viz=3,
+                 augment=False, text_model="tiny", text_layers=2, text_pool="mean", max_length=96, match_dim=64,
+                 batch_size=16, lr=1e-3, head_lr=1e-3, clip=1.0, epochs=1, train_samples=2000, eval_samples=500,
+                 workers=0, viz=3,
                  chunk=16, ckpt_every=50, log_every=5),
 }
 
@@ -397,14 +400,20 @@ class RECLF(nn.Module):
         return regions.flatten(2).transpose(1, 2), self.global_proj(maps[4].mean((2, 3))), tuple(regions.shape[2:])
 
     def text_features(self, batch):
-        """-> words B x T x D, word mask B x T, report B x D ([CLS]); every report must have a word."""
+        """-> words B x T x D, word mask B x T, report B x D ([CLS], or --text-pool mean: the mean word); every
+        report must have a word."""
         ids = batch["input_ids"]
         states = self.text_encoder(ids, batch["attention_mask"], sum_last=self.args.text_layers)
         words, mask = sum_pieces(states, word_index(ids, self.starts_word, self.continues_word, self.args.max_words))
         if not mask[:, 0].all():
             empty = [batch["study_ids"][i] for i in (~mask[:, 0]).nonzero().flatten().tolist()]
             raise ValueError(f"reports without a single word (only punctuation or unknown tokens): studies {empty}")
-        return words, mask, states[:, 0]
+        if self.args.text_pool == "cls":
+            return words, mask, states[:, 0]
+        # our choice (demo): a from-scratch 2-layer BERT's [CLS] state left the global InfoNCE at log B for all
+        # 125 demo steps; the mean of the report's words gives the global term a signal from the first step
+        weights = mask[..., None].to(words.dtype)
+        return words, mask, (words * weights).sum(1) / weights.sum(1)
 
     def losses(self, regions, img_g, words, word_mask, txt_g, gathered=None, offset=0):
         a = self.args

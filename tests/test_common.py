@@ -127,8 +127,9 @@ def _ddp_worker(rank, world, port, out_dir):
         for mode in ("gather", "noncontiguous", "noncontiguous_grad", "nograd_control"):
             model = nn.parallel.DistributedDataParallel(TwoProjections(transpose=mode == "noncontiguous"))
             za, zb = model(xa[rows], xb[rows])
-            loss = {"nograd_control": _nograd_gather_local_loss, "noncontiguous_grad": partial(_slot_loss, world=world)}.get(
-                mode, _loss)(za, zb)
+            losses = {"nograd_control": _nograd_gather_local_loss,
+                      "noncontiguous_grad": partial(_slot_loss, world=world)}
+            loss = losses.get(mode, _loss)(za, zb)
             loss.backward()  # DDP averages the parameter gradients over ranks
             mean_loss = loss.detach().clone()
             dist.all_reduce(mean_loss)

@@ -328,3 +328,14 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path, monkeypat
     with pytest.raises(FloatingPointError, match="non-finite loss"):
         lrclr.main(TINY + ["--stage", "base", "--out-dir", str(tmp_path), "--ckpt-every", "1"])
     assert common.load_checkpoint(tmp_path / "ckpt.pt")["step"] == 2
+
+
+def test_vit_patches_are_the_local_tokens(tmp_path):
+    """The tiny ViT's 8 x 8 patches (ViT-B/16's 14 x 14 in the paper preset) are the grid, with no model change."""
+    result = lrclr.main(TINY + ["--image-arch", "vit_tiny", "--image-size", "128", "--viz", "0", "--out-dir",
+                                str(tmp_path / "run")])
+    assert "LRCLR global+local" in result
+    payload = torch.load(tmp_path / "run" / "lrclr" / "image_encoder.pt", weights_only=True)
+    assert payload["arch"] == "vit_tiny" and payload["image_size"] == 128
+    encoder, _ = common.load_image_encoder(str(tmp_path / "run" / "lrclr" / "image_encoder.pt"))
+    assert encoder(torch.zeros(1, 1, 128, 128))["local_feats"].shape == (1, 64, 192)
