@@ -109,7 +109,7 @@ class Args:
     ckpt_every: int = arg(500, "write ckpt.pt every N optimizer steps (and at every epoch end)")
     log_every: int = arg(10, "log every N optimizer steps")
     # encoders (stage lrclr takes them from the --init run)
-    image_arch: str = arg("resnet50", "resnet50 | resnet18 (the conv5 grid: 7x7 at 224 px) | vit_b16 | vit_tiny (patches)")
+    image_arch: str = arg("resnet50", "resnet50 | resnet18 (conv5 grid: 7x7 at 224 px) | vit_b16 | vit_tiny")
     image_weights: str = arg("imagenet", "imagenet | none | path to a state dict")
     image_size: int = arg(224, "input size")
     channels_last: bool = arg(True, "NHWC memory format for the ResNet")
