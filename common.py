@@ -1039,6 +1039,21 @@ class Logger:
         self.bar.close()
 
 
+@torch.no_grad()
+def validation_loss(model, loader, device, amp) -> float:
+    """The mean of model(batch)["loss"] over a loader, weighted by batch size and summed over the ranks (each rank
+    passes its DistributedSampler share), in eval mode."""
+    model.eval()
+    total = torch.zeros(2, device=device)  # sum of loss * n, n
+    for batch in loader:
+        with autocast(device, amp):
+            loss = model(to_device(batch, device))["loss"].float()
+        total += torch.stack([loss * len(batch["images"]), torch.tensor(float(len(batch["images"])), device=device)])
+    if _distributed():
+        torch.distributed.all_reduce(total)
+    return (total[0] / total[1]).item()
+
+
 def check_finite(loss: torch.Tensor, step: int, ckpt_path: str, terms: dict | None = None):
     """Stop with a clear error if the loss is NaN/inf (one GPU sync: call it every step or on log steps)."""
     if not torch.isfinite(loss).item():

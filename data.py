@@ -57,6 +57,8 @@ CHEXPERT_LABELS = (
     "Edema", "Consolidation", "Pneumonia", "Atelectasis", "Pneumothorax", "Pleural Effusion",
     "Pleural Other", "Fracture", "Support Devices")
 SYNTH_FINDINGS = ("opacity", "nodule", "effusion", "pneumothorax", "cardiomegaly")
+SYNTH_PROMPTS = dict(opacity="airspace opacity", nodule="pulmonary nodule", effusion="pleural effusion",
+                     pneumothorax="pneumothorax", cardiomegaly="cardiomegaly")  # the reports' wording: zero-shot prompts
 SPLITS = ("train", "validate", "test")
 _SPLIT_NAMES = {"train": "train", "validation": "validate", "validate": "validate", "val": "validate",
                 "valid": "validate", "test": "test"}  # the spellings split files use -> SPLITS
@@ -1382,6 +1384,13 @@ def collate(samples, tokenizer, max_length=512, sentence_transform=None):
 
 
 _SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+
+
+def prompt_batch(texts, tokenizer):
+    """One-sentence reports (the zero-shot prompts "x" / "no x") -> a text batch as collate makes it."""
+    samples = [dict(image=torch.zeros(1, 1, 1), sentences=[t], text=t, labels=torch.zeros(14), study_id=t)
+               for t in texts]
+    return collate(samples, tokenizer)
 
 
 def _bert_tokenizer(vocab):

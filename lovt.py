@@ -363,30 +363,6 @@ def loaders(args, ddp, tokenizer, train_set, val_set, test_set):
     return sampler, train, val, test
 
 
-SYNTH_PROMPTS = dict(opacity="airspace opacity", nodule="pulmonary nodule", effusion="pleural effusion",
-                     pneumothorax="pneumothorax", cardiomegaly="cardiomegaly")  # the reports' wording
-
-
-def prompt_batch(texts, tokenizer):
-    """One-sentence reports (zero-shot prompts) -> a text batch."""
-    samples = [dict(image=torch.zeros(1, 1, 1), sentences=[t], text=t, labels=torch.zeros(14), study_id=t)
-               for t in texts]
-    return data.collate(samples, tokenizer)
-
-
-@torch.no_grad()
-def validation_loss(model, loader, device, amp):
-    model.eval()
-    total = torch.zeros(2, device=device)  # sum of loss * n, n
-    for batch in loader:
-        with common.autocast(device, amp):
-            loss = model(common.to_device(batch, device))["loss"].float()
-        total += torch.stack([loss * len(batch["images"]), torch.tensor(float(len(batch["images"])), device=device)])
-    if torch.distributed.is_initialized():
-        torch.distributed.all_reduce(total)
-    return (total[0] / total[1]).item()
-
-
 @torch.no_grad()
 def evaluate(model, loader, tokenizer, device):
     """Retrieval R@1/5/10 in both directions and zero-shot AUC with pair prompts ("x" vs "no x") on held-out pairs.
@@ -405,9 +381,9 @@ def evaluate(model, loader, tokenizer, device):
     res = {f"i2t_{k}": v for k, v in common.recall_at_k(sim).items()}
     res.update({f"t2i_{k}": v for k, v in common.recall_at_k(sim.t()).items()})
     names = list(data.SYNTH_FINDINGS) if "masks" in batch else [n.lower() for n in data.CHEXPERT_LABELS[1:]]
-    phrases = [SYNTH_PROMPTS.get(n, n) for n in names]
-    pos = model.encode_text(common.to_device(prompt_batch(phrases, tokenizer), device))
-    neg = model.encode_text(common.to_device(prompt_batch([f"no {p}" for p in phrases], tokenizer), device))
+    phrases = [data.SYNTH_PROMPTS.get(n, n) for n in names]
+    pos = model.encode_text(common.to_device(data.prompt_batch(phrases, tokenizer), device))
+    neg = model.encode_text(common.to_device(data.prompt_batch([f"no {p}" for p in phrases], tokenizer), device))
     auc = common.zero_shot_auc(img, pos, neg, torch.cat(labels), names)
     res.update({f"auc_{k}": v for k, v in auc.items()})
     measured = [v for v in auc.values() if not math.isnan(v)]
@@ -530,7 +506,7 @@ def main(argv=None):
                 stop = True
                 break
         else:  # the epoch is complete: validation loss, best checkpoint, early stopping
-            val = validation_loss(model, val_loader, dev, amp)
+            val = common.validation_loss(model, val_loader, dev, amp)
             state.update(epoch=state["epoch"] + 1, micro=0)
             logger.write("val.csv", dict(epoch=state["epoch"], step=state["step"], val_loss=val))
             if val < state["best_val"] - 1e-5:

@@ -443,39 +443,15 @@ def random_crop(images, size):
     return torch.stack([im[:, a:a + size, b:b + size] for im, a, b in zip(images, i, j)])
 
 
-SYNTH_PROMPTS = dict(opacity="airspace opacity", nodule="pulmonary nodule", effusion="pleural effusion",
-                     pneumothorax="pneumothorax", cardiomegaly="cardiomegaly")  # the synthetic reports' wording
-
-
-def prompt_batch(texts, tokenizer):
-    """One-sentence reports (zero-shot prompts) -> a text batch."""
-    samples = [dict(image=torch.zeros(1, 1, 1), sentences=[t], text=t, labels=torch.zeros(14), study_id=t)
-               for t in texts]
-    return data.collate(samples, tokenizer)
-
-
 def finding_names(batch):
     """The zero-shot findings and their positive prompts: synthetic data's, or CheXpert's without "No Finding"."""
     names = list(data.SYNTH_FINDINGS) if "masks" in batch else [n.lower() for n in data.CHEXPERT_LABELS[1:]]
-    return names, [SYNTH_PROMPTS.get(n, n) for n in names]
+    return names, [data.SYNTH_PROMPTS.get(n, n) for n in names]
 
 
 def finding_labels(batch):
     return (torch.stack([m.flatten(1).any(1) for m in batch["masks"]]).float() if "masks" in batch
             else batch["labels"][:, 1:])
-
-
-@torch.no_grad()
-def validation_loss(model, loader, device, amp):
-    model.eval()
-    total = torch.zeros(2, device=device)  # sum of loss * n, n
-    for batch in loader:
-        with common.autocast(device, amp):
-            loss = model(common.to_device(batch, device))["loss"].float()
-        total += torch.stack([loss * len(batch["images"]), torch.tensor(float(len(batch["images"])), device=device)])
-    if torch.distributed.is_initialized():
-        torch.distributed.all_reduce(total)
-    return (total[0] / total[1]).item()
 
 
 @torch.no_grad()
@@ -498,7 +474,7 @@ def evaluate(model, loader, tokenizer, device, local=True, n_boot=1000):
         labels.append(finding_labels(batch))
     g, u, q, labels = torch.cat(g), torch.cat(u), torch.cat(q) if q else None, torch.cat(labels)
     names, phrases = finding_names(batch)
-    prompts = [model.text_features(common.to_device(prompt_batch(p, tokenizer), device))
+    prompts = [model.text_features(common.to_device(data.prompt_batch(p, tokenizer), device))
                for p in (phrases, [f"no {p}" for p in phrases])]
     pair, pos, neg = model.pair_scores(g, q, u), model.pair_scores(g, q, prompts[0]), model.pair_scores(g, q, prompts[1])
     if q is not None:
@@ -611,7 +587,7 @@ def write_viz(model, batch, tokenizer, folder, mean, std, n, device):
         found = [c for c in range(len(names)) if present[i, c] == 1]
         queries = [(f"report: {batch['texts'][i]}", reports[i:i + 1])]
         if found:
-            prompt = prompt_batch([phrases[found[0]]], tokenizer)
+            prompt = data.prompt_batch([phrases[found[0]]], tokenizer)
             queries.append((f"prompt: {phrases[found[0]]}", model.text_features(common.to_device(prompt, device))))
         maps = [(f"gates sigmoid(s_r) {gates[i].min():.2f}-{gates[i].max():.2f}, K = {q.shape[1]} kept", gates[i])]
         for caption, u in queries:
@@ -726,7 +702,7 @@ def main(argv=None):
                 stop = True
                 break
         else:  # the epoch is complete: validation loss, best checkpoint, early stopping
-            val = validation_loss(model, val_loader, dev, amp)
+            val = common.validation_loss(model, val_loader, dev, amp)
             state.update(epoch=state["epoch"] + 1, micro=0)
             logger.write("val.csv", dict(epoch=state["epoch"], step=state["step"], val_loss=val))
             if val < state["best_val"] - 1e-5:

@@ -489,30 +489,6 @@ def loaders(args, ddp, tokenizer, train_set, val_set, test_set):
     return sampler, train, val, test
 
 
-SYNTH_PROMPTS = dict(opacity="airspace opacity", nodule="pulmonary nodule", effusion="pleural effusion",
-                     pneumothorax="pneumothorax", cardiomegaly="cardiomegaly")  # the reports' wording
-
-
-def prompt_batch(texts, tokenizer):
-    """One-sentence reports (zero-shot prompts) -> a text batch."""
-    samples = [dict(image=torch.zeros(1, 1, 1), sentences=[t], text=t, labels=torch.zeros(14), study_id=t)
-               for t in texts]
-    return data.collate(samples, tokenizer)
-
-
-@torch.no_grad()
-def validation_loss(model, loader, device, amp):
-    model.eval()
-    total = torch.zeros(2, device=device)  # sum of loss * n, n
-    for batch in loader:
-        with common.autocast(device, amp):
-            loss = model(common.to_device(batch, device))["loss"].float()
-        total += torch.stack([loss * len(batch["images"]), torch.tensor(float(len(batch["images"])), device=device)])
-    if dist.is_initialized():
-        dist.all_reduce(total)
-    return (total[0] / total[1]).item()
-
-
 def pad_cat(tensors, dim=1):
     """Concatenate batches along dim 0 after padding `dim` with zeros to the longest."""
     n = max(t.shape[dim] for t in tensors)
@@ -557,8 +533,8 @@ def evaluate(model, loader, tokenizer, device):
     test, synthetic = encode_split(model, loader, device)
     labels = test["labels"].cpu()
     names = list(data.SYNTH_FINDINGS) if synthetic else [n.lower() for n in data.CHEXPERT_LABELS[1:]]
-    phrases = [SYNTH_PROMPTS.get(n, n) for n in names]
-    prompts = prompt_batch(phrases + [f"no {p}" for p in phrases], tokenizer)
+    phrases = [data.SYNTH_PROMPTS.get(n, n) for n in names]
+    prompts = data.prompt_batch(phrases + [f"no {p}" for p in phrases], tokenizer)
     words, mask, txt_g = model.text_features(common.to_device(prompts, device))
     scores = pair_scores(model, test, dict(words=common.fp32(words), mask=mask, txt_g=common.fp32(txt_g)))
     res, C = {}, len(names)
@@ -799,7 +775,7 @@ def main(argv=None):
                 stop = True
                 break
         else:  # the epoch is complete: validation loss, plateau schedule, best checkpoint, early stopping
-            val = validation_loss(model, val_loader, dev, amp)
+            val = common.validation_loss(model, val_loader, dev, amp)
             scheduler.step(val)
             state.update(epoch=state["epoch"] + 1, micro=0)
             logger.write("val.csv", dict(epoch=state["epoch"], step=state["step"], val_loss=val))
