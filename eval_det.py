@@ -37,7 +37,8 @@ image_std 1, min/max size = the evaluation size). Inference: score > `--score-th
 Protocol (LoVT, as eval_seg.py, shared harness): pad to a square and resize (224 px; 128 for synthetic),
 no augmentation, scalar mean/std of the downstream train split (also for the baselines), Adam with
 weight decay 1e-6, ReduceLROnPlateau on the validation loss (patience 3, factor 0.5), early stopping on
-the validation mAP (fROC for Object-CXR), test on the best validation state, `--seeds N` runs reported
+the validation mAP (fROC for Object-CXR), test on the best validation state, `--lr-grid` as eval_seg.py (one
+seed-0 run per value, the best validation metric picks the lr), `--seeds N` runs reported
 as mean ± 1.96·s/√N. Frozen: the encoder in eval mode (BN running statistics), its c3-c5 maps computed
 once and cached while they fit in `--cache-gb`. `--finetune`: the encoder stays frozen for
 `--warmup-steps` optimizer steps at lr 1e-3, then everything trains at `--lr` (LoVT).
@@ -74,7 +75,7 @@ from tqdm.auto import tqdm
 
 import data
 from eval_seg import (Batches, add_common_eval_args, extract_features, finetune_phase, load_encoders, load_splits,
-                      print_table, summarize, write_results)
+                      print_table, select_lr, summarize, write_results)
 
 IOU_THRESHOLDS = tuple(np.round(np.arange(0.40, 0.76, 0.05), 2).tolist())  # 0.40 ... 0.75, 8 values
 RECALL_POINTS = np.linspace(0.0, 1.0, 101)
@@ -371,13 +372,16 @@ def main(argv=None):
             backbone.cpu()
         task_data = dict(batches=[Batches(splits[s], mean, std, args.device, feats[s]) for s in order],
                     splits=[splits[s] for s in order])
-        runs = [train_one(args, backbone, task_data, len(classes), seed)
-                for seed in tqdm(range(args.seeds), desc=f"{name} {mode}")]
-        row = dict(encoder=name, method=meta.get("method", ""), mode=mode, lr=args.lr,
+        run = lambda lr, seed: train_one(argparse.Namespace(**{**vars(args), "lr": lr}), backbone, task_data,
+                                         len(classes), seed)
+        lr, runs, trials = select_lr(args.lr_grid or [args.lr], run, args.seeds, "best_val", f"{name} {mode}")
+        row = dict(encoder=name, method=meta.get("method", ""), mode=mode, lr=lr,
                    map=[r["map"] for r in runs], map50=[r["map50"] for r in runs],
                    map75=[r["map75"] for r in runs], froc=[r["froc"] for r in runs])
         for c, cls in enumerate(classes):
             row[f"ap/{cls}"] = [r["ap_per_class"][c] for r in runs]
+        if len(trials) > 1:
+            row[f"val_{args.metric}_by_lr"] = " ".join(f"{v:g}:{100 * r['best_val']:.2f}" for v, r in trials.items())
         row.update(epochs=runs[-1]["epochs"], seconds=round(time.time() - t, 1))
         rows.append(row)
         print(f"{name} {mode}: test mAP {100 * summarize(row['map'])[0]:.2f} %, fROC "

@@ -52,8 +52,8 @@ LoVT's segmentation tasks (ResNet-50, 224 px, 5 seeds, LoVT's split files; add t
   SIIM pneumothorax       --dataset siim --head unet [--finetune] --epochs 50 --lr-grid 3e-5 1e-5
   Object-CXR              --dataset object-cxr --lr-grid 3e-1 1e-1 3e-2 1e-2
   NIH, 8 box classes      --dataset nih --lr-grid 1e-1 3e-2 1e-2   (Dice = mean of the 8 class Dices)
-`--lr-grid` is LoVT's LR selection: one seed-0 run per value; the best validation Dice picks the lr of
-all seeds.
+`--lr-grid` is LoVT's LR selection: one seed-0 run per value; the best validation Dice (eval_det.py: the
+validation mAP) picks the lr of all seeds.
 
 Deviations from LoVT: `random` and `imagenet` take the architecture of the first exported encoder in
 the list (ResNet-50 if none), so that the baseline matches what it is compared with; the random encoder
@@ -97,6 +97,8 @@ def add_common_eval_args(parser):
     a("--lr", type=float, default=None, help="learning rate of the head (and of the encoder when fine-tuned)")
     a("--batch-size", type=int, default=64)
     a("--patience", type=int, default=10, help="early stopping: epochs without a better validation metric")
+    a("--lr-grid", type=float, nargs="+", default=None,
+      help="LoVT's LR selection: one seed-0 run per value, the best validation metric picks the lr of all seeds")
     a("--out", default=None, help="results file stem: writes OUT.json and OUT.csv")
     a("--synthetic-samples", type=int, default=None, help="synthetic: number of images, split 60/20/20 (default 500)")
     a("--skip-bad", action="store_true", help="skip unreadable / inconsistent records and count them")
@@ -514,6 +516,15 @@ def cache_fits(backbone, image_size, n_images, limit_gb):
     return 4 * sum(sizes) * n_images / 2 ** 30 <= limit_gb
 
 
+def select_lr(grid, run, seeds, key, desc):
+    """LoVT's LR selection: one run (seed 0) per grid value, the best validation `key` wins, then seeds 1 ..
+    seeds - 1 with that lr; a single lr is a grid of one. run(lr, seed) -> result dict. Returns (lr, the runs of
+    the chosen lr, {lr: its seed-0 result})."""
+    trials = {lr: run(lr, 0) for lr in tqdm(grid, desc=f"{desc} lr", disable=len(grid) == 1)}
+    lr = max(grid, key=lambda v: trials[v][key])
+    return lr, [trials[lr]] + [run(lr, seed) for seed in tqdm(range(1, seeds), desc=desc)], trials
+
+
 def main(argv=None):
     parser = add_common_eval_args(argparse.ArgumentParser(description=__doc__.split("\n")[0]))
     parser.add_argument("--head", action="append", choices=["linear", "unet", "setr"], default=None,
@@ -521,8 +532,6 @@ def main(argv=None):
     parser.add_argument("--finetune", action="store_true", help="unet: train the encoder too, after the warm-up")
     parser.add_argument("--warmup-steps", type=int, default=100, help="fine-tune: frozen-encoder steps first")
     parser.add_argument("--warmup-lr", type=float, default=1e-3, help="fine-tune: lr of the warm-up steps")
-    parser.add_argument("--lr-grid", type=float, nargs="+", default=None,
-                        help="LoVT's LR selection: one seed-0 run per value, the best validation Dice is kept")
     parser.add_argument("--bce", action="store_true", help="add pixel-wise BCE to the Dice loss")
     parser.add_argument("--cache-gb", type=float, default=8.0,
                         help="frozen unet: cache all stage features when they fit in this many GB")
@@ -574,12 +583,8 @@ def main(argv=None):
             batches = [Batches(splits[s], mean, std, args.device, feats[s]) for s in ("train", "validate", "test")]
             run = lambda lr, seed: train_one(argparse.Namespace(**{**vars(args), "lr": lr}), kind, backbone,
                                              batches, len(classes), seed)
-            # LoVT's LR selection: one run (seed 0) per grid value, the best validation Dice wins, then the
-            # remaining seeds with that lr. A single lr is a grid of one.
             grid = args.lr_grid or [args.lr or {"linear": 3e-3, "setr": 3e-4, "unet": 1e-4 if finetune else 3e-4}[kind]]
-            trials = {lr: run(lr, 0) for lr in tqdm(grid, desc=f"{name} {kind} {mode} lr", disable=len(grid) == 1)}
-            lr = max(grid, key=lambda v: trials[v]["best_val_dice"])
-            runs = [trials[lr]] + [run(lr, seed) for seed in tqdm(range(1, args.seeds), desc=f"{name} {kind} {mode}")]
+            lr, runs, trials = select_lr(grid, run, args.seeds, "best_val_dice", f"{name} {kind} {mode}")
             row = dict(encoder=name, method=meta.get("method", ""), head=kind, mode=mode, lr=lr, dataset=args.dataset,
                        fraction=args.fraction, image_size=image_size,
                        dice=[r["dice"] for r in runs], dice_img=[r["dice_img"] for r in runs],

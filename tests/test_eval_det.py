@@ -128,3 +128,19 @@ def test_main_vit_export_simple_pyramid(tmp_path):
                           "--batch-size", "4", "--fpn-channels", "32", "--head-convs", "1", "--out",
                           str(tmp_path / "det")])
     assert rows[0]["encoder"] == path.parent.name and 0.0 <= rows[0]["map"][0] <= 1.0
+
+
+def test_lr_grid_picks_the_best_validation_map_and_runs_the_other_seeds_with_it(tmp_path, monkeypatch):
+    calls = []
+    fake_val = {1e-3: 0.2, 1e-2: 0.5, 1e-1: 0.1}  # the middle lr has the best validation mAP
+
+    def fake_train_one(args, backbone, data, num_classes, seed):
+        calls.append((args.lr, seed))
+        return dict(map=fake_val[args.lr] + seed, map50=0.0, map75=0.0, froc=0.0, ap_per_class=[0.0] * num_classes,
+                    epochs=1, best_val=fake_val[args.lr])
+
+    monkeypatch.setattr(eval_det, "train_one", fake_train_one)
+    rows, saved = run_main(tmp_path, "--lr-grid", "1e-3", "1e-2", "1e-1", "--seeds", "3")
+    assert calls == [(1e-3, 0), (1e-2, 0), (1e-1, 0), (1e-2, 1), (1e-2, 2)]
+    assert rows[0]["lr"] == 1e-2 and rows[0]["map"] == [0.5, 1.5, 2.5]  # seed 0 of the grid is reused, not rerun
+    assert saved[0]["val_map_by_lr"] == "0.001:20.00 0.01:50.00 0.1:10.00"
