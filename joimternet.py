@@ -39,6 +39,7 @@ Run (CACHE from `python data.py prepare-mimic --root MIMIC --out CACHE --image-s
   torchrun --nproc_per_node=8 joimternet.py --preset paper --data mimic --data-root CACHE --batch-size 16
   python joimternet.py --resume --out-dir runs/joimternet-XXXX                        # continue a killed run
   python joimternet.py --bench 20 [--preset paper]        # throughput of the image-text steps (images/s, memory)
+  python joimternet.py --no-local                      # ablation: global terms only (no word-region CE / triplets)
 --batch-size is per process: with W processes, 128 / W keeps the code's 128 pairs per step (the CE terms score each
 rank's pairs against all W x B gathered columns). Without --data the demo preset runs on the built-in synthetic
 data. The run folder (default runs/joimternet-<time>) holds args.json, metrics.csv, val.csv, ckpt.pt,
@@ -146,6 +147,7 @@ class Args:
     margin_word: float = arg(0.5, "local triplet margin")
     lambda_ce: float = arg(1.0, "weight of the four CE terms (LAMBDA_DAMSM)")
     lambda_triplet: float = arg(2.0, "weight of the four triplet terms (LAMBDA_TRIPLET)")
+    no_local: bool = arg(False, "ablation: global terms only (no word-region CE or triplet terms)")
     triplet_quirk: bool = arg(False, "reproduce the code: negative report cut/padded to the anchor's length")
     local_chunk: int = arg(16, "reports per chunk of the B x B word-region attention")
     p_mlm: float = arg(0.7, "probability that a step is an MLM step (0 = ITM only)")
@@ -307,12 +309,8 @@ TERMS = ("global_ce_i2t", "global_ce_t2i", "local_ce_i2t", "local_ce_t2i", "glob
          "local_trip_i2t", "local_trip_t2i")
 
 
-TERMS = ("global_ce_i2t", "global_ce_t2i", "local_ce_i2t", "local_ce_t2i", "global_trip_i2t", "global_trip_t2i",
-         "local_trip_i2t", "local_trip_t2i")
-
-
 def itm_losses(v, V, e, E, M, neg, *, gathered=None, offset=0, gamma1=4.0, gamma2=5.0, gamma3=10.0, margin_sent=0.5,
-               margin_word=0.5, lambda_ce=1.0, lambda_triplet=2.0, triplet_quirk=False, chunk=16):
+               margin_word=0.5, lambda_ce=1.0, lambda_triplet=2.0, triplet_quirk=False, chunk=16, local=True):
     """All eight matching terms of one ITM step and the weighted total (JoImTeR/trainer_pretrain.py:train).
 
     v: B x D global image, V: B x R x D regions, e: B x D sentence, E: B x L x D words, M: B x L word mask: this
@@ -321,19 +319,22 @@ def itm_losses(v, V, e, E, M, neg, *, gathered=None, offset=0, gamma1=4.0, gamma
     gathered: (v, V, e, E, M) of the whole batch, every rank's in rank order with gradient (gather_features), and
     offset = rank * B; None on one process. CE rows are this rank's anchors against all columns, the triplets use
     this rank's anchors with negatives from the whole batch; with DDP's gradient averaging this equals the
-    single-process full batch (tested)."""
+    single-process full batch (tested). local=False (--no-local, the global-only ablation) leaves out the four
+    word-region terms."""
     v_all, V_all, e_all, E_all, M_all = gathered or (v, V, e, E, M)
     out = {}
     out["global_ce_i2t"], out["global_ce_t2i"] = global_ce(v, e, v_all, e_all, offset, gamma3)
-    out["local_ce_i2t"], out["local_ce_t2i"] = local_ce(V, E, M, V_all, E_all, M_all, offset, gamma1, gamma2, gamma3,
-                                                        chunk)
+    if local:
+        out["local_ce_i2t"], out["local_ce_t2i"] = local_ce(V, E, M, V_all, E_all, M_all, offset, gamma1, gamma2,
+                                                            gamma3, chunk)
     out["loss"] = lambda_ce * sum(out.values())
     if neg is not None:
         pos = torch.arange(v.shape[0], device=v.device) + offset
         terms = triplet_terms(v_all, e_all, V_all, E_all, M_all, pos, neg.to(v.device)[pos], gamma1, gamma2,
                               margin_sent, margin_word, triplet_quirk)
-        out.update(zip(TERMS[4:], terms))
-        out["loss"] = out["loss"] + lambda_triplet * sum(terms)
+        terms = dict(zip(TERMS[4:], terms if local else terms[:2]))
+        out.update(terms)
+        out["loss"] = out["loss"] + lambda_triplet * sum(terms.values())
     return out
 
 
@@ -375,7 +376,7 @@ class JoImTeRNet(nn.Module):
             return itm_losses(*feats, neg, gathered=gathered, offset=offset, gamma1=a.gamma1, gamma2=a.gamma2,
                               gamma3=a.gamma3, margin_sent=a.margin_sent, margin_word=a.margin_word,
                               lambda_ce=a.lambda_ce, lambda_triplet=a.lambda_triplet, triplet_quirk=a.triplet_quirk,
-                              chunk=a.local_chunk)
+                              chunk=a.local_chunk, local=not a.no_local)
 
     def encode_image(self, images):
         return F.normalize(common.fp32(self.image(images)["global_feat"]), dim=-1)
@@ -542,8 +543,8 @@ def datasets(args, out):
         raise SystemExit(f"--data {args.data} needs --data-root (mimic: the `python data.py prepare-mimic` cache)")
 
     def dataset(split, train, num_samples):
-        return data.make_dataset(args.data, args.data_root, split, args.image_size, train, args.seed,
-                                 num_samples or None, skip_bad=args.skip_bad)
+        return data.make_dataset(args.data, args.data_root, split, args.image_size, train,
+                                 num_samples=num_samples or None, skip_bad=args.skip_bad)
     sets = dict(train=dataset("train", True, args.train_samples), test=dataset("test", False, args.eval_samples),
                 validate=dataset("validate", False, args.eval_samples),
                 cls_train=dataset("train", False, args.cls_train_samples or args.train_samples))

@@ -345,3 +345,24 @@ def test_bench_prints_throughput(capsys):
     assert len(line) == 1 and "images/s" in line[0] and "peak memory" in line[0]
     speed = float(line[0].split()[1])
     assert speed > 0
+
+
+def test_no_local_keeps_exactly_the_global_terms():
+    """--no-local (the global-only ablation): the four global terms are those of the full objective, the total is
+    their weighted sum, and the regions and words get no gradient."""
+    torch.manual_seed(0)
+    v, e = torch.randn(4, 8, requires_grad=True), torch.randn(4, 8, requires_grad=True)
+    V, E = torch.randn(4, 5, 8, requires_grad=True), torch.randn(4, 6, 8, requires_grad=True)
+    M = torch.arange(6) < torch.tensor([[6], [4], [3], [5]])
+    neg = torch.tensor([1, 2, 3, 0])
+    full = jt.itm_losses(v, V, e, E, M, neg, **LOSS_ARGS)
+    glob = jt.itm_losses(v, V, e, E, M, neg, local=False, **LOSS_ARGS)
+    kept = ("global_ce_i2t", "global_ce_t2i", "global_trip_i2t", "global_trip_t2i")
+    assert set(glob) == {"loss", *kept}
+    for k in kept:
+        torch.testing.assert_close(glob[k], full[k])
+    want = LOSS_ARGS["lambda_ce"] * (glob["global_ce_i2t"] + glob["global_ce_t2i"]) + LOSS_ARGS["lambda_triplet"] * (
+        glob["global_trip_i2t"] + glob["global_trip_t2i"])
+    torch.testing.assert_close(glob["loss"], want)
+    glob["loss"].backward()
+    assert V.grad is None and E.grad is None and v.grad.abs().sum() > 0
