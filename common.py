@@ -742,8 +742,9 @@ class Dist:
 
 
 def setup_distributed(device: str | None = None) -> Dist:
-    """torchrun (RANK set) -> init_process_group (nccl on CUDA, gloo on CPU) and one GPU per process; otherwise a
-    single process on `device` (default: cuda if available, else cpu). Also switches TF32 matmuls on."""
+    """torchrun (RANK set) -> init_process_group (nccl on CUDA, gloo on CPU or on shared GPUs) and one GPU per
+    process; otherwise a single process on `device` (default: cuda if available, else cpu). Also switches TF32
+    matmuls on."""
     cuda = torch.cuda.is_available() and device != "cpu"
     if cuda:
         torch.set_float32_matmul_precision("high")  # TF32 matmuls; cuDNN convolutions use TF32 by default
@@ -751,10 +752,14 @@ def setup_distributed(device: str | None = None) -> Dist:
     if "RANK" not in os.environ:
         return Dist(device=torch.device(device or ("cuda" if cuda else "cpu")))
     rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0))
-    dev = torch.device("cuda", local) if cuda else torch.device("cpu")
+    # more processes than GPUs (tests/gpu_bench.sh: 2 on one GPU): they share the GPUs over gloo, as NCCL refuses
+    # two ranks on one device
+    shared = cuda and int(os.environ.get("LOCAL_WORLD_SIZE", 1)) > torch.cuda.device_count()
+    dev = torch.device("cuda", local % torch.cuda.device_count()) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(dev)
-    dist.init_process_group("nccl" if cuda else "gloo", device_id=dev if cuda else None)
+    nccl = cuda and not shared
+    dist.init_process_group("nccl" if nccl else "gloo", device_id=dev if nccl else None)
     return Dist(rank, world, local, dev, rank == 0, True)
 
 
