@@ -274,8 +274,10 @@ class TextEncoder(nn.Module):
     """transformers BertModel (no pooler) from a name/path, or a tiny random-init BERT for offline runs.
 
     name_or_path: "tiny" builds BertConfig(vocab_size=len(tokenizer), hidden 128, 2 layers, 4 heads, intermediate
-        512, 512 positions) -- small enough for a 2-core CPU demo, deep enough to contextualise; anything else is
-        passed to BertModel.from_pretrained (e.g. "emilyalsentzer/Bio_ClinicalBERT" or a save_pretrained folder).
+        512, 512 positions) -- small enough for a 2-core CPU demo, deep enough to contextualise; "bert-base" the
+        same with BERT-base's sizes (768, 12 layers, 12 heads, 3072 = Bio_ClinicalBERT's), random init, for
+        benchmarks of the paper configurations offline; anything else is passed to BertModel.from_pretrained (e.g.
+        "emilyalsentzer/Bio_ClinicalBERT" or a save_pretrained folder).
     freeze_layers: k freezes the embeddings and the first k encoder layers (requires_grad False; LoVT: k = 6).
         Their dropout stays active in train mode, as in LoVT. Pass only trainable parameters to the optimizer.
     """
@@ -284,9 +286,11 @@ class TextEncoder(nn.Module):
                  num_layers: int = 2, num_heads: int = 4, intermediate_size: int = 512):
         super().__init__()
         from transformers import BertConfig, BertModel
+        if name_or_path == "bert-base":
+            name_or_path, hidden_size, num_layers, num_heads, intermediate_size = "tiny", 768, 12, 12, 3072
         if name_or_path == "tiny":
             if tokenizer is None:
-                raise ValueError("the tiny BERT needs the tokenizer (for its vocabulary size and [PAD] id)")
+                raise ValueError("a random-init BERT needs the tokenizer (for its vocabulary size and [PAD] id)")
             config = BertConfig(vocab_size=len(tokenizer), hidden_size=hidden_size, num_hidden_layers=num_layers,
                                 num_attention_heads=num_heads, intermediate_size=intermediate_size,
                                 max_position_embeddings=512, pad_token_id=tokenizer.pad_token_id)

@@ -183,10 +183,7 @@ class LoVT(nn.Module):
         super().__init__()
         self.args = args
         self.image_encoder = common.ImageEncoder(args.image_arch, args.image_weights, args.channels_last)
-        bert_base = dict(hidden_size=768, num_layers=12, num_heads=12, intermediate_size=3072)  # = Bio_ClinicalBERT
-        self.text_encoder = common.TextEncoder("tiny" if args.text_model == "bert-base" else args.text_model,
-                                               tokenizer, args.text_freeze_layers,
-                                               **(bert_base if args.text_model == "bert-base" else {}))
+        self.text_encoder = common.TextEncoder(args.text_model, tokenizer, args.text_freeze_layers)
         ca, cb, d, hidden = self.image_encoder.out_dim, self.text_encoder.out_dim, args.proj_dim, args.proj_hidden
         self.pool_a, self.pool_b = common.AttentionPool(ca, args.pool_heads), common.AttentionPool(cb, args.pool_heads)
         # four independent BN-MLP heads; the local ones act per region / per sentence (padded slots included)

@@ -113,8 +113,8 @@ class Args:
     image_weights: str = arg("imagenet", "imagenet | none | path to a state dict")
     image_size: int = arg(224, "input size")
     channels_last: bool = arg(True, "NHWC memory format for the ResNet")
-    text_model: str = arg("emilyalsentzer/Bio_ClinicalBERT", "name/path, or tiny (random init, vocabulary from the "
-                          "training reports)")
+    text_model: str = arg("emilyalsentzer/Bio_ClinicalBERT", "name/path, or tiny | bert-base (random init, "
+                          "vocabulary from the training reports)")
     text_pool: Literal["cls", "mean"] = arg("cls", "u from the [CLS] state (CLIP-style) or the mean of the tokens")
     max_length: int = arg(512, "token limit of a report incl. [CLS]/[SEP]")
     dim: int = arg(512, "D, the joint space")
@@ -349,11 +349,12 @@ def contrastive_terms(g, u, tokens, logit_scale, select=None, interact=None):
 
 # ==== TRAINING: data, loop, evaluation ====
 def report_tokenizer(args, train_set):
-    """The --init run's tokenizer (stage lrclr), Bio_ClinicalBERT's, or (tiny) a vocabulary of the training reports."""
+    """The --init run's tokenizer (stage lrclr), Bio_ClinicalBERT's, or (tiny / bert-base) a vocabulary of the
+    training reports."""
     from transformers import AutoTokenizer
     if args.init:
         return AutoTokenizer.from_pretrained(os.path.join(args.init, "text_encoder"))
-    if args.text_model == "tiny":
+    if args.text_model in ("tiny", "bert-base"):
         return data.build_tokenizer(data.report_texts(train_set))
     try:
         return AutoTokenizer.from_pretrained(args.text_model)

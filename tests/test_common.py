@@ -299,6 +299,13 @@ def test_text_encoder_tiny_freeze_and_export(tmp_path):
     assert torch.allclose(again(batch["input_ids"], batch["attention_mask"]), states, atol=1e-6)
 
 
+
+def test_text_encoder_bert_base_is_random_init_with_bert_base_sizes(tmp_path):
+    config = C.TextEncoder("bert-base", _tokenizer(tmp_path)).bert.config
+    assert (config.hidden_size, config.num_hidden_layers, config.num_attention_heads, config.intermediate_size,
+            config.vocab_size) == (768, 12, 12, 3072, 10)
+
+
 # ---------------------------------------------------------------- metrics
 
 def test_recall_at_k_identity_and_ties():
