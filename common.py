@@ -994,7 +994,9 @@ class Logger:
 
     log() writes the metrics given, the mean of every added term since the previous row (`loss` as loss/total, a
     term t as loss/t; add() keeps tensors on their device, so logging costs one sync per row, not per step) and
-    perf/img_per_s (the images added) and perf/data_wait_frac over that interval. On resume (start_step > 0) rows
+    perf/img_per_s (the images added) and perf/data_wait_frac over that interval, and perf/cpu_s, the process's CPU
+    seconds (all threads) since the logger was made: the training loop's cost, whatever else shares the machine
+    (counted from the resumed step on resume). On resume (start_step > 0) rows
     past start_step from the killed run are dropped, then rows are appended. write(name, row) appends to another CSV
     (e.g. val.csv)."""
 
@@ -1002,7 +1004,7 @@ class Logger:
         self.run_dir, self.is_main = run_dir, is_main
         self.bar = tqdm(total=total_steps, initial=start_step, disable=not is_main, dynamic_ncols=True)
         self.path, self.wait, self.last = os.path.join(run_dir, "metrics.csv"), 0.0, time.perf_counter()
-        self.sums, self.images = {}, 0
+        self.sums, self.images, self.cpu_start = {}, 0, time.process_time()
         if is_main and start_step > 0 and os.path.exists(self.path):
             with open(self.path, newline="") as fh:
                 rows = list(csv.reader(fh))
@@ -1031,7 +1033,8 @@ class Logger:
         elapsed, self.last = max(now - self.last, 1e-9), now
         means = {"loss/total" if k == "loss" else f"loss/{k}": float(t / n) for k, (t, n) in self.sums.items()}
         row = {"step": step, "epoch": epoch, **{k: float(v) for k, v in metrics.items()}, **means,
-               "perf/img_per_s": self.images / elapsed, "perf/data_wait_frac": min(self.wait / elapsed, 1.0)}
+               "perf/img_per_s": self.images / elapsed, "perf/data_wait_frac": min(self.wait / elapsed, 1.0),
+               "perf/cpu_s": time.process_time() - self.cpu_start}
         self.wait, self.sums, self.images = 0.0, {}, 0
         if self.is_main:
             self.bar.update(step - self.bar.n)

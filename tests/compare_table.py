@@ -1,22 +1,30 @@
-"""The five methods side by side: build the comparison table from a results folder.
+"""The five methods side by side: build the comparison tables from a results folder.
 
     python tests/compare_table.py RESULTS [--out RESULTS/table.md]
 
-RESULTS holds one folder per encoder and one per pre-training seed, as tests/compare.sh writes them:
+RESULTS is what tests/compare.sh writes:
 
-    RESULTS/<encoder>/seed<k>/eval.json   the method's held-out table ({"untrained": {...}, "trained": {...}});
-                                          absent for the random-init encoder, which has no text side
-    RESULTS/<encoder>/seed<k>/seconds     wall seconds of the pre-training
-    RESULTS/<encoder>/seed<k>/seg.json    eval_seg.py --out .../seg (rows; the frozen linear head is used)
-    RESULTS/<encoder>/seed<k>/det.json    eval_det.py --out .../det (rows; the frozen detector is used)
+    RESULTS/seed<k>/<run>/eval.json     the method's held-out metrics: {"untrained": {...}, "trained": {...}}, or
+                                        LRCLR's {"metrics": {"LRCLR global+local": {...}, "base": {...}, ...}}
+    RESULTS/seed<k>/<run>/args.json     the run's arguments (LRCLR's "init": the base it fine-tuned)
+    RESULTS/seed<k>/<run>/metrics.csv   its last perf/cpu_s: the CPU seconds of the training loop (without the
+                                        start-up and the evaluation; LRCLR: plus its --init's)
+    RESULTS/seed<k>/seg.json, det.json  eval_seg.py / eval_det.py rows of that seed's exports (row "encoder" = <run>);
+                                        seg-claims.json: the ablation runs of the claims
+    RESULTS/random/seg.json, det.json   the random-init encoders, over the harness's own seeds
 
-Every cell is the mean over seeds ± the half-width of the 95 % Student-t interval (t_{0.975, n-1} s / sqrt(n):
-with 3 seeds the normal 1.96 would understate it by a factor 2.2); a cell without data is "–".
+Every cell is the mean over pre-training seeds (for a random encoder: over harness seeds) ± the half-width of the
+95 % Student-t interval (t_{0.975, n-1} s / sqrt(n): with 3 seeds the normal 1.96 would understate it by a factor
+2.2); a cell without data is "–". The methods' own retrieval scores are comparable because every method evaluates
+the same 300 test pairs as one gallery (JoImTeRNet's i2t_300/R@k is that gallery); RECLF's zero-shot score is its
+"both" similarity (global + relation), LRCLR's its global + local one.
 """
 import argparse
+import csv
 import json
 import math
 import os
+import re
 import sys
 
 import numpy as np
@@ -49,47 +57,83 @@ def _json(path):
         return json.load(f)
 
 
-def _eval_row(rows, **match):
-    """The harness row matching every key (e.g. head=linear, mode=frozen), or None."""
-    for row in rows or []:
-        if all(row.get(k) == v for k, v in match.items()):
-            return row
-    return None
-
-
-def _harness_value(row, key):
-    """One number from an eval_seg / eval_det row: the mean over its own seeds (the harness writes
-    {"values": [...], "mean": m, "ci95": h} for every per-seed metric)."""
-    if row is None or key not in row:
+def _training_cpu_seconds(run: str):
+    """perf/cpu_s of the last metrics.csv row: the CPU seconds of the training loop (common.Logger)."""
+    path = os.path.join(run, "metrics.csv")
+    if not os.path.exists(path):
         return None
-    cell = row[key]
-    return float(cell["mean"]) if isinstance(cell, dict) else float(cell)
+    with open(path, newline="") as f:
+        rows = [r for r in csv.DictReader(f) if r.get("perf/cpu_s")]
+    return float(rows[-1]["perf/cpu_s"]) if rows else None
+
+
+def method_metrics(run: str) -> dict:
+    """The trained model's held-out metrics of a run folder under one set of names (i2t_R@k, t2i_R@k, auc_mean)."""
+    ev = _json(os.path.join(run, "eval.json")) or {}
+    if "trained" in ev:
+        metrics = ev["trained"]
+    else:  # LRCLR: stage lrclr scores with global + local, stage base with the global cosine
+        metrics = ev.get("metrics", {}).get("LRCLR global+local") or ev.get("metrics", {}).get("base", {})
+    out = {re.sub(r"^(i2t|t2i)_\d+/", r"\1_", k): v for k, v in metrics.items()}  # JoImTeRNet's i2t_300/R@1
+    if "auc_mean" not in out and "auc_both_mean" in out:  # RECLF: the zero-shot AUC of its scoring similarity
+        out["auc_mean"] = out["auc_both_mean"]
+    return out
+
+
+def cpu_seconds(run: str):
+    """The CPU seconds of the run's training loop plus those of the run it started from (LRCLR's base), None if
+    not recorded."""
+    own = _training_cpu_seconds(run)
+    init = (_json(os.path.join(run, "args.json")) or {}).get("init")
+    if own is not None and init:
+        base = _training_cpu_seconds(init)
+        own = None if base is None else own + base
+    return own
+
+
+def _rows(*paths):
+    return [row for p in paths for row in (_json(p) or [])]
+
+
+def _harness(rows, encoder, key, **match):
+    """The per-seed values of `key` in the harness row of `encoder` (seg: the linear head, frozen), [] if none."""
+    for row in rows:
+        if row.get("encoder") == encoder and all(row.get(k) == v for k, v in match.items()) and key in row:
+            cell = row[key]
+            return list(cell["values"]) if isinstance(cell, dict) else [cell]
+    return []
 
 
 def collect(root: str) -> dict:
     """{encoder: {column header: [one value per seed], "seconds": [...], "seeds": n}} from a results folder."""
     table = {}
-    for encoder in sorted(os.listdir(root)):
-        folder = os.path.join(root, encoder)
-        seeds = sorted(s for s in os.listdir(folder) if s.startswith("seed")) if os.path.isdir(folder) else []
-        if not seeds:
-            continue
-        cells = {header: [] for header, _, _ in COLUMNS}
-        cells["seconds"] = []
-        for seed in seeds:
-            run = os.path.join(folder, seed)
-            trained = (_json(os.path.join(run, "eval.json")) or {}).get("trained", {})
-            seg = _eval_row(_json(os.path.join(run, "seg.json")), head="linear", mode="frozen")
-            det = _eval_row(_json(os.path.join(run, "det.json")), mode="frozen")
+
+    def cell(encoder):
+        return table.setdefault(encoder, {**{h: [] for h, _, _ in COLUMNS}, "seconds": [], "seeds": 0})
+
+    random = os.path.join(root, "random")
+    seg, det = _rows(os.path.join(random, "seg.json")), _rows(os.path.join(random, "det.json"))
+    for encoder in dict.fromkeys(r["encoder"] for r in seg + det):
+        cells = cell(encoder)
+        cells["seg Dice"] = _harness(seg, encoder, "dice", head="linear", mode="frozen")
+        cells["det mAP"] = _harness(det, encoder, "map", mode="frozen")
+        cells["seeds"] = max(len(cells["seg Dice"]), len(cells["det mAP"]))
+    for seed in sorted(d for d in os.listdir(root) if d.startswith("seed")):
+        folder = os.path.join(root, seed)
+        seg = _rows(os.path.join(folder, "seg.json"), os.path.join(folder, "seg-claims.json"))
+        det = _rows(os.path.join(folder, "det.json"))
+        for run in sorted(d for d in os.listdir(folder) if os.path.isdir(os.path.join(folder, d))):
+            metrics, cells = method_metrics(os.path.join(folder, run)), cell(run)
             for header, source, key in COLUMNS:
-                value = trained.get(key) if source == "eval" else _harness_value(seg if source == "seg" else det, key)
+                if source == "eval":
+                    value = metrics.get(key)
+                else:
+                    values = _harness(seg, run, "dice", head="linear", mode="frozen") if source == "seg" else \
+                        _harness(det, run, "map", mode="frozen")
+                    value = float(np.mean(values)) if values else None
                 cells[header].append(None if value is None else float(value))
-            seconds = os.path.join(run, "seconds")
-            if os.path.exists(seconds):
-                with open(seconds) as f:
-                    cells["seconds"].append(float(f.read().strip()))
-        cells["seeds"] = len(seeds)
-        table[encoder] = cells
+            cells["seconds"].append(cpu_seconds(os.path.join(folder, run)))
+            cells["seeds"] += 1
     return table
 
 
@@ -102,16 +146,33 @@ def _cell(values, percent=False) -> str:
     return f"{scale * mean:.{digits}f}" + ("" if math.isnan(half) else f" ± {scale * half:.{digits}f}")
 
 
-def markdown(table: dict) -> str:
-    """One Markdown table: a row per encoder; retrieval and AUC as fractions, Dice and mAP in %."""
-    headers = ["encoder", "seeds", "pre-training s"] + [h for h, _, _ in COLUMNS]
+MAIN = ("random-resnet18", "random-vit_tiny", "lovt", "joimternet", "lrclr-base", "lrclr", "reclf", "place")
+
+
+def markdown(table: dict, encoders) -> str:
+    """One Markdown table, a row per encoder; retrieval and AUC as fractions, Dice and mAP in %."""
+    headers = ["encoder", "seeds", "pre-training CPU s"] + [h for h, _, _ in COLUMNS]
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-    for encoder, cells in table.items():
+    for encoder in encoders:
+        cells = table[encoder]
         seconds = interval(cells["seconds"])[0]
         row = [encoder, str(cells["seeds"]), "–" if math.isnan(seconds) else f"{seconds:.0f}"]
         row += [_cell(cells[h], percent=source != "eval") for h, source, _ in COLUMNS]
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
+
+
+def tables(table: dict) -> str:
+    """The side-by-side table (MAIN's encoders that are there), then, if any ablation runs are there, the claims
+    table: each method's full run followed by its ablations (runs named <method>-<ablation>)."""
+    main = [e for e in MAIN if e in table]
+    text = markdown(table, main)
+    ablations = [e for e in table if e not in MAIN]
+    if ablations:
+        methods = list(dict.fromkeys(e.split("-")[0] for e in ablations))
+        rows = [e for m in methods for e in ([m] if m in table else []) + [a for a in ablations if a.split("-")[0] == m]]
+        text += "\n\nClaims (ablations; same seeds and budget):\n\n" + markdown(table, rows)
+    return text
 
 
 def main(argv=None):
@@ -121,7 +182,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if not os.path.isdir(args.results):
         sys.exit(f"{args.results}: no such results folder (tests/compare.sh writes it)")
-    text = markdown(collect(args.results))
+    text = tables(collect(args.results))
     print(text)
     if args.out:
         with open(args.out, "w") as f:

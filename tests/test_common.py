@@ -6,6 +6,7 @@ import os
 import random
 import socket
 import sys
+import time
 from dataclasses import dataclass
 from functools import partial
 from typing import Literal, Optional
@@ -501,10 +502,24 @@ def test_logger_csv_and_resume(tmp_path):
     resumed.close()
     rows = list(csv.DictReader(open(tmp_path / "metrics.csv")))
     assert [r["step"] for r in rows] == ["1", "2", "3"]
-    assert list(rows[0]) == ["step", "epoch", "lr", "loss/total", "loss/term", "perf/img_per_s", "perf/data_wait_frac"]
+    assert list(rows[0]) == ["step", "epoch", "lr", "loss/total", "loss/term", "perf/img_per_s", "perf/data_wait_frac",
+                             "perf/cpu_s"]
     assert float(rows[1]["loss/total"]) == pytest.approx(0.5 + 0.5) and float(rows[1]["loss/term"]) == 1.0
     assert float(rows[2]["loss/total"]) == 0.5 and rows[2]["loss/term"] == ""  # not added in that interval
     assert 0 <= float(rows[0]["perf/data_wait_frac"]) <= 1 and float(rows[0]["perf/img_per_s"]) > 0
+
+
+def test_logger_cpu_seconds_count_work_not_waiting(tmp_path):
+    logger = C.Logger(str(tmp_path), is_main=True, total_steps=2)
+    start = time.process_time()
+    while time.process_time() - start < 0.3:  # 0.3 CPU s of work
+        sum(range(1000))
+    logger.log(1, 0, {})
+    time.sleep(0.3)  # waiting is not CPU time
+    logger.log(2, 0, {})
+    logger.close()
+    first, second = (float(r["perf/cpu_s"]) for r in csv.DictReader(open(tmp_path / "metrics.csv")))
+    assert 0.3 <= first < 0.6 and second - first < 0.1
 
 
 def test_check_finite_names_step_terms_and_checkpoint():

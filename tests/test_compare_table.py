@@ -16,21 +16,35 @@ def _write(path, obj):
         f.write(obj if isinstance(obj, str) else json.dumps(obj))
 
 
-def _seg_rows(dice):
-    return [dict(encoder="x", head="unet", mode="frozen", dice={"values": [0.99], "mean": 0.99, "ci95": None}),
-            dict(encoder="x", head="linear", mode="frozen", dice={"values": [dice], "mean": dice, "ci95": None})]
+def _harness_rows(encoder, dice=None, ap=None):
+    """eval_seg / eval_det rows as they write them: a U-Net row that must be ignored, the linear frozen row."""
+    if ap is not None:
+        return [dict(encoder=encoder, mode="frozen", map={"values": ap, "mean": sum(ap) / len(ap)})]
+    return [dict(encoder=encoder, head="unet", mode="frozen", dice={"values": [0.99], "mean": 0.99}),
+            dict(encoder=encoder, head="linear", mode="frozen", dice={"values": dice, "mean": sum(dice) / len(dice)})]
 
 
 def _fake_results(root):
-    for seed, (r1, auc, dice, ap, seconds) in enumerate([(0.1, 0.7, 0.30, 0.20, 100), (0.2, 0.8, 0.40, 0.30, 110),
-                                                         (0.3, 0.9, 0.50, 0.40, 120)]):
-        run = os.path.join(root, "lovt", f"seed{seed}")
-        _write(os.path.join(run, "eval.json"), {"untrained": {"i2t_R@1": 0.0}, "trained": {"i2t_R@1": r1,
-                                                                                              "auc_mean": auc}})
-        _write(os.path.join(run, "seg.json"), _seg_rows(dice))
-        _write(os.path.join(run, "det.json"), [dict(encoder="x", mode="frozen", map={"values": [ap], "mean": ap})])
-        _write(os.path.join(run, "seconds"), f"{seconds}\n")
-    _write(os.path.join(root, "random", "seed0", "seg.json"), _seg_rows(0.25))
+    """3 seeds of LoVT, JoImTeRNet (its own retrieval names), an LRCLR base + stage and a LoVT ablation; a random
+    encoder over 3 harness seeds."""
+    for seed, (r1, auc, dice, ap, cpu) in enumerate([(0.1, 0.7, 0.30, 0.20, 100), (0.2, 0.8, 0.40, 0.30, 110),
+                                                     (0.3, 0.9, 0.50, 0.40, 120)], start=1):
+        folder = os.path.join(root, f"seed{seed}")
+        _write(os.path.join(folder, "lovt", "eval.json"),
+               {"untrained": {"i2t_R@1": 0.0}, "trained": {"i2t_R@1": r1, "auc_mean": auc}})
+        _write(os.path.join(folder, "lovt", "metrics.csv"), f"step,perf/cpu_s\n1,{cpu / 2}\n2,{cpu}\n")
+        _write(os.path.join(folder, "joimternet", "eval.json"), {"trained": {"i2t_300/R@1": r1 / 2}})
+        _write(os.path.join(folder, "lrclr-base", "eval.json"), {"metrics": {"untrained": {}, "base": {"auc_mean": 0.6}}})
+        _write(os.path.join(folder, "lrclr-base", "metrics.csv"), "step,perf/cpu_s\n1,50\n")
+        _write(os.path.join(folder, "lrclr", "eval.json"),
+               {"metrics": {"base": {"auc_mean": 0.6}, "LRCLR global+local": {"auc_mean": auc - 0.05}}})
+        _write(os.path.join(folder, "lrclr", "metrics.csv"), "step,perf/cpu_s\n1,20\n")
+        _write(os.path.join(folder, "lrclr", "args.json"), {"init": os.path.join(folder, "lrclr-base")})
+        _write(os.path.join(folder, "lovt-no-local", "eval.json"), {"trained": {"i2t_R@1": r1}})
+        _write(os.path.join(folder, "seg.json"), _harness_rows("lovt", [dice]) + _harness_rows("lrclr", [0.1]))
+        _write(os.path.join(folder, "seg-claims.json"), _harness_rows("lovt-no-local", [dice - 0.1]))
+        _write(os.path.join(folder, "det.json"), _harness_rows("lovt", ap=[ap]))
+    _write(os.path.join(root, "random", "seg.json"), _harness_rows("random-resnet18", [0.24, 0.25, 0.26]))
 
 
 def test_interval_is_student_t():
@@ -43,19 +57,31 @@ def test_interval_is_student_t():
 def test_table_from_a_fake_results_folder(tmp_path):
     _fake_results(str(tmp_path))
     table = T.collect(str(tmp_path))
-    assert list(table) == ["lovt", "random"]
-    assert table["lovt"]["i2t R@1"] == [0.1, 0.2, 0.3] and table["lovt"]["seg Dice"] == [0.3, 0.4, 0.5]
-    assert table["lovt"]["t2i R@1"] == [None, None, None]  # not in eval.json: no data, not a zero
-    assert table["random"]["zero-shot AUC"] == [None] and table["random"]["seg Dice"] == [0.25]
-    lines = T.markdown(table).splitlines()
-    assert lines[0].startswith("| encoder | seeds | pre-training s | i2t R@1")
+    assert sorted(table) == ["joimternet", "lovt", "lovt-no-local", "lrclr", "lrclr-base", "random-resnet18"]
+    lovt = table["lovt"]
+    assert lovt["i2t R@1"] == [0.1, 0.2, 0.3] and lovt["seg Dice"] == [0.3, 0.4, 0.5] and lovt["seeds"] == 3
+    assert lovt["t2i R@1"] == [None, None, None]  # not in eval.json: no data, not a zero
+    assert table["joimternet"]["i2t R@1"] == [0.05, 0.1, 0.15]  # i2t_300/R@1: the same full gallery
+    assert table["lrclr"]["zero-shot AUC"] == pytest.approx([0.65, 0.75, 0.85])  # its global + local score
+    assert table["lrclr"]["seconds"] == [70.0] * 3  # its own 20 CPU s + its base's 50
+    assert table["lrclr-base"]["zero-shot AUC"] == [0.6] * 3
+    assert table["lovt-no-local"]["seg Dice"] == pytest.approx([0.2, 0.3, 0.4])  # from seg-claims.json
+    random = table["random-resnet18"]
+    assert random["seg Dice"] == [0.24, 0.25, 0.26] and random["seeds"] == 3 and random["det mAP"] == []
+    main, claims = T.tables(table).split("Claims")
+    lines = main.strip().splitlines()
+    assert lines[0].startswith("| encoder | seeds | pre-training CPU s | i2t R@1")
+    assert [line.split(" | ")[0] for line in lines[2:]] == ["| random-resnet18", "| lovt", "| joimternet",
+                                                           "| lrclr-base", "| lrclr"]  # MAIN's order
     half = 4.303 * 0.1 / math.sqrt(3)
-    lovt = lines[2].split(" | ")
-    assert lovt[:3] == ["| lovt", "3", "110"]
-    assert lovt[3] == f"0.200 ± {half:.3f}" and lovt[4] == "–"
-    assert lovt[-2] == f"40.0 ± {100 * half:.1f}" and lovt[-1] == f"30.0 ± {100 * half:.1f} |"
-    random_row = lines[3].split(" | ")
-    assert random_row[:3] == ["| random", "1", "–"] and random_row[-2] == "25.0" and random_row[-1] == "– |"
+    row = lines[3].split(" | ")
+    assert row[:3] == ["| lovt", "3", "110"]
+    assert row[3] == f"0.200 ± {half:.3f}" and row[4] == "–"
+    assert row[-2] == f"40.0 ± {100 * half:.1f}" and row[-1] == f"30.0 ± {100 * half:.1f} |"
+    random_row = lines[2].split(" | ")
+    assert random_row[:3] == ["| random-resnet18", "3", "–"] and random_row[-1] == "– |"
+    assert random_row[-2] == f"25.0 ± {100 * 4.303 * 0.01 / math.sqrt(3):.1f}"
+    assert [line.split(" | ")[0] for line in claims.strip().splitlines()[4:]] == ["| lovt", "| lovt-no-local"]
 
 
 def test_main_writes_the_table_and_refuses_a_missing_folder(tmp_path, capsys):

@@ -1,0 +1,93 @@
+#!/bin/sh
+# The five methods side by side under one budget, and each paper's claim on the same seeds and budget.
+#
+#   sh tests/compare.sh [RESULTS]          # the table: 5 methods + LRCLR's base, 3 seeds, seg + det, ~1 h on 2 cores
+#   CLAIMS=1 sh tests/compare.sh [RESULTS] # also the ablation runs of each paper's claim (judged by eval_seg only)
+#
+# Every method trains its demo preset on the same synthetic training set (the first $PAIRS generated pairs, seed 0),
+# at 128 px, for one pass over it (PAIRS images seen; LRCLR's second stage adds its 20 fine-tuning steps of 32), and
+# is evaluated on the same 300 test pairs; --seed 1, 2, 3. Each export is judged by eval_seg.py (linear head, frozen)
+# and eval_det.py (FCOS, frozen), each with --lr-grid (one harness seed per pre-training seed), and so are random-init
+# ResNet-18 and tiny-ViT encoders (3 harness seeds). A finished step is skipped and a killed pre-training resumes
+# from its checkpoint, so a killed run continues where it stopped. Prints the table (tests/compare_table.py) and
+# writes RESULTS/table.md.
+# Smoke test of the script itself: PAIRS=64 SEEDS=1 EXTRA="--max-steps 2 --eval-samples 100"
+#   HARNESS="--synthetic-samples 40 --epochs 1" sh tests/compare.sh /tmp/compare-smoke
+set -e
+ROOT=${1:-runs/compare}
+SEEDS=${SEEDS:-"1 2 3"}
+PAIRS=${PAIRS:-2000}
+SEG_LRS=${SEG_LRS:-"1e-2 3e-3 1e-3"}
+DET_LRS=${DET_LRS:-"3e-3 1e-3"}
+BUDGET="--train-samples $PAIRS --eval-samples 300 --image-size 128 --epochs 1 --viz 0 ${EXTRA:-}"
+HARNESS=${HARNESS:-}
+
+# pretrain NAME SEED METHOD FLAGS...: one pre-training into RESULTS/seedS/NAME (time.txt: the whole process's
+# user, system and wall seconds; the table's CPU seconds are the training loop's, from metrics.csv)
+pretrain() {
+  name=$1 seed=$2 method=$3; shift 3
+  dir=$ROOT/seed$seed/$name
+  [ -f "$dir/image_encoder.pt" ] && [ -f "$dir/eval.json" ] && return 0
+  mkdir -p "$dir"
+  resume=""
+  [ -f "$dir/ckpt.pt" ] && resume=--resume  # killed in training: the method continues from its checkpoint
+  /usr/bin/time -f "%U %S %e" -o "$dir/time.txt" \
+    python "$method.py" $BUDGET --seed "$seed" --out-dir "$dir" $resume "$@" \
+    > "$dir/log.txt" 2>&1 || { tail -20 "$dir/log.txt"; exit 1; }
+  echo "seed $seed $name: $(awk '{ printf "%.0f CPU s, %.0f s wall", $1 + $2, $3 }' "$dir/time.txt") (whole process)"
+}
+
+# judge SEED NAMES...: eval_seg (and, without CLAIMS names, eval_det) over the exports of one seed
+judge() {
+  seed=$1 what=$2; shift 2
+  encoders=""
+  for name in "$@"; do encoders="$encoders --encoder $ROOT/seed$seed/$name/image_encoder.pt"; done
+  if [ ! -f "$ROOT/seed$seed/seg$what.json" ]; then
+    python eval_seg.py $encoders $HARNESS --head linear --seeds 1 --lr-grid $SEG_LRS --out "$ROOT/seed$seed/seg$what" \
+      > "$ROOT/seed$seed/seg$what.log" 2>&1 || { tail -20 "$ROOT/seed$seed/seg$what.log"; exit 1; }
+  fi
+  if [ -z "$what" ] && [ ! -f "$ROOT/seed$seed/det.json" ]; then
+    python eval_det.py $encoders $HARNESS --seeds 1 --lr-grid $DET_LRS --out "$ROOT/seed$seed/det" \
+      > "$ROOT/seed$seed/det.log" 2>&1 || { tail -20 "$ROOT/seed$seed/det.log"; exit 1; }
+  fi
+  echo "seed $seed: judged $*"
+}
+
+mkdir -p "$ROOT/random"
+if [ ! -f "$ROOT/random/det.json" ]; then
+  python eval_seg.py --encoder random:resnet18 --encoder random:vit_tiny $HARNESS --head linear --seeds 3 \
+    --lr-grid $SEG_LRS --out "$ROOT/random/seg" > "$ROOT/random/seg.log" 2>&1
+  python eval_det.py --encoder random:resnet18 --encoder random:vit_tiny $HARNESS --seeds 3 --lr-grid $DET_LRS \
+    --out "$ROOT/random/det" > "$ROOT/random/det.log" 2>&1
+  echo "random-init encoders judged"
+fi
+
+for seed in $SEEDS; do
+  pretrain lovt "$seed" lovt
+  pretrain joimternet "$seed" joimternet
+  # LRCLR is a second stage on a CLIP-style base: the base is a row of its own (its zero-shot claim)
+  pretrain lrclr-base "$seed" lrclr --stage base
+  pretrain lrclr "$seed" lrclr --stage lrclr --init "$ROOT/seed$seed/lrclr-base"
+  pretrain reclf "$seed" reclf
+  pretrain place "$seed" place
+  judge "$seed" "" lovt joimternet lrclr-base lrclr reclf place
+done
+
+if [ -n "$CLAIMS" ]; then
+  for seed in $SEEDS; do
+    pretrain lovt-no-local "$seed" lovt --no-local
+    pretrain lovt-no-smoothing "$seed" lovt --no-spatial-smoothing
+    pretrain lovt-uniform-weights "$seed" lovt --uniform-weights
+    pretrain joimternet-no-local "$seed" joimternet --no-local
+    pretrain reclf-gloria "$seed" reclf --srm none --irm off
+    pretrain reclf-srm "$seed" reclf --srm graph --irm off
+    pretrain reclf-irm "$seed" reclf --srm none --irm on
+    pretrain place-ita-tca "$seed" place --no-pcma --no-cce
+    pretrain place-no-cce "$seed" place --no-cce
+    pretrain place-no-pcma "$seed" place --no-pcma
+    judge "$seed" "-claims" lovt-no-local lovt-no-smoothing lovt-uniform-weights joimternet-no-local reclf-gloria \
+      reclf-srm reclf-irm place-ita-tca place-no-cce place-no-pcma
+  done
+fi
+
+python tests/compare_table.py "$ROOT" --out "$ROOT/table.md"
