@@ -264,6 +264,24 @@ def test_model_terms_masked_view_and_report_conditioning():
     assert u_attn[0, :, len(words[0]):].abs().max() == 0
 
 
+def test_text_pool_cls_and_mean_of_the_words():
+    """--text-pool cls: the [CLS] state; mean: the average of the report's word tokens, [CLS], [SEP] and padding
+    left out (one report at a time, by position)."""
+    for pool in ("cls", "mean"):
+        model, batch, tokenizer = tiny_model_and_batch("--text-pool", pool)
+        model.eval()
+        with torch.no_grad():
+            report, words, mask, _ = model.text_features(batch)
+            states = model.text_encoder.bert(input_ids=batch["input_ids"],
+                                             attention_mask=batch["attention_mask"]).last_hidden_state
+        assert (batch["attention_mask"] == 0).any()  # some padding to leave out
+        for b, ids in enumerate(batch["input_ids"].tolist()):
+            n = ids.index(tokenizer.sep_token_id)  # positions 1 .. n - 1 are the words
+            assert mask[b].sum() == n - 1
+            want = states[b, 0] if pool == "cls" else states[b, 1:n].mean(0)
+            torch.testing.assert_close(report[b], want, rtol=1e-5, atol=1e-6)
+
+
 def test_ablation_flags_and_the_resnet_variant():
     model, batch, _ = tiny_model_and_batch("--no-cce", "--no-tca")
     out = model(batch)
