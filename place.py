@@ -54,7 +54,7 @@ Deviations / our choices:
 - as MGCA: MGCA trains in fp32; here bf16 autocast where supported, fp32 on CPU; losses in fp32.
 - our choice: the demo preset (tiny ViT at 128 px, 2-layer BERT from scratch, one lr for everything) trades the
   recipe for a 2-core CPU budget; it also takes the report feature t as the mean of the word tokens
-  (--text-pool mean; default cls, as MGCA), since a from-scratch BERT's [CLS] state kept ITA at chance.
+  (--text-pool mean; default cls, as MGCA), as the RECLF and LRCLR demos do.
 """
 import math
 import os
@@ -324,8 +324,8 @@ class PLACE(nn.Module):
         words = tokens[:, 1:]
         if self.args.text_pool == "cls":
             return tokens[:, 0], words, mask, weights
-        # our choice (demo): a from-scratch 2-layer BERT's [CLS] state kept ITA at chance; the mean of the report's
-        # words gives the global term a signal from the first step (as the RECLF and LRCLR demos)
+        # our choice (demo): the mean of the report's words feeds the global term from the first step, where a
+        # from-scratch 2-layer BERT's [CLS] state has yet to learn to summarise (the RECLF and LRCLR demos' fix)
         m = mask[..., None].to(words.dtype)
         return (words * m).sum(1) / m.sum(1).clamp_min(1), words, mask, weights
 
