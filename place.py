@@ -53,7 +53,8 @@ Deviations / our choices:
   kept) and compares L_CCE on the test split with the same masks.
 - as MGCA: MGCA trains in fp32; here bf16 autocast where supported, fp32 on CPU; losses in fp32.
 - our choice: the demo preset (tiny ViT at 128 px, 2-layer BERT from scratch, one lr for everything) trades the
-  recipe for a 2-core CPU budget.
+  recipe for a 2-core CPU budget; it also takes the report feature t as the mean of the word tokens
+  (--text-pool mean; default cls, as MGCA), as the RECLF and LRCLR demos do.
 """
 import math
 import os
@@ -103,6 +104,8 @@ class Args:
                           "the training reports)")
     text_width: int = arg(128, "hidden size of the tiny BERT (= the query width d in the demo)")
     max_length: int = arg(112, "token limit of a report incl. [CLS]/[SEP] (as MGCA)")
+    text_pool: Literal["cls", "mean"] = arg("cls", "global report feature t: the [CLS] state (as MGCA) or the mean "
+                                            "of the word tokens")
     emb_dim: int = arg(128, "output of MGCA's heads, the V-POR / T-POR projections")
     head_hidden: int = arg(2048, "hidden width of MGCA's BN-MLP heads")
     # new modules
@@ -136,11 +139,11 @@ class Args:
 PRESETS = {
     "paper": dict(data="mimic"),
     "paper-r50": dict(data="mimic", image_arch="resnet50", cce=False),
-    # 2 CPU cores, ~2 minutes: tiny ViT and BERT from scratch at one lr, no warm-up.
+    # 2 CPU cores, ~2 minutes: tiny ViT and BERT from scratch at one lr, almost no warm-up, t = the mean word.
     "demo": dict(data="synthetic", image_arch="vit_tiny", image_weights="none", image_size=128, text_model="tiny",
-                 head_hidden=256, decoder_heads=4, decoder_ffn=256, cce_dim=64, batch_size=32, lr_encoders=1e-3,
-                 lr_new=1e-3, weight_decay=1e-4, warmup=0.05, epochs=1, train_samples=2000, eval_samples=300,
-                 workers=0, viz=2, ckpt_every=50, log_every=5),
+                 text_pool="mean", head_hidden=256, decoder_heads=4, decoder_ffn=256, cce_dim=64, batch_size=32,
+                 lr_encoders=1e-3, lr_new=1e-3, weight_decay=1e-4, warmup=0.05, epochs=1, train_samples=2000,
+                 eval_samples=300, workers=0, viz=2, ckpt_every=50, log_every=5),
 }
 
 
@@ -311,14 +314,20 @@ class PLACE(nn.Module):
         return self.image_encoder(images)
 
     def text_features(self, batch):
-        """-> report feature B x C ([CLS]), word tokens B x T x C ([CLS], [SEP] and padding excluded), word mask
-        B x T (bool), word weights B x T (MGCA's [CLS] attention)."""
+        """-> report feature B x C ([CLS]; --text-pool mean: the mean word token), word tokens B x T x C ([CLS],
+        [SEP] and padding excluded), word mask B x T (bool), word weights B x T (MGCA's [CLS] attention)."""
         out = self.text_encoder.bert(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                                      output_attentions=True)
         tokens = out.last_hidden_state
         mask = batch["attention_mask"][:, 1:].bool() & (batch["input_ids"][:, 1:] != self.sep_id)
         weights = out.attentions[-1][:, :, 0, 1:].detach().float().mean(1) * mask  # as MGCA: [CLS] attention
-        return tokens[:, 0], tokens[:, 1:], mask, weights
+        words = tokens[:, 1:]
+        if self.args.text_pool == "cls":
+            return tokens[:, 0], words, mask, weights
+        # our choice (demo): the mean of the report's words feeds the global term from the first step, where a
+        # from-scratch 2-layer BERT's [CLS] state has yet to learn to summarise (the RECLF and LRCLR demos' fix)
+        m = mask[..., None].to(words.dtype)
+        return (words * m).sum(1) / m.sum(1).clamp_min(1), words, mask, weights
 
     def keep_index(self, images, generator=None):
         """The masked view's visible patches (B x V), or None without CCE (a ResNet)."""
