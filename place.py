@@ -100,8 +100,8 @@ class Args:
     image_arch: str = arg("vit_b16", "vit_b16 | resnet50 (detection; needs --no-cce) | vit_tiny | resnet18")
     image_weights: str = arg("imagenet", "imagenet (DeiT-B / torchvision) | none | path to a state dict")
     image_size: int = arg(224, "input size (14 x 14 patches at 224)")
-    text_model: str = arg("emilyalsentzer/Bio_ClinicalBERT", "name/path, or tiny (random init, vocabulary from "
-                          "the training reports)")
+    text_model: str = arg("emilyalsentzer/Bio_ClinicalBERT", "name/path, or tiny | bert-base (random init, "
+                          "vocabulary from the training reports)")
     text_width: int = arg(128, "hidden size of the tiny BERT (= the query width d in the demo)")
     max_length: int = arg(112, "token limit of a report incl. [CLS]/[SEP] (as MGCA)")
     text_pool: Literal["cls", "mean"] = arg("cls", "global report feature t: the [CLS] state (as MGCA) or the mean "
@@ -393,8 +393,8 @@ class PLACE(nn.Module):
 
 # ==== TRAINING: data, loop, evaluation ====
 def report_tokenizer(args, train_set):
-    """Bio_ClinicalBERT's tokenizer, or (tiny) a word-level vocabulary of the training reports."""
-    if args.text_model == "tiny":
+    """Bio_ClinicalBERT's tokenizer, or (tiny / bert-base) a word-level vocabulary of the training reports."""
+    if args.text_model in ("tiny", "bert-base"):
         return data.build_tokenizer(data.report_texts(train_set))
     from transformers import AutoTokenizer
     try:
@@ -412,7 +412,7 @@ def datasets(args):
 
     def dataset(split, num_samples):
         return data.make_dataset(args.data, args.data_root, split, args.image_size, train=split == "train",
-                                 seed=args.seed, num_samples=num_samples or None, skip_bad=args.skip_bad)
+                                 num_samples=num_samples or None, skip_bad=args.skip_bad)
     train_set = dataset("train", args.train_samples)
     val_set, test_set = dataset("validate", args.eval_samples), dataset("test", args.eval_samples)
     return train_set, val_set, test_set, (train_set.mean, train_set.std), report_tokenizer(args, train_set)
