@@ -1,5 +1,6 @@
 """RECLF tests (CPU, tiny shapes): GLoRIA's local score by hand, matching vectors, IRM/SRM masks, chunking,
 word pieces, DDP equivalence, overfit, a 3-step main() with resume and export."""
+import json
 import math
 import os
 import socket
@@ -303,6 +304,9 @@ def test_main_three_steps_resume_and_outputs(three_step_run):
     out, res = three_step_run
     assert set(res) == {"untrained", "trained"}
     assert {"auc_both_mean", "auc_both_low", "auc_effusion_high", "auc_local_mean"} <= set(res["trained"])
+    saved = json.load(open(os.path.join(out, "eval.json")))  # the IRM weight of each word class, 1 = uniform
+    assert saved["trained"]["irm_function_words"] == pytest.approx(res["trained"]["irm_function_words"])
+    assert all(0 < res[m][f"irm_{k}_words"] < 10 for m in res for k in ("function", "finding"))
     ck = common.load_checkpoint(os.path.join(out, "ckpt.pt"))
     assert ck["step"] == 3 and ck["epoch"] == 0
     pngs = set(os.listdir(os.path.join(out, "viz")))
