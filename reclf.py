@@ -22,8 +22,9 @@ Model (one image a with regions v_j, one report b with words e_i; ^ = L2-normali
   matchings  as SGRAF (similarity vectors): m_i = norm2(W_l (e^_i - c^_i)^2) in R^256, the element sum of
              (e^_i - c^_i)^2 being 2 - 2 cos(e_i, c_i): GLoRIA's scalar, disentangled; the global node
              m_0 = norm2(W_g (g^ - t^)^2); nodes M = [m_0; m_1 .. m_T] with the padding masked.
-  SRM        as SGRAF GraphReasoning, our choice: 3 steps, weights not shared:
-             A = softmax_row((M W_q)(M W_k)^T) (padded columns -inf), M <- ReLU((A M) W_r).
+  SRM        as SGRAF GraphReasoning, our choice: 3 steps, weights not shared, and a residual connection:
+             A = softmax_row((M W_q)(M W_k)^T) (padded columns -inf), M <- M + ReLU((A M) W_r) (SGRAF: no "M +";
+             without it the steps made all nodes identical and IRM's weights exactly uniform, measured).
              --srm transformer: 2 pre-LN encoder layers (4 heads, FFN 1024, dropout 0.1); --srm none: skipped.
   IRM        as SGRAF AttentionFiltration: beta_i = sigmoid(BN(w . m_i + b)), beta~_i = beta_i / sum_valid beta_k
              (padding exactly 0), z = norm2(sum_i beta~_i m_i).
@@ -219,7 +220,13 @@ class GraphStep(nn.Module):
         """nodes N x K x d, mask N x K (True = valid) -> (new nodes N x K x d, adjacency A N x K x K)."""
         scores = self.query(nodes) @ self.key(nodes).transpose(1, 2)
         edges = scores.masked_fill(~mask[:, None, :], float("-inf")).softmax(-1)  # padded columns get 0
-        return F.relu(self.out(edges @ nodes)), edges
+        # our choice: a residual connection (SGRAF's step has none: M <- ReLU(A M W_r)). SGRAF reads out only the
+        # global node after its steps, but IRM weighs every node: near-uniform rows of A (the learned scores start
+        # small) make every node the mean of all, and without the residual 3 steps left the demo's nodes identical
+        # (spread ~1e-9), so IRM's per-graph BN saw no differences and its weights stayed exactly 1/K (measured).
+        # Residual steps are the usual remedy for over-smoothing in deep graph networks (Li et al., DeepGCNs, ICCV
+        # 2019); the transformer SRM has them too.
+        return nodes + F.relu(self.out(edges @ nodes)), edges
 
 
 class IRM(nn.Module):
@@ -557,6 +564,7 @@ def evaluate(model, loader, tokenizer, device):
 
 
 FINDING_WORDS = set(data.SYNTH_FINDINGS) | {"opacity", "consolidation", "pleural", "heart", "enlarged", "nodule"}
+LOCATION_WORDS = {"right", "left", "upper", "lower", "mid", "lobe", "zone", "base", "apex", "lung", "bilateral"}
 FUNCTION_WORDS = {"the", "a", "an", "is", "are", "of", "and", "or", "in", "at", "with", "there", "to", "be", "this",
                   "which", "for", "on", "seen", "noted"}
 
@@ -583,14 +591,15 @@ def explain(model, batch, i):
 
 
 def irm_summary(model, batch, tokenizer):
-    """Mean IRM weight x number of nodes (1 = uniform) of function words and of finding words in matched pairs."""
-    seen = {"function": [], "finding": []}
+    """Mean IRM weight x number of nodes (1 = uniform) of function, finding and location words in matched pairs."""
+    seen = {"function": [], "finding": [], "location": []}
     for i in range(len(batch["images"])):
         index = word_index(batch["input_ids"][i:i + 1], model.starts_word, model.continues_word, model.args.max_words)
         words = report_words(batch["input_ids"][i], index[0], tokenizer)
         w = explain(model, batch, i)["weights"].cpu() * (len(words) + 1)
         for k, word in enumerate(words):
-            for kind, vocab in (("function", FUNCTION_WORDS), ("finding", FINDING_WORDS)):
+            for kind, vocab in (("function", FUNCTION_WORDS), ("finding", FINDING_WORDS),
+                                ("location", LOCATION_WORDS)):
                 if word in vocab:
                     seen[kind].append(float(w[k + 1]))
     return {k: float(np.mean(v)) if v else float("nan") for k, v in seen.items()}
@@ -682,15 +691,19 @@ def finish(args, model, tokenizer, test_loader, mean_std, device, out):
                            "reclf", args)
     common.seed_everything(args.seed)
     initial = RECLF(args, tokenizer).to(device)  # the same initialisation the training started from
-    results = {k: evaluate(m, test_loader, tokenizer, device) for k, m in (("untrained", initial), ("trained", model))}
+    models = (("untrained", initial), ("trained", model))
+    results = {k: evaluate(m, test_loader, tokenizer, device) for k, m in models}
+    irm = model.relation is not None and model.relation.irm is not None
+    if irm:  # the matched pairs of the first test batch
+        batch = common.to_device(next(iter(test_loader)), device)
+        for tag, m in models:
+            results[tag].update({f"irm_{k}_words": v for k, v in irm_summary(m, batch, tokenizer).items()})
     print(f"held-out {args.data} test split ({len(test_loader.dataset)} pairs):")
     common.print_comparison(results, os.path.join(out, "eval.json"))
-    if args.viz and model.relation is not None and model.relation.irm is not None:
-        batch = common.to_device(next(iter(test_loader)), device)
-        for tag, m in (("untrained", initial), ("trained", model)):
-            s = irm_summary(m, batch, tokenizer)
-            print(f"IRM weight x nodes (1 = uniform), {tag}: function words {s['function']:.2f}, "
-                  f"finding words {s['finding']:.2f}")
+    if irm:
+        for tag, r in results.items():
+            print(f"IRM weight x nodes (1 = uniform), {tag}: function words {r['irm_function_words']:.2f}, "
+                  f"finding words {r['irm_finding_words']:.2f}, location words {r['irm_location_words']:.2f}")
     if args.viz:
         write_viz(model, common.to_device(next(iter(test_loader)), device), tokenizer, os.path.join(out, "viz"),
                   *mean_std, args.viz)

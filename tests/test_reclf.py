@@ -1,5 +1,6 @@
 """RECLF tests (CPU, tiny shapes): GLoRIA's local score by hand, matching vectors, IRM/SRM masks, chunking,
 word pieces, DDP equivalence, overfit, a 3-step main() with resume and export."""
+import json
 import math
 import os
 import socket
@@ -98,6 +99,34 @@ def test_srm_ignores_padded_nodes_and_every_mode_runs(srm):
     score = head(regions, torch.randn(3, 8, dtype=torch.float64), words, torch.ones(2, 4, dtype=torch.bool),
                  torch.randn(2, 8, dtype=torch.float64))
     assert score.shape == (3, 2) and ((score > 0) & (score < 1)).all()
+
+
+def test_graph_srm_keeps_nodes_distinct_and_irm_weights_them_unequally():
+    """The residual graph step by hand; after 3 steps distinct unit-norm nodes stay distinct and IRM's weights are
+    not uniform. The same weights without the residual (SGRAF's M <- ReLU(A M W_r)) collapse every node into one and
+    give IRM exactly uniform weights: what the demo showed before the residual."""
+    torch.manual_seed(0)
+    head = reclf.RelationHead(8, 64, "graph", 3, "on").double()
+    g = torch.Generator().manual_seed(2)
+    nodes = torch.nn.functional.normalize(torch.randn(4, 12, 64, generator=g, dtype=torch.float64), dim=-1)
+    mask = torch.ones(4, 12, dtype=torch.bool)
+    step = head.srm[0]
+    A = torch.softmax(step.query(nodes) @ step.key(nodes).transpose(1, 2), -1)
+    out, edges = step(nodes, mask)
+    torch.testing.assert_close(edges, A)
+    torch.testing.assert_close(out, nodes + torch.relu(step.out(A @ nodes)))
+    spread = lambda x: (x.std(1).mean(-1) / x.abs().mean((1, 2))).min()  # across the nodes of a graph, relative
+    refined, _ = head.reason(nodes, mask)
+    assert spread(refined) > 0.2
+    _, w = head.irm(refined, mask)
+    assert (w * 12).std(1).min() > 0.1  # 1 / K for every node would give 0
+    plain = nodes
+    for s in head.srm:
+        A = torch.softmax(s.query(plain) @ s.key(plain).transpose(1, 2), -1)
+        plain = torch.relu(s.out(A @ plain))
+    assert spread(plain) < 1e-3
+    _, w_plain = head.irm(plain, mask)
+    assert (w_plain * 12).std(1).max() < 1e-2
 
 
 def test_parallel_combine_needs_both_modules_and_runs():
@@ -275,6 +304,9 @@ def test_main_three_steps_resume_and_outputs(three_step_run):
     out, res = three_step_run
     assert set(res) == {"untrained", "trained"}
     assert {"auc_both_mean", "auc_both_low", "auc_effusion_high", "auc_local_mean"} <= set(res["trained"])
+    saved = json.load(open(os.path.join(out, "eval.json")))  # the IRM weight of each word class, 1 = uniform
+    assert saved["trained"]["irm_function_words"] == pytest.approx(res["trained"]["irm_function_words"])
+    assert all(0 < res[m][f"irm_{k}_words"] < 10 for m in res for k in ("function", "finding"))
     ck = common.load_checkpoint(os.path.join(out, "ckpt.pt"))
     assert ck["step"] == 3 and ck["epoch"] == 0
     pngs = set(os.listdir(os.path.join(out, "viz")))
