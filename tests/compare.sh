@@ -3,6 +3,7 @@
 #
 #   sh tests/compare.sh [RESULTS]          # the table: 5 methods + LRCLR's base, 3 seeds, seg + det, ~1 h on 2 cores
 #   CLAIMS=1 sh tests/compare.sh [RESULTS] # also the ablation runs of each paper's claim (judged by eval_seg only)
+#   METHODS="lovt place" SEEDS=1 ...       # a part (the table is built from whatever RESULTS holds)
 #
 # Every method trains its demo preset on the same synthetic training set (the first $PAIRS generated pairs, seed 0),
 # at 128 px, for one pass over it (PAIRS images seen; LRCLR's second stage adds its 20 fine-tuning steps of 32), and
@@ -21,6 +22,7 @@ SEG_LRS=${SEG_LRS:-"1e-2 3e-3 1e-3"}
 DET_LRS=${DET_LRS:-"3e-3 1e-3"}
 BUDGET="--train-samples $PAIRS --eval-samples 300 --image-size 128 --epochs 1 --viz 0 ${EXTRA:-}"
 HARNESS=${HARNESS:-}
+METHODS=${METHODS:-"lovt joimternet lrclr reclf place"}
 
 # pretrain NAME SEED METHOD FLAGS...: one pre-training into RESULTS/seedS/NAME (time.txt: the whole process's
 # user, system and wall seconds; the table's CPU seconds are the training loop's, from metrics.csv)
@@ -37,20 +39,17 @@ pretrain() {
   echo "seed $seed $name: $(awk '{ printf "%.0f CPU s, %.0f s wall", $1 + $2, $3 }' "$dir/time.txt") (whole process)"
 }
 
-# judge SEED NAMES...: eval_seg (and, without CLAIMS names, eval_det) over the exports of one seed
+# judge NAME SEED [det]: eval_seg (and eval_det) of the run's export, results next to it
 judge() {
-  seed=$1 what=$2; shift 2
-  encoders=""
-  for name in "$@"; do encoders="$encoders --encoder $ROOT/seed$seed/$name/image_encoder.pt"; done
-  if [ ! -f "$ROOT/seed$seed/seg$what.json" ]; then
-    python eval_seg.py $encoders $HARNESS --head linear --seeds 1 --lr-grid $SEG_LRS --out "$ROOT/seed$seed/seg$what" \
-      > "$ROOT/seed$seed/seg$what.log" 2>&1 || { tail -20 "$ROOT/seed$seed/seg$what.log"; exit 1; }
+  dir=$ROOT/seed$2/$1
+  if [ ! -f "$dir/seg.json" ]; then
+    python eval_seg.py --encoder "$dir/image_encoder.pt" $HARNESS --head linear --seeds 1 --lr-grid $SEG_LRS \
+      --out "$dir/seg" > "$dir/seg.log" 2>&1 || { tail -20 "$dir/seg.log"; exit 1; }
   fi
-  if [ -z "$what" ] && [ ! -f "$ROOT/seed$seed/det.json" ]; then
-    python eval_det.py $encoders $HARNESS --seeds 1 --lr-grid $DET_LRS --out "$ROOT/seed$seed/det" \
-      > "$ROOT/seed$seed/det.log" 2>&1 || { tail -20 "$ROOT/seed$seed/det.log"; exit 1; }
+  if [ -n "${3:-}" ] && [ ! -f "$dir/det.json" ]; then
+    python eval_det.py --encoder "$dir/image_encoder.pt" $HARNESS --seeds 1 --lr-grid $DET_LRS --out "$dir/det" \
+      > "$dir/det.log" 2>&1 || { tail -20 "$dir/det.log"; exit 1; }
   fi
-  echo "seed $seed: judged $*"
 }
 
 mkdir -p "$ROOT/random"
@@ -62,31 +61,37 @@ if [ ! -f "$ROOT/random/det.json" ]; then
   echo "random-init encoders judged"
 fi
 
+# run NAME SEED METHOD FLAGS...: pre-train, then judge (segmentation and detection)
+run() { pretrain "$@"; judge "$1" "$2" det; }
 for seed in $SEEDS; do
-  pretrain lovt "$seed" lovt
-  pretrain joimternet "$seed" joimternet
-  # LRCLR is a second stage on a CLIP-style base: the base is a row of its own (its zero-shot claim)
-  pretrain lrclr-base "$seed" lrclr --stage base
-  pretrain lrclr "$seed" lrclr --stage lrclr --init "$ROOT/seed$seed/lrclr-base"
-  pretrain reclf "$seed" reclf
-  pretrain place "$seed" place
-  judge "$seed" "" lovt joimternet lrclr-base lrclr reclf place
+  for method in $METHODS; do
+    case $method in
+      # LRCLR is a second stage on a CLIP-style base: the base is a row of its own (its zero-shot claim)
+      lrclr) run lrclr-base "$seed" lrclr --stage base
+             run lrclr "$seed" lrclr --stage lrclr --init "$ROOT/seed$seed/lrclr-base" ;;
+      *) run "$method" "$seed" "$method" ;;
+    esac
+  done
 done
 
-if [ -n "$CLAIMS" ]; then
+# ablation NAME SEED METHOD FLAGS...: pre-train, then judge segmentation only (what the claims are about)
+ablation() { pretrain "$@"; judge "$1" "$2"; }
+if [ -n "${CLAIMS:-}" ]; then
   for seed in $SEEDS; do
-    pretrain lovt-no-local "$seed" lovt --no-local
-    pretrain lovt-no-smoothing "$seed" lovt --no-spatial-smoothing
-    pretrain lovt-uniform-weights "$seed" lovt --uniform-weights
-    pretrain joimternet-no-local "$seed" joimternet --no-local
-    pretrain reclf-gloria "$seed" reclf --srm none --irm off
-    pretrain reclf-srm "$seed" reclf --srm graph --irm off
-    pretrain reclf-irm "$seed" reclf --srm none --irm on
-    pretrain place-ita-tca "$seed" place --no-pcma --no-cce
-    pretrain place-no-cce "$seed" place --no-cce
-    pretrain place-no-pcma "$seed" place --no-pcma
-    judge "$seed" "-claims" lovt-no-local lovt-no-smoothing lovt-uniform-weights joimternet-no-local reclf-gloria \
-      reclf-srm reclf-irm place-ita-tca place-no-cce place-no-pcma
+    for method in $METHODS; do
+      case $method in
+        lovt) ablation lovt-no-local "$seed" lovt --no-local
+              ablation lovt-no-smoothing "$seed" lovt --no-spatial-smoothing
+              ablation lovt-uniform-weights "$seed" lovt --uniform-weights ;;
+        joimternet) ablation joimternet-no-local "$seed" joimternet --no-local ;;
+        reclf) ablation reclf-gloria "$seed" reclf --srm none --irm off
+               ablation reclf-srm "$seed" reclf --srm graph --irm off
+               ablation reclf-irm "$seed" reclf --srm none --irm on ;;
+        place) ablation place-ita-tca "$seed" place --no-pcma --no-cce
+               ablation place-no-cce "$seed" place --no-cce
+               ablation place-no-pcma "$seed" place --no-pcma ;;
+      esac
+    done
   done
 fi
 

@@ -9,8 +9,8 @@ RESULTS is what tests/compare.sh writes:
     RESULTS/seed<k>/<run>/args.json     the run's arguments (LRCLR's "init": the base it fine-tuned)
     RESULTS/seed<k>/<run>/metrics.csv   its last perf/cpu_s: the CPU seconds of the training loop (without the
                                         start-up and the evaluation; LRCLR: plus its --init's)
-    RESULTS/seed<k>/seg.json, det.json  eval_seg.py / eval_det.py rows of that seed's exports (row "encoder" = <run>);
-                                        seg-claims.json: the ablation runs of the claims
+    RESULTS/seed<k>/<run>/seg.json      eval_seg.py's rows for its export (row "encoder" = <run>), det.json eval_det's
+                                        (none for the ablation runs)
     RESULTS/random/seg.json, det.json   the random-init encoders, over the harness's own seeds
 
 Every cell is the mean over pre-training seeds (for a random encoder: over harness seeds) ± the half-width of the
@@ -120,10 +120,9 @@ def collect(root: str) -> dict:
         cells["seeds"] = max(len(cells["seg Dice"]), len(cells["det mAP"]))
     for seed in sorted(d for d in os.listdir(root) if d.startswith("seed")):
         folder = os.path.join(root, seed)
-        seg = _rows(os.path.join(folder, "seg.json"), os.path.join(folder, "seg-claims.json"))
-        det = _rows(os.path.join(folder, "det.json"))
         for run in sorted(d for d in os.listdir(folder) if os.path.isdir(os.path.join(folder, d))):
             metrics, cells = method_metrics(os.path.join(folder, run)), cell(run)
+            seg, det = (_rows(os.path.join(folder, run, f"{task}.json")) for task in ("seg", "det"))
             for header, source, key in COLUMNS:
                 if source == "eval":
                     value = metrics.get(key)
@@ -170,7 +169,8 @@ def tables(table: dict) -> str:
     ablations = [e for e in table if e not in MAIN]
     if ablations:
         methods = list(dict.fromkeys(e.split("-")[0] for e in ablations))
-        rows = [e for m in methods for e in ([m] if m in table else []) + [a for a in ablations if a.split("-")[0] == m]]
+        rows = [e for m in methods
+                for e in ([m] if m in table else []) + [a for a in ablations if a.split("-")[0] == m]]
         text += "\n\nClaims (ablations; same seeds and budget):\n\n" + markdown(table, rows)
     return text
 

@@ -34,16 +34,18 @@ def _fake_results(root):
                {"untrained": {"i2t_R@1": 0.0}, "trained": {"i2t_R@1": r1, "auc_mean": auc}})
         _write(os.path.join(folder, "lovt", "metrics.csv"), f"step,perf/cpu_s\n1,{cpu / 2}\n2,{cpu}\n")
         _write(os.path.join(folder, "joimternet", "eval.json"), {"trained": {"i2t_300/R@1": r1 / 2}})
-        _write(os.path.join(folder, "lrclr-base", "eval.json"), {"metrics": {"untrained": {}, "base": {"auc_mean": 0.6}}})
+        _write(os.path.join(folder, "lrclr-base", "eval.json"),
+               {"metrics": {"untrained": {}, "base": {"auc_mean": 0.6}}})
         _write(os.path.join(folder, "lrclr-base", "metrics.csv"), "step,perf/cpu_s\n1,50\n")
         _write(os.path.join(folder, "lrclr", "eval.json"),
                {"metrics": {"base": {"auc_mean": 0.6}, "LRCLR global+local": {"auc_mean": auc - 0.05}}})
         _write(os.path.join(folder, "lrclr", "metrics.csv"), "step,perf/cpu_s\n1,20\n")
         _write(os.path.join(folder, "lrclr", "args.json"), {"init": os.path.join(folder, "lrclr-base")})
         _write(os.path.join(folder, "lovt-no-local", "eval.json"), {"trained": {"i2t_R@1": r1}})
-        _write(os.path.join(folder, "seg.json"), _harness_rows("lovt", [dice]) + _harness_rows("lrclr", [0.1]))
-        _write(os.path.join(folder, "seg-claims.json"), _harness_rows("lovt-no-local", [dice - 0.1]))
-        _write(os.path.join(folder, "det.json"), _harness_rows("lovt", ap=[ap]))
+        _write(os.path.join(folder, "lovt", "seg.json"), _harness_rows("lovt", [dice]))
+        _write(os.path.join(folder, "lrclr", "seg.json"), _harness_rows("lrclr", [0.1]))
+        _write(os.path.join(folder, "lovt-no-local", "seg.json"), _harness_rows("lovt-no-local", [dice - 0.1]))
+        _write(os.path.join(folder, "lovt", "det.json"), _harness_rows("lovt", ap=[ap]))
     _write(os.path.join(root, "random", "seg.json"), _harness_rows("random-resnet18", [0.24, 0.25, 0.26]))
 
 
@@ -65,7 +67,8 @@ def test_table_from_a_fake_results_folder(tmp_path):
     assert table["lrclr"]["zero-shot AUC"] == pytest.approx([0.65, 0.75, 0.85])  # its global + local score
     assert table["lrclr"]["seconds"] == [70.0] * 3  # its own 20 CPU s + its base's 50
     assert table["lrclr-base"]["zero-shot AUC"] == [0.6] * 3
-    assert table["lovt-no-local"]["seg Dice"] == pytest.approx([0.2, 0.3, 0.4])  # from seg-claims.json
+    assert table["lovt-no-local"]["seg Dice"] == pytest.approx([0.2, 0.3, 0.4])
+    assert table["lrclr"]["seg Dice"] == [0.1] * 3
     random = table["random-resnet18"]
     assert random["seg Dice"] == [0.24, 0.25, 0.26] and random["seeds"] == 3 and random["det mAP"] == []
     main, claims = T.tables(table).split("Claims")
