@@ -534,8 +534,11 @@ def mean_auc(margin, labels):
 
 @torch.no_grad()
 def evaluate(model, loader, tokenizer, device):
-    """Zero-shot AUC (pair prompts "x" / "no x", bootstrap 95 % CIs) from the global, local and both scores, and
-    image->text Precision@1/5/10 with the both score on the test pairs that show exactly one finding."""
+    """Zero-shot AUC (pair prompts "x" / "no x", bootstrap 95 % CIs) from the global, local and both scores,
+    image->text Precision@1/5/10 with the both score on the test pairs that show exactly one finding, and
+    Recall@1/5/10 both ways over all test pairs with the global cosine (our choice: the relation score of every
+    image against every report costs ~ N^2 graphs; the global cosine is the retrieval score LoVT, JoImTeRNet and
+    PLACE report, so the suite's comparison table reads the same number)."""
     model.eval()
     test, synthetic = encode_split(model, loader, device)
     labels = test["labels"].cpu()
@@ -560,6 +563,9 @@ def evaluate(model, loader, tokenizer, device):
         _, _, both = pair_scores(model, pick(test, ("regions", "img_g")), pick(test, ("words", "mask", "txt_g")))
         classes = labels[single].argmax(1)
         res.update({f"i2t_{k}": v for k, v in common.precision_at_k(both.cpu(), classes, classes).items()})
+    sim = common.cosine(test["img_g"][:, None], test["txt_g"][None]).cpu()
+    for name, s in (("i2t", sim), ("t2i", sim.T)):
+        res.update({f"{name}_{k}": v for k, v in common.recall_at_k(s).items()})
     return res
 
 

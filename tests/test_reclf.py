@@ -304,6 +304,9 @@ def test_main_three_steps_resume_and_outputs(three_step_run):
     out, res = three_step_run
     assert set(res) == {"untrained", "trained"}
     assert {"auc_both_mean", "auc_both_low", "auc_effusion_high", "auc_local_mean"} <= set(res["trained"])
+    for way in ("i2t", "t2i"):  # global-cosine retrieval over all test pairs, as the other methods report it
+        recall = [res["trained"][f"{way}_R@{k}"] for k in (1, 5, 10)]
+        assert 0 <= recall[0] <= recall[1] <= recall[2] <= 1
     saved = json.load(open(os.path.join(out, "eval.json")))  # the IRM weight of each word class, 1 = uniform
     assert saved["trained"]["irm_function_words"] == pytest.approx(res["trained"]["irm_function_words"])
     assert all(0 < res[m][f"irm_{k}_words"] < 10 for m in res for k in ("function", "finding"))
