@@ -19,7 +19,8 @@ Sections, in file order:
                                     MimicCXR
   4. CSV pairs                      CsvPairs (image path + report: IU X-ray, CheXpert Plus, own data; every row
                                     checked up front); make_dataset, the entry point the methods call; report_texts
-  5. Augmentation and batching      BatchAugment (on the training device), collate, build_tokenizer
+  5. Augmentation and batching      BatchAugment (on the training device), collate, build_tokenizer,
+                                    report_tokenizer
   6. Downstream readers             read_records, load_record, split_records, take_fraction: RSNA, SIIM, COVID
                                     rural, Object-CXR, NIH, a folder, synthetic (for eval_seg.py, eval_det.py)
   7. CLI                            python data.py demo --out DIR     synthetic reports, a PNG grid with mask outlines
@@ -1417,6 +1418,20 @@ def build_tokenizer(texts, min_freq=1):
                    key=lambda w: (-counts[w], w))
     return _bert_tokenizer(list(_SPECIAL_TOKENS) + words)
 
+
+
+def report_tokenizer(text_model, train_set):
+    """The tokenizer a run's text encoder reads: for the suite's random-init encoders ("tiny", "bert-base") a
+    word-level vocabulary of the training reports (build_tokenizer), else the pretrained model's own tokenizer
+    (a Hub name or a local save_pretrained folder), with a clear message when it cannot be loaded offline."""
+    if text_model in ("tiny", "bert-base"):
+        return build_tokenizer(report_texts(train_set))
+    from transformers import AutoTokenizer
+    try:
+        return AutoTokenizer.from_pretrained(text_model)
+    except OSError as e:
+        raise SystemExit(f"Could not load the tokenizer of {text_model} ({e}). Without internet pass a local "
+                         f"save_pretrained folder, or --text-model tiny.")
 
 # ==== 6. Downstream datasets (segmentation / detection) =============================================================
 # Readers for RSNA, SIIM, COVID rural, Object-CXR, NIH, a plain folder and the synthetic set, each after LoVT's

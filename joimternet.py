@@ -273,14 +273,17 @@ def sample_negatives(n, generator=None, device=None):
     return ((torch.arange(n) + shift) % n).to(device)
 
 
-def triplet_terms(v, e, V, E, M, pos, neg, gamma1, gamma2, margin_sent, margin_word, quirk=False):
+def triplet_terms(v, e, V, E, M, pos, neg, gamma1, gamma2, margin_sent, margin_word, quirk=False, local=True):
     """The four triplet terms (sent_triplet_loss, words_triplet_loss) for anchors `pos` with negatives `neg` (index
     tensors into the batch tensors v, e: N x D, V: N x R x D, E: N x L x D, M: N x L). Returns (global i2t,
-    global t2i, local i2t, local t2i), each a mean over anchors. quirk=True: the negative report's words are
-    cut/padded to the anchor's length L_b (the code's words_triplet_loss), else each report keeps its own mask."""
+    global t2i, local i2t, local t2i), each a mean over anchors; local=False returns the two global terms only and
+    never computes the word-region scores. quirk=True: the negative report's words are cut/padded to the anchor's
+    length L_b (the code's words_triplet_loss), else each report keeps its own mask."""
     d = lambda x, y: 1 - common.cosine(common.fp32(x), common.fp32(y))
     g_i2t = F.relu(d(v[pos], e[pos]) - d(v[pos], e[neg]) + margin_sent).mean()
     g_t2i = F.relu(d(e[pos], v[pos]) - d(e[pos], v[neg]) + margin_sent).mean()
+    if not local:
+        return g_i2t, g_t2i
     V, E = common.fp32(V), common.fp32(E)
     R = lambda i, j, mask: common.word_region_score(V[i], E[j], mask, gamma1, gamma2)   # aligned pairs -> P
     anchor_len = M[pos].sum(1, keepdim=True)
@@ -331,8 +334,8 @@ def itm_losses(v, V, e, E, M, neg, *, gathered=None, offset=0, gamma1=4.0, gamma
     if neg is not None:
         pos = torch.arange(v.shape[0], device=v.device) + offset
         terms = triplet_terms(v_all, e_all, V_all, E_all, M_all, pos, neg.to(v.device)[pos], gamma1, gamma2,
-                              margin_sent, margin_word, triplet_quirk)
-        terms = dict(zip(TERMS[4:], terms if local else terms[:2]))
+                              margin_sent, margin_word, triplet_quirk, local)
+        terms = dict(zip(TERMS[4:], terms))
         out.update(terms)
         out["loss"] = out["loss"] + lambda_triplet * sum(terms.values())
     return out

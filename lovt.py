@@ -316,18 +316,6 @@ def random_sentence_swaps(sentences, p=0.6, rng=random):
 
 
 # ==== TRAINING: data, loop, evaluation ====
-def report_tokenizer(args, train_set):
-    """Bio_ClinicalBERT's tokenizer, or (tiny / bert-base) a word-level vocabulary of the training reports."""
-    if args.text_model in ("tiny", "bert-base"):
-        return data.build_tokenizer(data.report_texts(train_set))
-    from transformers import AutoTokenizer
-    try:
-        return AutoTokenizer.from_pretrained(args.text_model)
-    except OSError as e:
-        raise SystemExit(f"Could not load the tokenizer of {args.text_model} ({e}). Without internet pass a local "
-                         f"save_pretrained folder, or --text-model tiny.")
-
-
 def datasets(args):
     """Training set (the un-augmented view: BatchAugment runs on the device; LoVT_30 keeps the first 30 % of the
     studies), validation and test sets (evaluation views), the training statistics (mean, std) and the tokenizer."""
@@ -340,7 +328,7 @@ def datasets(args):
     base = dataset("train", args.train_samples)
     train_set = torch.utils.data.Subset(base, range(round(args.train_subset * len(base))))
     val_set, test_set = dataset("validate", args.eval_samples), dataset("test", args.eval_samples)
-    return train_set, val_set, test_set, (base.mean, base.std), report_tokenizer(args, train_set)
+    return train_set, val_set, test_set, (base.mean, base.std), data.report_tokenizer(args.text_model, train_set)
 
 
 def loaders(args, ddp, tokenizer, train_set, val_set, test_set):

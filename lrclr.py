@@ -349,18 +349,12 @@ def contrastive_terms(g, u, tokens, logit_scale, select=None, interact=None):
 
 # ==== TRAINING: data, loop, evaluation ====
 def report_tokenizer(args, train_set):
-    """The --init run's tokenizer (stage lrclr), Bio_ClinicalBERT's, or (tiny / bert-base) a vocabulary of the
-    training reports."""
-    from transformers import AutoTokenizer
+    """The --init run's tokenizer (stage lrclr), else data.report_tokenizer (Bio_ClinicalBERT's, or a vocabulary
+    of the training reports for the random-init encoders)."""
     if args.init:
+        from transformers import AutoTokenizer
         return AutoTokenizer.from_pretrained(os.path.join(args.init, "text_encoder"))
-    if args.text_model in ("tiny", "bert-base"):
-        return data.build_tokenizer(data.report_texts(train_set))
-    try:
-        return AutoTokenizer.from_pretrained(args.text_model)
-    except OSError as e:
-        raise SystemExit(f"Could not load the tokenizer of {args.text_model} ({e}). Without internet pass a local "
-                         f"save_pretrained folder, or --text-model tiny.")
+    return data.report_tokenizer(args.text_model, train_set)
 
 
 def stage_args(args):

@@ -392,18 +392,6 @@ class PLACE(nn.Module):
 
 
 # ==== TRAINING: data, loop, evaluation ====
-def report_tokenizer(args, train_set):
-    """Bio_ClinicalBERT's tokenizer, or (tiny / bert-base) a word-level vocabulary of the training reports."""
-    if args.text_model in ("tiny", "bert-base"):
-        return data.build_tokenizer(data.report_texts(train_set))
-    from transformers import AutoTokenizer
-    try:
-        return AutoTokenizer.from_pretrained(args.text_model)
-    except OSError as e:
-        raise SystemExit(f"Could not load the tokenizer of {args.text_model} ({e}). Without internet pass a local "
-                         f"save_pretrained folder, or --text-model tiny.")
-
-
 def datasets(args):
     """Training, validation and test sets (MGCA's only augmentation is a random crop, which the cache's square
     frames make moot: the CCE mask is the corruption), the training statistics (mean, std) and the tokenizer."""
@@ -415,7 +403,8 @@ def datasets(args):
                                  num_samples=num_samples or None, skip_bad=args.skip_bad)
     train_set = dataset("train", args.train_samples)
     val_set, test_set = dataset("validate", args.eval_samples), dataset("test", args.eval_samples)
-    return train_set, val_set, test_set, (train_set.mean, train_set.std), report_tokenizer(args, train_set)
+    tokenizer = data.report_tokenizer(args.text_model, train_set)
+    return train_set, val_set, test_set, (train_set.mean, train_set.std), tokenizer
 
 
 def loaders(args, ddp, tokenizer, train_set, val_set, test_set):

@@ -164,6 +164,16 @@ def test_build_tokenizer_round_trip(tmp_path):
     assert len(data.build_tokenizer(["No effusion.", "Left effusion."], min_freq=2)) == 5 + 2  # effusion, .
 
 
+
+def test_report_tokenizer_random_init_vocab_and_offline_message(tmp_path):
+    ds = data.SyntheticCXR("train", num_samples=8, image_size=64)
+    for text_model in ("tiny", "bert-base"):
+        tok = data.report_tokenizer(text_model, ds)   # every training word is known, nothing becomes [UNK]
+        ids = tok(data.report_texts(ds)[0])["input_ids"]
+        assert tok.unk_token_id not in ids and len(ids) > 3
+    with pytest.raises(SystemExit, match="no-such-model.*--text-model tiny"):
+        data.report_tokenizer(str(tmp_path / "no-such-model"), ds)
+
 def test_collate_joint_tokenization():
     tok = data.build_tokenizer(["no effusion . heart is normal . left pleural"])
     t = {w: tok.convert_tokens_to_ids(w) for w in "no effusion . heart is normal left pleural".split()}

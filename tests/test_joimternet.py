@@ -92,6 +92,8 @@ def test_triplet_terms_by_hand():
     R01q, R10q = math.log(1 + math.exp(5)), 0.0
     assert q_i2t.item() == pytest.approx((max(R01q - R00 + 0.5, 0) + max(R10q - R11 + 0.5, 0)) / 2, rel=1e-5)
     assert q_t2i.item() == pytest.approx(l_t2i.item())
+    glob = jt.triplet_terms(v, e, V, E, M, pos, neg, 4.0, 5.0, 0.5, 0.5, local=False)   # --no-local
+    assert len(glob) == 2 and glob[0].item() == g_i2t.item() and glob[1].item() == g_t2i.item()
 
 
 def test_negatives_never_the_anchor():
