@@ -84,7 +84,12 @@ def test_table_from_a_fake_results_folder(tmp_path):
     random_row = lines[2].split(" | ")
     assert random_row[:3] == ["| random-resnet18", "3", "–"] and random_row[-1] == "– |"
     assert random_row[-2] == f"25.0 ± {100 * 4.303 * 0.01 / math.sqrt(3):.1f}"
-    assert [line.split(" | ")[0] for line in claims.strip().splitlines()[4:]] == ["| lovt", "| lovt-no-local"]
+    claim_lines = claims.strip().splitlines()
+    assert [line.split(" | ")[0] for line in claim_lines[4:]] == ["| lovt", "| lovt-no-local"]
+    assert claim_lines[2] == ("| encoder | seeds | pre-training CPU s | i2t R@1 | i2t R@10 | t2i R@10 | zero-shot AUC | "
+                              "i2t P@1 | i2t P@5 | i2t P@10 | seg Dice |")  # no detection: ablations skip it
+    assert claim_lines[5].endswith(f" | 30.0 ± {100 * half:.1f} |")  # lovt-no-local's Dice, 0.1 below lovt's
+    assert "P@" not in lines[0]
 
 
 def test_main_writes_the_table_and_refuses_a_missing_folder(tmp_path, capsys):
