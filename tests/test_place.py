@@ -310,6 +310,12 @@ def test_ablation_flags_and_the_resnet_variant():
     model, batch, _ = tiny_model_and_batch("--no-cce", "--no-tca")
     out = model(batch)
     assert torch.allclose(out["loss"], out["ita"] + out["pcma_inter"] + out["pcma_intra"])
+    model, batch, _ = tiny_model_and_batch("--no-tca", "--weight-ita", "4", "--weight-pcma", "0.5",
+                                           "--weight-cce", "2")
+    model.eval()
+    out = model(batch, model.keep_index(batch["images"], torch.Generator().manual_seed(0)))
+    want = 4 * out["ita"] + 0.5 * (out["pcma_inter"] + out["pcma_intra"]) + 2 * out["cce"]
+    assert torch.allclose(out["loss"], want)
     with pytest.raises(SystemExit, match="--no-cce"):
         tiny_model_and_batch("--image-arch", "resnet18")
     resnet, batch, _ = tiny_model_and_batch("--image-arch", "resnet18", "--no-cce")
