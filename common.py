@@ -5,7 +5,8 @@ losses. Read top to bottom:
 
 1. encoders      ImageEncoder (torchvision ResNet or ViT, 1-channel; the ViT with [CLS] attention and MAE-style
                  visible subsets), SoftAttentionResNet (JoImTeRNet's image encoder, here so that the evaluation
-                 scripts can rebuild it), TextEncoder (transformers BERT), pool_sentences
+                 scripts can rebuild it), TextEncoder (transformers BERT), pool_sentences,
+                 word_tables / word_index / sum_pieces / report_words (word pieces summed into words)
 2. heads         ProjectionHead (LoVT BN-MLP), mgca_head, AttentionPool (LoVT GlobalAvgAttentionAggregator)
 3. contrastive   gather_with_grad, info_nce (each rank: own rows vs. gathered columns), ita (MGCA);
                  word_region_attention / _score / _matrix (AttnGAN DAMSM, chunked over reports);
@@ -340,6 +341,46 @@ def pool_sentences(token_states: torch.Tensor, sentence_index: torch.Tensor, num
     out = out.scatter_reduce(1, index.unsqueeze(-1).expand(B, L, D), token_states, reduce=reduce, include_self=False)
     return out[:, :S]
 
+
+
+# Word pieces -> words (GLoRIA's and MGCA's text side): a BERT's word-piece states summed per word, vectorised.
+def word_tables(tokenizer, punctuation=False):
+    """-> (starts, continues): bool per vocabulary id. A word starts at a piece that is neither special nor a '##'
+    continuation nor (unless `punctuation`: MGCA keeps punctuation marks as words, GLoRIA-style RECLF drops them)
+    punctuation, and continues over the '##' pieces after it."""
+    vocab = tokenizer.get_vocab()
+    starts, continues = torch.zeros(len(tokenizer), dtype=torch.bool), torch.zeros(len(tokenizer), dtype=torch.bool)
+    special = set(tokenizer.all_special_tokens)
+    for token, i in vocab.items():
+        continues[i] = token.startswith("##")
+        starts[i] = not continues[i] and token not in special and (punctuation or any(ch.isalnum() for ch in token))
+    return starts, continues
+
+
+def word_index(input_ids, starts, continues, max_words):
+    """input_ids B x L -> the word of every token, B x L (-1: special, punctuation, padding, beyond max_words)."""
+    start, cont = starts[input_ids], continues[input_ids]
+    index = start.long().cumsum(1) - 1
+    return torch.where((start | cont) & (index >= 0) & (index < max_words), index, -1)
+
+
+def sum_pieces(token_states, index):
+    """token states B x L x D, word index B x L -> words B x T x D (GLoRIA and MGCA: the sum of their pieces),
+    word mask B x T."""
+    B, L, D = token_states.shape
+    T = max(int(index.max()) + 1, 1)
+    slot = torch.where(index >= 0, index, T)  # non-words go to a dropped extra slot
+    words = token_states.new_zeros(B, T + 1, D).scatter_add(1, slot[..., None].expand(B, L, D), token_states)
+    return words[:, :T], torch.arange(T, device=index.device) < (index.max(1).values + 1)[:, None]
+
+
+def report_words(ids, index, tokenizer):
+    """The words of one report (word pieces joined, '##' dropped), in word order."""
+    words = {}
+    for token, w in zip(tokenizer.convert_ids_to_tokens(ids.tolist()), index.tolist()):
+        if w >= 0:
+            words[w] = words.get(w, "") + token.removeprefix("##")
+    return [words[w] for w in sorted(words)]
 
 # ================================================================================================================
 # 2. Heads

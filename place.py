@@ -124,6 +124,10 @@ class Args:
     tca: bool = arg(True, "L_TCA in the total (--no-tca: ablation)")
     pcma: bool = arg(True, "L_PCMA in the total (--no-pcma: ablation)")
     cce: bool = arg(True, "L_CCE in the total (--no-cce: ablation; required with a ResNet)")
+    weight_ita: float = arg(1.0, "weight of L_ITA in the total (paper: the plain sum)")
+    weight_tca: float = arg(1.0, "weight of L_TCA in the total")
+    weight_pcma: float = arg(1.0, "weight of L_PCMA in the total")
+    weight_cce: float = arg(1.0, "weight of L_CCE in the total")
     # optimisation
     batch_size: int = arg(144, "micro-batch per process (negatives and BN statistics)")
     accum: int = arg(1, "micro-batches per optimizer step, whole job (each of W processes does accum / W)")
@@ -139,10 +143,11 @@ class Args:
 PRESETS = {
     "paper": dict(data="mimic"),
     "paper-r50": dict(data="mimic", image_arch="resnet50", cce=False),
-    # 2 CPU cores, ~2 minutes: tiny ViT and BERT from scratch at one lr, almost no warm-up, t = the mean word.
+    # 2 CPU cores, ~2.5 minutes: tiny ViT and BERT from scratch at one lr, almost no warm-up, t = the mean word,
+    # 3 passes over 2,000 pairs (one pass left ITA near chance while the other terms learnt)
     "demo": dict(data="synthetic", image_arch="vit_tiny", image_weights="none", image_size=128, text_model="tiny",
                  text_pool="mean", head_hidden=256, decoder_heads=4, decoder_ffn=256, cce_dim=64, batch_size=32,
-                 lr_encoders=1e-3, lr_new=1e-3, weight_decay=1e-4, warmup=0.05, epochs=1, train_samples=2000,
+                 lr_encoders=1e-3, lr_new=1e-3, weight_decay=1e-4, warmup=0.05, epochs=3, train_samples=2000,
                  eval_samples=300, workers=0, viz=2, ckpt_every=50, log_every=5),
 }
 
@@ -289,7 +294,7 @@ class PLACE(nn.Module):
 
     def __init__(self, args, tokenizer):
         super().__init__()
-        self.args, self.sep_id, vit = args, tokenizer.sep_token_id, args.image_arch.startswith("vit")
+        self.args, vit = args, args.image_arch.startswith("vit")
         if not vit and args.cce:  # our choice: CCE only with the ViT
             raise SystemExit(f"CCE encodes only the visible patches, which needs a ViT: with --image-arch "
                              f"{args.image_arch} pass --no-cce (as --preset paper-r50 does)")
@@ -301,6 +306,8 @@ class PLACE(nn.Module):
         self.global_image, self.global_text, self.local_image, self.local_text = (
             common.mgca_head(c, e, h) for c in (ci, ct, ci, ct))  # as MGCA
         self.text_encoder.bert.set_attn_implementation("eager")  # MGCA's word weights need the attention maps
+        for name, table in zip(("starts_word", "continues_word"), common.word_tables(tokenizer, punctuation=True)):
+            self.register_buffer(name, table, persistent=False)
         decoder = (args.decoder_layers, args.decoder_heads, args.decoder_ffn, args.dropout)
         # third-party summary: pathology query tokens; our choice: N(0, 0.02^2), shared by both extractors
         self.queries = nn.Parameter(torch.randn(args.num_queries, ct) * 0.02)
@@ -313,15 +320,20 @@ class PLACE(nn.Module):
         over the patches (MGCA's patch weights; a ResNet has none: uniform weights, as MGCA)."""
         return self.image_encoder(images)
 
+    def word_index(self, input_ids):
+        """The word of every token, B x L (-1: [CLS], [SEP], padding)."""
+        return common.word_index(input_ids, self.starts_word, self.continues_word, input_ids.shape[1])
+
     def text_features(self, batch):
-        """-> report feature B x C ([CLS]; --text-pool mean: the mean word token), word tokens B x T x C ([CLS],
-        [SEP] and padding excluded), word mask B x T (bool), word weights B x T (MGCA's [CLS] attention)."""
+        """-> report feature B x C ([CLS]; --text-pool mean: the mean word), words B x T x C (as MGCA: the sum of
+        their pieces' last-layer states; [CLS], [SEP] and padding excluded), word mask B x T (bool), word weights
+        B x T (as MGCA: the last layer's head-averaged [CLS] attention, summed over the word's pieces)."""
         out = self.text_encoder.bert(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                                      output_attentions=True)
-        tokens = out.last_hidden_state
-        mask = batch["attention_mask"][:, 1:].bool() & (batch["input_ids"][:, 1:] != self.sep_id)
-        weights = out.attentions[-1][:, :, 0, 1:].detach().float().mean(1) * mask  # as MGCA: [CLS] attention
-        words = tokens[:, 1:]
+        tokens, index = out.last_hidden_state, self.word_index(batch["input_ids"])
+        words, mask = common.sum_pieces(tokens, index)
+        cls_attn = out.attentions[-1][:, :, 0].detach().float().mean(1)  # B x L
+        weights = common.sum_pieces(cls_attn[..., None], index)[0][..., 0] * mask
         if self.args.text_pool == "cls":
             return tokens[:, 0], words, mask, weights
         # our choice (demo): the mean of the report's words feeds the global term from the first step, where a
@@ -367,8 +379,8 @@ class PLACE(nn.Module):
             target, predicted = self.cce_matrices(batch, keep_index, img, words, mask, zero_report)
             terms["cce"] = cce_loss(predicted, target, a.cce_loss)
         # ablations zero a weight; every term is still computed (logged, and DDP sees every parameter used)
-        on = {k: 1.0 if getattr(a, k) else 0.0 for k in ("ita", "tca", "pcma", "cce")}
-        loss = sum(on[k.split("_")[0]] * t for k, t in terms.items())
+        weight = {k: getattr(a, "weight_" + k) if getattr(a, k) else 0.0 for k in ("ita", "tca", "pcma", "cce")}
+        loss = sum(weight[k.split("_")[0]] * t for k, t in terms.items())
         return dict(loss=loss, **terms, pcma_intra_acc=intra_acc, pcma_inter_acc=inter_acc)
 
     def encode_image(self, images):
@@ -386,8 +398,9 @@ class PLACE(nn.Module):
         _, words, mask, _ = self.text_features(batch)
         v_attn = self.vpoe(self.queries, img["local_feats"])[1]
         u_attn = self.tpoe(self.queries, words, ~mask)[1]
+        ids = batch["input_ids"]
         names = None if tokenizer is None else [
-            tokenizer.convert_ids_to_tokens(ids[1:][m].tolist()) for ids, m in zip(batch["input_ids"], mask)]
+            common.report_words(i, index, tokenizer) for i, index in zip(ids, self.word_index(ids))]
         return v_attn, u_attn, img["grid"], names
 
 

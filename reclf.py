@@ -174,35 +174,6 @@ PRESETS = {
 
 
 # ==== METHOD: RECLF ====
-# ---- the GLoRIA text side: word pieces summed into words ----
-def word_tables(tokenizer):
-    """-> (starts, continues): bool per vocabulary id. A word starts at a piece that is neither special nor
-    punctuation nor a '##' continuation, and continues over the '##' pieces after it."""
-    vocab = tokenizer.get_vocab()
-    starts, continues = torch.zeros(len(tokenizer), dtype=torch.bool), torch.zeros(len(tokenizer), dtype=torch.bool)
-    special = set(tokenizer.all_special_tokens)
-    for token, i in vocab.items():
-        continues[i] = token.startswith("##")
-        starts[i] = not continues[i] and token not in special and any(ch.isalnum() for ch in token)
-    return starts, continues
-
-
-def word_index(input_ids, starts, continues, max_words):
-    """input_ids B x L -> the word of every token, B x L (-1: special, punctuation, padding, beyond max_words)."""
-    start, cont = starts[input_ids], continues[input_ids]
-    index = start.long().cumsum(1) - 1
-    return torch.where((start | cont) & (index >= 0) & (index < max_words), index, -1)
-
-
-def sum_pieces(token_states, index):
-    """token states B x L x D, word index B x L -> words B x T x D (as GLoRIA: the sum of their pieces), mask B x T."""
-    B, L, D = token_states.shape
-    T = max(int(index.max()) + 1, 1)
-    slot = torch.where(index >= 0, index, T)  # non-words go to a dropped extra slot
-    words = token_states.new_zeros(B, T + 1, D).scatter_add(1, slot[..., None].expand(B, L, D), token_states)
-    return words[:, :T], torch.arange(T, device=index.device) < (index.max(1).values + 1)[:, None]
-
-
 # ---- local-matching vectors (SGRAF form) ----
 def squared_difference(x, y):
     """(x^ - y^)^2 element-wise; its sum over the channels is 2 - 2 cos(x, y) (tested)."""
@@ -395,8 +366,12 @@ class RECLF(nn.Module):
             dim, args.match_dim, args.srm, args.srm_steps, args.irm, args.combine, args.gamma1)
         if self.relation is None and args.add_lse_local:
             raise ValueError("--srm none --irm off already is GLoRIA's log-sum-exp local loss; drop --add-lse-local")
-        for name, table in zip(("starts_word", "continues_word"), word_tables(tokenizer)):
+        for name, table in zip(("starts_word", "continues_word"), common.word_tables(tokenizer)):
             self.register_buffer(name, table, persistent=False)
+
+    def word_index(self, input_ids):
+        """The word of every token, B x L (-1: not a word, or beyond --max-words)."""
+        return common.word_index(input_ids, self.starts_word, self.continues_word, self.args.max_words)
 
     def image_features(self, images):
         """-> regions B x R x D (row-major layer3 grid), global B x D, grid (h, w)."""
@@ -411,7 +386,7 @@ class RECLF(nn.Module):
         report must have a word."""
         ids = batch["input_ids"]
         states = self.text_encoder(ids, batch["attention_mask"], sum_last=self.args.text_layers)
-        words, mask = sum_pieces(states, word_index(ids, self.starts_word, self.continues_word, self.args.max_words))
+        words, mask = common.sum_pieces(states, self.word_index(ids))
         if not mask[:, 0].all():
             empty = [batch["study_ids"][i] for i in (~mask[:, 0]).nonzero().flatten().tolist()]
             raise ValueError(f"reports without a single word (only punctuation or unknown tokens): studies {empty}")
@@ -564,22 +539,13 @@ FUNCTION_WORDS = {"the", "a", "an", "is", "are", "of", "and", "or", "in", "at", 
                   "which", "for", "on", "seen", "noted"}
 
 
-def report_words(ids, index, tokenizer):
-    """The words of one report (word pieces joined, '##' dropped), in word order."""
-    words = {}
-    for token, w in zip(tokenizer.convert_ids_to_tokens(ids.tolist()), index.tolist()):
-        if w >= 0:
-            words[w] = words.get(w, "") + token.removeprefix("##")
-    return [words[w] for w in sorted(words)]
-
-
 @torch.no_grad()
 def explain(model, batch, i):
     """For pair (image i, report i): its words, alpha T x R, grid, SRM adjacencies [K x K] and IRM weights K."""
     b = {k: v[i:i + 1] if torch.is_tensor(v) else v[i:i + 1] for k, v in batch.items()}
     regions, img_g, grid = model.image_features(b["images"])
     words, mask, txt_g = model.text_features(b)
-    index = word_index(b["input_ids"], model.starts_word, model.continues_word, model.args.max_words)
+    index = model.word_index(b["input_ids"])
     out = model.relation.relate(*map(common.fp32, (regions, img_g, words)), mask, common.fp32(txt_g))
     return dict(alpha=out["alpha"][0, 0], grid=grid, edges=[A[0] for A in out["edges"]],
                 weights=None if out["weights"] is None else out["weights"][0])
@@ -589,8 +555,8 @@ def irm_summary(model, batch, tokenizer):
     """Mean IRM weight x number of nodes (1 = uniform) of function, finding and location words in matched pairs."""
     seen = {"function": [], "finding": [], "location": []}
     for i in range(len(batch["images"])):
-        index = word_index(batch["input_ids"][i:i + 1], model.starts_word, model.continues_word, model.args.max_words)
-        words = report_words(batch["input_ids"][i], index[0], tokenizer)
+        index = model.word_index(batch["input_ids"][i:i + 1])
+        words = common.report_words(batch["input_ids"][i], index[0], tokenizer)
         w = explain(model, batch, i)["weights"].cpu() * (len(words) + 1)
         for k, word in enumerate(words):
             for kind, vocab in (("function", FUNCTION_WORDS), ("finding", FINDING_WORDS),
@@ -651,8 +617,8 @@ def write_viz(model, batch, tokenizer, folder, mean, std, n):
     model.eval()
     os.makedirs(folder, exist_ok=True)
     for i in range(min(n, len(batch["images"]))):
-        index = word_index(batch["input_ids"][i:i + 1], model.starts_word, model.continues_word, model.args.max_words)
-        words = report_words(batch["input_ids"][i], index[0], tokenizer)
+        index = model.word_index(batch["input_ids"][i:i + 1])
+        words = common.report_words(batch["input_ids"][i], index[0], tokenizer)
         if model.relation is None:
             continue
         ex = explain(model, batch, i)

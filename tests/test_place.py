@@ -282,10 +282,40 @@ def test_text_pool_cls_and_mean_of_the_words():
             torch.testing.assert_close(report[b], want, rtol=1e-5, atol=1e-6)
 
 
+
+def test_word_pieces_are_summed_into_words_with_their_cls_attention():
+    """As MGCA: a word's token is the sum of its pieces' states, its weight the sum of their [CLS] attention;
+    punctuation is a word, [CLS], [SEP] and padding are not."""
+    args = common.parse_args(place.Args, place.PRESETS, TINY)
+    tok = data._bert_tokenizer(list(data._SPECIAL_TOKENS) + ["no", "pleural", "eff", "##usion", ".", "left"])
+    torch.manual_seed(0)
+    model = place.PLACE(args, tok).eval()
+    batch = tok(["no pleural effusion. left", "left effusion"], padding=True, return_tensors="pt")
+    assert tok.convert_ids_to_tokens(batch["input_ids"][0].tolist()) == [
+        "[CLS]", "no", "pleural", "eff", "##usion", ".", "left", "[SEP]"]
+    with torch.no_grad():
+        _, words, mask, weights = model.text_features(batch)
+        out = model.text_encoder.bert(**batch, output_attentions=True)
+    states, cls_attn = out.last_hidden_state, out.attentions[-1][:, :, 0].mean(1)
+    assert mask.tolist() == [[True] * 5, [True, True, False, False, False]]
+    for b, groups in enumerate([[[1], [2], [3, 4], [5], [6]], [[1], [2, 3]]]):
+        for w, pieces in enumerate(groups):
+            torch.testing.assert_close(words[b, w], states[b, pieces].sum(0))
+            torch.testing.assert_close(weights[b, w], cls_attn[b, pieces].sum())
+    assert weights[1, 2:].abs().max() == 0
+    assert model.slot_maps({**batch, "images": torch.zeros(2, 1, 64, 64)}, tok)[3] == [
+        ["no", "pleural", "effusion", ".", "left"], ["left", "effusion"]]
+
 def test_ablation_flags_and_the_resnet_variant():
     model, batch, _ = tiny_model_and_batch("--no-cce", "--no-tca")
     out = model(batch)
     assert torch.allclose(out["loss"], out["ita"] + out["pcma_inter"] + out["pcma_intra"])
+    model, batch, _ = tiny_model_and_batch("--no-tca", "--weight-ita", "4", "--weight-pcma", "0.5",
+                                           "--weight-cce", "2")
+    model.eval()
+    out = model(batch, model.keep_index(batch["images"], torch.Generator().manual_seed(0)))
+    want = 4 * out["ita"] + 0.5 * (out["pcma_inter"] + out["pcma_intra"]) + 2 * out["cce"]
+    assert torch.allclose(out["loss"], want)
     with pytest.raises(SystemExit, match="--no-cce"):
         tiny_model_and_batch("--image-arch", "resnet18")
     resnet, batch, _ = tiny_model_and_batch("--image-arch", "resnet18", "--no-cce")

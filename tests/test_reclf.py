@@ -174,14 +174,14 @@ def test_word_pieces_are_summed_into_words():
     ids = tok(["no pleural effusion. left"], return_tensors="pt")["input_ids"]
     assert tok.convert_ids_to_tokens(ids[0].tolist()) == ["[CLS]", "no", "pleural", "eff", "##usion", ".", "left",
                                                           "[SEP]"]
-    starts, continues = reclf.word_tables(tok)
-    index = reclf.word_index(ids, starts, continues, max_words=97)
+    starts, continues = common.word_tables(tok)
+    index = common.word_index(ids, starts, continues, max_words=97)
     assert index[0].tolist() == [-1, 0, 1, 2, 2, -1, 3, -1]  # specials and punctuation are not words
-    assert reclf.report_words(ids[0], index[0], tok) == ["no", "pleural", "effusion", "left"]
+    assert common.report_words(ids[0], index[0], tok) == ["no", "pleural", "effusion", "left"]
     states = torch.arange(8, dtype=torch.float64)[None, :, None].expand(1, 8, 2)
-    words, mask = reclf.sum_pieces(states, index)
+    words, mask = common.sum_pieces(states, index)
     assert words[0, :, 0].tolist() == [1, 2, 3 + 4, 6] and mask.all()
-    capped = reclf.word_index(ids, starts, continues, max_words=2)
+    capped = common.word_index(ids, starts, continues, max_words=2)
     assert capped[0].tolist() == [-1, 0, 1, -1, -1, -1, -1, -1]
 
 
