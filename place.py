@@ -8,8 +8,8 @@ mgca/models/mgca/mgca_module.py). Each piece is marked where it is implemented: 
 "third-party summary:" (a TL;DR that saw the full text), "as MGCA:" (checked in MGCA's code) or "our choice:".
 
 Model. A ViT-B/16 gives the [CLS] feature g and 196 patch tokens P (as MGCA); a BERT gives the [CLS] report feature
-t and word tokens W (word pieces summed into words, as MGCA). MGCA's BN-MLP heads project g, t (and P, W per token)
-to 128-d. New modules:
+t and word tokens W (word pieces summed into words, punctuation marks kept as words, as MGCA). MGCA's BN-MLP heads
+project g, t (and P, W per token) to 128-d. New modules:
   VPOE     K = 14 learnable pathology queries Q (K x d), 2 pre-LN decoder layers (self-attention among the queries,
            cross-attention to P, FFN) -> V-PORs V (K x d) -> Linear -> v_k (third-party summary: query tokens;
            our choice: K, depth, the layer)
