@@ -65,7 +65,7 @@ Commands:
   python reclf.py --srm transformer | --srm none --irm off | --combine parallel | --add-lse-local   # ablations
   python reclf.py --resume --out-dir runs/reclf-XXXX                                   # continue a killed run
   python reclf.py --bench 20 [--preset paper --image-weights none --text-model bert-base]       # throughput
-  sh tests/reclf_ladder.sh                         # the ablation ladder GLoRIA -> +SRM -> +IRM -> +both
+  CLAIMS=1 METHODS=reclf sh tests/compare.sh      # the ablation ladder GLoRIA -> +SRM -> +IRM -> +both, 3 seeds
 CACHE is written once by `python data.py prepare-mimic ...`. The run folder (default runs/reclf-<time>) holds
 args.json, metrics.csv, val.csv, ckpt.pt, best.pt, image_encoder.pt (the ResNet backbone; the 1x1 conv and Linear
 heads are RECLF's and stay in ckpt.pt), text_encoder/, eval.json and viz/*.png.
