@@ -124,7 +124,8 @@ def collect(root: str) -> dict:
         cells["seeds"] = max(len(cells["seg Dice"]), len(cells["det mAP"]))
     for seed in sorted(d for d in os.listdir(root) if d.startswith("seed")):
         folder = os.path.join(root, seed)
-        for run in sorted(d for d in os.listdir(folder) if os.path.isdir(os.path.join(folder, d))):
+        # a run counts once its eval.json is written (a run still training, or killed, is not a seed yet)
+        for run in sorted(d for d in os.listdir(folder) if os.path.isfile(os.path.join(folder, d, "eval.json"))):
             metrics, cells = method_metrics(os.path.join(folder, run)), cell(run)
             seg, det = (_rows(os.path.join(folder, run, f"{task}.json")) for task in ("seg", "det"))
             for header, source, key in COLUMNS:

@@ -47,6 +47,7 @@ def _fake_results(root):
         _write(os.path.join(folder, "lovt-no-local", "seg.json"), _harness_rows("lovt-no-local", [dice - 0.1]))
         _write(os.path.join(folder, "lovt", "det.json"), _harness_rows("lovt", ap=[ap]))
     _write(os.path.join(root, "random", "seg.json"), _harness_rows("random-resnet18", [0.24, 0.25, 0.26]))
+    _write(os.path.join(root, "seed3", "lovt-no-smoothing", "metrics.csv"), "step,perf/cpu_s\n1,5\n")  # training
 
 
 def test_interval_is_student_t():
