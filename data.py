@@ -511,6 +511,10 @@ def _mask_boxes(masks, present):
     return np.array(boxes, np.float32).reshape(-1, 4), np.array(box_labels, np.int64)
 
 
+# The synthetic datasets by name: the findings' contrast (SyntheticCXR.finding_contrast)
+SYNTHETIC_CONTRAST = {"synthetic": 1.0, "synthetic-faint": 0.4}
+
+
 class SyntheticCXR(Dataset):
     """Built-in synthetic frontal chest films with MIMIC-style reports, CheXpert labels, masks and boxes.
 
@@ -538,15 +542,20 @@ class SyntheticCXR(Dataset):
     LoVT flips with p = 0.5 although its reports say left/right; the suite's default is off.
     Normalization: mean/std below were measured once on 500 train images at 128 px (they move < 0.01 with
     the size and split).
+    finding_contrast scales what every finding adds to or takes from the film (1 = as drawn; the dataset name
+    "synthetic-faint" uses SYNTHETIC_CONTRAST's 0.4): the same scenes, masks, boxes and reports with fainter
+    findings, a harder setting in which localisation matters more. The enlarged heart is anatomy and stays.
     """
     mean, std = 0.2398, 0.1526
 
-    def __init__(self, split="train", num_samples=None, image_size=128, seed=0, train=False, hflip=0.0):
+    def __init__(self, split="train", num_samples=None, image_size=128, seed=0, train=False, hflip=0.0,
+                 finding_contrast=1.0):
         if split not in _SPLIT_IDS:
             raise ValueError(f"split must be one of {list(_SPLIT_IDS)}, got {split!r}")
         if image_size < 64:
             raise ValueError(f"image_size must be >= 64, got {image_size}")
         self.split, self.image_size, self.seed, self.train, self.hflip = split, image_size, seed, train, hflip
+        self.finding_contrast = finding_contrast
         self.num_samples = _DEFAULT_NUM_SAMPLES[split] if num_samples is None else num_samples
 
     def __len__(self):
@@ -564,9 +573,13 @@ class SyntheticCXR(Dataset):
         findings = {SYNTH_FINDINGS[t]: {} for t in present}
         film = draw_anatomy(rng, self.image_size, enlarged_heart="cardiomegaly" in findings)
         masks = np.zeros((len(SYNTH_FINDINGS), self.image_size, self.image_size), bool)
+        normal_dense, normal_lucent = film.dense.copy(), film.lucent.copy()
         for name, finding in findings.items():
             finding["side"] = int(rng.integers(2))
             masks[SYNTH_FINDINGS.index(name)] = DRAW_FINDING[name](rng, film, finding)
+        if self.finding_contrast != 1.0:  # fainter findings: same scene, masks and report (no random draw here)
+            film.dense = normal_dense + self.finding_contrast * (film.dense - normal_dense)
+            film.lucent = normal_lucent + self.finding_contrast * (film.lucent - normal_lucent)
         pixels = expose(rng, film, self.image_size)
         boxes, box_labels = _mask_boxes(masks, present)
         return dict(pixels=pixels, masks=masks, boxes=boxes, box_labels=box_labels,
@@ -1190,8 +1203,9 @@ def make_dataset(name, root=None, split="train", image_size=224, train=True, see
     folder) | "csv" (root = the CSV file). seed: the synthetic generator's (a CSV's split does not follow it).
     num_samples: how many samples (synthetic), else the first num_samples ones. skip_bad (csv): drop the rows
     that fail CsvPairs' check and count them, instead of raising one BadRecord that lists them."""
-    if name == "synthetic":
-        return SyntheticCXR(split=split, num_samples=num_samples, image_size=image_size, seed=seed, train=train)
+    if name in SYNTHETIC_CONTRAST:
+        return SyntheticCXR(split=split, num_samples=num_samples, image_size=image_size, seed=seed, train=train,
+                            finding_contrast=SYNTHETIC_CONTRAST[name])
     if name == "csv":
         return CsvPairs(root, split=split, image_size=image_size, train=train, num_samples=num_samples,
                         skip_bad=skip_bad)
@@ -1202,7 +1216,7 @@ def make_dataset(name, root=None, split="train", image_size=224, train=True, see
             subset.mean, subset.std = ds.mean, ds.std
             return subset
         return ds
-    raise ValueError(f"unknown dataset {name!r}: use 'synthetic', 'mimic' or 'csv'")
+    raise ValueError(f"unknown dataset {name!r}: use 'synthetic', 'synthetic-faint', 'mimic' or 'csv'")
 
 
 # ==== 5. Augmentation and batching: BatchAugment on the training device, collate, tokenizer =========================
@@ -1463,7 +1477,7 @@ def report_tokenizer(text_model, train_set):
 # problem is collected by _BadRecords: all of them are reported at once, or skipped and counted (skip_bad).
 # Image preprocessing is LoVT's: zero-pad to a centred square, resize to S (masks nearest), boxes moved the
 # same way; no augmentation. Normalization is left to the caller (dataset-level mean/std).
-DOWNSTREAM_DATASETS = ("synthetic", "rsna", "siim", "covid-rural", "object-cxr", "nih", "folder")
+DOWNSTREAM_DATASETS = ("synthetic", "synthetic-faint", "rsna", "siim", "covid-rural", "object-cxr", "nih", "folder")
 NIH_BOX_CLASSES = ("Atelectasis", "Cardiomegaly", "Effusion", "Infiltrate", "Mass", "Nodule", "Pneumonia",
                    "Pneumothorax")  # LoVT TARGET_MAPPING order
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".dcm")  # when a stem exists twice, the earlier extension wins
@@ -1583,7 +1597,7 @@ def _record(id, path, patient=None, split=None, boxes=(), box_labels=(), height=
 
 # ---- one reader per dataset: each returns records (without image sizes) and class names ----------------------------
 
-def _read_synthetic(num_samples):
+def _read_synthetic(num_samples, finding_contrast=1.0):
     """SyntheticCXR's own train/validate/test parts (60/20/20 of num_samples, default 500); record boxes at its
     128 px default, load_record renders at the requested size (the scene is drawn in resolution-free coordinates)."""
     num_samples = num_samples or 500
@@ -1592,16 +1606,16 @@ def _read_synthetic(num_samples):
     records = []
     for split, n in counts.items():
         for i in range(n):
-            r = _synthetic(split, n, _SYNTHETIC_RECORD_SIZE).render(i)  # ~3 ms; rendered again by load_record
+            r = _synthetic(split, n, _SYNTHETIC_RECORD_SIZE, finding_contrast).render(i)  # ~3 ms; again in load_record
             records.append(_record(f"synthetic-{split}-{i:05d}", None, split=split, boxes=r["boxes"],
                                    box_labels=r["box_labels"], height=_SYNTHETIC_RECORD_SIZE,
-                                   width=_SYNTHETIC_RECORD_SIZE, synthetic=(split, i, n)))
+                                   width=_SYNTHETIC_RECORD_SIZE, synthetic=(split, i, n, finding_contrast)))
     return records, list(SYNTH_FINDINGS)
 
 
 @lru_cache(maxsize=8)
-def _synthetic(split, n, image_size):
-    return SyntheticCXR(split=split, num_samples=n, image_size=image_size, seed=0)
+def _synthetic(split, n, image_size, finding_contrast=1.0):
+    return SyntheticCXR(split=split, num_samples=n, image_size=image_size, seed=0, finding_contrast=finding_contrast)
 
 
 def _read_rsna(root, task, bad):
@@ -1768,8 +1782,8 @@ def read_records(name, root, task="seg", skip_bad=False, num_samples=None):
     if task not in ("seg", "det"):
         raise ValueError(f"task must be 'seg' or 'det', not {task!r}")
     bad = _BadRecords(root or name, skip_bad)
-    if name == "synthetic":
-        records, classes = _read_synthetic(num_samples)
+    if name in SYNTHETIC_CONTRAST:
+        records, classes = _read_synthetic(num_samples, SYNTHETIC_CONTRAST[name])
     elif not root or not os.path.exists(root):
         raise FileNotFoundError(f"{name}: data root {root!r} does not exist")
     else:
@@ -1870,8 +1884,8 @@ def load_record(rec, image_size):
     """-> dict(image=uint8 S x S, mask=bool C x S x S, boxes=float32 N x 4 (in the S x S frame), box_labels=int64
     N), S = image_size. Raises BadRecord naming the file when the image or mask cannot be used."""
     if rec["synthetic"]:
-        split, index, n = rec["synthetic"]
-        r = _synthetic(split, n, image_size).render(index)  # already S x S
+        split, index, n, finding_contrast = rec["synthetic"]
+        r = _synthetic(split, n, image_size, finding_contrast).render(index)  # already S x S
         return dict(image=r["pixels"], mask=r["masks"], boxes=r["boxes"], box_labels=r["box_labels"])
     image = read_image(rec["path"])
     h, w = image.shape

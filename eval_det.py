@@ -335,7 +335,7 @@ def main(argv=None):
     a("--cache-gb", type=float, default=8.0, help="frozen: cache c3-c5 of all splits when they fit")
     parser.set_defaults(batch_size=None)
     args = parser.parse_args(argv)
-    synthetic = args.dataset == "synthetic"  # the CPU demo: a lighter head, more (smaller) steps
+    synthetic = args.dataset in data.SYNTHETIC_CONTRAST  # the CPU demo: a lighter head, more (smaller) steps
     args.encoder = args.encoder or ["random"]
     args.image_size = args.image_size or (128 if synthetic else 224)
     args.batch_size = args.batch_size or (16 if synthetic else 64)

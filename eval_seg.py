@@ -85,7 +85,8 @@ def add_common_eval_args(parser):
     a("--encoder", action="append", default=None,
       help="image_encoder.pt | random[:arch] | imagenet[:resnet18|resnet50|vit_b16]; repeat to compare "
            "(default: random)")
-    a("--dataset", default="synthetic", help="synthetic | rsna | siim | covid-rural | object-cxr | nih | folder")
+    a("--dataset", default="synthetic",
+      help="synthetic | synthetic-faint | rsna | siim | covid-rural | object-cxr | nih | folder")
     a("--data-root", default=None, help="dataset folder (not needed for synthetic)")
     a("--split-csv", default=None, help="LoVT's split folder (train/validation/test.csv) or a CSV with id and "
                                          "split columns (default: a seeded 60/20/20 split by patient)")
@@ -541,7 +542,7 @@ def main(argv=None):
         parser.error("--finetune fine-tunes the encoder under the unet head (the linear head is always frozen, "
                      "as in LoVT): add --head unet")
     args.encoder = args.encoder or ["random"]
-    image_size = args.image_size or (128 if args.dataset == "synthetic" else 224)
+    image_size = args.image_size or (128 if args.dataset in data.SYNTHETIC_CONTRAST else 224)
     if image_size % 32:
         raise SystemExit(f"--image-size {image_size}: must be a multiple of 32 (the U-Net skips)")
     args.epochs = args.epochs or 100

@@ -116,7 +116,7 @@ class Args:
     """JoImTeRNet pre-training (defaults = the official code; `--preset demo` is used when no --data is given)."""
     preset: str = arg(None, "paper | demo (default: demo without --data, else the defaults = the code's)")
     # data and run
-    data: str = arg("synthetic", "synthetic | mimic | csv")
+    data: str = arg("synthetic", "synthetic | synthetic-faint | mimic | csv")
     data_root: str = arg("", "mimic: the prepare-mimic cache folder (512 px); csv: the pairs CSV")
     train_samples: int = arg(0, "use only the first N training pairs (0 = all; synthetic: how many are generated)")
     eval_samples: int = arg(0, "use only the first N validation / test pairs (0 = all; synthetic: 500)")
@@ -542,7 +542,7 @@ class Reports(torch.utils.data.Dataset):
 def datasets(args, out):
     """Training pairs, their reports alone (Reports, for the MLM steps), validation and test pairs, the classifier's
     training images, and the word-level tokenizer of the training reports (kept in the run folder for --resume)."""
-    if args.data != "synthetic" and not args.data_root:
+    if args.data not in data.SYNTHETIC_CONTRAST and not args.data_root:
         raise SystemExit(f"--data {args.data} needs --data-root (mimic: the `python data.py prepare-mimic` cache)")
 
     def dataset(split, train, num_samples):

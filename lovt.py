@@ -78,7 +78,7 @@ class Args:
     """LoVT pre-training (defaults = LoVT_100; `--preset demo` is used when no --data is given)."""
     preset: Optional[str] = arg(None, "paper | demo (default: demo without --data, else paper)")
     # data and run
-    data: str = arg("synthetic", "synthetic | mimic | csv")
+    data: str = arg("synthetic", "synthetic | synthetic-faint | mimic | csv")
     data_root: str = arg("", "mimic: the prepare-mimic cache folder; csv: the pairs CSV")
     train_subset: float = arg(1.0, "use the first fraction of the training studies (LoVT_30: 0.3)")
     train_samples: int = arg(0, "use only the first N training pairs (0 = all; synthetic: how many are generated)")
@@ -319,7 +319,7 @@ def random_sentence_swaps(sentences, p=0.6, rng=random):
 def datasets(args):
     """Training set (the un-augmented view: BatchAugment runs on the device; LoVT_30 keeps the first 30 % of the
     studies), validation and test sets (evaluation views), the training statistics (mean, std) and the tokenizer."""
-    if args.data != "synthetic" and not args.data_root:
+    if args.data not in data.SYNTHETIC_CONTRAST and not args.data_root:
         raise SystemExit(f"--data {args.data} needs --data-root (mimic: the `python data.py prepare-mimic` cache)")
 
     def dataset(split, num_samples):

@@ -91,7 +91,7 @@ class Args:
     compare: str = arg("", "stage lrclr: also evaluate this run (e.g. the --lambda-loc 0 control) in the table")
     control: bool = arg(True, "--stage both: also train the control (the base fine-tuned with --lambda-loc 0)")
     # data and run
-    data: str = arg("synthetic", "synthetic | mimic | csv")
+    data: str = arg("synthetic", "synthetic | synthetic-faint | mimic | csv")
     data_root: str = arg("", "mimic: the prepare-mimic cache folder; csv: the pairs CSV")
     train_samples: int = arg(0, "use only the first N training pairs (0 = all; synthetic: how many are generated)")
     eval_samples: int = arg(0, "use only the first N validation / test pairs (0 = all; synthetic: 500)")
@@ -406,7 +406,7 @@ def param_groups(model, args):
 
 
 def datasets(args):
-    if args.data != "synthetic" and not args.data_root:
+    if args.data not in data.SYNTHETIC_CONTRAST and not args.data_root:
         raise SystemExit(f"--data {args.data} needs --data-root (mimic: the `python data.py prepare-mimic` cache)")
 
     def dataset(split, num_samples):

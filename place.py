@@ -80,7 +80,7 @@ class Args:
     """PLACE pre-training (defaults = the reconstruction's paper recipe; `--preset demo` without --data)."""
     preset: Optional[str] = arg(None, "paper | paper-r50 | demo (default: demo without --data, else paper)")
     # data and run
-    data: str = arg("synthetic", "synthetic | mimic | csv")
+    data: str = arg("synthetic", "synthetic | synthetic-faint | mimic | csv")
     data_root: str = arg("", "mimic: the prepare-mimic cache folder; csv: the pairs CSV")
     train_samples: int = arg(0, "use only the first N training pairs (0 = all; synthetic: how many are generated)")
     eval_samples: int = arg(0, "use only the first N validation / test pairs (0 = all; synthetic: 500)")
@@ -408,7 +408,7 @@ class PLACE(nn.Module):
 def datasets(args):
     """Training, validation and test sets (MGCA's only augmentation is a random crop, which the cache's square
     frames make moot: the CCE mask is the corruption), the training statistics (mean, std) and the tokenizer."""
-    if args.data != "synthetic" and not args.data_root:
+    if args.data not in data.SYNTHETIC_CONTRAST and not args.data_root:
         raise SystemExit(f"--data {args.data} needs --data-root (mimic: the `python data.py prepare-mimic` cache)")
 
     def dataset(split, num_samples):

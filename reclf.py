@@ -65,7 +65,7 @@ Commands:
   python reclf.py --srm transformer | --srm none --irm off | --combine parallel | --add-lse-local   # ablations
   python reclf.py --resume --out-dir runs/reclf-XXXX                                   # continue a killed run
   python reclf.py --bench 20 [--preset paper --image-weights none --text-model bert-base]       # throughput
-  sh tests/reclf_ladder.sh                         # the ablation ladder GLoRIA -> +SRM -> +IRM -> +both
+  CLAIMS=1 METHODS=reclf sh tests/compare.sh      # the ablation ladder GLoRIA -> +SRM -> +IRM -> +both, 3 seeds
 CACHE is written once by `python data.py prepare-mimic ...`. The run folder (default runs/reclf-<time>) holds
 args.json, metrics.csv, val.csv, ckpt.pt, best.pt, image_encoder.pt (the ResNet backbone; the 1x1 conv and Linear
 heads are RECLF's and stay in ckpt.pt), text_encoder/, eval.json and viz/*.png.
@@ -109,7 +109,7 @@ class Args:
     """RECLF pre-training (defaults = the reconstruction's paper recipe; `--preset demo` without --data)."""
     preset: Optional[str] = arg(None, "paper | demo (default: demo without --data, else paper)")
     # data and run
-    data: str = arg("synthetic", "synthetic | mimic | csv")
+    data: str = arg("synthetic", "synthetic | synthetic-faint | mimic | csv")
     data_root: str = arg("", "mimic: the prepare-mimic cache folder; csv: the pairs CSV")
     train_samples: int = arg(0, "use only the first N training pairs (0 = all; synthetic: how many are generated)")
     eval_samples: int = arg(0, "use only the first N validation / test pairs (0 = all; synthetic: 500)")
@@ -436,7 +436,7 @@ class RECLF(nn.Module):
 # ==== TRAINING: data, loop, evaluation ====
 def datasets(args):
     """Training, validation and test sets, the training statistics (mean, std) and the tokenizer."""
-    if args.data != "synthetic" and not args.data_root:
+    if args.data not in data.SYNTHETIC_CONTRAST and not args.data_root:
         raise SystemExit(f"--data {args.data} needs --data-root (mimic: the `python data.py prepare-mimic` cache)")
 
     def dataset(split, num_samples):

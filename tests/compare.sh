@@ -4,6 +4,7 @@
 #   sh tests/compare.sh [RESULTS]          # the table: 5 methods + LRCLR's base, 3 seeds, seg + det, ~1 h on 2 cores
 #   CLAIMS=1 sh tests/compare.sh [RESULTS] # also the ablation runs of each paper's claim (judged by eval_seg only)
 #   METHODS="lovt place" SEEDS=1 ...       # a part (the table is built from whatever RESULTS holds)
+#   DATA=synthetic-faint sh tests/compare.sh runs/compare-faint   # the harder setting: the findings at 0.4 contrast
 #
 # Every method trains its demo preset on the same synthetic training set (the first $PAIRS generated pairs, seed 0),
 # at 128 px, for one pass over it (PAIRS images seen; LRCLR's second stage adds its 20 fine-tuning steps of 32), and
@@ -18,11 +19,12 @@ set -e
 ROOT=${1:-runs/compare}
 SEEDS=${SEEDS:-"1 2 3"}
 PAIRS=${PAIRS:-2000}
+DATA=${DATA:-synthetic}
 SEG_LRS=${SEG_LRS:-"1e-2 3e-3"}
 SEG_EPOCHS=${SEG_EPOCHS:-40}  # eval_seg's default is 100 (with early stopping): 40 fits the hour
 DET_LRS=${DET_LRS:-"3e-3 1e-3"}
-BUDGET="--train-samples $PAIRS --eval-samples 300 --image-size 128 --epochs 1 --viz 0 ${EXTRA:-}"
-HARNESS=${HARNESS:-}
+BUDGET="--preset demo --data $DATA --train-samples $PAIRS --eval-samples 300 --image-size 128 --epochs 1 --viz 0 ${EXTRA:-}"
+HARNESS="--dataset $DATA ${HARNESS:-}"
 METHODS=${METHODS:-"lovt joimternet lrclr reclf place"}
 
 # pretrain NAME SEED METHOD FLAGS...: one pre-training into RESULTS/seedS/NAME (time.txt: the whole process's

@@ -165,6 +165,28 @@ def test_build_tokenizer_round_trip(tmp_path):
 
 
 
+
+def test_synthetic_faint_same_scenes_findings_at_0_4_contrast():
+    """synthetic-faint: the same scenes, masks and reports; what a finding changes in the pixels is 0.4 of the
+    default's (against the same film rendered with finding_contrast 0), and the downstream records render it."""
+    full, faint = (data.make_dataset(name, split="train", image_size=128, num_samples=12)
+                   for name in ("synthetic", "synthetic-faint"))
+    none = data.SyntheticCXR("train", 12, image_size=128, finding_contrast=0.0)
+    ratios = []
+    for i in range(12):
+        f, w, n = full.render(i), faint.render(i), none.render(i)
+        assert f["sentences"] == w["sentences"] and (f["masks"] == w["masks"]).all()
+        inside = f["masks"][:3].any(0)  # opacity, nodule, effusion: they add density
+        if inside.sum() > 50:
+            change = lambda r: r["pixels"][inside].astype(float) - n["pixels"][inside]  # noqa: E731
+            ratios.append(change(w).mean() / change(f).mean())
+    assert len(ratios) >= 4 and all(abs(r - 0.4) < 0.05 for r in ratios), ratios
+    records, classes = data.read_records("synthetic-faint", None, num_samples=10)
+    rec = records[0]
+    split, index = rec["synthetic"][:2]
+    want = data.make_dataset("synthetic-faint", split=split, image_size=64, num_samples=rec["synthetic"][2])
+    assert (data.load_record(rec, 64)["image"] == want.render(index)["pixels"]).all()
+
 def test_report_tokenizer_random_init_vocab_and_offline_message(tmp_path):
     ds = data.SyntheticCXR("train", num_samples=8, image_size=64)
     for text_model in ("tiny", "bert-base"):
