@@ -1,8 +1,8 @@
 #!/bin/sh
 # The five methods side by side under one budget, and each paper's claim on the same seeds and budget.
 #
-#   sh tests/compare.sh [RESULTS]          # the table: 5 methods + LRCLR's base, 3 seeds, seg + det, ~1 h on 2 cores
-#   CLAIMS=1 sh tests/compare.sh [RESULTS] # also the ablation runs of each paper's claim (judged by eval_seg only)
+#   sh tests/compare.sh [RESULTS]          # the table: 5 methods + LRCLR's base, 3 seeds, seg + det, ~90 min, 2 cores
+#   CLAIMS=1 sh tests/compare.sh [RESULTS] # also the ablation runs of each paper's claim (judged by eval_seg only), ~65 min more
 #   METHODS="lovt place" SEEDS=1 ...       # a part (the table is built from whatever RESULTS holds)
 #   DATA=synthetic-faint sh tests/compare.sh runs/compare-faint   # the harder setting: the findings at 0.4 contrast
 #
