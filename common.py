@@ -342,7 +342,6 @@ def pool_sentences(token_states: torch.Tensor, sentence_index: torch.Tensor, num
     return out[:, :S]
 
 
-
 # Word pieces -> words (GLoRIA's and MGCA's text side): a BERT's word-piece states summed per word, vectorised.
 def word_tables(tokenizer, punctuation=False):
     """-> (starts, continues): bool per vocabulary id. A word starts at a piece that is neither special nor a '##'
@@ -381,6 +380,7 @@ def report_words(ids, index, tokenizer):
         if w >= 0:
             words[w] = words.get(w, "") + token.removeprefix("##")
     return [words[w] for w in sorted(words)]
+
 
 # ================================================================================================================
 # 2. Heads
