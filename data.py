@@ -18,7 +18,8 @@ Sections, in file order:
   3. MIMIC-CXR                      the MIT-LCP section parser, the prepare-mimic cache (resumable, validated),
                                     MimicCXR
   4. CSV pairs                      CsvPairs (image path + report: IU X-ray, CheXpert Plus, own data; every row
-                                    checked up front); make_dataset, the entry point the methods call; report_texts
+                                    checked up front); make_dataset, the entry point the methods call;
+                                    check_data_root; report_texts
   5. Augmentation and batching      BatchAugment (on the training device), collate, build_tokenizer,
                                     report_tokenizer
   6. Downstream readers             read_records, load_record, split_records, take_fraction: RSNA, SIIM, COVID
@@ -573,11 +574,13 @@ class SyntheticCXR(Dataset):
         findings = {SYNTH_FINDINGS[t]: {} for t in present}
         film = draw_anatomy(rng, self.image_size, enlarged_heart="cardiomegaly" in findings)
         masks = np.zeros((len(SYNTH_FINDINGS), self.image_size, self.image_size), bool)
-        normal_dense, normal_lucent = film.dense.copy(), film.lucent.copy()
+        faint = self.finding_contrast != 1.0  # fainter findings: same scene, masks and report (no random draw)
+        if faint:
+            normal_dense, normal_lucent = film.dense.copy(), film.lucent.copy()
         for name, finding in findings.items():
             finding["side"] = int(rng.integers(2))
             masks[SYNTH_FINDINGS.index(name)] = DRAW_FINDING[name](rng, film, finding)
-        if self.finding_contrast != 1.0:  # fainter findings: same scene, masks and report (no random draw here)
+        if faint:
             film.dense = normal_dense + self.finding_contrast * (film.dense - normal_dense)
             film.lucent = normal_lucent + self.finding_contrast * (film.lucent - normal_lucent)
         pixels = expose(rng, film, self.image_size)
@@ -1219,6 +1222,12 @@ def make_dataset(name, root=None, split="train", image_size=224, train=True, see
     raise ValueError(f"unknown dataset {name!r}: use 'synthetic', 'synthetic-faint', 'mimic' or 'csv'")
 
 
+def check_data_root(name, root):
+    """Stop with a clear message when a dataset that lives on disk (mimic, csv) is named without its root."""
+    if name not in SYNTHETIC_CONTRAST and not root:
+        raise SystemExit(f"--data {name} needs --data-root (mimic: the `python data.py prepare-mimic` cache)")
+
+
 # ==== 5. Augmentation and batching: BatchAugment on the training device, collate, tokenizer =========================
 class BatchAugment(torch.nn.Module):
     """LoVT's training augmentation (the defaults of philip-mueller/lovt:src/models/image/scan_transforms.py:
@@ -1433,7 +1442,6 @@ def build_tokenizer(texts, min_freq=1):
     return _bert_tokenizer(list(_SPECIAL_TOKENS) + words)
 
 
-
 def report_tokenizer(text_model, train_set):
     """The tokenizer a run's text encoder reads: for the suite's random-init encoders ("tiny", "bert-base") a
     word-level vocabulary of the training reports (build_tokenizer), else the pretrained model's own tokenizer
@@ -1446,6 +1454,7 @@ def report_tokenizer(text_model, train_set):
     except OSError as e:
         raise SystemExit(f"Could not load the tokenizer of {text_model} ({e}). Without internet pass a local "
                          f"save_pretrained folder, or --text-model tiny.")
+
 
 # ==== 6. Downstream datasets (segmentation / detection) =============================================================
 # Readers for RSNA, SIIM, COVID rural, Object-CXR, NIH, a plain folder and the synthetic set, each after LoVT's

@@ -542,8 +542,7 @@ class Reports(torch.utils.data.Dataset):
 def datasets(args, out):
     """Training pairs, their reports alone (Reports, for the MLM steps), validation and test pairs, the classifier's
     training images, and the word-level tokenizer of the training reports (kept in the run folder for --resume)."""
-    if args.data not in data.SYNTHETIC_CONTRAST and not args.data_root:
-        raise SystemExit(f"--data {args.data} needs --data-root (mimic: the `python data.py prepare-mimic` cache)")
+    data.check_data_root(args.data, args.data_root)
 
     def dataset(split, train, num_samples):
         return data.make_dataset(args.data, args.data_root, split, args.image_size, train,

@@ -319,8 +319,7 @@ def random_sentence_swaps(sentences, p=0.6, rng=random):
 def datasets(args):
     """Training set (the un-augmented view: BatchAugment runs on the device; LoVT_30 keeps the first 30 % of the
     studies), validation and test sets (evaluation views), the training statistics (mean, std) and the tokenizer."""
-    if args.data not in data.SYNTHETIC_CONTRAST and not args.data_root:
-        raise SystemExit(f"--data {args.data} needs --data-root (mimic: the `python data.py prepare-mimic` cache)")
+    data.check_data_root(args.data, args.data_root)
 
     def dataset(split, num_samples):
         return data.make_dataset(args.data, args.data_root, split, args.image_size, train=split == "train",

@@ -406,8 +406,7 @@ def param_groups(model, args):
 
 
 def datasets(args):
-    if args.data not in data.SYNTHETIC_CONTRAST and not args.data_root:
-        raise SystemExit(f"--data {args.data} needs --data-root (mimic: the `python data.py prepare-mimic` cache)")
+    data.check_data_root(args.data, args.data_root)
 
     def dataset(split, num_samples):
         return data.make_dataset(args.data, args.data_root, split, args.image_size, train=split == "train",

@@ -408,8 +408,7 @@ class PLACE(nn.Module):
 def datasets(args):
     """Training, validation and test sets (MGCA's only augmentation is a random crop, which the cache's square
     frames make moot: the CCE mask is the corruption), the training statistics (mean, std) and the tokenizer."""
-    if args.data not in data.SYNTHETIC_CONTRAST and not args.data_root:
-        raise SystemExit(f"--data {args.data} needs --data-root (mimic: the `python data.py prepare-mimic` cache)")
+    data.check_data_root(args.data, args.data_root)
 
     def dataset(split, num_samples):
         return data.make_dataset(args.data, args.data_root, split, args.image_size, train=split == "train",

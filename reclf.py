@@ -356,9 +356,7 @@ class RECLF(nn.Module):
         super().__init__()
         self.args = args
         self.image_encoder = common.ImageEncoder(args.image_arch, args.image_weights)
-        bert_base = dict(hidden_size=768, num_layers=12, num_heads=12, intermediate_size=3072)  # = Bio_ClinicalBERT
-        self.text_encoder = common.TextEncoder("tiny" if args.text_model == "bert-base" else args.text_model,
-                                               tokenizer, **(bert_base if args.text_model == "bert-base" else {}))
+        self.text_encoder = common.TextEncoder(args.text_model, tokenizer)
         dim, channels = self.text_encoder.out_dim, self.image_encoder.stage_channels
         self.local_proj = nn.Conv2d(channels[3], dim, 1, bias=False)  # as GLoRIA: layer3 -> the sub-regions
         self.global_proj = nn.Linear(channels[4], dim)
@@ -436,8 +434,7 @@ class RECLF(nn.Module):
 # ==== TRAINING: data, loop, evaluation ====
 def datasets(args):
     """Training, validation and test sets, the training statistics (mean, std) and the tokenizer."""
-    if args.data not in data.SYNTHETIC_CONTRAST and not args.data_root:
-        raise SystemExit(f"--data {args.data} needs --data-root (mimic: the `python data.py prepare-mimic` cache)")
+    data.check_data_root(args.data, args.data_root)
 
     def dataset(split, num_samples):
         return data.make_dataset(args.data, args.data_root, split, args.image_size, train=split == "train",
@@ -541,11 +538,10 @@ FUNCTION_WORDS = {"the", "a", "an", "is", "are", "of", "and", "or", "in", "at", 
 
 @torch.no_grad()
 def explain(model, batch, i):
-    """For pair (image i, report i): its words, alpha T x R, grid, SRM adjacencies [K x K] and IRM weights K."""
+    """For pair (image i, report i): alpha T x R (word -> region), grid, SRM adjacencies [K x K] and IRM weights K."""
     b = {k: v[i:i + 1] if torch.is_tensor(v) else v[i:i + 1] for k, v in batch.items()}
     regions, img_g, grid = model.image_features(b["images"])
     words, mask, txt_g = model.text_features(b)
-    index = model.word_index(b["input_ids"])
     out = model.relation.relate(*map(common.fp32, (regions, img_g, words)), mask, common.fp32(txt_g))
     return dict(alpha=out["alpha"][0, 0], grid=grid, edges=[A[0] for A in out["edges"]],
                 weights=None if out["weights"] is None else out["weights"][0])

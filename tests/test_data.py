@@ -187,6 +187,15 @@ def test_synthetic_faint_same_scenes_findings_at_0_4_contrast():
     want = data.make_dataset("synthetic-faint", split=split, image_size=64, num_samples=rec["synthetic"][2])
     assert (data.load_record(rec, 64)["image"] == want.render(index)["pixels"]).all()
 
+
+def test_check_data_root_names_the_missing_root():
+    for name in ("mimic", "csv"):
+        with pytest.raises(SystemExit, match=f"--data {name} needs --data-root"):
+            data.check_data_root(name, "")
+    data.check_data_root("mimic", "cache/mimic256")
+    for name in data.SYNTHETIC_CONTRAST:  # generated: no root needed
+        data.check_data_root(name, "")
+
 def test_report_tokenizer_random_init_vocab_and_offline_message(tmp_path):
     ds = data.SyntheticCXR("train", num_samples=8, image_size=64)
     for text_model in ("tiny", "bert-base"):
