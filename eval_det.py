@@ -115,20 +115,24 @@ def average_precision(preds, gts, c, iou_threshold):
     scores, hits = [], []
     for (boxes, s), g in zip(_class_view(preds, c, scores=True), gt):
         order = np.argsort(-s, kind="stable")
-        iou = box_iou(boxes[order], g)
-        taken = np.zeros(len(g), bool)
-        for i in range(len(order)):  # greedy by score: the best free ground truth above the threshold
-            cand = np.where(taken, -1.0, iou[i]) if len(g) else np.zeros(0)
-            j = int(np.argmax(cand)) if len(cand) else -1
-            hit = j >= 0 and cand[j] >= iou_threshold
-            if hit:
-                taken[j] = True
-            hits.append(hit)
-        scores.extend(s[order].tolist())
-    if not scores:
+        hit = np.zeros(len(order), bool)  # without ground truth in the image every prediction is a miss
+        if len(g):
+            iou = box_iou(boxes[order], g)
+            taken = np.zeros(len(g), bool)
+            for i in range(len(order)):  # greedy by score: the best free ground truth above the threshold
+                if taken.all():
+                    break  # every ground truth is matched: the rest are misses
+                cand = np.where(taken, -1.0, iou[i])
+                j = int(np.argmax(cand))
+                if cand[j] >= iou_threshold:
+                    taken[j] = hit[i] = True
+        hits.append(hit)
+        scores.append(s[order])
+    scores, hits = np.concatenate(scores), np.concatenate(hits)
+    if not len(scores):
         return 0.0
-    order = np.argsort(-np.asarray(scores), kind="stable")  # all predictions of the class, by score
-    tp = np.cumsum(np.asarray(hits)[order])
+    order = np.argsort(-scores, kind="stable")  # all predictions of the class, by score
+    tp = np.cumsum(hits[order])
     recall = tp / n_gt
     precision = tp / np.arange(1, len(tp) + 1)
     envelope = np.maximum.accumulate(precision[::-1])[::-1]  # best precision at this recall or beyond

@@ -1,18 +1,22 @@
 #!/bin/sh
 # The five methods side by side under one budget, and each paper's claim on the same seeds and budget.
 #
-#   sh tests/compare.sh [RESULTS]          # the table: 5 methods + LRCLR's base, 3 seeds, seg + det, ~90 min, 2 cores
-#   CLAIMS=1 sh tests/compare.sh [RESULTS] # also the ablation runs of each paper's claim (judged by eval_seg only), ~65 min more
+#   sh tests/compare.sh [RESULTS]          # the table: 5 methods + LRCLR's base, 3 seeds, seg + det, ~1 h, 2 cores
+#   CLAIMS=1 sh tests/compare.sh [RESULTS] # also the ablation runs of each paper's claim (judged by eval_seg only)
 #   METHODS="lovt place" SEEDS=1 ...       # a part (the table is built from whatever RESULTS holds)
 #   DATA=synthetic-faint sh tests/compare.sh runs/compare-faint   # the harder setting: the findings at 0.4 contrast
+#   JOBS=1 ...                             # one job at a time on all cores (the default runs JOBS=2 at once)
 #
 # Every method trains its demo preset on the same synthetic training set (the first $PAIRS generated pairs, seed 0),
 # at 128 px, for one pass over it (PAIRS images seen; LRCLR's second stage adds its 20 fine-tuning steps of 32), and
 # is evaluated on the same 300 test pairs; --seed 1, 2, 3. Each export is judged by eval_seg.py (linear head, frozen,
 # 40 epochs) and eval_det.py (FCOS, frozen, 15 epochs), each with a 2-value --lr-grid (one harness seed per
-# pre-training seed), and so are random-init ResNet-18 and tiny-ViT encoders (3 harness seeds). A finished step is
-# skipped and a killed pre-training resumes from its checkpoint, so a killed run continues where it stopped. Prints
-# the table (tests/compare_table.py) and writes RESULTS/table.md.
+# pre-training seed), and so are random-init ResNet-18 and tiny-ViT encoders (3 harness seeds).
+# The work is cut into independent jobs (one pre-training and its judging; the random encoders' seg; their det), run
+# JOBS at a time with cores/JOBS threads each, longest first: the small models of the demo presets use one core
+# much better than two (two one-thread jobs finish in about 0.7 of the time of one two-thread job after another).
+# A finished step is skipped and a killed pre-training resumes from its checkpoint, so a killed run continues where
+# it stopped. Prints the table (tests/compare_table.py) and writes RESULTS/table.md.
 # Smoke test of the script itself: PAIRS=64 SEEDS=1 EXTRA="--max-steps 2 --eval-samples 100"
 #   HARNESS="--synthetic-samples 40 --epochs 1" sh tests/compare.sh /tmp/compare-smoke
 set -e
@@ -26,6 +30,7 @@ DET_LRS=${DET_LRS:-"3e-3 1e-3"}
 BUDGET="--preset demo --data $DATA --train-samples $PAIRS --eval-samples 300 --image-size 128 --epochs 1 --viz 0 ${EXTRA:-}"
 HARNESS="--dataset $DATA ${HARNESS:-}"
 METHODS=${METHODS:-"lovt joimternet lrclr reclf place"}
+JOBS=${JOBS:-2}
 
 # pretrain NAME SEED METHOD FLAGS...: one pre-training into RESULTS/seedS/NAME (time.txt: the whole process's
 # user, system and wall seconds; the table's CPU seconds are the training loop's, from metrics.csv)
@@ -55,50 +60,69 @@ judge() {
   fi
 }
 
-mkdir -p "$ROOT/random"
-if [ ! -f "$ROOT/random/seg.json" ]; then
-  python eval_seg.py --encoder random:resnet18 --encoder random:vit_tiny $HARNESS --head linear --seeds 3 \
-    --epochs $SEG_EPOCHS --lr-grid $SEG_LRS --out "$ROOT/random/seg" > "$ROOT/random/seg.log" 2>&1
+# The jobs, one per line (sh tests/compare.sh RESULTS --job ... runs one):
+# run SEED NAME METHOD FLAGS...: pre-train, then judge segmentation and detection
+run() { seed=$1 name=$2; shift 2; pretrain "$name" "$seed" "$@"; judge "$name" "$seed" det; }
+# ablation SEED NAME METHOD FLAGS...: pre-train, then judge segmentation only (what the claims are about)
+ablation() { seed=$1 name=$2; shift 2; pretrain "$name" "$seed" "$@"; judge "$name" "$seed"; }
+# LRCLR is a second stage on a CLIP-style base: the base is a row of its own (its zero-shot claim)
+lrclr() {
+  run "$1" lrclr-base lrclr --stage base
+  run "$1" lrclr lrclr --stage lrclr --init "$ROOT/seed$1/lrclr-base"
+}
+random() {  # random seg|det: the random-init encoders, 3 harness seeds
+  [ -f "$ROOT/random/$1.json" ] && return 0
+  mkdir -p "$ROOT/random"
+  if [ "$1" = seg ]; then
+    python eval_seg.py --encoder random:resnet18 --encoder random:vit_tiny $HARNESS --head linear --seeds 3 \
+      --epochs $SEG_EPOCHS --lr-grid $SEG_LRS --out "$ROOT/random/seg" > "$ROOT/random/seg.log" 2>&1
+  else
+    python eval_det.py --encoder random:resnet18 --encoder random:vit_tiny $HARNESS --seeds 3 --lr-grid $DET_LRS \
+      --out "$ROOT/random/det" > "$ROOT/random/det.log" 2>&1
+  fi || { tail -20 "$ROOT/random/$1.log"; exit 1; }
+  echo "random-init encoders: $1 judged"
+}
+if [ "${2:-}" = --job ]; then
+  shift 2
+  "$@"
+  exit
 fi
 
-# run NAME SEED METHOD FLAGS...: pre-train, then judge (segmentation and detection)
-run() { pretrain "$@"; judge "$1" "$2" det; }
-for seed in $SEEDS; do
-  for method in $METHODS; do
-    case $method in
-      # LRCLR is a second stage on a CLIP-style base: the base is a row of its own (its zero-shot claim)
-      lrclr) run lrclr-base "$seed" lrclr --stage base
-             run lrclr "$seed" lrclr --stage lrclr --init "$ROOT/seed$seed/lrclr-base" ;;
-      *) run "$method" "$seed" "$method" ;;
-    esac
-  done
-done
-
-if [ ! -f "$ROOT/random/det.json" ]; then
-  python eval_det.py --encoder random:resnet18 --encoder random:vit_tiny $HARNESS --seeds 3 --lr-grid $DET_LRS \
-    --out "$ROOT/random/det" > "$ROOT/random/det.log" 2>&1
-fi
-echo "random-init encoders judged"
-
-# ablation NAME SEED METHOD FLAGS...: pre-train, then judge segmentation only (what the claims are about)
-ablation() { pretrain "$@"; judge "$1" "$2"; }
-if [ -n "${CLAIMS:-}" ]; then
+# longest first (random det, then the slowest pre-trainings), so that the last jobs to start are short
+jobs() {
+  echo random det
+  echo random seg
   for seed in $SEEDS; do
-    for method in $METHODS; do
+    for method in reclf lovt lrclr place joimternet; do
+      case " $METHODS " in *" $method "*) ;; *) continue ;; esac
       case $method in
-        lovt) ablation lovt-no-local "$seed" lovt --no-local
-              ablation lovt-no-smoothing "$seed" lovt --no-spatial-smoothing
-              ablation lovt-uniform-weights "$seed" lovt --uniform-weights ;;
-        joimternet) ablation joimternet-no-local "$seed" joimternet --no-local ;;
-        reclf) ablation reclf-gloria "$seed" reclf --srm none --irm off
-               ablation reclf-srm "$seed" reclf --srm graph --irm off
-               ablation reclf-irm "$seed" reclf --srm none --irm on ;;
-        place) ablation place-ita-tca "$seed" place --no-pcma --no-cce
-               ablation place-no-cce "$seed" place --no-cce
-               ablation place-no-pcma "$seed" place --no-pcma ;;
+        lrclr) echo lrclr "$seed" ;;
+        *) echo run "$seed" "$method" "$method" ;;
       esac
     done
   done
-fi
-
+  [ -z "${CLAIMS:-}" ] && return 0
+  for seed in $SEEDS; do
+    for method in $METHODS; do
+      case $method in
+        lovt) echo ablation "$seed" lovt-no-local lovt --no-local
+              echo ablation "$seed" lovt-no-smoothing lovt --no-spatial-smoothing
+              echo ablation "$seed" lovt-uniform-weights lovt --uniform-weights ;;
+        joimternet) echo ablation "$seed" joimternet-no-local joimternet --no-local ;;
+        reclf) echo ablation "$seed" reclf-gloria reclf --srm none --irm off
+               echo ablation "$seed" reclf-srm reclf --srm graph --irm off
+               echo ablation "$seed" reclf-irm reclf --srm none --irm on ;;
+        place) echo ablation "$seed" place-ita-tca place --no-pcma --no-cce
+               echo ablation "$seed" place-no-cce place --no-cce
+               echo ablation "$seed" place-no-pcma place --no-pcma ;;
+      esac
+    done
+  done
+}
+cores=$(nproc)
+OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( cores / JOBS > 1 ? cores / JOBS : 1 ))}
+export OMP_NUM_THREADS
+start=$(date +%s)
+jobs | xargs -P "$JOBS" -L 1 sh "$0" "$ROOT" --job
+echo "all jobs done in $(( $(date +%s) - start )) s wall ($JOBS at a time, OMP_NUM_THREADS=$OMP_NUM_THREADS)"
 python tests/compare_table.py "$ROOT" --out "$ROOT/table.md"
