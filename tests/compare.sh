@@ -1,8 +1,8 @@
 #!/bin/sh
 # The five methods side by side under one budget, and each paper's claim on the same seeds and budget.
 #
-#   sh tests/compare.sh [RESULTS]          # the table: 5 methods + LRCLR's base, 3 seeds, seg + det, ~1 h, 2 cores
-#   CLAIMS=1 sh tests/compare.sh [RESULTS] # also the ablation runs of each paper's claim (judged by eval_seg only)
+#   sh tests/compare.sh [RESULTS]          # the table: 5 methods + LRCLR's base, 3 seeds, seg + det, 30-45 min, 2 cores
+#   CLAIMS=1 sh tests/compare.sh [RESULTS] # also each paper's ablations (judged by eval_seg only): +30 min
 #   METHODS="lovt place" SEEDS=1 ...       # a part (the table is built from whatever RESULTS holds)
 #   DATA=synthetic-faint sh tests/compare.sh runs/compare-faint   # the harder setting: the findings at 0.4 contrast
 #   JOBS=1 ...                             # one job at a time on all cores (the default runs JOBS=2 at once)
@@ -25,7 +25,7 @@ SEEDS=${SEEDS:-"1 2 3"}
 PAIRS=${PAIRS:-2000}
 DATA=${DATA:-synthetic}
 SEG_LRS=${SEG_LRS:-"1e-2 3e-3"}
-SEG_EPOCHS=${SEG_EPOCHS:-40}  # eval_seg's default is 100 (with early stopping): 40 fits the hour
+SEG_EPOCHS=${SEG_EPOCHS:-40}  # eval_seg's default is 100 (with early stopping): 40 fits the hour with CLAIMS=1
 DET_LRS=${DET_LRS:-"3e-3 1e-3"}
 BUDGET="--preset demo --data $DATA --train-samples $PAIRS --eval-samples 300 --image-size 128 --epochs 1 --viz 0 ${EXTRA:-}"
 HARNESS="--dataset $DATA ${HARNESS:-}"
