@@ -661,11 +661,14 @@ def precision_at_k(sim, query_labels, gallery_labels, ks=(1, 5, 10)) -> dict:
 
 def bootstrap_ci(metric, *arrays, n: int = 1000, seed: int = 0, alpha: float = 0.05) -> tuple[float, float]:
     """Percentile bootstrap (1 - alpha) interval of metric(*arrays) over resampled rows (1,000 resamples, as
-    CheXzero reports its intervals). Resamples where the metric is nan (e.g. a class absent) are skipped."""
+    CheXzero reports its intervals). Resamples where the metric is nan (e.g. a class absent) are skipped; nan, nan
+    if every one is (a class absent from the whole test set)."""
     arrays = [_numpy(a) for a in arrays]
     rng = np.random.default_rng(seed)
     values = [metric(*[a[idx] for a in arrays]) for idx in rng.integers(0, len(arrays[0]), (n, len(arrays[0])))]
     values = np.asarray(values, dtype=np.float64)
+    if np.isnan(values).all():
+        return float("nan"), float("nan")
     low, high = np.nanpercentile(values, [100 * alpha / 2, 100 * (1 - alpha / 2)])
     return float(low), float(high)
 

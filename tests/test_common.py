@@ -7,6 +7,7 @@ import random
 import socket
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from functools import partial
 from typing import Literal, Optional
@@ -339,6 +340,10 @@ def test_precision_at_k_and_bootstrap():
     assert low == high == 1.0
     low, high = C.bootstrap_ci(C.roc_auc, np.random.default_rng(0).random(40), targets, n=200)
     assert 0 <= low < 0.5 < high <= 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no numpy All-NaN warning: a class absent from the test set is nan, quietly
+        low, high = C.bootstrap_ci(C.roc_auc, scores, np.zeros(40), n=20)
+    assert np.isnan(low) and np.isnan(high)
 
 
 def test_zero_shot_auc_pair_prompts():
