@@ -128,9 +128,9 @@ def average_precision(preds, gts, c, iou_threshold):
                     taken[j] = hit[i] = True
         hits.append(hit)
         scores.append(s[order])
+    if not any(len(s) for s in scores):
+        return 0.0  # no prediction of the class in any image
     scores, hits = np.concatenate(scores), np.concatenate(hits)
-    if not len(scores):
-        return 0.0
     order = np.argsort(-scores, kind="stable")  # all predictions of the class, by score
     tp = np.cumsum(hits[order])
     recall = tp / n_gt
