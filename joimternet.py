@@ -279,13 +279,17 @@ def triplet_terms(v, e, V, E, M, pos, neg, gamma1, gamma2, margin_sent, margin_w
     global t2i, local i2t, local t2i), each a mean over anchors; local=False returns the two global terms only and
     never computes the word-region scores. quirk=True: the negative report's words are cut/padded to the anchor's
     length L_b (the code's words_triplet_loss), else each report keeps its own mask."""
+    # rows by index_select, not x[idx]: the backward of advanced indexing accumulates the repeated negatives with
+    # atomic adds on a multi-threaded CPU, so two runs differed in the last bits (and then everywhere); this one's
+    # backward (index_add) is sequential and bitwise reproducible
+    rows = lambda x, idx: x.index_select(0, idx)
     d = lambda x, y: 1 - common.cosine(common.fp32(x), common.fp32(y))
-    g_i2t = F.relu(d(v[pos], e[pos]) - d(v[pos], e[neg]) + margin_sent).mean()
-    g_t2i = F.relu(d(e[pos], v[pos]) - d(e[pos], v[neg]) + margin_sent).mean()
+    g_i2t = F.relu(d(rows(v, pos), rows(e, pos)) - d(rows(v, pos), rows(e, neg)) + margin_sent).mean()
+    g_t2i = F.relu(d(rows(e, pos), rows(v, pos)) - d(rows(e, pos), rows(v, neg)) + margin_sent).mean()
     if not local:
         return g_i2t, g_t2i
     V, E = common.fp32(V), common.fp32(E)
-    R = lambda i, j, mask: common.word_region_score(V[i], E[j], mask, gamma1, gamma2)   # aligned pairs -> P
+    R = lambda i, j, mask: common.word_region_score(rows(V, i), rows(E, j), mask, gamma1, gamma2)
     anchor_len = M[pos].sum(1, keepdim=True)
     neg_mask = torch.arange(M.shape[1], device=M.device) < anchor_len if quirk else M[neg]
     r_pos = R(pos, pos, M[pos])
