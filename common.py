@@ -31,9 +31,10 @@ import random
 import sys
 import tempfile
 import time
+import traceback
 import types
 import typing
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -281,12 +282,16 @@ class TextEncoder(nn.Module):
         "emilyalsentzer/Bio_ClinicalBERT" or a save_pretrained folder).
     freeze_layers: k freezes the embeddings and the first k encoder layers (requires_grad False; LoVT: k = 6).
         Their dropout stays active in train mode, as in LoVT. Pass only trainable parameters to the optimizer.
+    attn_implementation: "eager" for attention maps (output_attentions=True, MGCA's [CLS] weights); None: the
+        transformers default. Given at construction, which every transformers release since 4.36 accepts.
     """
 
     def __init__(self, name_or_path: str = "tiny", tokenizer=None, freeze_layers: int = 0, hidden_size: int = 128,
-                 num_layers: int = 2, num_heads: int = 4, intermediate_size: int = 512):
+                 num_layers: int = 2, num_heads: int = 4, intermediate_size: int = 512,
+                 attn_implementation: str | None = None):
         super().__init__()
         from transformers import BertConfig, BertModel
+        attention = {} if attn_implementation is None else dict(attn_implementation=attn_implementation)
         if name_or_path == "bert-base":
             name_or_path, hidden_size, num_layers, num_heads, intermediate_size = "tiny", 768, 12, 12, 3072
         if name_or_path == "tiny":
@@ -294,11 +299,11 @@ class TextEncoder(nn.Module):
                 raise ValueError("a random-init BERT needs the tokenizer (for its vocabulary size and [PAD] id)")
             config = BertConfig(vocab_size=len(tokenizer), hidden_size=hidden_size, num_hidden_layers=num_layers,
                                 num_attention_heads=num_heads, intermediate_size=intermediate_size,
-                                max_position_embeddings=512, pad_token_id=tokenizer.pad_token_id)
+                                max_position_embeddings=512, pad_token_id=tokenizer.pad_token_id, **attention)
             self.bert = BertModel(config, add_pooling_layer=False)
         else:
             try:
-                self.bert = BertModel.from_pretrained(name_or_path, add_pooling_layer=False)
+                self.bert = BertModel.from_pretrained(name_or_path, add_pooling_layer=False, **attention)
             except (OSError, ValueError) as e:
                 _fail(f"Could not load the BERT model '{name_or_path}' ({type(e).__name__}: {str(e)[:300]}). "
                       f"Without internet, pass a local folder written by save_pretrained (copy the model from a "
@@ -311,8 +316,8 @@ class TextEncoder(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, sum_last: int = 1) -> torch.Tensor:
         """input_ids, attention_mask B x L -> token states B x L x D: the last layer, or the sum of the last
-        `sum_last` layers (GLoRIA/RECLF use 4). For attention maps (MGCA's [CLS] weights) switch to the eager kernel,
-        self.bert.set_attn_implementation("eager"), and call self.bert(..., output_attentions=True)."""
+        `sum_last` layers (GLoRIA/RECLF use 4). For attention maps (MGCA's [CLS] weights) build the encoder with
+        attn_implementation="eager" and call self.bert(..., output_attentions=True)."""
         out = self.bert(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=sum_last > 1)
         if sum_last == 1:
             return out.last_hidden_state
@@ -365,12 +370,14 @@ def word_index(input_ids, starts, continues, max_words):
 
 def sum_pieces(token_states, index):
     """token states B x L x D, word index B x L -> words B x T x D (GLoRIA and MGCA: the sum of their pieces),
-    word mask B x T."""
+    word mask B x T. A report without a word (every token special, unknown or beyond the cap; real reports against
+    a vocabulary of other reports) keeps one empty word, a zero vector marked valid, so that attention over its
+    words and its local scores are defined (a similarity of 0) instead of nan (our choice)."""
     B, L, D = token_states.shape
     T = max(int(index.max()) + 1, 1)
     slot = torch.where(index >= 0, index, T)  # non-words go to a dropped extra slot
     words = token_states.new_zeros(B, T + 1, D).scatter_add(1, slot[..., None].expand(B, L, D), token_states)
-    return words[:, :T], torch.arange(T, device=index.device) < (index.max(1).values + 1)[:, None]
+    return words[:, :T], torch.arange(T, device=index.device) < (index.max(1).values + 1).clamp_min(1)[:, None]
 
 
 def report_words(ids, index, tokenizer):
@@ -812,7 +819,10 @@ def setup_distributed(device: str | None = None) -> Dist:
 
 
 def cleanup_distributed():
+    """End the process group after a barrier (every rank calls it). What a run does after it (export, evaluation,
+    pictures) runs on rank 0 alone and reaches no collective: a gather there would wait for ranks that have left."""
     if dist.is_available() and dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
 
 
@@ -822,13 +832,34 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
-def micro_batches_per_step(accum: int, world_size: int) -> int:
-    """--accum is the accumulation of the whole job: each of the world_size processes does accum / world_size
-    micro-batches per optimizer step, so the recipe's pairs per step do not depend on the number of GPUs."""
-    if accum % world_size:
-        raise SystemExit(f"--accum {accum} (micro-batches per optimizer step, whole job) must be divisible by the "
-                         f"{world_size} processes")
-    return accum // world_size
+def micro_batches_per_step(accum: int, world_size: int, batch_size: int | None = None) -> int:
+    """--accum, the whole job's micro-batches per optimizer step -> this process's. Each of the world_size processes
+    does accum / world_size, so a recipe's pairs per step (batch_size x accum) are the same on 1 GPU or 8 (nanoGPT's
+    rule). accum 1 means no accumulation: one micro-batch per process on any number of processes (world_size x
+    batch_size pairs per step). Any other accum that world_size does not divide stops the run with the nearest valid
+    --accum values and, where one exists, a --batch-size / --accum pair that keeps the recipe's pairs per step."""
+    if accum == 1 or accum % world_size == 0:
+        return max(1, accum // world_size)
+    low, high = accum // world_size * world_size, -(-accum // world_size) * world_size
+    options = " or ".join(f"--accum {a}" for a in (low, high) if a > 0)
+    keep = ""
+    if batch_size:
+        pairs = batch_size * accum
+        fits = [a for a in range(world_size, pairs + 1, world_size) if pairs % a == 0]
+        if fits:
+            a = min(fits, key=lambda a: abs(a - accum))
+            keep = f", or keep its {pairs} pairs per step with --batch-size {pairs // a} --accum {a}"
+    raise SystemExit(f"--accum {accum} counts the whole job's micro-batches per optimizer step, and the {world_size} "
+                     f"processes cannot share it evenly: pass {options}{keep}.")
+
+
+def accumulation(micro: int, n_micro: int, per_step: int) -> tuple[bool, int]:
+    """Micro-batch `micro` (1-based, counted within the epoch) of the epoch's `n_micro`, `per_step` of them per
+    optimizer step -> (whether it ends an optimizer step, how many micro-batches that step has). Divide each loss by
+    the second so that a step's gradient is the mean over its micro-batches, also in an epoch's shorter last step."""
+    first = (micro - 1) // per_step * per_step
+    size = min(per_step, n_micro - first)
+    return micro - first == size, size
 
 
 def run_folder(out_dir: str, method: str, ddp: Dist, args=None) -> str:
@@ -997,6 +1028,13 @@ def load_checkpoint(path: str, map_location="cpu") -> dict:
     return torch.load(path, map_location=map_location, weights_only=True)
 
 
+def load_best(model: nn.Module, best_path: str):
+    """The best-validation checkpoint's model weights into `model`, where the run wrote one: what is exported and
+    evaluated at the end of a run (LoVT's downstream checkpoint). Without one the model stays as trained."""
+    if os.path.exists(best_path):
+        unwrap(model).load_state_dict(load_checkpoint(best_path)["model"])
+
+
 def save_training_state(path: str, stateful: dict, **progress):
     """ckpt.pt of a training run: the state_dict() of every object in `stateful` (model, optimizers, schedulers,
     scaler) under its name, the progress counters (step, epoch, ..., args) and the RNG states, written atomically."""
@@ -1041,14 +1079,16 @@ class Logger:
     perf/img_per_s (the images added) and perf/data_wait_frac over that interval, and perf/cpu_s, the process's CPU
     seconds (all threads) since the logger was made: the training loop's cost, whatever else shares the machine
     (counted from the resumed step on resume). On resume (start_step > 0) rows
-    past start_step from the killed run are dropped, then rows are appended. write(name, row) appends to another CSV
+    past start_step from the killed run are dropped, then rows are appended; `pending` (state_dict() as saved in
+    the checkpoint) restores the sums of the interval in progress, so that a resumed run logs the same means as one
+    that was never stopped, wherever the checkpoint fell between two rows. write(name, row) appends to another CSV
     (e.g. val.csv)."""
 
-    def __init__(self, run_dir: str, is_main: bool, total_steps: int, start_step: int = 0):
+    def __init__(self, run_dir: str, is_main: bool, total_steps: int, start_step: int = 0, pending: dict | None = None):
         self.run_dir, self.is_main = run_dir, is_main
         self.bar = tqdm(total=total_steps, initial=start_step, disable=not is_main, dynamic_ncols=True)
         self.path, self.wait, self.last = os.path.join(run_dir, "metrics.csv"), 0.0, time.perf_counter()
-        self.sums, self.images, self.cpu_start = {}, 0, time.process_time()
+        self.sums, self.images, self.cpu_start = dict(pending or {}), 0, time.process_time()
         if is_main and start_step > 0 and os.path.exists(self.path):
             with open(self.path, newline="") as fh:
                 rows = list(csv.reader(fh))
@@ -1065,6 +1105,10 @@ class Logger:
                 return
             self.wait += time.perf_counter() - t0
             yield batch
+
+    def state_dict(self) -> dict:
+        """The interval in progress: {term: (sum, count)} of what was added since the last row (plain numbers)."""
+        return {k: (float(total), n) for k, (total, n) in self.sums.items()}
 
     def add(self, terms: dict, images: int = 0):
         for k, v in terms.items():
@@ -1117,6 +1161,24 @@ def check_finite(loss: torch.Tensor, step: int, ckpt_path: str, terms: dict | No
         raise FloatingPointError(f"non-finite loss {float(loss)} at step {step} ({detail or 'no terms given'}). "
                                  f"The last good checkpoint is {ckpt_path}: resume from it with a lower learning "
                                  f"rate or another precision (fp32, or bf16 instead of fp16).")
+
+
+@contextmanager
+def after_training(run_dir: str):
+    """Around what follows training (evaluation, pictures), which runs once the checkpoint and the exported encoders
+    are on disk: a failure there, on something real data brings, is one message naming what is saved and how to
+    evaluate again (the same command with --resume, which trains no further), not a traceback that seems to lose
+    the run. The traceback goes to run_dir/eval_error.txt."""
+    try:
+        yield
+    except Exception as e:
+        path = os.path.join(run_dir, "eval_error.txt")
+        with open(path, "w") as f:
+            traceback.print_exc(file=f)
+        raise SystemExit(f"\nEvaluation failed after training: {type(e).__name__}: {e}\nThe trained run is saved in "
+                         f"{run_dir} (ckpt.pt, image_encoder.pt, text_encoder/); the traceback is in {path}. Once the "
+                         f"cause is fixed, run the same command with --resume --out-dir {run_dir} to evaluate it "
+                         f"again without training.\n") from e
 
 
 def bench_args(args, **overrides):

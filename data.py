@@ -1350,6 +1350,28 @@ class BatchAugment(torch.nn.Module):
         return F.conv2d(x, kernel.view(b, 1, -1, 1) / self.std, bias, groups=b).view(b, 1, s, s)
 
 
+def crop_augment(image_size, mean, std, side=7 / 8):
+    """MGCA's and GLoRIA's training augmentation, a random crop, as a BatchAugment: a random square of `side` of the
+    training view's side, resized to image_size (exactly a random 224 crop of the 256-px view; no flip, rotation,
+    jitter or blur)."""
+    return BatchAugment(image_size, mean, std, crop_scale=(side ** 2, side ** 2), ratio=(1.0, 1.0), rotation=0.0,
+                        translate=0.0, scale=(1.0, 1.0), brightness=(1.0, 1.0), contrast=(1.0, 1.0),
+                        blur_sigma=(1e-3, 1e-3))  # sigma -> 0: the blur kernel is a unit impulse
+
+
+def train_view(images, image_size, augment=None):
+    """The one rule by which every method brings the loader's training views (B x 1 x S x S: the synthetic image,
+    the CSV square at train_native_size, the MIMIC cache's square) to image_size: the method's augmentation (a
+    BatchAugment, whose crop ends at image_size), or without one the whole view resized to image_size (bilinear,
+    antialiased): the same view evaluation sees."""
+    if augment is not None:
+        return augment(images)
+    if images.shape[-1] == image_size and images.shape[-2] == image_size:
+        return images
+    return F.interpolate(images, size=(image_size, image_size), mode="bilinear", align_corners=False,
+                         antialias=True)
+
+
 # ---- tokenization and collation ------------------------------------------------------------------------------------
 def collate(samples, tokenizer, max_length=512, sentence_transform=None):
     """Batch sample dicts and tokenize the reports in LoVT's "joint" mode
@@ -1426,34 +1448,63 @@ def _bert_tokenizer(vocab):
         return BertTokenizerFast.from_pretrained(d, do_lower_case=True, model_max_length=512)
 
 
-def build_tokenizer(texts, min_freq=1):
+def build_tokenizer(texts, min_freq=1, extra_texts=()):
     """Offline word-level tokenizer from training reports: vocab.txt = [PAD]=0, [UNK]=1, [CLS]=2, [SEP]=3,
-    [MASK]=4, then every word seen >= min_freq times, most frequent first (ties alphabetical). Words are
-    what BERT's basic tokenizer yields (lower-cased, accents stripped, each punctuation mark a token), so
-    the WordPiece model never splits a known word; unknown words become [UNK]. Save it with the run through
-    tokenizer.save_pretrained(dir); AutoTokenizer.from_pretrained(dir) loads it back offline."""
+    [MASK]=4, then every word seen >= min_freq times, most frequent first (ties alphabetical), then the words of
+    `extra_texts` (the zero-shot prompts) that the reports lack, in order of appearance. Words are what BERT's basic
+    tokenizer yields (lower-cased, accents stripped, each punctuation mark a token), so the WordPiece model never
+    splits a known word; unknown words become [UNK]. Save it with the run through tokenizer.save_pretrained(dir);
+    AutoTokenizer.from_pretrained(dir) loads it back offline."""
     bootstrap = _bert_tokenizer(_SPECIAL_TOKENS).backend_tokenizer  # its normalizer + pre-tokenizer
-    counts = Counter()
-    for text in texts:
-        normalized = bootstrap.normalizer.normalize_str(text)
-        counts.update(word for word, _ in bootstrap.pre_tokenizer.pre_tokenize_str(normalized))
+
+    def words_of(text):
+        return [word for word, _ in bootstrap.pre_tokenizer.pre_tokenize_str(bootstrap.normalizer.normalize_str(text))]
+    counts = Counter(word for text in texts for word in words_of(text))
     words = sorted((w for w, c in counts.items() if c >= min_freq and w not in _SPECIAL_TOKENS),
                    key=lambda w: (-counts[w], w))
-    return _bert_tokenizer(list(_SPECIAL_TOKENS) + words)
+    known = set(words) | set(_SPECIAL_TOKENS)
+    extra = [w for w in dict.fromkeys(w for text in extra_texts for w in words_of(text)) if w not in known]
+    return _bert_tokenizer(list(_SPECIAL_TOKENS) + words + extra)
 
 
 def report_tokenizer(text_model, train_set):
     """The tokenizer a run's text encoder reads: for the suite's random-init encoders ("tiny", "bert-base") a
-    word-level vocabulary of the training reports (build_tokenizer), else the pretrained model's own tokenizer
-    (a Hub name or a local save_pretrained folder), with a clear message when it cannot be loaded offline."""
+    word-level vocabulary of the training reports and of the zero-shot prompts the run will score
+    (build_tokenizer: a prompt word real reports lack, "cardiomegaly" in a small CSV, would otherwise be [UNK]),
+    else the pretrained model's own tokenizer (a Hub name or a local save_pretrained folder), with a clear message
+    when it cannot be loaded offline."""
     if text_model in ("tiny", "bert-base"):
-        return build_tokenizer(report_texts(train_set))
+        _, phrases = zero_shot_findings(is_synthetic(train_set))
+        return build_tokenizer(report_texts(train_set), extra_texts=phrases + [f"no {p}" for p in phrases])
     from transformers import AutoTokenizer
     try:
         return AutoTokenizer.from_pretrained(text_model)
     except OSError as e:
         raise SystemExit(f"Could not load the tokenizer of {text_model} ({e}). Without internet pass a local "
                          f"save_pretrained folder, or --text-model tiny.")
+
+
+def is_synthetic(ds):
+    """Whether a dataset (or a Subset of one) is SyntheticCXR, whose evaluation scores the synthetic findings."""
+    while isinstance(ds, torch.utils.data.Subset):
+        ds = ds.dataset
+    return isinstance(ds, SyntheticCXR)
+
+
+def zero_shot_findings(synthetic):
+    """The findings a zero-shot evaluation scores and their positive prompts (the negative prompt is "no " + it,
+    CheXzero's pair): the synthetic set's five in the reports' wording, or the CheXpert findings without "No
+    Finding" (which the pair would invert). -> (names, phrases)."""
+    names = list(SYNTH_FINDINGS) if synthetic else [n.lower() for n in CHEXPERT_LABELS[1:]]
+    return names, [SYNTH_PROMPTS.get(n, n) for n in names]
+
+
+def finding_labels(batch):
+    """The labels of a collated batch in zero_shot_findings' order: synthetic samples 1 where the finding's mask is
+    non-empty, else 0; real data its CheXpert labels without "No Finding" (1 / 0, -1 uncertain, nan unknown)."""
+    if "masks" in batch:
+        return torch.stack([m.flatten(1).any(1) for m in batch["masks"]]).float()
+    return batch["labels"][:, 1:]
 
 
 # ==== 6. Downstream datasets (segmentation / detection) =============================================================

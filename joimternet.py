@@ -61,7 +61,9 @@ Deviations and choices (all "our choice" unless said otherwise):
     to the longest report of any rank before the BERT, so the gathered word states have one length and
     --triplet-quirk reads the pad-position states of other ranks' reports, exactly as one process would.
   - Same-study masking of off-diagonal logits is omitted: every study appears once per batch.
-  - ckpt.pt at epoch ends (and at --max-steps); StepLR per epoch as in the code. bf16 autocast on GPU, losses fp32.
+  - ckpt.pt every --ckpt-every steps, at epoch ends and at the end; --resume continues mid-epoch where the run
+    stopped (both data streams' places, the task RNG and the logger's interval are in it). StepLR per epoch as in
+    the code. bf16 autocast on GPU, losses fp32.
   - Validation as the code's (means over batches of the matching terms and the MLM loss / accuracy); a batch of one
     pair (a split of 1 mod the batch size) has no negative, so its triplet terms are left out.
   - Retrieval: the authors' notebook (JoImTeR/TestingR1k.ipynb) builds its TextEncoder with the default pool='avg',
@@ -103,7 +105,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader
 from transformers import BertConfig, BertModel, PreTrainedTokenizerFast
 
 import common
@@ -129,6 +131,7 @@ class Args:
     device: str = arg("", "cuda | cpu (default: cuda if available)")
     precision: Literal["auto", "bf16", "fp16", "fp32"] = arg("auto", "auto: bf16/fp16 on GPU, fp32 on CPU")
     log_every: int = arg(10, "log every N ITM steps")
+    ckpt_every: int = arg(500, "write ckpt.pt every N optimizer steps, ITM and MLM (and at every epoch end)")
     bench: int = arg(0, "time N image-text steps on synthetic data (no MLM), print throughput, exit")
     # encoders
     image_size: int = arg(512, "input side (cached 512 px with stem stride 1 = the 2048 px grids)")
@@ -178,7 +181,7 @@ PRESETS = {
     # Plain views, lr 1e-3 and no lr drop: from scratch both encoders first sit on a plateau (see the docstring).
     "demo": dict(image_size=128, widths=(4, 8, 16, 32, 64, 128), dim=128, bert_layers=2, batch_size=32, epochs=5,
                  lr_drop=5, lr=1e-3, augment=False, workers=1, train_samples=2000, eval_samples=300, cls_lr=1e-3,
-                 cls_train_samples=800, p_mlm=0.5),
+                 cls_train_samples=800, p_mlm=0.5, ckpt_every=50),
 }
 
 
@@ -570,14 +573,18 @@ def collate_pairs(samples, tokenizer, max_length):
 
 
 def loaders(args, ddp, tokenizer, sets):
-    """ITM and MLM training loaders (each its own order, a function of (seed, epoch), also on one process) and the
-    evaluation loaders (validation: every rank runs all of it; test and classifier training: rank 0)."""
+    """ITM and MLM training loaders (each its own order, a function of (seed, epoch), also on one process; a
+    ResumableSampler, so a resumed run continues mid-epoch) and the evaluation loaders (validation: every rank runs
+    all of it; test and classifier training: rank 0). Each loader draws its workers' seeds from a generator of its
+    own, never from the global RNG, so when a loader starts does not change the MLM masks and dropout after it."""
     collate = functools.partial(collate_pairs, tokenizer=tokenizer, max_length=args.max_length)
 
     def loader(name, batch_size, seed=None):
-        sampler = None if seed is None else DistributedSampler(sets[name], ddp.world_size, ddp.rank, True, seed, True)
+        sampler = None if seed is None else common.ResumableSampler(sets[name], ddp.world_size, ddp.rank, True, seed,
+                                                                    True)
         return DataLoader(sets[name], batch_size, sampler=sampler, drop_last=seed is not None, collate_fn=collate,
-                          num_workers=args.workers, persistent_workers=args.workers > 0)
+                          num_workers=args.workers, persistent_workers=args.workers > 0,
+                          generator=torch.Generator().manual_seed(args.seed + ddp.rank))
     return dict(itm=loader("train", args.batch_size, args.seed), mlm=loader("reports", args.batch_size, args.seed + 1),
                 val=loader("validate", args.eval_batch_size), test=loader("test", args.eval_batch_size),
                 cls_train=loader("cls_train", args.eval_batch_size))
@@ -601,12 +608,16 @@ def validate(model, loader, tokenizer, args, device, amp):
     return {k: float(np.mean([r[k] for r in rows if k in r])) for k in keys}
 
 
-def finish(args, model, tokenizer, sets, loader, mean_std, device, amp, out, started):
-    """Export both encoders, then the trained model next to the untrained one it started from (retrieval,
-    classification, word->region maps), printed and written to eval.json."""
+def export(args, model, tokenizer, mean_std, out):
+    """Both encoders as every method exports them, and the text side's projections and MLM head."""
     common.export_encoders(out, model.image, model.text, tokenizer, *mean_std, args.image_size, "joimternet", args)
     heads = {k: v.cpu() for k, v in model.text.state_dict().items() if not k.startswith("bert.")}
-    torch.save(heads, os.path.join(out, "text_encoder", "joimternet_heads.pt"))  # projections and MLM head
+    torch.save(heads, os.path.join(out, "text_encoder", "joimternet_heads.pt"))
+
+
+def finish(args, model, tokenizer, sets, loader, mean_std, device, amp, out, started):
+    """Once the encoders are exported: the trained model next to the untrained one it started from (retrieval,
+    classification, word->region maps), printed and written to eval.json."""
     trained_in = time.time() - started
     common.seed_everything(args.seed)
     untrained = JoImTeRNet(args, len(tokenizer)).to(device)  # the same seed gives the trained model's initialisation
@@ -622,7 +633,7 @@ def finish(args, model, tokenizer, sets, loader, mean_std, device, amp, out, sta
 def main(argv=None):
     args = common.parse_args(Args, PRESETS, argv, default_preset="demo")
     if args.bench:  # N timed image-text steps (no MLM steps interleaved) after one warm-up step
-        args = common.bench_args(args, p_mlm=0.0)
+        args = common.bench_args(args, p_mlm=0.0, ckpt_every=0)
     ddp = common.setup_distributed(args.device or None)
     dev, amp, started = ddp.device, common.amp_dtype(ddp.device, args.precision), time.time()
     out = common.run_folder(args.out_dir, "joimternet", ddp, args)
@@ -641,35 +652,51 @@ def main(argv=None):
     task_rng = torch.Generator().manual_seed(args.seed + 1)  # task choice and negatives: the same on every rank
     stateful = dict(model=model, opt_img=opt_img, opt_txt=opt_txt, sched_img=sched_img, sched_txt=sched_txt,
                     scaler=scaler)
-    progress = dict(epoch=0, step=0, itm_step=0)
+    # where the two streams stand: ITM batches of this epoch, the MLM stream's own epoch and batches in it
+    progress = dict(epoch=0, step=0, itm_step=0, itm_in_epoch=0, mlm_epoch=0, mlm_in_epoch=0)
+    resumed = {}
     if args.resume:
-        task_rng.set_state(common.resume_training_state(ckpt_path, stateful, progress, ddp.rank)["task_rng"])
+        resumed = common.resume_training_state(ckpt_path, stateful, progress, ddp.rank)
+        task_rng.set_state(resumed["task_rng"])
     else:
         common.seed_everything(args.seed + ddp.rank)  # data order and augmentation differ per rank
     net = common.wrap_ddp(model, ddp, find_unused_parameters=True)  # MLM steps leave the image encoder unused
     augment = data.BatchAugment(args.image_size, *mean_std, crop_scale=(1.0, 1.0), ratio=(1.0, 1.0), rotation=15.0,
                                 translate=0.0, scale=(1.0, 1.0), brightness=(0.5, 1.8), contrast=(0.5, 1.8),
-                                blur_sigma=(1e-3, 1e-3))  # sigma -> 0: no blur (the code has none)
-    steps_per_epoch, pairs = len(loader["itm"]), args.batch_size * ddp.world_size
-    logger = common.Logger(out, ddp.is_main, args.epochs * steps_per_epoch, progress["itm_step"])
+                                blur_sigma=(1e-3, 1e-3)).to(dev) if args.augment else None  # sigma -> 0: no blur
+    steps_per_epoch, pairs = loader["itm"].sampler.num_samples // args.batch_size, args.batch_size * ddp.world_size
+    logger = common.Logger(out, ddp.is_main, args.epochs * steps_per_epoch, progress["itm_step"],
+                           resumed.get("logger"))
+
+    def save():
+        if ddp.is_main:
+            common.save_training_state(ckpt_path, stateful, task_rng=task_rng.get_state(), args=args,
+                                       logger=logger.state_dict(), **progress)
     if ddp.is_main:
         print(f"JoImTeRNet: {common.count_parameters(opt_img) / 1e6:.1f}M image + "
               f"{common.count_parameters(opt_txt) / 1e6:.1f}M text parameters, vocab {len(tokenizer)}, "
               f"{steps_per_epoch} ITM steps/epoch of {ddp.world_size} x {args.batch_size} pairs, {dev}, {amp}")
-    mlm_epoch, mlm_iter, done = progress["epoch"] - 1, iter(()), False
+
+    def mlm_batches():
+        """The MLM stream: through the training reports at its own pace, epoch after epoch, from where it stands."""
+        while True:
+            loader["mlm"].sampler.set_epoch(progress["mlm_epoch"])
+            loader["mlm"].sampler.skip = progress["mlm_in_epoch"] * args.batch_size
+            for batch in loader["mlm"]:
+                progress["mlm_in_epoch"] += 1
+                yield batch
+            progress.update(mlm_epoch=progress["mlm_epoch"] + 1, mlm_in_epoch=0)
+    mlm_stream = mlm_batches()
+    done = args.max_steps and progress["step"] >= args.max_steps  # a --resume of a finished run trains no further
     while progress["epoch"] < args.epochs and not done:
         net.train()
         loader["itm"].sampler.set_epoch(progress["epoch"])
-        itm_iter, itm_in_epoch = logger.iterate(loader["itm"]), 0
-        while itm_in_epoch < steps_per_epoch:
+        loader["itm"].sampler.skip = progress["itm_in_epoch"] * args.batch_size  # resume mid-epoch
+        itm_iter = logger.iterate(loader["itm"])
+        while progress["itm_in_epoch"] < steps_per_epoch:
             task = "mlm" if torch.rand((), generator=task_rng) < args.p_mlm else "itm"
             if task == "mlm":  # MLM step: the text encoder alone
-                batch = next(mlm_iter, None)
-                if batch is None:  # the MLM stream runs through the training reports at its own pace
-                    mlm_epoch += 1
-                    loader["mlm"].sampler.set_epoch(mlm_epoch)
-                    mlm_iter = iter(loader["mlm"])
-                    batch = next(mlm_iter)
+                batch = next(mlm_stream)
                 ids, labels = mlm_mask(batch["input_ids"], tokenizer.mask_token_id, args.mlm_prob)
                 with common.autocast(dev, amp):
                     terms = net(dict(input_ids=ids.to(dev), attention_mask=batch["attention_mask"].to(dev),
@@ -678,14 +705,14 @@ def main(argv=None):
                 logger.add({k: terms[k] for k in ("mlm", "mlm_acc")})
             else:  # ITM step: both encoders, the eight matching terms
                 batch = common.to_device(next(itm_iter), dev)
-                if args.augment:
-                    batch["images"] = augment(batch["images"])
+                batch["images"] = data.train_view(batch["images"], args.image_size, augment)
                 neg = sample_negatives(pairs, task_rng)
                 with common.autocast(dev, amp):
                     terms = net(batch, neg=neg)
                 optimizers = (opt_img, opt_txt)
                 logger.add(terms, images=pairs)
-                itm_in_epoch, progress["itm_step"] = itm_in_epoch + 1, progress["itm_step"] + 1
+                progress["itm_in_epoch"] += 1
+                progress["itm_step"] += 1
             for o in optimizers:  # zeros (the code's): AdamW keeps stepping the heads this step leaves unused
                 o.zero_grad(set_to_none=not args.step_idle_heads)
             scaler.scale(terms["loss"]).backward()
@@ -700,24 +727,30 @@ def main(argv=None):
                 common.check_finite(terms["loss"], progress["step"], ckpt_path, terms)
                 logger.log(progress["itm_step"], progress["epoch"], {"lr": opt_img.param_groups[0]["lr"],
                                                                      "loss/mlm": math.nan, "loss/mlm_acc": math.nan})
+            if args.ckpt_every and progress["step"] % args.ckpt_every == 0:
+                save()
             if args.max_steps and progress["step"] >= args.max_steps:
                 done = True
                 break
-        if args.bench:
+        if args.bench or done:
             break
-        progress["epoch"] += 1
+        progress.update(epoch=progress["epoch"] + 1, itm_in_epoch=0)
         sched_img.step(), sched_txt.step()
         val = validate(model, loader["val"], tokenizer, args, dev, amp)
         logger.write("val.csv", {"epoch": progress["epoch"], "step": progress["step"], **val})
         if ddp.is_main:
             print(f"epoch {progress['epoch']}: " + ", ".join(f"{k} {v:.4f}" for k, v in val.items()))
-            common.save_training_state(ckpt_path, stateful, task_rng=task_rng.get_state(), args=args, **progress)
+        save()
     logger.close()
-    common.cleanup_distributed()  # evaluation below runs on rank 0 alone
+    if ddp.is_main and not args.bench:  # the checkpoint and the exported encoders before any evaluation
+        save()
+        export(args, model, tokenizer, mean_std, out)
+    common.cleanup_distributed()  # from here on rank 0 alone, with no collective
     if ddp.is_main and args.bench:
         return common.print_bench(out, pairs, dev, amp)
     if ddp.is_main:
-        return finish(args, model, tokenizer, sets, loader, mean_std, dev, amp, out, started)
+        with common.after_training(out):
+            return finish(args, model, tokenizer, sets, loader, mean_std, dev, amp, out, started)
 
 
 if __name__ == "__main__":

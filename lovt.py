@@ -377,13 +377,8 @@ def evaluate(model, loader, tokenizer, device):
 
 
 def finish(args, model, tokenizer, test_loader, mean_std, device, out):
-    """The end of a run: the best-validation model (LoVT's downstream checkpoint) is exported and evaluated next to
-    the untrained model it started from (printed and written to eval.json), then the attention overlays."""
-    best_path = os.path.join(out, "best.pt")
-    if os.path.exists(best_path):
-        model.load_state_dict(common.load_checkpoint(best_path)["model"])
-    common.export_encoders(out, model.image_encoder, model.text_encoder, tokenizer, *mean_std, args.image_size,
-                           "lovt", args)
+    """The end of a run, once the best-validation model (LoVT's downstream checkpoint) is exported: it is evaluated
+    next to the untrained model it started from (printed and written to eval.json), then the attention overlays."""
     common.seed_everything(args.seed)
     initial = LoVT(args, tokenizer).to(device)  # the same initialisation the training started from
     results = {k: evaluate(m, test_loader, tokenizer, device) for k, m in (("untrained", initial), ("trained", model))}
@@ -425,14 +420,14 @@ def main(argv=None):
         args = common.bench_args(args, accum=1, ckpt_every=0)
     ddp = common.setup_distributed(args.device or None)
     dev, amp = ddp.device, common.amp_dtype(ddp.device, args.precision)
-    micro_per_step = common.micro_batches_per_step(args.accum, ddp.world_size)  # 32 x 16 pairs on 1 GPU or on 8
+    micro_per_step = common.micro_batches_per_step(args.accum, ddp.world_size, args.batch_size)  # 32 x 16 pairs on 1 GPU or 8
     out = common.run_folder(args.out_dir, "lovt", ddp, args)
     ckpt_path, best_path = os.path.join(out, "ckpt.pt"), os.path.join(out, "best.pt")
     train_set, val_set, test_set, (mean, std), tokenizer = datasets(args)
     common.seed_everything(args.seed)  # the same initial model on every rank
     model = LoVT(args, tokenizer).to(dev)
     sampler, loader, val_loader, test_loader = loaders(args, ddp, tokenizer, train_set, val_set, test_set)
-    augment = data.BatchAugment(args.image_size, mean, std).to(dev)
+    augment = data.BatchAugment(args.image_size, mean, std).to(dev) if args.augment else None
     n_micro = sampler.num_samples // args.batch_size
     steps_per_epoch = math.ceil(n_micro / micro_per_step)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], args.lr,
@@ -441,22 +436,23 @@ def main(argv=None):
     scaler = common.grad_scaler(dev, amp)
     stateful = dict(model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler)
     state = dict(step=0, epoch=0, micro=0, best_val=math.inf, bad_epochs=0)
+    resumed = {}
     if args.resume:
-        common.resume_training_state(ckpt_path, stateful, state, ddp.rank)
+        resumed = common.resume_training_state(ckpt_path, stateful, state, ddp.rank)
     else:
         common.seed_everything(args.seed + ddp.rank)  # data order, augmentation and dropout differ per rank
     net = common.wrap_ddp(model, ddp)
     def save(path=ckpt_path):
         if ddp.is_main:
-            common.save_training_state(path, stateful, args=args, **state)
+            common.save_training_state(path, stateful, args=args, logger=logger.state_dict(), **state)
     logger = common.Logger(out, ddp.is_main, min(args.max_steps or math.inf, steps_per_epoch * args.epochs),
-                           state["step"])
+                           state["step"], resumed.get("logger"))
     if ddp.is_main:
         print(f"LoVT: {common.count_parameters(optimizer) / 1e6:.1f}M trainable parameters, {dev}, {amp or torch.float32}"
-              f", {steps_per_epoch} steps of {args.batch_size * args.accum} pairs per epoch. The image-local terms "
+              f", {steps_per_epoch} steps of {args.batch_size * micro_per_step * ddp.world_size} pairs per epoch. The image-local terms "
               f"cannot fall below the entropy of their soft target (~3.1-3.9 nats on 7x7).")
 
-    stop = False
+    stop = state["step"] >= (args.max_steps or math.inf) or state["bad_epochs"] >= args.patience  # a finished run
     while state["epoch"] < args.epochs and not stop:
         sampler.set_epoch(state["epoch"])
         sampler.skip = state["micro"] * args.batch_size  # resume: the batches this epoch already trained on
@@ -464,16 +460,15 @@ def main(argv=None):
         net.train()
         for batch in logger.iterate(loader):
             state["micro"] += 1
-            last = state["micro"] % micro_per_step == 0 or state["micro"] == n_micro
+            last, share = common.accumulation(state["micro"], n_micro, micro_per_step)
             batch = common.to_device(batch, dev)
-            if args.augment:
-                batch["images"] = augment(batch["images"])
+            batch["images"] = data.train_view(batch["images"], args.image_size, augment)
             with nullcontext() if last or not ddp.distributed else net.no_sync():  # all-reduce once per step
                 with common.autocast(dev, amp):
                     terms = net(batch)
                 detached = {k: v.detach() for k, v in terms.items()}
                 common.check_finite(detached["loss"], state["step"], ckpt_path, detached)
-                scaler.scale(terms["loss"] / micro_per_step).backward()
+                scaler.scale(terms["loss"] / share).backward()
             logger.add(detached, images=args.batch_size * ddp.world_size)
             if not last:
                 continue
@@ -502,16 +497,18 @@ def main(argv=None):
             if ddp.is_main:
                 print(f"epoch {state['epoch']}: val loss {val:.4f} (best {state['best_val']:.4f})")
             stop = state["bad_epochs"] >= args.patience
-    if not args.bench:
-        save()
     logger.close()
-    if ddp.distributed:
-        torch.distributed.barrier()
+    if ddp.is_main and not args.bench:  # the checkpoint and the exported best-validation model before any evaluation
+        save()
+        common.load_best(model, best_path)
+        common.export_encoders(out, model.image_encoder, model.text_encoder, tokenizer, mean, std, args.image_size,
+                               "lovt", args)
+    common.cleanup_distributed()  # from here on rank 0 alone, with no collective
     if ddp.is_main and args.bench:
         common.print_bench(out, args.batch_size * ddp.world_size, dev, amp)
     elif ddp.is_main:
-        finish(args, model, tokenizer, test_loader, (mean, std), dev, out)
-    common.cleanup_distributed()
+        with common.after_training(out):
+            finish(args, model, tokenizer, test_loader, (mean, std), dev, out)
 
 
 if __name__ == "__main__":

@@ -52,7 +52,8 @@ Deviations / our choices:
 - our choice: the base is compared with LRCLR on one checkpoint lineage, and for fairness also with the CONTROL:
   the base fine-tuned for the same steps with the same recipe and lambda_loc = 0 (--compare RUN_DIR).
 - Report text: the suite loader's findings + impression sentences (CheXzero trained on the impression alone).
-- Training views larger than --image-size are randomly cropped to it on the device; no other augmentation.
+- our choice: MGCA's augmentation, a random crop of the training view (224 of the 256-px square; --no-augment:
+  the whole view resized, as the demo); no other augmentation.
 - bf16 autocast where supported, fp16 + GradScaler otherwise, fp32 on CPU; similarities and softmaxes in fp32.
 - The demo preset (ResNet-18 and a 2-layer BERT from scratch, 128 px, K = 3 of 16 cells) uses larger learning rates
   and a shorter warm-up; the parameter-free selection ablation and word-level maps are not implemented.
@@ -62,7 +63,6 @@ import math
 import os
 import sys
 import textwrap
-import time
 from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from functools import partial
@@ -113,6 +113,7 @@ class Args:
     image_weights: str = arg("imagenet", "imagenet | none | path to a state dict")
     image_size: int = arg(224, "input size")
     channels_last: bool = arg(True, "NHWC memory format for the ResNet")
+    augment: bool = arg(True, "a random crop of the training view (224 of the 256-px square), MGCA's augmentation")
     text_model: str = arg("emilyalsentzer/Bio_ClinicalBERT", "name/path, or tiny | bert-base (random init, "
                           "vocabulary from the training reports)")
     text_pool: Literal["cls", "mean"] = arg("cls", "u from the [CLS] state (CLIP-style) or the mean of the tokens")
@@ -148,7 +149,8 @@ PRESETS = {
     "paper": dict(data="mimic"),
     # 2 CPU cores, 209 s measured alone for base + control + lrclr: small encoders from scratch, 128 px (4x4 grid,
     # K = 3).
-    "demo": dict(data="synthetic", image_arch="resnet18", image_weights="none", image_size=128, text_model="tiny",
+    "demo": dict(data="synthetic", image_arch="resnet18", image_weights="none", image_size=128, augment=False,
+                 text_model="tiny",
                  text_pool="mean",
                  max_length=128, dim=256, batch_size=32, lr=1e-3, weight_decay=0.05, warmup=0.1, epochs=1,
                  ft_batch_size=32, ft_lr=2e-4, ft_lr_new=2e-3, ft_warmup_steps=5, ft_epochs=1, ft_max_steps=20,
@@ -182,9 +184,10 @@ class LRCLR(nn.Module):
 
     def image_features(self, images):
         """-> g B x D (phi_img of the encoder's global feature: the grid mean on a ResNet, CLS on a ViT),
-        tokens p B x N x D (phi_img of every cell), grid (h, w)."""
+        tokens p B x N x D (phi_img of every cell), grid (h, w). One normalisation serves both (Projection.pair):
+        on a ResNet g = mean_r p_r in training and in evaluation."""
         out = self.image_encoder(images)
-        return self.image_proj(out["global_feat"]), self.image_proj(out["local_feats"]), out["grid"]
+        return (*self.image_proj.pair(out["global_feat"], out["local_feats"]), out["grid"])
 
     def text_features(self, batch):
         """-> u B x D, phi_txt of the [CLS] state (or, --text-pool mean, of the mean over the report's tokens)."""
@@ -232,17 +235,31 @@ class LRCLR(nn.Module):
 
 
 class Projection(nn.Module):
-    """phi: a parameter-free BatchNorm of the encoder features (statistics over every cell of the batch), then one
-    Linear. our choice: the centring; from-scratch encoders give nearly equal features for every image, and the
-    CLIP loss then sits at log B for tens of steps (40 on 8 pairs) before it moves; with it, from the first steps.
-    In eval mode it is one affine map, so g = mean_r p_r still holds on a ResNet grid."""
+    """phi: a parameter-free BatchNorm of the encoder features, then one Linear. our choice: the centring;
+    from-scratch encoders give nearly equal features for every image, and the CLIP loss then sits at log B for tens
+    of steps (40 on 8 pairs) before it moves; with it, from the first steps. The image side normalises the global
+    vector with the statistics of the grid cells (pair): one affine map for both, in training (the batch's
+    statistics) and in evaluation (the running ones), so that g = mean_r p_r holds on a ResNet grid in both and
+    evaluation scores the embedding the loss trained."""
 
     def __init__(self, in_dim, out_dim):
         super().__init__()
         self.norm, self.linear = nn.BatchNorm1d(in_dim, affine=False), nn.Linear(in_dim, out_dim)
 
-    def forward(self, x):  # ... x in_dim -> ... x out_dim
+    def forward(self, x):  # ... x in_dim -> ... x out_dim, normalised with x's own statistics (the text side)
         return self.linear(self.norm(x.reshape(-1, x.shape[-1])).view_as(x))
+
+    def pair(self, global_feat, cells):
+        """global B x in_dim, cells B x N x in_dim -> (phi(global) B x out_dim, phi(cells) B x N x out_dim), both
+        normalised with the cells' statistics (training: the batch's, also updating the running ones)."""
+        flat = cells.reshape(-1, cells.shape[-1])
+        normed = self.norm(flat).view_as(cells)
+        if self.training:
+            mean, var = fp32(flat).mean(0), fp32(flat).var(0, unbiased=False)  # what BatchNorm normalised with
+        else:
+            mean, var = self.norm.running_mean, self.norm.running_var
+        g = (fp32(global_feat) - mean) * torch.rsqrt(var + self.norm.eps)
+        return self.linear(g.to(normed.dtype)), self.linear(normed)
 
 
 # ---- stage lrclr: the region-selection layer ----
@@ -358,10 +375,13 @@ def report_tokenizer(args, train_set):
 
 
 def stage_args(args):
-    """Stage lrclr: the encoder fields from the --init run's args.json, and its own batch size, epochs and base lr
-    and weight decay (in the fields stage base uses)."""
+    """Stage lrclr: the encoder fields (and the report vector's pooling) from the --init run's args.json, and its own
+    batch size, epochs and base lr and weight decay (in the fields stage base uses)."""
     if args.stage != "lrclr":
         return args
+    if not args.init and not args.bench:  # --bench times the fine-tuning step from random initialisation
+        raise SystemExit("--stage lrclr fine-tunes a base model: pass --init RUN, the folder of a --stage base run "
+                         "(or run --stage both, which trains the base first)")
     if args.init:
         path = os.path.join(args.init, "args.json")
         if not os.path.exists(path):
@@ -369,7 +389,7 @@ def stage_args(args):
         with open(path) as f:
             base = json.load(f)
         args = replace(args, **{k: base[k] for k in ("image_arch", "image_size", "channels_last", "text_model",
-                                                     "max_length", "dim")}, image_weights="none")
+                                                     "text_pool", "max_length", "dim")}, image_weights="none")
     return replace(args, batch_size=args.ft_batch_size, epochs=args.ft_epochs, lr=args.ft_lr,
                    weight_decay=args.ft_weight_decay, max_steps=args.max_steps or args.ft_max_steps)
 
@@ -426,15 +446,6 @@ def loaders(args, ddp, tokenizer, train_set, val_set, test_set):
                      sampler=DistributedSampler(val_set, ddp.world_size, ddp.rank, shuffle=False, drop_last=True))
     test = DataLoader(test_set, args.batch_size, collate_fn=collate, num_workers=args.workers)
     return sampler, train, val, test
-
-
-def random_crop(images, size):
-    """B x 1 x S x S training views (the MIMIC cache's 256 px) -> one random size x size crop each."""
-    s = images.shape[-1]
-    if s == size:
-        return images
-    i, j = torch.randint(0, s - size + 1, (2, len(images))).tolist()
-    return torch.stack([im[:, a:a + size, b:b + size] for im, a, b in zip(images, i, j)])
 
 
 def finding_names(batch):
@@ -519,14 +530,9 @@ def zero_shot_table(ci, deltas, title):
 
 
 def finish(args, model, tokenizer, test_loader, mean_std, device, out):
-    """The end of a run: export the best-validation model, then the comparison. Stage base: untrained vs trained
-    (global score). Stage lrclr: its base (--init), the control (--compare) and LRCLR's three scores, with the
-    paired differences; the table goes to zero_shot.txt and everything to eval.json; then the overlays."""
-    best_path = os.path.join(out, "best.pt")
-    if os.path.exists(best_path):
-        model.load_state_dict(common.load_checkpoint(best_path)["model"])
-    common.export_encoders(out, model.image_encoder, model.text_encoder, tokenizer, *mean_std, args.image_size,
-                           "lrclr", args)
+    """The end of a run, once the best-validation model is exported: the comparison. Stage base: untrained vs
+    trained (global score). Stage lrclr: its base (--init), the control (--compare) and LRCLR's three scores, with
+    the paired differences; the table goes to zero_shot.txt and everything to eval.json; then the overlays."""
     common.seed_everything(args.seed)
     if model.local:
         others = [("base", args.init), ("control", args.compare)]
@@ -604,31 +610,31 @@ def write_viz(model, batch, tokenizer, folder, mean, std, n, device):
         canvas.save(os.path.join(folder, f"sample{i}.png"))
 
 
-def run_both(args, argv):
-    """--stage both (the demo): base/, then control/ (lambda_loc 0, if --control) and lrclr/ from base/."""
-    if "RANK" in os.environ:
-        raise SystemExit("--stage both runs in one process; under torchrun run --stage base, then --stage lrclr")
-    root = args.out_dir or time.strftime("runs/lrclr-%Y%m%d-%H%M%S")
-    sub = lambda name, *flags: [*argv, "--out-dir", os.path.join(root, name), *flags]  # noqa: E731
-    main(sub("base", "--stage", "base"))
+def run_both(args, argv, ddp):
+    """--stage both (the demo): base/, then control/ (lambda_loc 0, if --control) and lrclr/ from base/, trained one
+    after another in the same process group (so torchrun runs it too) -> their train() results, evaluated after the
+    last. --resume continues each sub-run that has a ckpt.pt and starts the others (a run killed during base)."""
+    root = common.run_folder(args.out_dir, "lrclr", ddp)
+    argv = [a for a in argv if a not in ("--resume", "--no-resume")]
+
+    def stage(name, *flags):
+        folder = os.path.join(root, name)
+        resume = ["--resume"] if args.resume and os.path.exists(os.path.join(folder, "ckpt.pt")) else []
+        sub = common.parse_args(Args, PRESETS, [*argv, "--out-dir", folder, *flags, *resume], default_preset="demo")
+        return train(stage_args(sub), ddp)
+    runs = [stage("base", "--stage", "base")]
     lrclr_flags = ["--stage", "lrclr", "--init", os.path.join(root, "base")]
     if args.control:
-        main(sub("control", *lrclr_flags, "--lambda-loc", "0", "--viz", "0"))
+        runs.append(stage("control", *lrclr_flags, "--lambda-loc", "0", "--viz", "0"))
         lrclr_flags += ["--compare", os.path.join(root, "control")]
-    return main(sub("lrclr", *lrclr_flags))
+    return runs + [stage("lrclr", *lrclr_flags)]
 
 
-def main(argv=None):
-    argv = list(argv) if argv is not None else None
-    args = common.parse_args(Args, PRESETS, argv, default_preset="demo")
-    if args.stage == "both" and not args.bench:
-        return run_both(args, argv if argv is not None else sys.argv[1:])
-    if args.bench:  # N timed optimizer steps without accumulation after one warm-up step
-        args = common.bench_args(args, accum=1, ckpt_every=0, stage="lrclr" if args.stage == "both" else args.stage)
-    args = stage_args(args)
-    ddp = common.setup_distributed(args.device or None)
+def train(args, ddp):
+    """One stage's training run in its folder; rank 0 ends it with ckpt.pt and the exported best-validation model
+    (which the next stage of --stage both starts from), then every rank meets. -> what finish() takes."""
     dev, amp = ddp.device, common.amp_dtype(ddp.device, args.precision)
-    micro_per_step = common.micro_batches_per_step(args.accum, ddp.world_size)
+    micro_per_step = common.micro_batches_per_step(args.accum, ddp.world_size, args.batch_size)
     out = common.run_folder(args.out_dir, f"lrclr-{args.stage}", ddp, args)
     ckpt_path, best_path = os.path.join(out, "ckpt.pt"), os.path.join(out, "best.pt")
     train_set, val_set, test_set, (mean, std), tokenizer = datasets(args)
@@ -638,6 +644,7 @@ def main(argv=None):
         load_run(model, args.init)
     model.to(dev)
     sampler, loader, val_loader, test_loader = loaders(args, ddp, tokenizer, train_set, val_set, test_set)
+    augment = data.crop_augment(args.image_size, mean, std).to(dev) if args.augment else None
     n_micro = sampler.num_samples // args.batch_size
     steps_per_epoch = math.ceil(n_micro / micro_per_step)
     total = min(args.max_steps or math.inf, steps_per_epoch * args.epochs)
@@ -648,21 +655,22 @@ def main(argv=None):
     scaler = common.grad_scaler(dev, amp)
     stateful = dict(model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler)
     state = dict(step=0, epoch=0, micro=0, best_val=math.inf, bad_epochs=0)
+    resumed = {}
     if args.resume:
-        common.resume_training_state(ckpt_path, stateful, state, ddp.rank)
+        resumed = common.resume_training_state(ckpt_path, stateful, state, ddp.rank)
     else:
         common.seed_everything(args.seed + ddp.rank)  # data order and dropout differ per rank
     net = common.wrap_ddp(model, ddp)
     def save(path=ckpt_path):
         if ddp.is_main:
-            common.save_training_state(path, stateful, args=args, **state)
-    logger = common.Logger(out, ddp.is_main, total, state["step"])
+            common.save_training_state(path, stateful, args=args, logger=logger.state_dict(), **state)
+    logger = common.Logger(out, ddp.is_main, total, state["step"], resumed.get("logger"))
     if ddp.is_main:
         print(f"LRCLR stage {args.stage}{' from ' + args.init if args.init else ''}: "
               f"{common.count_parameters(optimizer) / 1e6:.1f}M trainable parameters, {dev}, {amp or torch.float32}, "
-              f"{steps_per_epoch} steps of {args.batch_size * args.accum} pairs per epoch")
+              f"{steps_per_epoch} steps of {args.batch_size * micro_per_step * ddp.world_size} pairs per epoch")
 
-    stop = False
+    stop = state["step"] >= (args.max_steps or math.inf) or state["bad_epochs"] >= args.patience  # a finished run
     while state["epoch"] < args.epochs and not stop:
         sampler.set_epoch(state["epoch"])
         sampler.skip = state["micro"] * args.batch_size  # resume: the batches this epoch already trained on
@@ -670,15 +678,15 @@ def main(argv=None):
         net.train()
         for batch in logger.iterate(loader):
             state["micro"] += 1
-            last = state["micro"] % micro_per_step == 0 or state["micro"] == n_micro
+            last, share = common.accumulation(state["micro"], n_micro, micro_per_step)
             batch = common.to_device(batch, dev)
-            batch["images"] = random_crop(batch["images"], args.image_size)
+            batch["images"] = data.train_view(batch["images"], args.image_size, augment)
             with nullcontext() if last or not ddp.distributed else net.no_sync():  # all-reduce once per step
                 with common.autocast(dev, amp):
                     terms = net(batch)
                 detached = {k: v.detach() for k, v in terms.items()}
                 common.check_finite(detached["loss"], state["step"], ckpt_path, detached)
-                scaler.scale(terms["loss"] / micro_per_step).backward()
+                scaler.scale(terms["loss"] / share).backward()
             logger.add(detached, images=args.batch_size * ddp.world_size)
             if not last:
                 continue
@@ -708,17 +716,35 @@ def main(argv=None):
             if ddp.is_main:
                 print(f"epoch {state['epoch']}: val loss {val:.4f} (best {state['best_val']:.4f})")
             stop = state["bad_epochs"] >= args.patience
-    if not args.bench:
-        save()
     logger.close()
+    if ddp.is_main and not args.bench:  # the checkpoint and the exported best-validation model before any evaluation
+        save()
+        common.load_best(model, best_path)
+        common.export_encoders(out, model.image_encoder, model.text_encoder, tokenizer, mean, std, args.image_size,
+                               "lrclr", args)
     if ddp.distributed:
-        torch.distributed.barrier()
+        dist.barrier()  # the next stage of --stage both reads this one's files
+    return args, model, tokenizer, test_loader, (mean, std), dev, out
+
+
+def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = common.parse_args(Args, PRESETS, argv, default_preset="demo")
+    if args.bench:  # N timed optimizer steps without accumulation after one warm-up step
+        args = common.bench_args(args, accum=1, ckpt_every=0, stage="lrclr" if args.stage == "both" else args.stage)
+    ddp = common.setup_distributed(args.device or None)
+    runs = run_both(args, argv, ddp) if args.stage == "both" else [train(stage_args(args), ddp)]
+    common.cleanup_distributed()  # from here on rank 0 alone, with no collective
+    if not ddp.is_main:
+        return None
+    if args.bench:
+        run_args, *_, dev, out = runs[0]
+        return common.print_bench(out, run_args.batch_size * ddp.world_size, dev,
+                                  common.amp_dtype(dev, run_args.precision))
     result = None
-    if ddp.is_main and args.bench:
-        common.print_bench(out, args.batch_size * ddp.world_size, dev, amp)
-    elif ddp.is_main:
-        result = finish(args, model, tokenizer, test_loader, (mean, std), dev, out)
-    common.cleanup_distributed()
+    for run in runs:
+        with common.after_training(run[-1]):
+            result = finish(*run)
     return result
 
 

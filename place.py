@@ -100,6 +100,7 @@ class Args:
     image_arch: str = arg("vit_b16", "vit_b16 | resnet50 (detection; needs --no-cce) | vit_tiny | resnet18")
     image_weights: str = arg("imagenet", "imagenet (DeiT-B / torchvision) | none | path to a state dict")
     image_size: int = arg(224, "input size (14 x 14 patches at 224)")
+    augment: bool = arg(True, "MGCA's augmentation, a random crop of the training view (224 of the 256-px square)")
     text_model: str = arg("emilyalsentzer/Bio_ClinicalBERT", "name/path, or tiny | bert-base (random init, "
                           "vocabulary from the training reports)")
     text_width: int = arg(128, "hidden size of the tiny BERT (= the query width d in the demo)")
@@ -145,7 +146,8 @@ PRESETS = {
     "paper-r50": dict(data="mimic", image_arch="resnet50", cce=False),
     # 2 CPU cores, ~2.5 minutes: tiny ViT and BERT from scratch at one lr, almost no warm-up, t = the mean word,
     # 3 passes over 2,000 pairs (one pass left ITA near chance while the other terms learnt)
-    "demo": dict(data="synthetic", image_arch="vit_tiny", image_weights="none", image_size=128, text_model="tiny",
+    "demo": dict(data="synthetic", image_arch="vit_tiny", image_weights="none", image_size=128, augment=False,
+                 text_model="tiny",
                  text_pool="mean", head_hidden=256, decoder_heads=4, decoder_ffn=256, cce_dim=64, batch_size=32,
                  lr_encoders=1e-3, lr_new=1e-3, weight_decay=1e-4, warmup=0.05, epochs=3, train_samples=2000,
                  eval_samples=300, workers=0, viz=2, ckpt_every=50, log_every=5),
@@ -301,11 +303,11 @@ class PLACE(nn.Module):
         self.image_encoder = common.ImageEncoder(args.image_arch, args.image_weights,
                                                  config=dict(image_size=args.image_size) if vit else None)
         self.text_encoder = common.TextEncoder(args.text_model, tokenizer, hidden_size=args.text_width,
-                                               num_heads=max(1, args.text_width // 32))
+                                               num_heads=max(1, args.text_width // 32),
+                                               attn_implementation="eager")  # MGCA's word weights: attention maps
         ci, ct, e, h = self.image_encoder.out_dim, self.text_encoder.out_dim, args.emb_dim, args.head_hidden
         self.global_image, self.global_text, self.local_image, self.local_text = (
             common.mgca_head(c, e, h) for c in (ci, ct, ci, ct))  # as MGCA
-        self.text_encoder.bert.set_attn_implementation("eager")  # MGCA's word weights need the attention maps
         for name, table in zip(("starts_word", "continues_word"), common.word_tables(tokenizer, punctuation=True)):
             self.register_buffer(name, table, persistent=False)
         decoder = (args.decoder_layers, args.decoder_heads, args.decoder_ffn, args.dropout)
@@ -406,8 +408,7 @@ class PLACE(nn.Module):
 
 # ==== TRAINING: data, loop, evaluation ====
 def datasets(args):
-    """Training, validation and test sets (MGCA's only augmentation is a random crop, which the cache's square
-    frames make moot: the CCE mask is the corruption), the training statistics (mean, std) and the tokenizer."""
+    """Training, validation and test sets, the training statistics (mean, std) and the tokenizer."""
     data.check_data_root(args.data, args.data_root)
 
     def dataset(split, num_samples):
@@ -486,13 +487,8 @@ def evaluate(model, loader, tokenizer, device, amp):
 
 
 def finish(args, model, tokenizer, test_loader, mean_std, device, amp, out):
-    """The end of a run: the best-validation model is exported and evaluated next to the untrained model it started
-    from (printed, eval.json), then the report-conditioning check and the slot / CCE pictures."""
-    best_path = os.path.join(out, "best.pt")
-    if os.path.exists(best_path):
-        model.load_state_dict(common.load_checkpoint(best_path)["model"])
-    common.export_encoders(out, model.image_encoder, model.text_encoder, tokenizer, *mean_std, args.image_size,
-                           "place", args)
+    """The end of a run, once the best-validation model is exported: it is evaluated next to the untrained model it
+    started from (printed, eval.json), then the report-conditioning check and the slot / CCE pictures."""
     common.seed_everything(args.seed)
     initial = PLACE(args, tokenizer).to(device)  # the same initialisation the training started from
     results, intervals = {}, {}
@@ -576,13 +572,14 @@ def main(argv=None):
         args = common.bench_args(args, accum=1, ckpt_every=0)
     ddp = common.setup_distributed(args.device or None)
     dev, amp = ddp.device, common.amp_dtype(ddp.device, args.precision)
-    micro_per_step = common.micro_batches_per_step(args.accum, ddp.world_size)
+    micro_per_step = common.micro_batches_per_step(args.accum, ddp.world_size, args.batch_size)
     out = common.run_folder(args.out_dir, "place", ddp, args)
     ckpt_path, best_path = os.path.join(out, "ckpt.pt"), os.path.join(out, "best.pt")
     train_set, val_set, test_set, (mean, std), tokenizer = datasets(args)
     common.seed_everything(args.seed)  # the same initial model on every rank
     model = PLACE(args, tokenizer).to(dev)
     sampler, loader, val_loader, test_loader = loaders(args, ddp, tokenizer, train_set, val_set, test_set)
+    augment = data.crop_augment(args.image_size, mean, std).to(dev) if args.augment else None
     n_micro = sampler.num_samples // args.batch_size
     steps_per_epoch = math.ceil(n_micro / micro_per_step)
     total_steps = min(args.max_steps or math.inf, steps_per_epoch * args.epochs)
@@ -591,21 +588,22 @@ def main(argv=None):
     scaler = common.grad_scaler(dev, amp)
     stateful = dict(model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler)
     state = dict(step=0, epoch=0, micro=0, best_val=math.inf, bad_epochs=0)
+    resumed = {}
     if args.resume:
-        common.resume_training_state(ckpt_path, stateful, state, ddp.rank)
+        resumed = common.resume_training_state(ckpt_path, stateful, state, ddp.rank)
     else:
         common.seed_everything(args.seed + ddp.rank)  # data order, masks and dropout differ per rank
     net = common.wrap_ddp(model, ddp)
     def save(path=ckpt_path):
         if ddp.is_main:
-            common.save_training_state(path, stateful, args=args, **state)
-    logger = common.Logger(out, ddp.is_main, total_steps, state["step"])
+            common.save_training_state(path, stateful, args=args, logger=logger.state_dict(), **state)
+    logger = common.Logger(out, ddp.is_main, total_steps, state["step"], resumed.get("logger"))
     if ddp.is_main:
         print(f"PLACE: {common.count_parameters(optimizer) / 1e6:.1f}M trainable parameters ({args.image_arch}, "
               f"K = {args.num_queries}), {dev}, {amp or torch.float32}, {steps_per_epoch} steps of "
-              f"{args.batch_size * args.accum} pairs per epoch")
+              f"{args.batch_size * micro_per_step * ddp.world_size} pairs per epoch")
 
-    stop = False
+    stop = state["step"] >= (args.max_steps or math.inf) or state["bad_epochs"] >= args.patience  # a finished run
     while state["epoch"] < args.epochs and not stop:
         sampler.set_epoch(state["epoch"])
         sampler.skip = state["micro"] * args.batch_size  # resume: the batches this epoch already trained on
@@ -613,13 +611,15 @@ def main(argv=None):
         net.train()
         for batch in logger.iterate(loader):
             state["micro"] += 1
-            last = state["micro"] % micro_per_step == 0 or state["micro"] == n_micro
+            last, share = common.accumulation(state["micro"], n_micro, micro_per_step)
+            batch = common.to_device(batch, dev)
+            batch["images"] = data.train_view(batch["images"], args.image_size, augment)
             with nullcontext() if last or not ddp.distributed else net.no_sync():  # all-reduce once per step
                 with common.autocast(dev, amp):
-                    terms = net(common.to_device(batch, dev))
+                    terms = net(batch)
                 detached = {k: v.detach() for k, v in terms.items()}
                 common.check_finite(detached["loss"], state["step"], ckpt_path, detached)
-                scaler.scale(terms["loss"] / micro_per_step).backward()
+                scaler.scale(terms["loss"] / share).backward()
             logger.add(detached, images=args.batch_size * ddp.world_size)
             if not last:
                 continue
@@ -648,16 +648,18 @@ def main(argv=None):
             if ddp.is_main:
                 print(f"epoch {state['epoch']}: val loss {val:.4f} (best {state['best_val']:.4f})")
             stop = state["bad_epochs"] >= args.patience
-    if not args.bench:
-        save()
     logger.close()
-    if ddp.distributed:
-        torch.distributed.barrier()
+    if ddp.is_main and not args.bench:  # the checkpoint and the exported best-validation model before any evaluation
+        save()
+        common.load_best(model, best_path)
+        common.export_encoders(out, model.image_encoder, model.text_encoder, tokenizer, mean, std, args.image_size,
+                               "place", args)
+    common.cleanup_distributed()  # from here on rank 0 alone, with no collective
     if ddp.is_main and args.bench:
         common.print_bench(out, args.batch_size * ddp.world_size, dev, amp)
     elif ddp.is_main:
-        finish(args, model, tokenizer, test_loader, (mean, std), dev, amp, out)
-    common.cleanup_distributed()
+        with common.after_training(out):
+            finish(args, model, tokenizer, test_loader, (mean, std), dev, amp, out)
 
 
 if __name__ == "__main__":

@@ -130,7 +130,7 @@ class Args:
     image_weights: str = arg("imagenet", "imagenet | none | path to a state dict")
     image_size: int = arg(224, "training crop (the cache's 256-px squares, random 224 crop)")
     upsample: int = arg(299, "bilinear upsampling of the input before the ResNet (GLoRIA: 299; 0 = none)")
-    augment: bool = arg(True, "random crop of the cached square to --image-size (train only)")
+    augment: bool = arg(True, "GLoRIA's random crop of the training view (224 of the 256-px square)")
     text_model: str = arg("emilyalsentzer/Bio_ClinicalBERT", "name/path, or tiny | bert-base (random init, "
                           "vocabulary from the training reports)")
     text_layers: int = arg(4, "sum of the last k BERT hidden states (GLoRIA: 4)")
@@ -380,14 +380,10 @@ class RECLF(nn.Module):
         return regions.flatten(2).transpose(1, 2), self.global_proj(maps[4].mean((2, 3))), tuple(regions.shape[2:])
 
     def text_features(self, batch):
-        """-> words B x T x D, word mask B x T, report B x D ([CLS], or --text-pool mean: the mean word); every
-        report must have a word."""
+        """-> words B x T x D, word mask B x T, report B x D ([CLS], or --text-pool mean: the mean word)."""
         ids = batch["input_ids"]
         states = self.text_encoder(ids, batch["attention_mask"], sum_last=self.args.text_layers)
-        words, mask = common.sum_pieces(states, self.word_index(ids))
-        if not mask[:, 0].all():
-            empty = [batch["study_ids"][i] for i in (~mask[:, 0]).nonzero().flatten().tolist()]
-            raise ValueError(f"reports without a single word (only punctuation or unknown tokens): studies {empty}")
+        words, mask = common.sum_pieces(states, self.word_index(ids))  # a report without a word: one empty word
         if self.args.text_pool == "cls":
             return words, mask, states[:, 0]
         # our choice (demo): a from-scratch 2-layer BERT's [CLS] state left the global InfoNCE at log B for all
@@ -522,7 +518,7 @@ def evaluate(model, loader, tokenizer, device):
         idx = single.to(device)
         pick = lambda split, keys: {k: split[k][idx] for k in keys}
         _, _, both = pair_scores(model, pick(test, ("regions", "img_g")), pick(test, ("words", "mask", "txt_g")))
-        classes = labels[single].argmax(1)
+        classes = (labels[single] == 1).float().argmax(1)  # the one positive; argmax alone would pick a nan
         res.update({f"i2t_{k}": v for k, v in common.precision_at_k(both.cpu(), classes, classes).items()})
     sim = common.cosine(test["img_g"][:, None], test["txt_g"][None]).cpu()
     for name, s in (("i2t", sim), ("t2i", sim.T)):
@@ -640,12 +636,7 @@ def write_viz(model, batch, tokenizer, folder, mean, std, n):
 
 
 def finish(args, model, tokenizer, test_loader, mean_std, device, out):
-    """Export, then the best-validation model next to the untrained one it started from, and the PNGs."""
-    best_path = os.path.join(out, "best.pt")
-    if os.path.exists(best_path):
-        model.load_state_dict(common.load_checkpoint(best_path)["model"])
-    common.export_encoders(out, model.image_encoder, model.text_encoder, tokenizer, *mean_std, args.image_size,
-                           "reclf", args)
+    """Once the best-validation model is exported: it next to the untrained one it started from, and the PNGs."""
     common.seed_everything(args.seed)
     initial = RECLF(args, tokenizer).to(device)  # the same initialisation the training started from
     models = (("untrained", initial), ("trained", model))
@@ -674,17 +665,14 @@ def main(argv=None):
         args = common.bench_args(args, accum=1, ckpt_every=0)
     ddp = common.setup_distributed(args.device or None)
     dev, amp = ddp.device, common.amp_dtype(ddp.device, args.precision)
-    micro_per_step = common.micro_batches_per_step(args.accum, ddp.world_size)
+    micro_per_step = common.micro_batches_per_step(args.accum, ddp.world_size, args.batch_size)
     out = common.run_folder(args.out_dir, "reclf", ddp, args)
     ckpt_path, best_path = os.path.join(out, "ckpt.pt"), os.path.join(out, "best.pt")
     train_set, val_set, test_set, (mean, std), tokenizer = datasets(args)
     common.seed_everything(args.seed)  # the same initial model on every rank
     model = RECLF(args, tokenizer).to(dev)
     sampler, loader, val_loader, test_loader = loaders(args, ddp, tokenizer, train_set, val_set, test_set)
-    side = (7 / 8) ** 2  # the random 224 crop of the 256-px training view (data.train_native_size)
-    crop = data.BatchAugment(args.image_size, mean, std, crop_scale=(side, side), ratio=(1.0, 1.0), rotation=0.0,
-                             translate=0.0, scale=(1.0, 1.0), brightness=(1.0, 1.0), contrast=(1.0, 1.0),
-                             blur_sigma=(1e-3, 1e-3)).to(dev)  # sigma -> 0: no blur
+    augment = data.crop_augment(args.image_size, mean, std).to(dev) if args.augment else None
     n_micro = sampler.num_samples // args.batch_size
     steps_per_epoch = math.ceil(n_micro / micro_per_step)
     groups = [dict(params=[p for n, p in model.named_parameters() if not n.startswith("relation.")])]
@@ -695,22 +683,23 @@ def main(argv=None):
     scaler = common.grad_scaler(dev, amp)
     stateful = dict(model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler)
     state = dict(step=0, epoch=0, micro=0, best_val=math.inf, bad_epochs=0)
+    resumed = {}
     if args.resume:
-        common.resume_training_state(ckpt_path, stateful, state, ddp.rank)
+        resumed = common.resume_training_state(ckpt_path, stateful, state, ddp.rank)
     else:
         common.seed_everything(args.seed + ddp.rank)
     net = common.wrap_ddp(model, ddp)
 
     def save(path=ckpt_path):
         if ddp.is_main:
-            common.save_training_state(path, stateful, args=args, **state)
+            common.save_training_state(path, stateful, args=args, logger=logger.state_dict(), **state)
     logger = common.Logger(out, ddp.is_main, min(args.max_steps or math.inf, steps_per_epoch * args.epochs),
-                           state["step"])
+                           state["step"], resumed.get("logger"))
     if ddp.is_main:
         print(f"RECLF ({args.srm} SRM, IRM {args.irm}{', + LSE local' if args.add_lse_local else ''}): "
               f"{common.count_parameters(optimizer) / 1e6:.1f}M trainable parameters, {dev}, {amp or torch.float32}, "
-              f"{steps_per_epoch} steps of {args.batch_size * args.accum} pairs per epoch")
-    stop = False
+              f"{steps_per_epoch} steps of {args.batch_size * micro_per_step * ddp.world_size} pairs per epoch")
+    stop = state["step"] >= (args.max_steps or math.inf) or state["bad_epochs"] >= args.patience  # a finished run
     while state["epoch"] < args.epochs and not stop:
         sampler.set_epoch(state["epoch"])
         sampler.skip = state["micro"] * args.batch_size  # resume: the batches this epoch already trained on
@@ -718,16 +707,15 @@ def main(argv=None):
         net.train()
         for batch in logger.iterate(loader):
             state["micro"] += 1
-            last = state["micro"] % micro_per_step == 0 or state["micro"] == n_micro
+            last, share = common.accumulation(state["micro"], n_micro, micro_per_step)
             batch = common.to_device(batch, dev)
-            if args.augment:
-                batch["images"] = crop(batch["images"])
+            batch["images"] = data.train_view(batch["images"], args.image_size, augment)
             with nullcontext() if last or not ddp.distributed else net.no_sync():  # all-reduce once per step
                 with common.autocast(dev, amp):
                     terms = net(batch)
                 detached = {k: v.detach() for k, v in terms.items()}
                 common.check_finite(detached["loss"], state["step"], ckpt_path, detached)
-                scaler.scale(terms["loss"] / micro_per_step).backward()
+                scaler.scale(terms["loss"] / share).backward()
             logger.add(detached, images=args.batch_size * ddp.world_size)
             if not last:
                 continue
@@ -758,18 +746,18 @@ def main(argv=None):
             if ddp.is_main:
                 print(f"epoch {state['epoch']}: val loss {val:.4f} (best {state['best_val']:.4f})")
             stop = state["bad_epochs"] >= args.patience
-    if not args.bench:
-        save()
     logger.close()
-    if ddp.distributed:
-        dist.barrier()
-    results = None
+    if ddp.is_main and not args.bench:  # the checkpoint and the exported best-validation model before any evaluation
+        save()
+        common.load_best(model, best_path)
+        common.export_encoders(out, model.image_encoder, model.text_encoder, tokenizer, mean, std, args.image_size,
+                               "reclf", args)
+    common.cleanup_distributed()  # from here on rank 0 alone, with no collective
     if ddp.is_main and args.bench:
         common.print_bench(out, args.batch_size * ddp.world_size, dev, amp)
     elif ddp.is_main:
-        results = finish(args, model, tokenizer, test_loader, (mean, std), dev, out)
-    common.cleanup_distributed()
-    return results
+        with common.after_training(out):
+            return finish(args, model, tokenizer, test_loader, (mean, std), dev, out)
 
 
 if __name__ == "__main__":

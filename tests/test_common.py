@@ -554,8 +554,15 @@ def test_run_folder_accumulation_and_comparison_table(tmp_path, monkeypatch, cap
     assert json.load(open(os.path.join(first, "args.json")))["lr"] == 1e-4
     assert C.run_folder(str(tmp_path / "mine"), "lovt", C.Dist()) == str(tmp_path / "mine")
     assert C.micro_batches_per_step(16, 1) == 16 and C.micro_batches_per_step(16, 8) == 2  # 512 pairs on 1 or 8
-    with pytest.raises(SystemExit, match="divisible"):
-        C.micro_batches_per_step(16, 3)
+    assert all(C.micro_batches_per_step(1, w) == 1 for w in (1, 2, 3, 8))  # no accumulation: any number of GPUs
+    with pytest.raises(SystemExit, match="pass --accum 15 or --accum 18[.]"):  # 512 has no factor 3: nothing keeps it
+        C.micro_batches_per_step(16, 3, batch_size=32)
+    with pytest.raises(SystemExit, match="pass --accum 32, or keep its 512 pairs per step with --batch-size 16 "
+                                         "--accum 32"):
+        C.micro_batches_per_step(16, 32, batch_size=32)
+    # the epoch's shorter last step divides by its own micro-batch count
+    assert [C.accumulation(m, 5, 2) for m in range(1, 6)] == [(False, 2), (True, 2), (False, 2), (True, 2), (True, 1)]
+    assert [C.accumulation(m, 3, 1) for m in range(1, 4)] == [(True, 1)] * 3
     results = {"untrained": {"R@1": 0.1, "auc_edema": math.nan}, "trained": {"R@1": 0.5, "auc_edema": math.nan}}
     C.print_comparison(results, str(tmp_path / "eval.json"))
     printed = capsys.readouterr().out

@@ -280,7 +280,8 @@ def test_main_three_steps_and_resume(three_step_run):
     out, res = three_step_run
     assert {"i2t_20/R@1", "t2i_20/R@10", "cls/Avg"} <= set(res["trained"]) and set(res) == {"untrained", "trained"}
     ck = jt.common.load_checkpoint(os.path.join(out, "ckpt.pt"))
-    assert ck["step"] == 3 and ck["epoch"] == 1
+    assert ck["step"] == 3 and ck["epoch"] == 0  # stopped inside the first epoch of 6 ITM steps
+    assert ck["itm_in_epoch"] == ck["itm_step"] and ck["mlm_in_epoch"] == 3 - ck["itm_step"]
     enc = torch.load(os.path.join(out, "image_encoder.pt"), weights_only=True)
     assert enc["arch"] == "joimternet-resnet" and enc["in_chans"] == 1
     assert enc["config"] == dict(dim=64, widths=[4, 4, 8, 8, 32, 32], stem_stride=1)

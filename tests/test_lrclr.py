@@ -306,8 +306,23 @@ def test_loss_goes_down_on_one_batch():
     assert out["global"].item() < 0.5 * first["global"].item() and out["local"].item() < 0.5 * first["local"].item()
 
 
-def test_param_groups_follow_the_two_learning_rates():
-    args = lrclr.stage_args(common.parse_args(lrclr.Args, lrclr.PRESETS, ["--preset", "paper", "--stage", "lrclr"]))
+def test_stage_lrclr_needs_its_base_and_takes_the_bases_encoder_fields(tmp_path):
+    paper = ["--preset", "paper", "--stage", "lrclr"]
+    with pytest.raises(SystemExit, match="pass --init RUN"):  # it used to train from scratch, silently
+        lrclr.stage_args(common.parse_args(lrclr.Args, lrclr.PRESETS, paper))
+    base = common.parse_args(lrclr.Args, lrclr.PRESETS, ["--preset", "demo", "--stage", "base"])
+    (tmp_path / "args.json").write_text(json.dumps(common.plain(base)))
+    args = lrclr.stage_args(common.parse_args(lrclr.Args, lrclr.PRESETS, paper + ["--init", str(tmp_path)]))
+    # the base's encoders and report pooling (the demo's mean, not the paper default's [CLS]) carry over
+    assert (args.image_arch, args.text_model, args.text_pool, args.dim) == ("resnet18", "tiny", "mean", 256)
+    assert args.image_weights == "none"  # the weights come from the base's checkpoint
+
+
+def test_param_groups_follow_the_two_learning_rates(tmp_path):
+    (tmp_path / "args.json").write_text(json.dumps(common.plain(common.parse_args(lrclr.Args, lrclr.PRESETS,
+                                                                                  ["--preset", "paper"]))))
+    args = lrclr.stage_args(common.parse_args(lrclr.Args, lrclr.PRESETS, ["--preset", "paper", "--stage", "lrclr",
+                                                                          "--init", str(tmp_path)]))
     assert (args.lr, args.weight_decay, args.batch_size, args.epochs) == (1e-5, 1e-4, 64, 3)
     model = nn.Module()
     model.image_proj, model.log_logit_scale = nn.Linear(2, 2), nn.Parameter(torch.zeros(()))
