@@ -626,7 +626,7 @@ def finish(args, model, tokenizer, sets, loader, mean_std, device, amp, out, sta
     print(f"\nheld-out {args.data} test split ({len(sets['test'])} pairs), trained {trained_in:.0f}s, total "
           f"{time.time() - started:.0f}s")
     common.print_comparison(results, os.path.join(out, "eval.json"))
-    print(f"word->region maps: {os.path.join(out, 'viz')}")
+    print(f"run folder: {out} (word->region maps in viz/)")
     return results
 
 
@@ -658,6 +658,10 @@ def main(argv=None):
     if args.resume:
         resumed = common.resume_training_state(ckpt_path, stateful, progress, ddp.rank)
         task_rng.set_state(resumed["task_rng"])
+        if args.step_idle_heads:  # the zero gradients a parameter keeps once it was stepped (AdamW steps them again)
+            for o in (opt_img, opt_txt):
+                for p in o.state:
+                    p.grad = torch.zeros_like(p)
     else:
         common.seed_everything(args.seed + ddp.rank)  # data order and augmentation differ per rank
     net = common.wrap_ddp(model, ddp, find_unused_parameters=True)  # MLM steps leave the image encoder unused

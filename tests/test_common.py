@@ -514,6 +514,35 @@ def test_logger_csv_and_resume(tmp_path):
     assert 0 <= float(rows[0]["perf/data_wait_frac"]) <= 1 and float(rows[0]["perf/img_per_s"]) > 0
 
 
+def test_logger_resumes_the_interval_a_checkpoint_fell_into(tmp_path):
+    """Rows every 2 steps, the checkpoint after step 3: the resumed run's row 4 is the mean over steps 3 and 4, as
+    in the run that was never stopped, because the checkpoint carries the interval's sums."""
+    def run(folder, steps, start=0, pending=None):
+        folder.mkdir(exist_ok=True)
+        logger = C.Logger(str(folder), True, 4, start, pending)
+        for step in steps:
+            logger.add({"loss": torch.tensor(float(step))})
+            if step % 2 == 0:
+                logger.log(step, 0, {})
+        logger.close()
+        return logger.state_dict()
+    run(tmp_path / "straight", [1, 2, 3, 4])
+    pending = run(tmp_path / "killed", [1, 2, 3])  # saved with the step-3 checkpoint
+    assert pending == {"loss": (3.0, 1)}
+    run(tmp_path / "killed", [4], start=3, pending=pending)
+    loss = lambda folder: [float(r["loss/total"]) for r in csv.DictReader(open(folder / "metrics.csv"))]
+    assert loss(tmp_path / "killed") == loss(tmp_path / "straight") == [1.5, 3.5]
+
+
+def test_a_report_without_a_word_keeps_one_empty_word():
+    starts = torch.tensor([False, False, True, True])  # ids 0, 1: special / unknown; 2, 3: words
+    continues = torch.zeros(4, dtype=torch.bool)
+    ids = torch.tensor([[2, 3, 0], [1, 1, 0]])  # the second report: only unknown tokens
+    words, mask = C.sum_pieces(torch.ones(2, 3, 5), C.word_index(ids, starts, continues, 97))
+    assert mask.tolist() == [[True, True], [True, False]]
+    assert words[1, 0].abs().sum() == 0 and words[0].abs().sum() > 0  # a zero vector: every similarity to it is 0
+
+
 def test_logger_cpu_seconds_count_work_not_waiting(tmp_path):
     logger = C.Logger(str(tmp_path), is_main=True, total_steps=2)
     start = time.process_time()

@@ -162,6 +162,39 @@ def test_build_tokenizer_round_trip(tmp_path):
     loaded = AutoTokenizer.from_pretrained(tmp_path)
     assert loaded("No effusion, pneumothorax.")["input_ids"] == [2] + ids + [3]
     assert len(data.build_tokenizer(["No effusion.", "Left effusion."], min_freq=2)) == 5 + 2  # effusion, .
+    # the zero-shot prompts' words the reports lack go last, in order; known ones keep their place and count
+    tok = data.build_tokenizer(["No effusion."], extra_texts=["pleural effusion", "no pleural effusion", "edema"])
+    assert tok.convert_ids_to_tokens(list(range(5, len(tok)))) == [".", "effusion", "no", "pleural", "edema"]
+
+
+def test_report_tokenizer_knows_the_prompts_its_evaluation_scores():
+    train = data.make_dataset("synthetic", split="train", image_size=64, num_samples=3)
+    words = set(data.report_tokenizer("tiny", train).get_vocab())
+    assert {"airspace", "opacity", "pulmonary", "nodule", "pleural", "effusion", "pneumothorax", "no"} <= words
+    assert "atelectasis" not in words  # a CheXpert prompt: real data's, not the synthetic set's
+    names, phrases = data.zero_shot_findings(False)
+    assert len(names) == 13 and "no finding" not in names and phrases[names.index("edema")] == "edema"
+
+
+def test_train_view_is_one_rule_for_every_size():
+    """The loader's training view (here 73 px, a CSV's 8/7 of 64) reaches --image-size: resized whole without an
+    augmentation (the evaluation view's content), or through the method's BatchAugment; an already-sized view
+    passes untouched."""
+    x = torch.randn(2, 1, 73, 73)
+    plain = data.train_view(x, 64)
+    assert plain.shape == (2, 1, 64, 64)
+    assert torch.allclose(plain, torch.nn.functional.interpolate(x, size=64, mode="bilinear", antialias=True))
+    same = torch.randn(2, 1, 64, 64)
+    assert data.train_view(same, 64) is same
+    crop = data.crop_augment(224, 0.5, 0.25)
+    params = crop.sample_params(4, 256, 256, torch.Generator().manual_seed(0))
+    assert (params["height"] == 224).all() and (params["width"] == 224).all()  # a random 224 crop of 256
+    assert data.train_view(torch.randn(4, 1, 256, 256), 224, crop).shape == (4, 1, 224, 224)
+    window = torch.arange(256.0).expand(1, 1, 256, 256) / 255  # a crop at whole pixels: a copy, not a resampling
+    one = {k: v[:1] for k, v in params.items()}
+    out = crop.apply((window - 0.5) / 0.25, one) * 0.25 + 0.5
+    top, left = int(one["top"]), int(one["left"])
+    assert torch.allclose(out, window[..., top:top + 224, left:left + 224], atol=1e-4)  # float32 grid rounding
 
 
 

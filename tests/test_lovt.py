@@ -270,3 +270,47 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path, monkeypat
     with pytest.raises(FloatingPointError, match="non-finite loss"):
         lovt.main(TINY + ["--out-dir", str(tmp_path), "--max-steps", "6", "--ckpt-every", "1"])
     assert common.load_checkpoint(tmp_path / "ckpt.pt")["step"] == 2
+
+
+def test_an_epochs_shorter_last_step_is_the_mean_of_its_micro_batches(tmp_path, monkeypatch):
+    """12 pairs in micro-batches of 4 with --accum 2: steps of micro-batches (1, 2) and (3,). At lr 0 the weights
+    never move, so the gradient each step hands AdamW can be compared with the per-micro-batch gradients of an
+    --accum 1 run: (g1 + g2) / 2 and g3 (it used to be g3 / 2: the last step divided by the full count)."""
+    seen = []
+    step = torch.optim.AdamW.step
+
+    def recording(self, *args, **kwargs):
+        seen.append([p.grad.clone() for g in self.param_groups for p in g["params"] if p.grad is not None])
+        return step(self, *args, **kwargs)
+    monkeypatch.setattr(torch.optim.AdamW, "step", recording)
+    flags = TINY + ["--train-samples", "12", "--epochs", "1", "--lr", "0", "--ckpt-every", "0"]
+    lovt.main(flags + ["--accum", "1", "--out-dir", str(tmp_path / "one")])
+    per_micro, seen[:] = list(seen), []
+    lovt.main(flags + ["--accum", "2", "--out-dir", str(tmp_path / "two")])
+    assert len(per_micro) == 3 and len(seen) == 2
+    for want, got in zip([[(a + b) / 2 for a, b in zip(*per_micro[:2])], per_micro[2]], seen):
+        assert all(torch.allclose(w, g, rtol=1e-4, atol=1e-7) for w, g in zip(want, got))
+
+
+def test_resume_of_a_finished_run_trains_no_further_and_evaluates_again(tmp_path):
+    """--resume on a run that reached --max-steps (or early stopping) goes straight to its evaluation: the way to
+    evaluate again after fixing what made an evaluation fail."""
+    lovt.main(TINY + ["--out-dir", str(tmp_path), "--max-steps", "2"])
+    (tmp_path / "eval.json").unlink()
+    lovt.main(TINY + ["--out-dir", str(tmp_path), "--max-steps", "2", "--resume"])
+    assert common.load_checkpoint(tmp_path / "ckpt.pt")["step"] == 2 and (tmp_path / "eval.json").exists()
+    assert len((tmp_path / "metrics.csv").read_text().splitlines()) == 3  # the header and steps 1, 2
+
+
+def test_a_failing_evaluation_is_one_message_and_the_run_is_saved(tmp_path, monkeypatch):
+    def broken(*args, **kwargs):
+        raise ValueError("a finding no prompt can name")
+    monkeypatch.setattr(lovt, "evaluate", broken)
+    with pytest.raises(SystemExit) as stop:
+        lovt.main(TINY + ["--out-dir", str(tmp_path), "--max-steps", "1"])
+    message = str(stop.value)
+    assert "Evaluation failed after training: ValueError: a finding no prompt can name" in message
+    assert f"--resume --out-dir {tmp_path}" in message
+    assert "Traceback" in (tmp_path / "eval_error.txt").read_text()
+    for name in ("ckpt.pt", "image_encoder.pt", "text_encoder/config.json"):  # written before the evaluation
+        assert (tmp_path / name).exists()

@@ -354,3 +354,32 @@ def test_vit_patches_are_the_local_tokens(tmp_path):
     assert payload["arch"] == "vit_tiny" and payload["image_size"] == 128
     encoder, _ = common.load_image_encoder(str(tmp_path / "run" / "lrclr" / "image_encoder.pt"))
     assert encoder(torch.zeros(1, 1, 128, 128))["local_feats"].shape == (1, 64, 192)
+
+
+def test_one_normalisation_for_the_global_vector_and_the_cells():
+    """On a ResNet grid g = mean_r p_r in training too (it used to hold only in eval mode, where both calls used the
+    running statistics: training normalised g with its own batch statistics, so evaluation scored an embedding the
+    loss never trained), and the eval-mode g is the same map of the cells' statistics."""
+    torch.manual_seed(0)
+    args = common.parse_args(lrclr.Args, lrclr.PRESETS, TINY + ["--stage", "base"])
+    model = lrclr.LRCLR(args, common_tokenizer())
+    images = torch.randn(6, 1, 64, 64)
+    model.train()
+    g, p, _ = model.image_features(images)
+    assert torch.allclose(g, p.mean(1), atol=1e-5)
+    proj = model.image_proj
+    with torch.no_grad():  # the running statistics equal to this batch's: eval mode gives the training embedding
+        cells = model.image_encoder(images)["local_feats"].flatten(0, 1)
+        proj.norm.running_mean.copy_(cells.mean(0))
+        proj.norm.running_var.copy_(cells.var(0, unbiased=False))
+    model.eval()
+    g_eval, p_eval, _ = model.image_features(images)
+    assert torch.allclose(g_eval, p_eval.mean(1), atol=1e-5)
+    model.image_encoder.train()  # its BatchNorms as in the training pass above
+    g_eval, _, _ = model.image_features(images)
+    assert torch.allclose(g_eval, g, atol=1e-4)
+
+
+def common_tokenizer():
+    ds = lrclr.data.make_dataset("synthetic", split="train", image_size=64, num_samples=8)
+    return lrclr.data.build_tokenizer(lrclr.data.report_texts(ds))

@@ -371,3 +371,29 @@ def test_export_is_judged_by_the_evaluation_scripts(three_step_run, tmp_path):
         assert "vit" in str(e).lower()
     else:
         assert 0 <= det[0]["map"][0] <= 1
+
+
+def test_a_report_of_unknown_words_trains_with_a_finite_loss():
+    """A report whose every token is [UNK] (real text against a vocabulary of other reports) has no word: it keeps
+    one empty word, so TPOE's attention and TCA are defined. It used to make the loss nan, and the nan stop then
+    advised a lower learning rate."""
+    model, batch, tokenizer = tiny_model_and_batch()
+    ids = batch["input_ids"].clone()
+    real = batch["attention_mask"][1].bool() & (ids[1] != tokenizer.cls_token_id) & (ids[1] != tokenizer.sep_token_id)
+    ids[1, real] = tokenizer.unk_token_id
+    out = model({**batch, "input_ids": ids})
+    assert all(torch.isfinite(v).all() for v in out.values())
+    out["loss"].backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_the_text_encoder_has_attention_maps_without_set_attn_implementation(monkeypatch):
+    """transformers releases before set_attn_implementation (4.40 is the requirements' lower bound) get the eager
+    kernel from the constructor: MGCA's [CLS] word weights come out either way."""
+    import transformers
+    monkeypatch.delattr(transformers.PreTrainedModel, "set_attn_implementation", raising=False)
+    model, batch, _ = tiny_model_and_batch()
+    assert model.text_encoder.bert.config._attn_implementation == "eager"
+    out = model.text_encoder.bert(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                  output_attentions=True)
+    assert out.attentions[-1].shape[-1] == batch["input_ids"].shape[1]

@@ -342,3 +342,27 @@ def test_baseline_and_bad_flags():
         reclf.RECLF(bad, tok)
     paper = common.parse_args(reclf.Args, reclf.PRESETS, ["--preset", "paper"])
     assert paper == reclf.Args(preset="paper", data="mimic") and paper.upsample == 299 and paper.gamma1 == 4.0
+
+
+def test_precision_at_k_takes_the_positive_finding_not_an_unknown_one():
+    """Real labels have nans (unknown). A single-finding pair's class is its positive finding; argmax alone took a
+    nan before it (nan compares as the maximum). So unknown findings before the positive one must not change
+    Precision@K: the same pairs with those nans read as 0 give the same numbers."""
+    args = common.parse_args(reclf.Args, reclf.PRESETS, TINY)
+    ds = data.make_dataset("synthetic", split="test", image_size=64, num_samples=24)
+    samples = [{k: v for k, v in ds[i].items() if k not in ("masks", "boxes", "box_labels")} for i in range(24)]
+    prompts = [n.lower() for n in data.CHEXPERT_LABELS] + ["no"]  # the real-data prompts' words
+    tokenizer = data.build_tokenizer([s["text"] for s in samples] + prompts)
+    torch.manual_seed(0)
+    model = reclf.RECLF(args, tokenizer).eval()
+    for i, s in enumerate(samples):  # real-data labels: finding 1 + i % 4 positive, nan before it, 0 after it
+        s["labels"] = torch.zeros(14)
+        s["labels"][1:2 + i % 4] = math.nan
+        s["labels"][2 + i % 4] = 1.0
+    unknown = [data.collate(samples[i:i + 8], tokenizer, 96) for i in range(0, 24, 8)]
+    known = [dict(b, labels=torch.nan_to_num(b["labels"])) for b in unknown]
+    with torch.no_grad():
+        got, want = (reclf.evaluate(model, loader, tokenizer, "cpu") for loader in (unknown, known))
+    assert {k: got[k] for k in ("i2t_P@1", "i2t_P@5", "i2t_P@10")} == {k: want[k] for k in ("i2t_P@1", "i2t_P@5",
+                                                                                               "i2t_P@10")}
+    assert want["i2t_P@5"] < 1  # four classes among the 24 pairs: the metric is not trivially 1
