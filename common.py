@@ -1028,6 +1028,12 @@ def load_checkpoint(path: str, map_location="cpu") -> dict:
     return torch.load(path, map_location=map_location, weights_only=True)
 
 
+def save_best(path: str, model: nn.Module, **progress):
+    """best.pt: the weights of the best-validation model and where it was (step, epoch, val_loss), atomically: what
+    load_best reads. Not a training state (a third of ckpt.pt's size, no optimizer): --resume continues ckpt.pt."""
+    save_checkpoint(path, {"model": unwrap(model).state_dict(), **progress})
+
+
 def load_best(model: nn.Module, best_path: str):
     """The best-validation checkpoint's model weights into `model`, where the run wrote one: what is exported and
     evaluated at the end of a run (LoVT's downstream checkpoint). Without one the model stays as trained."""

@@ -40,8 +40,9 @@ Run (CACHE from `python data.py prepare-mimic --root MIMIC --out CACHE --image-s
   python joimternet.py --resume --out-dir runs/joimternet-XXXX                        # continue a killed run
   python joimternet.py --bench 20 [--preset paper]        # throughput of the image-text steps (images/s, memory)
   python joimternet.py --no-local                      # ablation: global terms only (no word-region CE / triplets)
---batch-size is per process: with W processes, 128 / W keeps the code's 128 pairs per step (the CE terms score each
-rank's pairs against all W x B gathered columns). Without --data the demo preset runs on the built-in synthetic
+--batch-size is per process (JoImTeRNet has no accumulation): with W processes, 128 / W keeps the code's 128 pairs
+per step (the CE terms score each rank's pairs against all W x B gathered columns). Training views reach --image-size
+through the augmentation below, or resized whole with --no-augment (data.train_view, every method's rule). Without --data the demo preset runs on the built-in synthetic
 data. The run folder (default runs/joimternet-<time>) holds args.json, metrics.csv, val.csv, ckpt.pt,
 image_encoder.pt, text_encoder/ (BERT, tokenizer, joimternet_heads.pt), eval.json and viz/. At the end, untrained vs
 trained: retrieval R@1/5/10 both ways (global cosine, 1k blocks and full gallery), per-class AUC of the image-only
@@ -84,9 +85,11 @@ Deviations and choices (all "our choice" unless said otherwise):
       1e-3, longer at 5e-4, and the remaining steps are all needed to learn.
     - p_mlm 0.5 (not 0.7): ~310 MLM steps instead of ~720, so that the 2-core budget goes to image-text steps
       (4 epochs at p_mlm 0.7: ~150 s on 2 cores, R@10 0.05-0.20 over our runs; 5 epochs at 0.5: 125-145 s, 0.16-0.20).
-    The demo's numbers vary from run to run (the plateau lasts 90-150 ITM steps): the CPU
-    kernels are not bitwise reproducible here (two runs' losses drift apart at the 1e-4 level within ~20 ITM steps)
-    and the escape from the plateau amplifies that.
+    Two runs of the same command log the same losses on one machine and thread count (tested). They used to
+    drift apart from ITM step 6 at the 1e-7 level and then by whole R@10 points after the plateau: advanced
+    indexing's backward (the triplet negatives, x[idx]) accumulated the repeated rows with atomic adds on a
+    multi-threaded CPU; index_select's backward adds them in order. The plateau's length (90-150 ITM steps on
+    earlier runs) still decides what one pass buys, so other seeds give other numbers.
   - MLM steps read the training reports without their images (Reports): same batches, no image decoded or rendered.
   - image_encoder.pt: arch "joimternet-resnet" with its config; eval_seg.py / eval_det.py rebuild it (c1 .. c5 =
     stages 1 .. 5, strides 2 .. 32 with stem stride 1).

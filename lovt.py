@@ -25,9 +25,12 @@ Objectives (cos = cosine similarity, each term a mean over the micro-batch):
              + 0.375 (L_a_l2att + L_a_att2l) + 0.375 (L_b_l2att + L_b_att2l)
 Training: AdamW lr 1e-4 wd 1e-6, micro-batch 32 x 16 accumulation = 512 pairs per optimizer step (negatives and BN
 statistics still come from the 32-sample micro-batch), cosine wave per epoch never reset, <= 100 epochs, early
-stopping (patience 10) on the validation loss, the best-validation checkpoint is exported. --accum is the
-accumulation of the whole job: with W processes each does accum / W micro-batches per step (16 / 8 = 2 on 8 GPUs),
-so the step is 512 pairs on 1 GPU or on 8, as nanoGPT does.
+stopping (patience 10) on the validation loss, the best-validation checkpoint is exported. --accum counts the
+whole job's micro-batches per optimizer step: with W processes each does accum / W (16 / 8 = 2 on 8 GPUs), so the
+step is 512 pairs on 1 GPU or on 8, as nanoGPT does; --accum 1 (the demo) is one micro-batch per process on any
+number of processes, and an --accum that W does not divide stops with the valid values. Training views: the
+loader's view (a CSV's or the MIMIC cache's square) reaches --image-size through LoVT's augmentation
+(data.BatchAugment), or resized whole with --no-augment (data.train_view, the rule of every method of the suite).
 
 Commands:
   python lovt.py                                          # demo: synthetic data, small models, minutes on 2 CPU cores
@@ -50,8 +53,11 @@ Deviations / our choices:
 - Under DDP each process keeps LoVT's per-micro-batch negatives (--gather-negatives gathers them across GPUs).
 - The online CheXpert linear probes of the official code are not trained.
 - The demo preset (ResNet-18 and a 2-layer BERT from scratch, 128 px, 1 epoch) trains without augmentation.
-- Resume is exact in one process with --workers 0 (tested); with workers or several ranks the data order is
-  exact, but the random draws of the interrupted epoch (sentence swaps, MIMIC's view choice) are drawn anew.
+- Resume is exact in one process with --workers 0 (tested: a run killed with SIGKILL and resumed logs the losses
+  of one never stopped); with workers or several ranks the data order is exact, but the random draws of the
+  interrupted epoch (sentence swaps, MIMIC's view choice) are drawn anew.
+- Evaluation runs on rank 0 after the process group is closed, once ckpt.pt and the export are written; a failure
+  there is one message, and --resume on the finished run evaluates it again without training.
 """
 import math
 import os
@@ -100,7 +106,8 @@ class Args:
     image_weights: str = arg("imagenet", "imagenet | none | path to a state dict")
     image_size: int = arg(224, "input size (the 7x7 conv5 grid at 224)")
     channels_last: bool = arg(True, "NHWC memory format for the ResNet: faster convolutions on CPUs and tensor cores")
-    augment: bool = arg(True, "LoVT's image augmentation (crop, affine, jitter, blur) on training batches")
+    augment: bool = arg(True, "LoVT's image augmentation (crop, affine, jitter, blur) on training batches; off: "
+                           "the training view resized to --image-size")
     text_model: str = arg("emilyalsentzer/Bio_ClinicalBERT", "name/path, or tiny | bert-base (random init, "
                           "vocabulary from the training reports)")
     text_freeze_layers: int = arg(6, "freeze the embeddings and the first k BERT layers")
@@ -110,7 +117,8 @@ class Args:
     pool_heads: int = arg(8, "heads of the attention pooling")
     # optimisation
     batch_size: int = arg(32, "micro-batch per process (negatives and BN statistics)")
-    accum: int = arg(16, "micro-batches per optimizer step, whole job (each of W processes does accum / W)")
+    accum: int = arg(16, "micro-batches per optimizer step, whole job: each of W processes does accum / W (1: one "
+                         "per process, any W)")
     lr: float = arg(1e-4, "AdamW learning rate (cosine wave with a 2-epoch period)")
     weight_decay: float = arg(1e-6, "AdamW weight decay (all parameters)")
     epochs: int = arg(100, "maximum epochs")
@@ -420,7 +428,7 @@ def main(argv=None):
         args = common.bench_args(args, accum=1, ckpt_every=0)
     ddp = common.setup_distributed(args.device or None)
     dev, amp = ddp.device, common.amp_dtype(ddp.device, args.precision)
-    micro_per_step = common.micro_batches_per_step(args.accum, ddp.world_size, args.batch_size)  # 32 x 16 pairs on 1 GPU or 8
+    micro_per_step = common.micro_batches_per_step(args.accum, ddp.world_size, args.batch_size)  # 32 x 16 on 1 or 8
     out = common.run_folder(args.out_dir, "lovt", ddp, args)
     ckpt_path, best_path = os.path.join(out, "ckpt.pt"), os.path.join(out, "best.pt")
     train_set, val_set, test_set, (mean, std), tokenizer = datasets(args)
@@ -442,15 +450,16 @@ def main(argv=None):
     else:
         common.seed_everything(args.seed + ddp.rank)  # data order, augmentation and dropout differ per rank
     net = common.wrap_ddp(model, ddp)
-    def save(path=ckpt_path):
+    def save():
         if ddp.is_main:
-            common.save_training_state(path, stateful, args=args, logger=logger.state_dict(), **state)
+            common.save_training_state(ckpt_path, stateful, args=args, logger=logger.state_dict(), **state)
     logger = common.Logger(out, ddp.is_main, min(args.max_steps or math.inf, steps_per_epoch * args.epochs),
                            state["step"], resumed.get("logger"))
     if ddp.is_main:
-        print(f"LoVT: {common.count_parameters(optimizer) / 1e6:.1f}M trainable parameters, {dev}, {amp or torch.float32}"
-              f", {steps_per_epoch} steps of {args.batch_size * micro_per_step * ddp.world_size} pairs per epoch. The image-local terms "
-              f"cannot fall below the entropy of their soft target (~3.1-3.9 nats on 7x7).")
+        print(f"LoVT: {common.count_parameters(optimizer) / 1e6:.1f}M trainable parameters, {dev}, "
+              f"{amp or torch.float32}, {steps_per_epoch} steps of {args.batch_size * micro_per_step * ddp.world_size} "
+              f"pairs per epoch. The image-local terms cannot fall below the entropy of their soft target (~3.1-3.9 "
+              f"nats on 7x7).")
 
     stop = state["step"] >= (args.max_steps or math.inf) or state["bad_epochs"] >= args.patience  # a finished run
     while state["epoch"] < args.epochs and not stop:
@@ -490,7 +499,8 @@ def main(argv=None):
             logger.write("val.csv", dict(epoch=state["epoch"], step=state["step"], val_loss=val))
             if val < state["best_val"] - 1e-5:
                 state.update(best_val=val, bad_epochs=0)
-                save(best_path)
+                if ddp.is_main:
+                    common.save_best(best_path, model, step=state["step"], epoch=state["epoch"], val_loss=val)
             else:
                 state["bad_epochs"] += 1
             save()

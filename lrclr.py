@@ -36,17 +36,23 @@ Commands:
   torchrun --nproc_per_node=2 lrclr.py --preset paper --data mimic --data-root CACHE --stage base --batch-size 72
   python lrclr.py --stage lrclr --init RUN --lambda-loc 0     # control: the base fine-tuned alone, same steps
   python lrclr.py --resume --stage lrclr --init RUN --out-dir runs/lrclr-XXXX             # continue a killed run
+  torchrun --nproc_per_node=2 lrclr.py --max-steps 5 --ft-max-steps 5     # DDP smoke test on CPU (gloo), all stages
   python lrclr.py --bench 20 --stage base|lrclr [--preset paper --image-weights none --text-model bert-base]
 A run folder holds args.json, metrics.csv, val.csv, ckpt.pt, best.pt, image_encoder.pt, text_encoder/, eval.json,
-zero_shot.txt and (stage lrclr) viz/*.png. --stage both (the demo's default) writes base/, control/ and lrclr/
-into one folder. --batch-size is per process: the contrastive terms score each rank's rows against all gathered
-columns (for L_loc: the kept region tokens q and the texts u are gathered with gradient), so W x B pairs per step.
+zero_shot.txt and (stage lrclr) viz/*.png. --stage both (the default) trains base/, control/ and lrclr/ one after
+another in one folder (also under torchrun) and evaluates them after the last; --resume continues each sub-run that
+has a ckpt.pt and starts the others. --batch-size is per process: the contrastive terms score each rank's rows
+against all gathered columns (for L_loc: the kept region tokens q and the texts u are gathered with gradient), so
+W x B pairs per step; --accum counts the whole job's micro-batches per step (each of W processes does accum / W; the
+default 1 is one per process on any number of processes). Stage lrclr needs --init (it fine-tunes that base) and
+takes the base's encoders and report pooling from its args.json.
 
 Deviations / our choices:
 - our choice: the whole architecture and recipe of stage lrclr above, and the suite's own base (stage base).
 - our choice: Stage 0 trains with MGCA's global recipe (AdamW (0.9, 0.999), lr 2e-5, wd 0.05, cosine with 40 %
   linear warm-up to 1e-8, batch 144, <= 50 epochs, early stopping patience 5 on the validation loss).
-- our choice: phi_img and phi_txt start with a parameter-free BatchNorm of the encoder features (Projection).
+- our choice: phi_img and phi_txt start with a parameter-free BatchNorm of the encoder features (Projection); the
+  image's global vector is normalised with its grid cells' statistics, so g = mean_r p_r in training and evaluation.
 - our choice: the logit scale and tau_loc take no weight decay (open_clip's exclusion); 1/tau_loc <= 100 as exp(t).
 - our choice: both stages keep the best validation-loss checkpoint (not the zero-shot AUC on a validation set).
 - our choice: the base is compared with LRCLR on one checkpoint lineage, and for fairness also with the CONTROL:
@@ -86,7 +92,7 @@ class Args:
     """LRCLR (defaults = our reconstruction of the paper's recipe; `--preset demo` is used when no --data is given)."""
     preset: Optional[str] = arg(None, "paper | demo (default: demo without --data, else paper)")
     stage: Literal["both", "base", "lrclr"] = arg("both", "base: Stage 0 | lrclr: fine-tune --init | both: base, "
-                                                          "control and lrclr in sub-folders (one process)")
+                                                          "control and lrclr in sub-folders")
     init: str = arg("", "stage lrclr: the base run folder (its best.pt or ckpt.pt, args.json and text_encoder/)")
     compare: str = arg("", "stage lrclr: also evaluate this run (e.g. the --lambda-loc 0 control) in the table")
     control: bool = arg(True, "--stage both: also train the control (the base fine-tuned with --lambda-loc 0)")
@@ -128,7 +134,8 @@ class Args:
     mu_sparsity: float = arg(0.0, "weight of the gate sparsity term mean_r sigmoid(s_r) (0.01 to switch it on)")
     # optimisation, stage base
     batch_size: int = arg(144, "stage base: micro-batch per process")
-    accum: int = arg(1, "micro-batches per optimizer step, whole job (each of W processes does accum / W)")
+    accum: int = arg(1, "micro-batches per optimizer step, whole job: each of W processes does accum / W (1: one "
+                        "per process, any W)")
     lr: float = arg(2e-5, "stage base: AdamW learning rate")
     weight_decay: float = arg(0.05, "stage base: AdamW weight decay")
     warmup: float = arg(0.4, "stage base: linear warm-up fraction of the steps, then cosine to 1e-8")
@@ -661,9 +668,9 @@ def train(args, ddp):
     else:
         common.seed_everything(args.seed + ddp.rank)  # data order and dropout differ per rank
     net = common.wrap_ddp(model, ddp)
-    def save(path=ckpt_path):
+    def save():
         if ddp.is_main:
-            common.save_training_state(path, stateful, args=args, logger=logger.state_dict(), **state)
+            common.save_training_state(ckpt_path, stateful, args=args, logger=logger.state_dict(), **state)
     logger = common.Logger(out, ddp.is_main, total, state["step"], resumed.get("logger"))
     if ddp.is_main:
         print(f"LRCLR stage {args.stage}{' from ' + args.init if args.init else ''}: "
@@ -709,7 +716,8 @@ def train(args, ddp):
             logger.write("val.csv", dict(epoch=state["epoch"], step=state["step"], val_loss=val))
             if val < state["best_val"] - 1e-5:
                 state.update(best_val=val, bad_epochs=0)
-                save(best_path)
+                if ddp.is_main:
+                    common.save_best(best_path, model, step=state["step"], epoch=state["epoch"], val_loss=val)
             else:
                 state["bad_epochs"] += 1
             save()

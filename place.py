@@ -30,7 +30,11 @@ Losses (cos-similarities of L2-normalised vectors, CE = mean cross-entropy over 
   total L = L_ITA + L_TCA + (L_inter + L_intra) + L_CCE   (MGCA's prototype term CPA is replaced by PCMA)
 Training (our choice on MGCA's defaults): AdamW (0.9, 0.999), wd 0.05, lr 2e-5 for the encoders and 1e-4 for the new
 modules and heads, linear warm-up over 40 % of the steps then cosine to 1e-8, 50 epochs, batch 144, early stopping
-(patience 5) on the validation loss, seed 42.
+(patience 5) on the validation loss, seed 42. As MGCA (mgca/datasets/transforms.py:DataTransforms) the training view
+is randomly cropped, 224 of the 256-px square (data.crop_augment); --no-augment (the demo) resizes it whole to
+--image-size (data.train_view, every method's rule). --batch-size is per process; --accum counts the whole job's
+micro-batches per step (each of W processes does accum / W; the default 1 is one per process on any number of
+processes).
 
 Commands:
   python place.py                                              # demo: tiny ViT, synthetic data, minutes on 2 CPUs
@@ -52,6 +56,8 @@ Deviations / our choices:
 - our choice: the report-conditioning check zeroes the word tokens the CCE predictor reads (the padding mask is
   kept) and compares L_CCE on the test split with the same masks.
 - as MGCA: MGCA trains in fp32; here bf16 autocast where supported, fp32 on CPU; losses in fp32.
+- our choice: a report with no word (every token [UNK]: real text against a vocabulary of other reports) keeps one
+  empty word, a zero vector with weight 0 (common.sum_pieces), so TPOE's attention and TCA are defined (not nan).
 - our choice: the demo preset (tiny ViT at 128 px, 2-layer BERT from scratch, one lr for everything) trades the
   recipe for a 2-core CPU budget; it also takes the report feature t as the mean of the word tokens
   (--text-pool mean; default cls, as MGCA), as the RECLF and LRCLR demos do.
@@ -100,7 +106,8 @@ class Args:
     image_arch: str = arg("vit_b16", "vit_b16 | resnet50 (detection; needs --no-cce) | vit_tiny | resnet18")
     image_weights: str = arg("imagenet", "imagenet (DeiT-B / torchvision) | none | path to a state dict")
     image_size: int = arg(224, "input size (14 x 14 patches at 224)")
-    augment: bool = arg(True, "MGCA's augmentation, a random crop of the training view (224 of the 256-px square)")
+    augment: bool = arg(True, "MGCA's augmentation, a random crop of the training view (224 of the 256-px "
+                           "square); off: the view resized to --image-size")
     text_model: str = arg("emilyalsentzer/Bio_ClinicalBERT", "name/path, or tiny | bert-base (random init, "
                           "vocabulary from the training reports)")
     text_width: int = arg(128, "hidden size of the tiny BERT (= the query width d in the demo)")
@@ -131,7 +138,8 @@ class Args:
     weight_cce: float = arg(1.0, "weight of L_CCE in the total")
     # optimisation
     batch_size: int = arg(144, "micro-batch per process (negatives and BN statistics)")
-    accum: int = arg(1, "micro-batches per optimizer step, whole job (each of W processes does accum / W)")
+    accum: int = arg(1, "micro-batches per optimizer step, whole job: each of W processes does accum / W (1: one "
+                        "per process, any W)")
     lr_encoders: float = arg(2e-5, "AdamW lr of the image and text encoders")
     lr_new: float = arg(1e-4, "AdamW lr of the queries, decoders, CCE predictor and heads")
     weight_decay: float = arg(0.05, "AdamW weight decay")
@@ -497,8 +505,10 @@ def finish(args, model, tokenizer, test_loader, mean_std, device, amp, out):
     print(f"held-out {args.data} test split ({len(test_loader.dataset)} pairs; chance: PCMA intra-sample slot "
           f"accuracy 1/K = {1 / args.num_queries:.3f}, per-slot retrieval 1/B = {1 / args.batch_size:.3f}):")
     common.print_comparison(results, os.path.join(out, "eval.json"))
-    print("zero-shot AUC, 95 % bootstrap interval (trained): " + ", ".join(
-        f"{k} {a:.3f} [{lo:.3f}, {hi:.3f}]" for k, (a, lo, hi) in intervals["trained"].items() if not math.isnan(a)))
+    measured = [f"{k} {a:.3f} [{lo:.3f}, {hi:.3f}]" for k, (a, lo, hi) in intervals["trained"].items()
+                if not math.isnan(a)]
+    if measured:
+        print("zero-shot AUC, 95 % bootstrap interval (trained): " + ", ".join(measured))
     r = results["trained"]
     if "cce_real_report" in r:
         verdict = "uses the report" if r["cce_real_report"] < r["cce_zeroed_report"] else "does NOT use the report"
@@ -594,9 +604,9 @@ def main(argv=None):
     else:
         common.seed_everything(args.seed + ddp.rank)  # data order, masks and dropout differ per rank
     net = common.wrap_ddp(model, ddp)
-    def save(path=ckpt_path):
+    def save():
         if ddp.is_main:
-            common.save_training_state(path, stateful, args=args, logger=logger.state_dict(), **state)
+            common.save_training_state(ckpt_path, stateful, args=args, logger=logger.state_dict(), **state)
     logger = common.Logger(out, ddp.is_main, total_steps, state["step"], resumed.get("logger"))
     if ddp.is_main:
         print(f"PLACE: {common.count_parameters(optimizer) / 1e6:.1f}M trainable parameters ({args.image_arch}, "
@@ -641,7 +651,8 @@ def main(argv=None):
             logger.write("val.csv", dict(epoch=state["epoch"], step=state["step"], val_loss=val))
             if val < state["best_val"] - 1e-5:
                 state.update(best_val=val, bad_epochs=0)
-                save(best_path)
+                if ddp.is_main:
+                    common.save_best(best_path, model, step=state["step"], epoch=state["epoch"], val_loss=val)
             else:
                 state["bad_epochs"] += 1
             save()

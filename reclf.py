@@ -16,7 +16,9 @@ Model (one image a with regions v_j, one report b with words e_i; ^ = L2-normali
              BERT (Bio_ClinicalBERT) with the hidden states of its last 4 layers summed, word pieces summed into
              words, report t = [CLS]; no text projection (D = 768 = the BERT width).
              our choice: the words are all words of the report ([CLS], [SEP], [UNK] and punctuation out, no
-             stop-word removal: IRM exists to weight function words), at most 97 (GLoRIA's word_num).
+             stop-word removal: IRM exists to weight function words), at most 97 (GLoRIA's word_num); a report
+             with no word (every token unknown: real text against a vocabulary of other reports) keeps one empty
+             word, a zero vector, so that its local score is defined (common.sum_pieces).
   contexts   as GLoRIA (AttnGAN Eqs. 7-9, common.word_region_attention): s_ij = v_j . e_i, softmax over words per
              region, softmax over regions of gamma1 = 4 times it per word: alpha_ij; c_i = sum_j alpha_ij v_j.
   matchings  as SGRAF (similarity vectors): m_i = norm2(W_l (e^_i - c^_i)^2) in R^256, the element sum of
@@ -55,7 +57,10 @@ the loss and gradients equal one process on the full batch (tested).
 Training (our choice, GLoRIA's recipe on MIMIC-CXR): Adam lr 5e-5 (relation modules 1e-4), weight decay 1e-6,
 batch 48, <= 50 epochs, ReduceLROnPlateau on the validation loss (factor 0.5, patience 5), early stopping
 (patience 10), gradient clipping 0.25, bf16 autocast where supported (losses fp32); 256-px cache, random 224 crop,
-upsampled to 299.
+upsampled to 299. Training views reach --image-size through that crop (data.crop_augment), or resized whole with
+--no-augment (data.train_view, every method's rule). --batch-size is per process; --accum counts the whole job's
+micro-batches per step (each of W processes does accum / W; the default 1 is one per process on any number of
+processes).
 
 Commands:
   python reclf.py                                                          # demo: synthetic data, CPU, minutes
@@ -77,7 +82,8 @@ Deviations / our choices (besides those marked above):
   which pairs share its chunk or its rank; per-graph statistics keep every score a function of its own pair
   (chunked == unchunked, DDP == one process) and training == evaluation.
 - Zero-shot: CheXzero's pair prompts ("x" / "no x", common.zero_shot_auc_ci) instead of GLoRIA's prompt
-  ensembles; retrieval Precision@K on the test pairs that show exactly one finding (the 5 x 200 sets' rule).
+  ensembles; retrieval Precision@K on the test pairs that show exactly one finding (the 5 x 200 sets' rule), that
+  finding the class (unknown labels do not count).
 - The demo preset (ResNet-18 from scratch at 128 px: 8 x 8 regions, a 2-layer BERT with the last 2 layers summed,
   the report vector the mean of its words (--text-pool mean: with [CLS] no term left log B in 125 steps),
   64-d matchings, batch 16, lr 1e-3, one epoch of 2,000 pairs, no augmentation) fits 2 CPU cores in a few minutes.
@@ -152,7 +158,8 @@ class Args:
     chunk: int = arg(8, "reports per chunk of the all-pairs matching")
     # optimisation
     batch_size: int = arg(48, "batch per process (the relation term scores it against the whole job's)")
-    accum: int = arg(1, "micro-batches per optimizer step, whole job (each of W processes does accum / W)")
+    accum: int = arg(1, "micro-batches per optimizer step, whole job: each of W processes does accum / W (1: one "
+                        "per process, any W)")
     lr: float = arg(5e-5, "Adam learning rate of the encoders and their heads")
     head_lr: float = arg(1e-4, "Adam learning rate of the relation modules")
     weight_decay: float = arg(1e-6, "Adam weight decay")
@@ -690,9 +697,9 @@ def main(argv=None):
         common.seed_everything(args.seed + ddp.rank)
     net = common.wrap_ddp(model, ddp)
 
-    def save(path=ckpt_path):
+    def save():
         if ddp.is_main:
-            common.save_training_state(path, stateful, args=args, logger=logger.state_dict(), **state)
+            common.save_training_state(ckpt_path, stateful, args=args, logger=logger.state_dict(), **state)
     logger = common.Logger(out, ddp.is_main, min(args.max_steps or math.inf, steps_per_epoch * args.epochs),
                            state["step"], resumed.get("logger"))
     if ddp.is_main:
@@ -739,7 +746,8 @@ def main(argv=None):
             logger.write("val.csv", dict(epoch=state["epoch"], step=state["step"], val_loss=val))
             if val < state["best_val"] - 1e-5:
                 state.update(best_val=val, bad_epochs=0)
-                save(best_path)
+                if ddp.is_main:
+                    common.save_best(best_path, model, step=state["step"], epoch=state["epoch"], val_loss=val)
             else:
                 state["bad_epochs"] += 1
             save()

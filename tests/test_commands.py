@@ -135,7 +135,7 @@ def places(tmp_path_factory):
     cache = root / "cache"
     data.prepare_mimic(tree, cache, reports=reports, image_size=72, workers=1)
     rsna, rsna_split = write_rsna(root / "rsna")
-    out = {"CACHE": cache, "cache/mimic256": cache, "cache/mimic512": cache, "pairs.csv": write_pairs(root / "csv", True),
+    out = {"CACHE": cache, "pairs.csv": write_pairs(root / "csv", True),
            "physionet.org/files/mimic-cxr-jpg/2.0.0": tree, "physionet.org/files/mimic-cxr/2.0.0": reports,
            "MIMIC_JPG": tree, "SIIM": write_siim(root / "siim"), "RSNA": rsna,
            "lovt/datasets/RSNA-Pneunomia-Detection": rsna_split}
