@@ -42,11 +42,11 @@ Run (CACHE from `python data.py prepare-mimic --root MIMIC --out CACHE --image-s
   python joimternet.py --no-local                      # ablation: global terms only (no word-region CE / triplets)
 --batch-size is per process (JoImTeRNet has no accumulation): with W processes, 128 / W keeps the code's 128 pairs
 per step (the CE terms score each rank's pairs against all W x B gathered columns). Training views reach --image-size
-through the augmentation below, or resized whole with --no-augment (data.train_view, every method's rule). Without --data the demo preset runs on the built-in synthetic
-data. The run folder (default runs/joimternet-<time>) holds args.json, metrics.csv, val.csv, ckpt.pt,
-image_encoder.pt, text_encoder/ (BERT, tokenizer, joimternet_heads.pt), eval.json and viz/. At the end, untrained vs
-trained: retrieval R@1/5/10 both ways (global cosine, 1k blocks and full gallery), per-class AUC of the image-only
-classifier on the frozen encoder, word->region attention PNGs.
+through the augmentation below, or resized whole with --no-augment (data.train_view, every method's rule). Without
+--data the demo preset runs on the built-in synthetic data. The run folder (default runs/joimternet-<time>) holds
+args.json, metrics.csv, val.csv, ckpt.pt, image_encoder.pt, text_encoder/ (BERT, tokenizer, joimternet_heads.pt),
+eval.json and viz/. At the end, untrained vs trained: retrieval R@1/5/10 both ways (global cosine, 1k blocks and
+full gallery), per-class AUC of the image-only classifier on the frozen encoder, word->region attention PNGs.
 
 Deviations and choices (all "our choice" unless said otherwise):
   - 512-px cached squares with stem stride 1 instead of 2048-px crops with stride 4: the same grids from stage 1 on;

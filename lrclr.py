@@ -154,12 +154,11 @@ class Args:
 
 PRESETS = {
     "paper": dict(data="mimic"),
-    # 2 CPU cores, 209 s measured alone for base + control + lrclr: small encoders from scratch, 128 px (4x4 grid,
+    # 2 CPU cores, 141 s measured alone for base + control + lrclr: small encoders from scratch, 128 px (4x4 grid,
     # K = 3).
     "demo": dict(data="synthetic", image_arch="resnet18", image_weights="none", image_size=128, augment=False,
-                 text_model="tiny",
-                 text_pool="mean",
-                 max_length=128, dim=256, batch_size=32, lr=1e-3, weight_decay=0.05, warmup=0.1, epochs=1,
+                 text_model="tiny", text_pool="mean", max_length=128, dim=256, batch_size=32, lr=1e-3,
+                 weight_decay=0.05, warmup=0.1, epochs=1,
                  ft_batch_size=32, ft_lr=2e-4, ft_lr_new=2e-3, ft_warmup_steps=5, ft_epochs=1, ft_max_steps=20,
                  train_samples=1280, eval_samples=300, workers=0, ckpt_every=50, log_every=5),
 }

@@ -155,10 +155,9 @@ PRESETS = {
     # 2 CPU cores, ~2.5 minutes: tiny ViT and BERT from scratch at one lr, almost no warm-up, t = the mean word,
     # 3 passes over 2,000 pairs (one pass left ITA near chance while the other terms learnt)
     "demo": dict(data="synthetic", image_arch="vit_tiny", image_weights="none", image_size=128, augment=False,
-                 text_model="tiny",
-                 text_pool="mean", head_hidden=256, decoder_heads=4, decoder_ffn=256, cce_dim=64, batch_size=32,
-                 lr_encoders=1e-3, lr_new=1e-3, weight_decay=1e-4, warmup=0.05, epochs=3, train_samples=2000,
-                 eval_samples=300, workers=0, viz=2, ckpt_every=50, log_every=5),
+                 text_model="tiny", text_pool="mean", head_hidden=256, decoder_heads=4, decoder_ffn=256, cce_dim=64,
+                 batch_size=32, lr_encoders=1e-3, lr_new=1e-3, weight_decay=1e-4, warmup=0.05, epochs=3,
+                 train_samples=2000, eval_samples=300, workers=0, viz=2, ckpt_every=50, log_every=5),
 }
 
 
