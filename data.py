@@ -1499,14 +1499,6 @@ def zero_shot_findings(synthetic):
     return names, [SYNTH_PROMPTS.get(n, n) for n in names]
 
 
-def finding_labels(batch):
-    """The labels of a collated batch in zero_shot_findings' order: synthetic samples 1 where the finding's mask is
-    non-empty, else 0; real data its CheXpert labels without "No Finding" (1 / 0, -1 uncertain, nan unknown)."""
-    if "masks" in batch:
-        return torch.stack([m.flatten(1).any(1) for m in batch["masks"]]).float()
-    return batch["labels"][:, 1:]
-
-
 # ==== 6. Downstream datasets (segmentation / detection) =============================================================
 # Readers for RSNA, SIIM, COVID rural, Object-CXR, NIH, a plain folder and the synthetic set, each after LoVT's
 # philip-mueller/lovt:src/data/datasets/<dataset>/; the protocol is its src/models/downstream/downstream_evaluation.py.
