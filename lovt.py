@@ -372,8 +372,7 @@ def evaluate(model, loader, tokenizer, device):
     sim = img @ txt.t()
     res = {f"i2t_{k}": v for k, v in common.recall_at_k(sim).items()}
     res.update({f"t2i_{k}": v for k, v in common.recall_at_k(sim.t()).items()})
-    names = list(data.SYNTH_FINDINGS) if "masks" in batch else [n.lower() for n in data.CHEXPERT_LABELS[1:]]
-    phrases = [data.SYNTH_PROMPTS.get(n, n) for n in names]
+    names, phrases = data.zero_shot_findings("masks" in batch)
     pos = model.encode_text(common.to_device(data.prompt_batch(phrases, tokenizer), device))
     neg = model.encode_text(common.to_device(data.prompt_batch([f"no {p}" for p in phrases], tokenizer), device))
     auc = common.zero_shot_auc(img, pos, neg, torch.cat(labels), names)

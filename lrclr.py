@@ -454,12 +454,6 @@ def loaders(args, ddp, tokenizer, train_set, val_set, test_set):
     return sampler, train, val, test
 
 
-def finding_names(batch):
-    """The zero-shot findings and their positive prompts: synthetic data's, or CheXpert's without "No Finding"."""
-    names = list(data.SYNTH_FINDINGS) if "masks" in batch else [n.lower() for n in data.CHEXPERT_LABELS[1:]]
-    return names, [data.SYNTH_PROMPTS.get(n, n) for n in names]
-
-
 def finding_labels(batch):
     return (torch.stack([m.flatten(1).any(1) for m in batch["masks"]]).float() if "masks" in batch
             else batch["labels"][:, 1:])
@@ -484,7 +478,7 @@ def evaluate(model, loader, tokenizer, device, local=True, n_boot=1000):
         u.append(model.text_features(b))
         labels.append(finding_labels(batch))
     g, u, q, labels = torch.cat(g), torch.cat(u), torch.cat(q) if q else None, torch.cat(labels)
-    names, phrases = finding_names(batch)
+    names, phrases = data.zero_shot_findings("masks" in batch)
     prompts = [model.text_features(common.to_device(data.prompt_batch(p, tokenizer), device))
                for p in (phrases, [f"no {p}" for p in phrases])]
     pair, pos, neg = model.pair_scores(g, q, u), model.pair_scores(g, q, prompts[0]), model.pair_scores(g, q, prompts[1])
@@ -585,7 +579,7 @@ def write_viz(model, batch, tokenizer, folder, mean, std, n, device):
     b = common.to_device(batch, device)
     _, q, index, gates, (h, w) = model.regions(b["images"])
     reports = model.text_features(b)
-    names, phrases = finding_names(batch)
+    names, phrases = data.zero_shot_findings("masks" in batch)
     present = finding_labels(batch)
     for i in range(min(n, len(q))):
         gray = ((batch["images"][i, 0] * std + mean).clamp(0, 1) * 255).float()

@@ -480,8 +480,7 @@ def evaluate(model, loader, tokenizer, device, amp):
     sim = img @ txt.t()
     res = {f"i2t_{k}": v for k, v in common.recall_at_k(sim).items()}
     res.update({f"t2i_{k}": v for k, v in common.recall_at_k(sim.t()).items()})
-    names = list(data.SYNTH_FINDINGS) if "masks" in batch else [x.lower() for x in data.CHEXPERT_LABELS[1:]]
-    phrases = [data.SYNTH_PROMPTS.get(x, x) for x in names]
+    names, phrases = data.zero_shot_findings("masks" in batch)
     pos = model.encode_text(common.to_device(data.prompt_batch(phrases, tokenizer), device))
     neg = model.encode_text(common.to_device(data.prompt_batch([f"no {p}" for p in phrases], tokenizer), device))
     auc = common.zero_shot_auc_ci(img @ pos.t(), img @ neg.t(), torch.cat(labels), names)

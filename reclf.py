@@ -506,8 +506,7 @@ def evaluate(model, loader, tokenizer, device):
     model.eval()
     test, synthetic = encode_split(model, loader, device)
     labels = test["labels"].cpu()
-    names = list(data.SYNTH_FINDINGS) if synthetic else [n.lower() for n in data.CHEXPERT_LABELS[1:]]
-    phrases = [data.SYNTH_PROMPTS.get(n, n) for n in names]
+    names, phrases = data.zero_shot_findings(synthetic)
     prompts = data.prompt_batch(phrases + [f"no {p}" for p in phrases], tokenizer)
     words, mask, txt_g = model.text_features(common.to_device(prompts, device))
     scores = pair_scores(model, test, dict(words=common.fp32(words), mask=mask, txt_g=common.fp32(txt_g)))
