@@ -282,28 +282,29 @@ class TextEncoder(nn.Module):
         "emilyalsentzer/Bio_ClinicalBERT" or a save_pretrained folder).
     freeze_layers: k freezes the embeddings and the first k encoder layers (requires_grad False; LoVT: k = 6).
         Their dropout stays active in train mode, as in LoVT. Pass only trainable parameters to the optimizer.
-    attn_implementation: "eager" for attention maps (output_attentions=True, MGCA's [CLS] weights); None: the
-        transformers default. Given at construction, which every transformers release since 4.36 accepts.
+    num_layers: the encoder depth; None = 2 for "tiny", 12 for "bert-base", all of a pretrained model's layers; k
+        for a pretrained model keeps its first k layers (MGCA's text encoder: Bio_ClinicalBERT's first 6).
     """
 
     def __init__(self, name_or_path: str = "tiny", tokenizer=None, freeze_layers: int = 0, hidden_size: int = 128,
-                 num_layers: int = 2, num_heads: int = 4, intermediate_size: int = 512,
-                 attn_implementation: str | None = None):
+                 num_layers: int | None = None, num_heads: int = 4, intermediate_size: int = 512):
         super().__init__()
         from transformers import BertConfig, BertModel
-        attention = {} if attn_implementation is None else dict(attn_implementation=attn_implementation)
         if name_or_path == "bert-base":
-            name_or_path, hidden_size, num_layers, num_heads, intermediate_size = "tiny", 768, 12, 12, 3072
+            name_or_path, hidden_size, num_heads, intermediate_size = "tiny", 768, 12, 3072
+            num_layers = num_layers or 12
         if name_or_path == "tiny":
+            num_layers = num_layers or 2
             if tokenizer is None:
                 raise ValueError("a random-init BERT needs the tokenizer (for its vocabulary size and [PAD] id)")
             config = BertConfig(vocab_size=len(tokenizer), hidden_size=hidden_size, num_hidden_layers=num_layers,
                                 num_attention_heads=num_heads, intermediate_size=intermediate_size,
-                                max_position_embeddings=512, pad_token_id=tokenizer.pad_token_id, **attention)
+                                max_position_embeddings=512, pad_token_id=tokenizer.pad_token_id)
             self.bert = BertModel(config, add_pooling_layer=False)
         else:
             try:
-                self.bert = BertModel.from_pretrained(name_or_path, add_pooling_layer=False, **attention)
+                depth = {} if num_layers is None else dict(num_hidden_layers=num_layers)
+                self.bert = BertModel.from_pretrained(name_or_path, add_pooling_layer=False, **depth)
             except (OSError, ValueError) as e:
                 _fail(f"Could not load the BERT model '{name_or_path}' ({type(e).__name__}: {str(e)[:300]}). "
                       f"Without internet, pass a local folder written by save_pretrained (copy the model from a "
@@ -316,8 +317,7 @@ class TextEncoder(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, sum_last: int = 1) -> torch.Tensor:
         """input_ids, attention_mask B x L -> token states B x L x D: the last layer, or the sum of the last
-        `sum_last` layers (GLoRIA/RECLF use 4). For attention maps (MGCA's [CLS] weights) build the encoder with
-        attn_implementation="eager" and call self.bert(..., output_attentions=True)."""
+        `sum_last` layers (GLoRIA/RECLF use 4)."""
         out = self.bert(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=sum_last > 1)
         if sum_last == 1:
             return out.last_hidden_state
@@ -378,6 +378,34 @@ def sum_pieces(token_states, index):
     slot = torch.where(index >= 0, index, T)  # non-words go to a dropped extra slot
     words = token_states.new_zeros(B, T + 1, D).scatter_add(1, slot[..., None].expand(B, L, D), token_states)
     return words[:, :T], torch.arange(T, device=index.device) < (index.max(1).values + 1).clamp_min(1)[:, None]
+
+
+def merged_word_index(input_ids, continues, sep_id, visited=None):
+    """GLoRIA's and MGCA's word slots (aggregate_tokens in gloria/models/text_model.py and mgca/models/backbones/
+    encoder.py): from [CLS] to the first [SEP], every piece that is not a '##' continuation opens a slot, so [CLS],
+    [SEP], [UNK] and punctuation are words. -> slot of every token B x L (-1 after [SEP]); sum_pieces then gives
+    the merged sequence. visited = k: only the first k tokens are read (MGCA zips the 112 tokens with its 111
+    attention weights): a report whose [SEP] lies beyond them loses [SEP] and the word being read at token k - 1."""
+    sep = (input_ids == sep_id).long()
+    read = (sep.cumsum(1) - sep) == 0  # up to and including the first [SEP]
+    index = torch.where(read, (~continues[input_ids] & read).long().cumsum(1) - 1, -1)
+    if visited is not None and input_ids.shape[1] > visited:
+        unfinished = ~(sep[:, :visited].bool().any(1))  # the loop ends inside the last word, which is never stored
+        index = torch.where(unfinished[:, None] & (index >= index[:, visited - 1:visited]), -1, index)
+    return index
+
+
+def last_layer_cls_attention(bert, hidden_in, attention_mask):
+    """The [CLS] row of a BertModel's last self-attention, averaged over the heads, before dropout (MGCA's med.py
+    returns the probabilities before its dropout; transformers returns them after): hidden_in B x L x D, the input
+    of the last layer (hidden_states[-2]) -> B x L, padding 0."""
+    attention = bert.encoder.layer[-1].attention.self
+    B, L, D = hidden_in.shape
+    heads = bert.config.num_attention_heads
+    query = attention.query(hidden_in[:, :1]).view(B, 1, heads, D // heads).transpose(1, 2)
+    key = attention.key(hidden_in).view(B, L, heads, D // heads).transpose(1, 2)
+    scores = (query @ key.transpose(-1, -2))[:, :, 0] / math.sqrt(D // heads)  # B x heads x L
+    return scores.masked_fill(attention_mask[:, None] == 0, float("-inf")).softmax(-1).mean(1)
 
 
 def report_words(ids, index, tokenizer):

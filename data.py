@@ -99,6 +99,22 @@ def split_sentences(text):
     return [s.strip() for s in out if re.search(r"[A-Za-z0-9]", s)]  # drops bare "___" and punctuation
 
 
+def clean_report(sentences):
+    """GLoRIA's and MGCA's report cleaning (create_path_2_sent_mapping in gloria/datasets/pretraining_dataset.py and
+    mgca/datasets/pretrain_dataset.py), on a report's sentences joined: split at "<digits>." and at every ".", keep
+    each piece's lower-cased \\w+ tokens (ASCII only; punctuation goes), drop pieces of at most one token.
+    -> sentences, each its tokens joined by spaces."""
+    text = " ".join(sentences).replace("\n", " ").replace("\ufffd\ufffd", " ")
+    out = []
+    for point in re.split(r"[0-9]+\.", text):
+        for piece in point.split("."):
+            tokens = re.findall(r"\w+", piece.lower())
+            ascii_tokens = [t.encode("ascii", "ignore").decode("ascii") for t in tokens]
+            if len(tokens) > 1 and any(ascii_tokens):
+                out.append(" ".join(t for t in ascii_tokens if t))
+    return out
+
+
 def _swap_left_right(sentence):
     """'left' <-> 'right' (whole words, capitalisation kept), for horizontal flips."""
     def swap(m):
@@ -1373,7 +1389,7 @@ def train_view(images, image_size, augment=None):
 
 
 # ---- tokenization and collation ------------------------------------------------------------------------------------
-def collate(samples, tokenizer, max_length=512, sentence_transform=None):
+def collate(samples, tokenizer, max_length=512, sentence_transform=None, clean=False):
     """Batch sample dicts and tokenize the reports in LoVT's "joint" mode
     (philip-mueller/lovt:src/models/text/report_encoder.py:ReportJointSentenceBatchCollator).
 
@@ -1382,6 +1398,8 @@ def collate(samples, tokenizer, max_length=512, sentence_transform=None):
     too-long first sentence is truncated and kept alone. Sentences that tokenize to nothing are skipped.
     The ids are wrapped in [CLS] ... [SEP] and padded to the longest report in the batch.
     sentence_transform(list[str]) -> list[str] is applied first (e.g. LoVT's random sentence swaps).
+    clean: GLoRIA's and MGCA's text instead (clean_report, then the tokens cut at max_length mid-sentence, as their
+    tokenizer's truncation does).
     Returns images B x 1 x H x W, input_ids / attention_mask / sentence_index B x L (sentence of each token,
     -1 for [CLS], [SEP] and padding), sentence_mask B x S, labels B x 14, study_ids, texts (the kept
     sentences joined), sentences (the kept ones), and masks / boxes / box_labels lists when present.
@@ -1389,6 +1407,8 @@ def collate(samples, tokenizer, max_length=512, sentence_transform=None):
     sentences = [list(s["sentences"]) for s in samples]
     if sentence_transform is not None:
         sentences = [list(sentence_transform(s)) for s in sentences]
+    if clean:
+        sentences = [clean_report(s) for s in sentences]
     flat = [t for s in sentences for t in s]
     ids = tokenizer(flat, add_special_tokens=False)["input_ids"] if flat else []
     budget, offset = max_length - 2, 0
@@ -1399,9 +1419,11 @@ def collate(samples, tokenizer, max_length=512, sentence_transform=None):
             if not sent_ids:
                 continue
             if len(tokens) + len(sent_ids) > budget:
-                if keep:
+                if keep and not clean:
                     break
-                sent_ids = sent_ids[:budget]  # a too-long first sentence: truncated, kept alone
+                sent_ids = sent_ids[:budget - len(tokens)]  # a too-long first sentence, or clean: cut where it ends
+                if not sent_ids:
+                    break
             owner += [len(keep)] * len(sent_ids)
             tokens += sent_ids
             keep.append(sent)
@@ -1432,11 +1454,12 @@ def collate(samples, tokenizer, max_length=512, sentence_transform=None):
 _SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 
 
-def prompt_batch(texts, tokenizer):
-    """One-sentence reports (the zero-shot prompts "x" / "no x") -> a text batch as collate makes it."""
+def prompt_batch(texts, tokenizer, **collate_options):
+    """One-sentence reports (the zero-shot prompts "x" / "no x") -> a text batch as collate makes it with
+    collate_options (the run's max_length, clean)."""
     samples = [dict(image=torch.zeros(1, 1, 1), sentences=[t], text=t, labels=torch.zeros(14), study_id=t)
                for t in texts]
-    return collate(samples, tokenizer)
+    return collate(samples, tokenizer, **collate_options)
 
 
 def _bert_tokenizer(vocab):

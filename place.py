@@ -8,7 +8,12 @@ mgca/models/mgca/mgca_module.py). Each piece is marked where it is implemented: 
 "third-party summary:" (a TL;DR that saw the full text), "as MGCA:" (checked in MGCA's code) or "our choice:".
 
 Model. A ViT-B/16 gives the [CLS] feature g and 196 patch tokens P (as MGCA); a BERT gives the [CLS] report feature
-t and word tokens W (word pieces summed into words, punctuation marks kept as words, as MGCA). MGCA's BN-MLP heads
+t and word tokens W. as MGCA (the paper preset; mgca/models/backbones/encoder.py, mgca/configs/bert_config.json,
+mgca/datasets/pretrain_dataset.py): the BERT is Bio_ClinicalBERT's first 6 layers (--text-layers 6); the report is
+cleaned to lower-case \\w+ tokens (punctuation dropped) and cut at 112 tokens mid-sentence (--clean-text); W is the
+merged sequence after [CLS] (word pieces summed; [UNK] and [SEP] are words), padded to 111 slots, a report filling
+all 112 tokens losing its last word and [SEP]; each word's TCA weight is the last layer's head-averaged [CLS]
+attention, before dropout, of the token right of each of its pieces (--mgca-text). MGCA's BN-MLP heads
 project g, t (and P, W per token) to 128-d. New modules:
   VPOE     K = 14 learnable pathology queries Q (K x d), 2 pre-LN decoder layers (self-attention among the queries,
            cross-attention to P, FFN) -> V-PORs V (K x d) -> Linear -> v_k (third-party summary: query tokens;
@@ -22,12 +27,13 @@ project g, t (and P, W per token) to 128-d. New modules:
            report words W, Linear(d -> 256) -> z; C^ = corr(z) (third-party summary: patch covariance predicted
            conditioned on the report; our choice: everything else)
 Losses (cos-similarities of L2-normalised vectors, CE = mean cross-entropy over rows):
-  ITA   S_ij = g_i . t_j / 0.07;  L_ITA = CE(S) + CE(S^T)                               (as MGCA, gathered)
+  ITA   S_ij = g_i . t_j / 0.07;  L_ITA = CE(S) + CE(S^T)      (as MGCA; our choice: negatives of every rank)
   TCA   MGCA's token-wise alignment within each pair (word <-> patch attention at 0.1, importance weights)
   PCMA  inter: l^k_ab = v_ak . u_bk / 0.1;  L_inter = (1/K) sum_k (CE(l^k) + CE(l^k^T)) / 2       (gathered)
         intra: l^a_kk' = v_ak . u_ak' / 0.1; L_intra = (1/B) sum_a (CE(l^a) + CE(l^a^T)) / 2
   CCE   L_CCE = (1/N^2) sum_ij (C^_ij - C*_ij)^2;  --cce-loss kl: row-wise KL(softmax(C*/0.05) || softmax(C^/0.1))
-  total L = L_ITA + L_TCA + (L_inter + L_intra) + L_CCE   (MGCA's prototype term CPA is replaced by PCMA)
+  total L = L_ITA + L_TCA + (L_inter + L_intra) + L_CCE   (MGCA's prototype term CPA is replaced by PCMA; our
+        choice: the plain sum, where MGCA weighs ITA, its local term and CPA 1, 0.7 and 0.5)
 Training (our choice on MGCA's defaults): AdamW (0.9, 0.999), wd 0.05, lr 2e-5 for the encoders and 1e-4 for the new
 modules and heads, linear warm-up over 40 % of the steps then cosine to 1e-8, 50 epochs, batch 144, early stopping
 (patience 5) on the validation loss, seed 42. As MGCA (mgca/datasets/transforms.py:DataTransforms) the training view
@@ -55,12 +61,18 @@ Deviations / our choices:
   for its ResNet).
 - our choice: the report-conditioning check zeroes the word tokens the CCE predictor reads (the padding mask is
   kept) and compares L_CCE on the test split with the same masks.
+- our choice (--preset paper-r50): the ResNet-50's regions are layer4 at the input size (7 x 7 at 224), the
+  encoder interface every method exports; MGCA's ResNet branch upsamples to 299 and reads layer3 (19 x 19). The
+  variant exists for the detection protocol, which fine-tunes the whole exported backbone.
 - as MGCA: MGCA trains in fp32; here bf16 autocast where supported, fp32 on CPU; losses in fp32.
-- our choice: a report with no word (every token [UNK]: real text against a vocabulary of other reports) keeps one
-  empty word, a zero vector with weight 0 (common.sum_pieces), so TPOE's attention and TCA are defined (not nan).
+- our choice (--no-mgca-text): a report with no word (every token [UNK]: real text against a vocabulary of other
+  reports) keeps one empty word, a zero vector with weight 0 (common.sum_pieces), so TPOE's attention and TCA are
+  defined (not nan).
 - our choice: the demo preset (tiny ViT at 128 px, 2-layer BERT from scratch, one lr for everything) trades the
   recipe for a 2-core CPU budget; it also takes the report feature t as the mean of the word tokens
-  (--text-pool mean; default cls, as MGCA), as the RECLF and LRCLR demos do.
+  (--text-pool mean; default cls, as MGCA), as the RECLF and LRCLR demos do, and its words are the report's own
+  (--no-mgca-text: [CLS], [SEP], [UNK] and padding are not words; a word's weight is the attention of its own
+  pieces), as written (--no-clean-text: whole sentences while they fit, punctuation marks are words).
 """
 import math
 import os
@@ -111,7 +123,12 @@ class Args:
     text_model: str = arg("emilyalsentzer/Bio_ClinicalBERT", "name/path, or tiny | bert-base (random init, "
                           "vocabulary from the training reports)")
     text_width: int = arg(128, "hidden size of the tiny BERT (= the query width d in the demo)")
+    text_layers: int = arg(6, "BERT layers (MGCA: Bio_ClinicalBERT's first 6, its bert_config.json; 0 = all)")
     max_length: int = arg(112, "token limit of a report incl. [CLS]/[SEP] (as MGCA)")
+    clean_text: bool = arg(True, "MGCA's report text: lower-case \\w+ tokens, cut at --max-length mid-sentence "
+                                 "(off: whole sentences while they fit)")
+    mgca_text: bool = arg(True, "MGCA's words exactly: [UNK] and [SEP] words, max_length - 1 slots, the weights "
+                                "off by one (off: the report's words, our choice)")
     text_pool: Literal["cls", "mean"] = arg("cls", "global report feature t: the [CLS] state (as MGCA) or the mean "
                                             "of the word tokens")
     emb_dim: int = arg(128, "output of MGCA's heads, the V-POR / T-POR projections")
@@ -132,7 +149,7 @@ class Args:
     tca: bool = arg(True, "L_TCA in the total (--no-tca: ablation)")
     pcma: bool = arg(True, "L_PCMA in the total (--no-pcma: ablation)")
     cce: bool = arg(True, "L_CCE in the total (--no-cce: ablation; required with a ResNet)")
-    weight_ita: float = arg(1.0, "weight of L_ITA in the total (paper: the plain sum)")
+    weight_ita: float = arg(1.0, "weight of L_ITA in the total (our choice: the plain sum)")
     weight_tca: float = arg(1.0, "weight of L_TCA in the total")
     weight_pcma: float = arg(1.0, "weight of L_PCMA in the total")
     weight_cce: float = arg(1.0, "weight of L_CCE in the total")
@@ -155,7 +172,8 @@ PRESETS = {
     # 2 CPU cores, ~2.5 minutes: tiny ViT and BERT from scratch at one lr, almost no warm-up, t = the mean word,
     # 3 passes over 2,000 pairs (one pass left ITA near chance while the other terms learnt)
     "demo": dict(data="synthetic", image_arch="vit_tiny", image_weights="none", image_size=128, augment=False,
-                 text_model="tiny", text_pool="mean", head_hidden=256, decoder_heads=4, decoder_ffn=256, cce_dim=64,
+                 text_model="tiny", text_layers=2, text_pool="mean", clean_text=False, mgca_text=False,
+                 head_hidden=256, decoder_heads=4, decoder_ffn=256, cce_dim=64,
                  batch_size=32, lr_encoders=1e-3, lr_new=1e-3, weight_decay=1e-4, warmup=0.05, epochs=3,
                  train_samples=2000, eval_samples=300, workers=0, viz=2, ckpt_every=50, log_every=5),
 }
@@ -310,13 +328,14 @@ class PLACE(nn.Module):
         self.image_encoder = common.ImageEncoder(args.image_arch, args.image_weights,
                                                  config=dict(image_size=args.image_size) if vit else None)
         self.text_encoder = common.TextEncoder(args.text_model, tokenizer, hidden_size=args.text_width,
-                                               num_heads=max(1, args.text_width // 32),
-                                               attn_implementation="eager")  # MGCA's word weights: attention maps
+                                               num_layers=args.text_layers or None,
+                                               num_heads=max(1, args.text_width // 32))
         ci, ct, e, h = self.image_encoder.out_dim, self.text_encoder.out_dim, args.emb_dim, args.head_hidden
         self.global_image, self.global_text, self.local_image, self.local_text = (
             common.mgca_head(c, e, h) for c in (ci, ct, ci, ct))  # as MGCA
         for name, table in zip(("starts_word", "continues_word"), common.word_tables(tokenizer, punctuation=True)):
             self.register_buffer(name, table, persistent=False)
+        self.sep_id = tokenizer.sep_token_id
         decoder = (args.decoder_layers, args.decoder_heads, args.decoder_ffn, args.dropout)
         # third-party summary: pathology query tokens; our choice: N(0, 0.02^2), shared by both extractors
         self.queries = nn.Parameter(torch.randn(args.num_queries, ct) * 0.02)
@@ -330,19 +349,32 @@ class PLACE(nn.Module):
         return self.image_encoder(images)
 
     def word_index(self, input_ids):
-        """The word of every token, B x L (-1: [CLS], [SEP], padding)."""
-        return common.word_index(input_ids, self.starts_word, self.continues_word, input_ids.shape[1])
+        """The word of every token, B x L (-1: not a word)."""
+        if not self.args.mgca_text:  # our choice: [CLS], [SEP], [UNK] and padding are not words
+            return common.word_index(input_ids, self.starts_word, self.continues_word, input_ids.shape[1])
+        # as MGCA (encoder.py:BertEncoder.aggregate_tokens): the merged sequence after [CLS], [UNK] and [SEP]
+        # words; it reads the first max_length - 1 tokens only
+        index = common.merged_word_index(input_ids, self.continues_word, self.sep_id, self.args.max_length - 1)
+        return torch.where(index > 0, index - 1, -1)
 
     def text_features(self, batch):
         """-> report feature B x C ([CLS]; --text-pool mean: the mean word), words B x T x C (as MGCA: the sum of
-        their pieces' last-layer states; [CLS], [SEP] and padding excluded), word mask B x T (bool), word weights
-        B x T (as MGCA: the last layer's head-averaged [CLS] attention, summed over the word's pieces)."""
-        out = self.text_encoder.bert(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                     output_attentions=True)
-        tokens, index = out.last_hidden_state, self.word_index(batch["input_ids"])
+        their pieces' last-layer states), word mask B x T (bool), word weights B x T (as MGCA: the last layer's
+        head-averaged [CLS] attention before dropout, summed over the word's pieces; --mgca-text: each piece
+        takes the attention of the token to its right, as MGCA's zip of the 112 tokens with the attention to
+        tokens 1 .. 111 does, and the words are padded to max_length - 1 slots)."""
+        ids, attention = batch["input_ids"], batch["attention_mask"]
+        out = self.text_encoder.bert(input_ids=ids, attention_mask=attention, output_hidden_states=True)
+        tokens, index = out.last_hidden_state, self.word_index(ids)
         words, mask = common.sum_pieces(tokens, index)
-        cls_attn = out.attentions[-1][:, :, 0].detach().float().mean(1)  # B x L
-        weights = common.sum_pieces(cls_attn[..., None], index)[0][..., 0] * mask
+        with torch.no_grad():
+            cls_attn = common.last_layer_cls_attention(self.text_encoder.bert, out.hidden_states[-2], attention)
+        if self.args.mgca_text:
+            cls_attn = F.pad(cls_attn[:, 1:], (0, 1))
+        weights = common.sum_pieces(cls_attn.float()[..., None], index)[0][..., 0] * mask
+        if self.args.mgca_text:  # MGCA pads every report to 111 word slots: more [PAD] negatives, BN rows
+            pad = self.args.max_length - 1 - words.shape[1]
+            words, mask, weights = F.pad(words, (0, 0, 0, pad)), F.pad(mask, (0, pad)), F.pad(weights, (0, pad))
         if self.args.text_pool == "cls":
             return tokens[:, 0], words, mask, weights
         # our choice (demo): the mean of the report's words feeds the global term from the first step, where a
@@ -431,7 +463,7 @@ def loaders(args, ddp, tokenizer, train_set, val_set, test_set):
     """Training loader (ResumableSampler: order = f(seed, epoch)), validation (split over the ranks), test (rank 0)."""
     sampler = common.ResumableSampler(train_set, ddp.world_size, ddp.rank, shuffle=True, seed=args.seed,
                                       drop_last=True)
-    collate = partial(data.collate, tokenizer=tokenizer, max_length=args.max_length)
+    collate = partial(data.collate, tokenizer=tokenizer, max_length=args.max_length, clean=args.clean_text)
     train = DataLoader(train_set, args.batch_size, sampler=sampler, num_workers=args.workers, drop_last=True,
                        collate_fn=collate, generator=torch.Generator(), pin_memory=ddp.device.type == "cuda")
     val = DataLoader(val_set, args.batch_size, num_workers=args.workers, collate_fn=collate,
@@ -481,8 +513,10 @@ def evaluate(model, loader, tokenizer, device, amp):
     res = {f"i2t_{k}": v for k, v in common.recall_at_k(sim).items()}
     res.update({f"t2i_{k}": v for k, v in common.recall_at_k(sim.t()).items()})
     names, phrases = data.zero_shot_findings("masks" in batch)
-    pos = model.encode_text(common.to_device(data.prompt_batch(phrases, tokenizer), device))
-    neg = model.encode_text(common.to_device(data.prompt_batch([f"no {p}" for p in phrases], tokenizer), device))
+    options = dict(max_length=model.args.max_length, clean=model.args.clean_text)
+    pos = model.encode_text(common.to_device(data.prompt_batch(phrases, tokenizer, **options), device))
+    neg = model.encode_text(common.to_device(data.prompt_batch([f"no {p}" for p in phrases], tokenizer, **options),
+                                             device))
     auc = common.zero_shot_auc_ci(img @ pos.t(), img @ neg.t(), torch.cat(labels), names)
     res.update({f"auc_{k}": v[0] for k, v in auc.items()})
     measured = [v[0] for v in auc.values() if not math.isnan(v[0])]

@@ -11,14 +11,21 @@ graph reasoning and attention filtration match SRM and IRM in role); each piece 
 "our choice:". Check every "our choice" against the paper's full text before treating it as RECLF's.
 
 Model (one image a with regions v_j, one report b with words e_i; ^ = L2-normalised):
-  encoders   as GLoRIA (gloria/models/vision_model.py, text_model.py): ResNet-50 on the image upsampled to 299 px;
-             regions = 1x1 conv (no bias) of layer3 (19 x 19 = 361 x 768), global g = Linear(avg-pooled layer4);
-             BERT (Bio_ClinicalBERT) with the hidden states of its last 4 layers summed, word pieces summed into
-             words, report t = [CLS]; no text projection (D = 768 = the BERT width).
-             our choice: the words are all words of the report ([CLS], [SEP], [UNK] and punctuation out, no
-             stop-word removal: IRM exists to weight function words), at most 97 (GLoRIA's word_num); a report
-             with no word (every token unknown: real text against a vocabulary of other reports) keeps one empty
-             word, a zero vector, so that its local score is defined (common.sum_pieces).
+  encoders   as GLoRIA (gloria/models/vision_model.py, text_model.py): ResNet-50 on the image upsampled to 299 px
+             (bilinear, align_corners=True); regions = 1x1 conv (no bias) of layer3 (19 x 19 = 361 x 768), global
+             g = Linear(avg-pooled layer4); BERT (Bio_ClinicalBERT) with the hidden states of its last 4 layers
+             summed; no text projection (D = 768 = the BERT width).
+  text       as GLoRIA (the paper preset; gloria/datasets/pretraining_dataset.py, text_model.py, gloria_model.py):
+             the report cleaned to lower-case \\w+ tokens (punctuation dropped, one-token sentences dropped) and cut
+             at 97 word pieces incl. [CLS] / [SEP] (word_num) mid-sentence (--clean-text); word pieces summed into
+             the merged sequence [CLS], words, [SEP] ([UNK] a word); report t = per layer the mean over the 97 slots
+             of that sequence (zero padding included), summed over the 4 layers (--text-pool gloria); the local
+             matching reads GLoRIA's columns: the first 1 + (words not starting with "[") slots, [CLS] first, so
+             each [UNK] keeps its column and pushes the report's last word out (--word-columns gloria).
+             our choice (--word-columns words, the demo): every word of the report ([CLS], [SEP], [UNK] and
+             punctuation out); no stop-word removal in either: IRM exists to weight function words. A report with no
+             word (every token unknown: real text against a vocabulary of other reports) keeps one empty word, a
+             zero vector, so that its local score is defined (common.sum_pieces).
   contexts   as GLoRIA (AttnGAN Eqs. 7-9, common.word_region_attention): s_ij = v_j . e_i, softmax over words per
              region, softmax over regions of gamma1 = 4 times it per word: alpha_ij; c_i = sum_j alpha_ij v_j.
   matchings  as SGRAF (similarity vectors): m_i = norm2(W_l (e^_i - c^_i)^2) in R^256, the element sum of
@@ -40,8 +47,10 @@ Losses (all B x B pairs; CE_rows = images -> reports, CE_cols = reports -> image
   L_rel  = CE_rows + CE_cols of S_rel(a, b) / 0.1                                      (our choice: InfoNCE, not
            SGRAF's hinge; a (0, 1) score over 0.1 spans the logit range of GLoRIA's gamma3 = 10 on a cosine)
   L      = L_g + L_rel;  --add-lse-local adds L_loc = CE_rows + CE_cols of 10 S_loc; the baseline is L_g + L_loc.
-Scoring (zero-shot, retrieval): sim(a, b) = (cos(g_a, t_b) + S(a, b)) / 2, GLoRIA's "both" similarity
-(gloria/gloria.py), S = S_rel (S_loc for the baseline).
+Scoring (zero-shot, retrieval): sim(a, b) = (cos(g_a, t_b) + S(a, b)) / 2, S = S_rel (S_loc for the baseline):
+our choice, the training's local score. GLoRIA's get_similarities (gloria/gloria.py) averages the same way but its
+zero-shot local score is gamma2 max_i cos(c_i, e_i) over its prompt columns, not the log-sum-exp; eval.json
+reports it too (auc_gloria_*, gloria_zero_shot_local).
 Cost: the B x B all-pairs matching. For every pair, T x R attention and T contexts of D: 2 B^2 T R D
 multiply-adds (1.3e11 at B 48, T 98, R 361, D 768), then B^2 graphs of T + 1 nodes. relation_matrix takes the
 reports in chunks of --chunk and checkpoints each chunk (recomputed in the backward), as common.word_region_matrix
@@ -85,8 +94,9 @@ Deviations / our choices (besides those marked above):
   ensembles; retrieval Precision@K on the test pairs that show exactly one finding (the 5 x 200 sets' rule), that
   finding the class (unknown labels do not count).
 - The demo preset (ResNet-18 from scratch at 128 px: 8 x 8 regions, a 2-layer BERT with the last 2 layers summed,
-  the report vector the mean of its words (--text-pool mean: with [CLS] no term left log B in 125 steps),
-  64-d matchings, batch 16, lr 1e-3, one epoch of 2,000 pairs, no augmentation) fits 2 CPU cores in a few minutes.
+  the report vector the mean of its words (--text-pool mean: with [CLS] no term left log B in 125 steps), every
+  real word a column (--word-columns words), the synthetic reports as written (--no-clean-text), 64-d matchings,
+  batch 16, lr 1e-3, one epoch of 2,000 pairs, no augmentation) fits 2 CPU cores in a few minutes.
 """
 import math
 import os
@@ -140,9 +150,13 @@ class Args:
     text_model: str = arg("emilyalsentzer/Bio_ClinicalBERT", "name/path, or tiny | bert-base (random init, "
                           "vocabulary from the training reports)")
     text_layers: int = arg(4, "sum of the last k BERT hidden states (GLoRIA: 4)")
-    max_length: int = arg(112, "word-piece tokens per report incl. [CLS]/[SEP]")
-    max_words: int = arg(97, "words per report kept for the local matching")
-    text_pool: Literal["cls", "mean"] = arg("cls", "report vector: the [CLS] state (GLoRIA) or the mean of the words")
+    max_length: int = arg(97, "word-piece tokens per report incl. [CLS]/[SEP] (GLoRIA's word_num)")
+    clean_text: bool = arg(True, "GLoRIA's report text: lower-case \\w+ tokens, cut at --max-length mid-sentence "
+                                 "(off: whole sentences while they fit)")
+    text_pool: Literal["gloria", "cls", "mean"] = arg("gloria", "report vector: GLoRIA's (the mean over the "
+                                                      "--max-length word slots), the [CLS] state, or the mean word")
+    word_columns: Literal["gloria", "words"] = arg("gloria", "words of the local matching: GLoRIA's columns ([CLS] "
+                                                   "first; an [UNK] drops the last word) or every real word")
     # RECLF
     match_dim: int = arg(256, "d_m of the matching vectors (SGRAF sim_dim)")
     srm: Literal["graph", "transformer", "none"] = arg("graph", "semantic-relation reasoning module")
@@ -173,7 +187,8 @@ PRESETS = {
     "paper": dict(data="mimic"),
     # 2 CPU cores, a few minutes including evaluation: small encoders from scratch, native 128 px, plain views.
     "demo": dict(data="synthetic", image_arch="resnet18", image_weights="none", image_size=128, upsample=0,
-                 augment=False, text_model="tiny", text_layers=2, text_pool="mean", max_length=96, match_dim=64,
+                 augment=False, text_model="tiny", text_layers=2, text_pool="mean", word_columns="words",
+                 clean_text=False, max_length=96, match_dim=64,
                  batch_size=16, lr=1e-3, head_lr=1e-3, clip=1.0, epochs=1, train_samples=2000, eval_samples=500,
                  workers=0, viz=3,
                  chunk=16, ckpt_every=50, log_every=5),
@@ -373,24 +388,42 @@ class RECLF(nn.Module):
             raise ValueError("--srm none --irm off already is GLoRIA's log-sum-exp local loss; drop --add-lse-local")
         for name, table in zip(("starts_word", "continues_word"), common.word_tables(tokenizer)):
             self.register_buffer(name, table, persistent=False)
+        tokens = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+        self.register_buffer("bracket", torch.tensor([t.startswith("[") for t in tokens]), persistent=False)
+        self.sep_id = tokenizer.sep_token_id
+
+    def slots(self, input_ids):
+        """GLoRIA's merged sequence: the slot of every token ([CLS], each word, [SEP]), B x L, -1 after [SEP]."""
+        return common.merged_word_index(input_ids, self.continues_word, self.sep_id)
 
     def word_index(self, input_ids):
-        """The word of every token, B x L (-1: not a word, or beyond --max-words)."""
-        return common.word_index(input_ids, self.starts_word, self.continues_word, self.args.max_words)
+        """The word column of every token, B x L (-1: not in the local matching)."""
+        if self.args.word_columns == "words":  # our choice: [CLS], [SEP], [UNK] and punctuation are not words
+            return common.word_index(input_ids, self.starts_word, self.continues_word, input_ids.shape[1])
+        # as GLoRIA (gloria_model.py:_calc_local_loss): the first 1 + (number of words not starting with "[")
+        # slots, [CLS] first; an [UNK] keeps its column, so a report's last word drops out for each [UNK]
+        index = self.slots(input_ids)
+        opens = (index >= 0) & ~self.continues_word[input_ids]
+        columns = (opens & ~self.bracket[input_ids]).sum(1, keepdim=True) + 1
+        return torch.where(index < columns, index, -1)
 
     def image_features(self, images):
         """-> regions B x R x D (row-major layer3 grid), global B x D, grid (h, w)."""
         if self.args.upsample:
-            images = F.interpolate(images, size=self.args.upsample, mode="bilinear", align_corners=False)
+            images = F.interpolate(images, size=self.args.upsample, mode="bilinear", align_corners=True)  # GLoRIA
         maps = self.image_encoder.feature_maps(images)
         regions = self.local_proj(maps[3])
         return regions.flatten(2).transpose(1, 2), self.global_proj(maps[4].mean((2, 3))), tuple(regions.shape[2:])
 
     def text_features(self, batch):
-        """-> words B x T x D, word mask B x T, report B x D ([CLS], or --text-pool mean: the mean word)."""
-        ids = batch["input_ids"]
-        states = self.text_encoder(ids, batch["attention_mask"], sum_last=self.args.text_layers)
+        """-> words B x T x D, word mask B x T, report B x D (--text-pool)."""
+        ids, attention = batch["input_ids"], batch["attention_mask"]
+        states = self.text_encoder(ids, attention, sum_last=self.args.text_layers)
         words, mask = common.sum_pieces(states, self.word_index(ids))  # a report without a word: one empty word
+        if self.args.text_pool == "gloria":  # as GLoRIA (text_model.py:forward): per layer the mean over the
+            # word_num slots of the merged sequence (real slots summed, padding zero), summed over the layers;
+            # the slots partition the tokens [CLS] .. [SEP], so that is their sum over the fixed slot count
+            return words, mask, (states * attention[..., None]).sum(1) / self.args.max_length
         if self.args.text_pool == "cls":
             return words, mask, states[:, 0]
         # our choice (demo): a from-scratch 2-layer BERT's [CLS] state left the global InfoNCE at log B for all
@@ -451,7 +484,7 @@ def datasets(args):
 def loaders(args, ddp, tokenizer, train_set, val_set, test_set):
     sampler = common.ResumableSampler(train_set, ddp.world_size, ddp.rank, shuffle=True, seed=args.seed,
                                       drop_last=True)
-    collate = partial(data.collate, tokenizer=tokenizer, max_length=args.max_length)
+    collate = partial(data.collate, tokenizer=tokenizer, max_length=args.max_length, clean=args.clean_text)
     train = DataLoader(train_set, args.batch_size, sampler=sampler, num_workers=args.workers, drop_last=True,
                        collate_fn=collate, generator=torch.Generator(), pin_memory=ddp.device.type == "cuda")
     val = DataLoader(val_set, args.batch_size, num_workers=args.workers, collate_fn=collate,
@@ -491,6 +524,31 @@ def pair_scores(model, img, txt):
     return g, s, (g + s) / 2
 
 
+def gloria_zero_shot_local(model, regions, prompts, texts, chunk=32):
+    """GLoRIA's zero-shot local similarity (gloria_model.py:get_local_similarities), images x prompts: gamma2 times
+    the largest cos(e, c) over the prompt's columns, c the word's image context (the training's attention). With
+    --word-columns gloria the columns are GLoRIA's slice [1 : 1 + n] of the merged sequence zero-padded to
+    --max-length slots, n the prompt's character count (process_text counts the characters of the string): the
+    words, [SEP] and zero slots, whose cosine is 0. With --word-columns words: the prompt's words (our choice)."""
+    a = model.args
+    if a.word_columns == "gloria":
+        ids = prompts["input_ids"]
+        states = model.text_encoder(ids, prompts["attention_mask"], sum_last=a.text_layers)
+        words = common.sum_pieces(states, model.slots(ids))[0]
+        words = F.pad(words, (0, 0, 0, a.max_length - words.shape[1]))
+        chars = torch.tensor([len(t) - t.count("[") for t in texts], device=words.device)
+        position = torch.arange(a.max_length, device=words.device)
+        columns = (position >= 1) & (position <= chars[:, None])
+    else:
+        words, columns, _ = model.text_features(prompts)
+    words, out = common.fp32(words), []
+    for s in range(0, len(regions), chunk):
+        contexts, _ = common.word_region_attention(regions[s:s + chunk, None], words[None], columns[None], a.gamma1)
+        cos = common.cosine(contexts, words[None]).masked_fill(~columns, float("-inf"))
+        out.append(a.gamma2 * cos.amax(-1))
+    return torch.cat(out)
+
+
 def mean_auc(margin, labels):
     aucs = [common.roc_auc(margin[:, c], labels[:, c]) for c in range(labels.shape[1])]
     return float(np.nanmean(aucs)) if not all(map(math.isnan, aucs)) else float("nan")
@@ -498,7 +556,8 @@ def mean_auc(margin, labels):
 
 @torch.no_grad()
 def evaluate(model, loader, tokenizer, device):
-    """Zero-shot AUC (pair prompts "x" / "no x", bootstrap 95 % CIs) from the global, local and both scores,
+    """Zero-shot AUC (pair prompts "x" / "no x", bootstrap 95 % CIs) from the global, local and both scores and
+    GLoRIA's zero-shot score (gloria: the global cosine averaged with gloria_zero_shot_local),
     image->text Precision@1/5/10 with the both score on the test pairs that show exactly one finding, and
     Recall@1/5/10 both ways over all test pairs with the global cosine (our choice: the relation score of every
     image against every report costs ~ N^2 graphs; the global cosine is the retrieval score LoVT, JoImTeRNet and
@@ -507,11 +566,14 @@ def evaluate(model, loader, tokenizer, device):
     test, synthetic = encode_split(model, loader, device)
     labels = test["labels"].cpu()
     names, phrases = data.zero_shot_findings(synthetic)
-    prompts = data.prompt_batch(phrases + [f"no {p}" for p in phrases], tokenizer)
-    words, mask, txt_g = model.text_features(common.to_device(prompts, device))
+    texts = phrases + [f"no {p}" for p in phrases]
+    prompts = common.to_device(data.prompt_batch(texts, tokenizer, max_length=model.args.max_length,
+                                                 clean=model.args.clean_text), device)
+    words, mask, txt_g = model.text_features(prompts)
     scores = pair_scores(model, test, dict(words=common.fp32(words), mask=mask, txt_g=common.fp32(txt_g)))
+    gloria = (scores[0] + gloria_zero_shot_local(model, test["regions"], prompts, texts)) / 2
     res, C = {}, len(names)
-    for kind, s in zip(("global", "local", "both"), scores):
+    for kind, s in zip(("global", "local", "both", "gloria"), (*scores, gloria)):
         s = s.cpu()
         margin = (s[:, :C] - s[:, C:]).double()
         res[f"auc_{kind}_mean"] = mean_auc(margin, labels)
