@@ -686,8 +686,9 @@ def roc_auc(scores, targets) -> float:
 
 
 def precision_at_k(sim, query_labels, gallery_labels, ks=(1, 5, 10)) -> dict:
-    """Class-based retrieval (MGCA's CheXpert 5x200 sets): sim Q x G, integer classes Q and G ->
-    {"P@k": mean over queries of the fraction of the top-k gallery items with the query's class}."""
+    """Class-based retrieval (GLoRIA's CheXpert 5x200 sets and Precision@K; MGCA builds the same sets): sim Q x G,
+    integer classes Q and G -> {"P@k": mean over queries of the fraction of the top-k gallery items with the query's
+    class}."""
     sim, query_labels, gallery_labels = _numpy(sim), np.asarray(query_labels), np.asarray(gallery_labels)
     order = np.argsort(-sim, axis=1, kind="stable")  # Q x G, best first
     hits = gallery_labels[order] == query_labels[:, None]

@@ -1636,7 +1636,7 @@ def read_image(path):
         ds = _pydicom().dcmread(path)
         x = ds.pixel_array.astype(np.float32)
         x = x.mean(-1) if x.ndim == 3 else x
-        if x.max() > 255:  # more than 8 bits: scale by the maximum, like MGCA (alpha = 255 / max)
+        if x.max() > 255:  # more than 8 bits: scale by 255 / max (MGCA rescales every DICOM so, 8-bit ones too)
             x = x * (255.0 / float(x.max()))
         if ds.get("PhotometricInterpretation", "") == "MONOCHROME1":
             x = 255.0 - x

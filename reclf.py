@@ -31,21 +31,23 @@ Model (one image a with regions v_j, one report b with words e_i; ^ = L2-normali
   matchings  as SGRAF (similarity vectors): m_i = norm2(W_l (e^_i - c^_i)^2) in R^256, the element sum of
              (e^_i - c^_i)^2 being 2 - 2 cos(e_i, c_i): GLoRIA's scalar, disentangled; the global node
              m_0 = norm2(W_g (g^ - t^)^2); nodes M = [m_0; m_1 .. m_T] with the padding masked.
-  SRM        as SGRAF GraphReasoning, our choice: 3 steps, weights not shared, and a residual connection:
+  SRM        as SGRAF GraphReasoning (sgr_step 3, one module per step); our choice: a residual connection:
              A = softmax_row((M W_q)(M W_k)^T) (padded columns -inf), M <- M + ReLU((A M) W_r) (SGRAF: no "M +";
              without it the steps made all nodes identical and IRM's weights exactly uniform, measured).
              --srm transformer: 2 pre-LN encoder layers (4 heads, FFN 1024, dropout 0.1); --srm none: skipped.
   IRM        as SGRAF AttentionFiltration: beta_i = sigmoid(BN(w . m_i + b)), beta~_i = beta_i / sum_valid beta_k
              (padding exactly 0), z = norm2(sum_i beta~_i m_i).
-  score      our choice: S_rel(a, b) = sigmoid(w_s . z + b_s) in (0, 1), SRM then IRM (--combine seq). IRM off:
-             z = the global node after SRM (SGRAF's SGR read-out). --combine parallel (SGRAF's SGR + SAF ensemble):
+  score      as SGRAF (model.py: sigmoid(sim_eval_w(z))): S_rel(a, b) = sigmoid(w_s . z + b_s) in (0, 1); our
+             choice: SRM then IRM in sequence (--combine seq). IRM off: z = the global node after SRM (SGRAF's SGR
+             read-out). --combine parallel (after SGRAF's SGR + SAF ensemble, which averages two separately trained
+             models; here both read-outs share one model and train on the average):
              S_rel = (sigmoid(w_1 . M_0 after SRM) + sigmoid(w_2 . z of IRM on the unreasoned nodes)) / 2.
   baseline   --srm none --irm off is GLoRIA itself: scalar matchings cos(c_i, e_i) pooled by log-sum-exp,
              S_loc(a, b) = log sum_i exp(gamma2 cos(c_i, e_i)), gamma2 = 5 (gloria/loss/gloria_loss.py:local_loss).
 Losses (all B x B pairs; CE_rows = images -> reports, CE_cols = reports -> images; each a mean over anchors):
   L_g    = CE_rows + CE_cols of cos(g_a, t_b) / 0.1                                   (as GLoRIA: the sum of both)
   L_rel  = CE_rows + CE_cols of S_rel(a, b) / 0.1                                      (our choice: InfoNCE, not
-           SGRAF's hinge; a (0, 1) score over 0.1 spans the logit range of GLoRIA's gamma3 = 10 on a cosine)
+           SGRAF's hinge; a (0, 1) score over 0.1 gives logits in (0, 10), the positive half of GLoRIA's 10 cos)
   L      = L_g + L_rel;  --add-lse-local adds L_loc = CE_rows + CE_cols of 10 S_loc; the baseline is L_g + L_loc.
 Scoring (zero-shot, retrieval): sim(a, b) = (cos(g_a, t_b) + S(a, b)) / 2, S = S_rel (S_loc for the baseline):
 our choice, the training's local score. GLoRIA's get_similarities (gloria/gloria.py) averages the same way but its
@@ -64,10 +66,13 @@ gathered reports and its own reports against all gathered images (2 B x N B pair
 the loss and gradients equal one process on the full batch (tested).
 
 Training (our choice, GLoRIA's recipe on MIMIC-CXR): Adam lr 5e-5 (relation modules 1e-4), weight decay 1e-6,
-batch 48, <= 50 epochs, ReduceLROnPlateau on the validation loss (factor 0.5, patience 5), early stopping
-(patience 10), gradient clipping 0.25, bf16 autocast where supported (losses fp32); 256-px cache, random 224 crop,
-upsampled to 299. Training views reach --image-size through that crop (data.crop_augment), or resized whole with
---no-augment (data.train_view, every method's rule). --batch-size is per process; --accum counts the whole job's
+batch 48, <= 50 epochs, ReduceLROnPlateau on the validation loss (factor 0.5, patience 5) stepped every epoch,
+early stopping (patience 10), gradient clipping 0.25, bf16 autocast where supported (losses fp32); 256-px cache,
+random 224 crop, upsampled to 299. Where GLoRIA's code differs (gloria/builder.py, run.py, its config): Adam's
+betas are (0.5, 0.999) there, torch's default (0.9, 0.999) here; its plateau scheduler is stepped once per
+len(training set) optimizer steps, so it barely acts within 50 epochs; it trains in fp16. Training views reach
+--image-size through the crop (data.crop_augment), or resized whole with --no-augment (data.train_view, every
+method's rule). --batch-size is per process; --accum counts the whole job's
 micro-batches per step (each of W processes does accum / W; the default 1 is one per process on any number of
 processes).
 
@@ -87,9 +92,10 @@ heads are RECLF's and stay in ckpt.pt), text_encoder/, eval.json and viz/*.png.
 Deviations / our choices (besides those marked above):
 - Pre-training on MIMIC-CXR (frontal images, findings + impression sentences) instead of GLoRIA's CheXpert corpus.
 - BN of IRM: the statistics are those of the valid nodes of each (image, report) graph, with BN's learned affine.
-  SGRAF's BatchNorm1d(1) pools the nodes of all pairs scored together, which would make a pair's score depend on
-  which pairs share its chunk or its rank; per-graph statistics keep every score a function of its own pair
-  (chunked == unchunked, DDP == one process) and training == evaluation.
+  SGRAF's BatchNorm1d(1) pools, in training, the nodes of one caption's pairs with every image of the batch
+  (running statistics at test), which would make a pair's training score depend on which pairs share its chunk or
+  its rank; per-graph statistics keep every score a function of its own pair (chunked == unchunked, DDP == one
+  process) and training == evaluation.
 - Zero-shot: CheXzero's pair prompts ("x" / "no x", common.zero_shot_auc_ci) instead of GLoRIA's prompt
   ensembles; retrieval Precision@K on the test pairs that show exactly one finding (the 5 x 200 sets' rule), that
   finding the class (unknown labels do not count).
@@ -162,7 +168,8 @@ class Args:
     srm: Literal["graph", "transformer", "none"] = arg("graph", "semantic-relation reasoning module")
     srm_steps: int = arg(3, "graph reasoning steps (SGRAF sgr_step)")
     irm: Literal["on", "off"] = arg("on", "importance-relation reasoning module")
-    combine: Literal["seq", "parallel"] = arg("seq", "SRM then IRM | SGRAF's ensemble of both")
+    combine: Literal["seq", "parallel"] = arg("seq", "SRM then IRM | both read-outs averaged (after SGRAF's "
+                                               "ensemble)")
     add_lse_local: bool = arg(False, "ablation: add GLoRIA's log-sum-exp local loss")
     gamma1: float = arg(4.0, "sharpening of the softmax over regions")
     gamma2: float = arg(5.0, "GLoRIA local score: log-sum-exp scale")
