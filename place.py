@@ -9,7 +9,7 @@ mgca/models/mgca/mgca_module.py). Each piece is marked where it is implemented: 
 
 Model. A ViT-B/16 gives the [CLS] feature g and 196 patch tokens P (as MGCA); a BERT gives the [CLS] report feature
 t and word tokens W. as MGCA (the paper preset; mgca/models/backbones/encoder.py, mgca/configs/bert_config.json,
-mgca/datasets/pretrain_dataset.py): the BERT is Bio_ClinicalBERT's first 6 layers (--text-layers 6); the report is
+mgca/datasets/pretrain_dataset.py): the BERT is Bio_ClinicalBERT's first 6 layers (--bert-layers 6); the report is
 cleaned to lower-case \\w+ tokens (punctuation dropped) and cut at 112 tokens mid-sentence (--clean-text); W is the
 merged sequence after [CLS] (word pieces summed; [UNK] and [SEP] are words), padded to 111 slots, a report filling
 all 112 tokens losing its last word and [SEP]; each word's TCA weight is the last layer's head-averaged [CLS]
@@ -123,7 +123,7 @@ class Args:
     text_model: str = arg("emilyalsentzer/Bio_ClinicalBERT", "name/path, or tiny | bert-base (random init, "
                           "vocabulary from the training reports)")
     text_width: int = arg(128, "hidden size of the tiny BERT (= the query width d in the demo)")
-    text_layers: int = arg(6, "BERT layers (MGCA: Bio_ClinicalBERT's first 6, its bert_config.json; 0 = all)")
+    bert_layers: int = arg(6, "BERT layers (MGCA: Bio_ClinicalBERT's first 6, its bert_config.json; 0 = all)")
     max_length: int = arg(112, "token limit of a report incl. [CLS]/[SEP] (as MGCA)")
     clean_text: bool = arg(True, "MGCA's report text: lower-case \\w+ tokens, cut at --max-length mid-sentence "
                                  "(off: whole sentences while they fit)")
@@ -172,7 +172,7 @@ PRESETS = {
     # 2 CPU cores, ~2.5 minutes: tiny ViT and BERT from scratch at one lr, almost no warm-up, t = the mean word,
     # 3 passes over 2,000 pairs (one pass left ITA near chance while the other terms learnt)
     "demo": dict(data="synthetic", image_arch="vit_tiny", image_weights="none", image_size=128, augment=False,
-                 text_model="tiny", text_layers=2, text_pool="mean", clean_text=False, mgca_text=False,
+                 text_model="tiny", bert_layers=2, text_pool="mean", clean_text=False, mgca_text=False,
                  head_hidden=256, decoder_heads=4, decoder_ffn=256, cce_dim=64,
                  batch_size=32, lr_encoders=1e-3, lr_new=1e-3, weight_decay=1e-4, warmup=0.05, epochs=3,
                  train_samples=2000, eval_samples=300, workers=0, viz=2, ckpt_every=50, log_every=5),
@@ -328,7 +328,7 @@ class PLACE(nn.Module):
         self.image_encoder = common.ImageEncoder(args.image_arch, args.image_weights,
                                                  config=dict(image_size=args.image_size) if vit else None)
         self.text_encoder = common.TextEncoder(args.text_model, tokenizer, hidden_size=args.text_width,
-                                               num_layers=args.text_layers or None,
+                                               num_layers=args.bert_layers or None,
                                                num_heads=max(1, args.text_width // 32))
         ci, ct, e, h = self.image_encoder.out_dim, self.text_encoder.out_dim, args.emb_dim, args.head_hidden
         self.global_image, self.global_text, self.local_image, self.local_text = (

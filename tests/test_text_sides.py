@@ -214,4 +214,4 @@ def test_the_paper_presets_use_the_official_text_sides():
     r = common.parse_args(reclf.Args, reclf.PRESETS, ["--data", "mimic", "--data-root", "x"])
     assert (r.text_pool, r.word_columns, r.clean_text, r.max_length, r.upsample) == ("gloria", "gloria", True, 97, 299)
     p = common.parse_args(place.Args, place.PRESETS, ["--data", "mimic", "--data-root", "x"])
-    assert (p.mgca_text, p.clean_text, p.max_length, p.text_layers, p.text_pool) == (True, True, 112, 6, "cls")
+    assert (p.mgca_text, p.clean_text, p.max_length, p.bert_layers, p.text_pool) == (True, True, 112, 6, "cls")
