@@ -1212,9 +1212,10 @@ def print_comparison(results: dict, path: str | None = None):
     value = lambda m, k: float(results[m].get(k, math.nan))
     shown = [k for k in metrics if any(not math.isnan(value(m, k)) for m in models)]
     width = max([len(k) for k in shown] + [6]) + 2
-    print(f"{'metric':<{width}}" + "".join(f"{m:>12}" for m in models))
+    columns = {m: max(12, len(m) + 2) for m in models}  # a longer name ("untrained global") widens its column
+    print(f"{'metric':<{width}}" + "".join(f"{m:>{columns[m]}}" for m in models))
     for k in shown:
-        print(f"{k:<{width}}" + "".join(f"{value(m, k):>12.3f}" for m in models))
+        print(f"{k:<{width}}" + "".join(f"{value(m, k):>{columns[m]}.3f}" for m in models))
     empty = [k for k in metrics if k not in shown]
     if empty:
         print(f"no data for {', '.join(empty)} (AUC needs both outcomes in the split, R@k more than k items)")
