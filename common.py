@@ -11,7 +11,9 @@ losses. Read top to bottom:
 3. contrastive   gather_with_grad, info_nce (each rank: own rows vs. gathered columns), ita (MGCA);
                  word_region_attention / _score / _matrix (AttnGAN DAMSM, chunked over reports);
                  mgca_tca (MGCA's token-wise alignment within each pair)
-4. metrics       recall_at_k, block_recall_at_k, precision_at_k, roc_auc, bootstrap_ci, zero_shot_auc
+4. metrics       recall_at_k, block_recall_at_k, precision_at_k, roc_auc, bootstrap_ci, zero_shot_auc(_ci),
+                 mean_auc; external_zero_shot / save_external_zero_shot (--zero-shot-csv: a labelled set
+                 other than the training data, each method's own score)
 5. plumbing      arg/parse_args, setup_distributed, run_folder, seeding, AMP, LR schedules, checkpoints and resume,
                  ResumableSampler, to_device, Logger, check_finite, bench report, encoder export/import,
                  print_comparison
@@ -21,6 +23,7 @@ Shapes: B batch, N local tokens (regions), L text tokens, S sentences, D/C chann
 from __future__ import annotations
 
 import argparse
+import collections
 import csv
 import dataclasses
 import itertools
@@ -44,8 +47,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 from torch.utils.checkpoint import checkpoint
-from torch.utils.data import DistributedSampler
+from torch.utils.data import DataLoader, DistributedSampler
 from tqdm.auto import tqdm
+
+import data
 
 # ================================================================================================================
 # 1. Encoders
@@ -734,6 +739,77 @@ def zero_shot_auc_ci(pos_scores, neg_scores, labels, names=None, n_boot: int = 1
                    *bootstrap_ci(roc_auc, margin[:, c], labels[:, c], n=n_boot, seed=seed))
             for c, name in enumerate(names)}
 
+
+def mean_auc(margins, labels) -> float:
+    """The mean zero-shot AUC over the findings that have both outcomes (margins, labels N x C); nan if none has."""
+    values = [roc_auc(margins[:, c], labels[:, c]) for c in range(labels.shape[1])]
+    return float(np.nanmean(values)) if not all(map(math.isnan, values)) else math.nan
+
+
+def global_zero_shot_scores(model, images, prompts) -> dict:
+    """The global cosine of every image with every prompt, the zero-shot score of LoVT, JoImTeRNet and PLACE:
+    images B x 1 x H x W, prompts a collated text batch of P prompts -> {"global": B x P}."""
+    return {"global": model.encode_image(images) @ model.encode_text(prompts).T}
+
+
+@torch.no_grad()
+def external_zero_shot(models, dataset, tokenizer, device, score=global_zero_shot_scores, n_boot: int = 1000,
+                       workers: int = 0, batch_size: int = 64) -> dict:
+    """Zero-shot AUC on a labelled image set other than the training data (data.LabelledImages, --zero-shot-csv),
+    with the pair prompts of the held-out evaluation ("c" / "no c" for the CheXpert findings but No Finding).
+    models {name: model}; score(model, images, prompts) -> {kind: B x 2C} is the method's own image-prompt score
+    against the C positive then the C negative prompts (one kind, or several: LRCLR's global / local /
+    global+local). -> dict(ci={column: {finding: (auc, low, high), ..., "mean": (auc, low, high)}},
+    margins={column: N x K}, labels N x K, names [K]) over the K findings with positive and negative images (the
+    others have no AUC); a column is the model's name, or "name kind" for a model scored several ways. The intervals
+    are zero_shot_auc_ci's, as in every method's held-out table, with the same resamples in every column (so two
+    columns can be paired); the mean's is bootstrapped the same way."""
+    names, phrases = data.zero_shot_findings(False)
+    prompts = to_device(data.prompt_batch(phrases + [f"no {p}" for p in phrases], tokenizer), device)
+    for model in models.values():
+        model.eval()
+    scores, labels, C = {}, [], len(names)
+    for batch in DataLoader(dataset, batch_size, num_workers=workers):  # each image decoded once for every model
+        images = batch["image"].to(device)
+        labels.append(batch["labels"][:, 1:])  # CHEXPERT_LABELS order; No Finding (inverted by the pair) left out
+        for name, model in models.items():
+            for kind, s in score(model, images, prompts).items():
+                scores.setdefault((name, kind), []).append(fp32(s).cpu())
+    labels = torch.cat(labels).double().numpy()
+    counted = [c for c in range(C) if (labels[:, c] == 1).any() and (labels[:, c] == 0).any()]
+    kinds = collections.Counter(name for name, _ in scores)
+    result = dict(ci={}, margins={}, labels=labels[:, counted], names=[names[c] for c in counted])
+    for (name, kind), s in scores.items():
+        column = name if kinds[name] == 1 else f"{name} {kind}"
+        s = torch.cat(s).double().numpy()
+        pos, neg = s[:, counted], s[:, [C + c for c in counted]]
+        result["margins"][column] = margin = pos - neg
+        ci = zero_shot_auc_ci(pos, neg, result["labels"], result["names"], n_boot)
+        ci["mean"] = (mean_auc(margin, result["labels"]),
+                      *bootstrap_ci(mean_auc, margin, result["labels"], n=n_boot))
+        result["ci"][column] = ci
+    return result
+
+
+def save_external_zero_shot(out: str, dataset, ci: dict, **extra):
+    """external_zero_shot's intervals ci -> the table (AUC per finding and their mean, a column per model and score,
+    then each column's mean with its 95 % interval) printed, and out/eval.json's "zero_shot_csv" entry: the CSV, its
+    number of images, ci as zero_shot_ci, and `extra` (LRCLR: the paired differences)."""
+    findings = len(next(iter(ci.values()))) - 1
+    print(f"zero-shot AUC on {dataset.csv_path} ({len(dataset)} images other than the training data; {findings} "
+          f"findings with positive and negative images; pair prompts \"x\" / \"no x\"):")
+    print_comparison({column: {f"auc_{name}": v[0] for name, v in c.items()} for column, c in ci.items()})
+    print("mean zero-shot AUC [bootstrap 95 % CI]: " + ", ".join(
+        f"{column} {c['mean'][0]:.3f} [{c['mean'][1]:.3f}, {c['mean'][2]:.3f}]" for column, c in ci.items()))
+    path = os.path.join(out, "eval.json")
+    with open(path) as f:
+        results = json.load(f)
+    results["zero_shot_csv"] = dict(csv=os.path.abspath(dataset.csv_path), images=len(dataset), zero_shot_ci=ci,
+                                    **extra)
+    with open(path, "w") as f:
+        json.dump(results, f, indent=1)
+
+
 # ================================================================================================================
 # 5. Plumbing: arguments, distributed, seeds, AMP, schedules, checkpoints, logging, export
 # ================================================================================================================
@@ -1241,9 +1317,10 @@ def print_comparison(results: dict, path: str | None = None):
     value = lambda m, k: float(results[m].get(k, math.nan))
     shown = [k for k in metrics if any(not math.isnan(value(m, k)) for m in models)]
     width = max([len(k) for k in shown] + [6]) + 2
-    print(f"{'metric':<{width}}" + "".join(f"{m:>12}" for m in models))
+    columns = {m: max(12, len(m) + 2) for m in models}  # a longer name ("untrained global") widens its column
+    print(f"{'metric':<{width}}" + "".join(f"{m:>{columns[m]}}" for m in models))
     for k in shown:
-        print(f"{k:<{width}}" + "".join(f"{value(m, k):>12.3f}" for m in models))
+        print(f"{k:<{width}}" + "".join(f"{value(m, k):>{columns[m]}.3f}" for m in models))
     empty = [k for k in metrics if k not in shown]
     if empty:
         print(f"no data for {', '.join(empty)} (AUC needs both outcomes in the split, R@k more than k items)")

@@ -18,7 +18,8 @@ Sections, in file order:
   3. MIMIC-CXR                      the MIT-LCP section parser, the prepare-mimic cache (resumable, validated),
                                     MimicCXR
   4. CSV pairs                      CsvPairs (image path + report: IU X-ray, CheXpert Plus, own data; every row
-                                    checked up front); make_dataset, the entry point the methods call;
+                                    checked up front); LabelledImages (image path + CheXpert labels: the
+                                    external zero-shot set); make_dataset, the entry point the methods call;
                                     check_data_root; report_texts
   5. Augmentation and batching      BatchAugment (on the training device), collate, build_tokenizer,
                                     report_tokenizer
@@ -1152,26 +1153,40 @@ def _check_pair(csv_path, line, row, columns, split):
     """One CSV row -> its pair dict, or a BadRecord naming the CSV row and its (first) problem."""
     image_col, text_col, label_cols = columns
     where = f"{csv_path} row {line}"
-    path = os.path.join(os.path.dirname(csv_path), row[image_col])
-    if not row[image_col] or not os.path.isfile(path):
-        raise BadRecord(f"{where}: image file not found: {path}")
-    problem = image_file_problem(path)
-    if problem:
-        raise BadRecord(f"{where}: {problem}")
+    path = _row_image(csv_path, where, row[image_col])
     sentences = split_sentences(row[text_col])
     if not sentences:
         raise BadRecord(f"{where}: empty report in column {text_col!r}")
-    labels = np.full(len(CHEXPERT_LABELS), np.nan, np.float32)
-    for c in label_cols:
-        if row[c]:  # blank = not mentioned: nan
-            try:
-                labels[CHEXPERT_LABELS.index(c)] = float(row[c])
-            except ValueError:
-                raise BadRecord(f"{where}: label {c!r} is not a number: {row[c]!r}") from None
+    labels = _row_labels(where, row, label_cols)
     if split.lower() not in _SPLIT_NAMES:
         raise BadRecord(f"{where}: split {split!r} is not one of train / validate / test")
     return dict(path=path, where=where, sentences=tuple(sentences), labels=labels,
                 study_id=row.get("study_id") or row[image_col], split=_SPLIT_NAMES[split.lower()])
+
+
+def _row_image(csv_path, where, cell):
+    """A CSV row's image cell (a path relative to the CSV's folder) -> the path of a whole-looking image file, or a
+    BadRecord."""
+    path = os.path.join(os.path.dirname(csv_path), cell)
+    if not cell or not os.path.isfile(path):
+        raise BadRecord(f"{where}: image file not found: {path}")
+    problem = image_file_problem(path)
+    if problem:
+        raise BadRecord(f"{where}: {problem}")
+    return path
+
+
+def _row_labels(where, row, label_cols):
+    """A CSV row's CheXpert label cells -> float32 (14,) in CHEXPERT_LABELS order (blank = not mentioned: nan), or a
+    BadRecord naming the cell that is not a number."""
+    labels = np.full(len(CHEXPERT_LABELS), np.nan, np.float32)
+    for c in label_cols:
+        if row[c]:
+            try:
+                labels[CHEXPERT_LABELS.index(c)] = float(row[c])
+            except ValueError:
+                raise BadRecord(f"{where}: label {c!r} is not a number: {row[c]!r}") from None
+    return labels
 
 
 def image_file_problem(path):
@@ -1199,6 +1214,57 @@ def image_file_problem(path):
 def _sample_pixel_stats(sample, image_size):
     """pixel_stats of the sampled training images ((path, where) pairs) at image_size, once per process."""
     return pixel_stats([CsvPairs._read(path, where, image_size) for path, where in sample])
+
+
+class LabelledImages(Dataset):
+    """Images with CheXpert labels and no reports, listed in a CSV: a zero-shot set other than the training data
+    (--zero-shot-csv), e.g. the CheXpert validation or test set. Columns: `image` (or CheXpert's own `Path`), a path
+    relative to the CSV's folder, and label columns named as in CHEXPERT_LABELS, read as CsvPairs reads them (1
+    positive, 0 negative, -1 uncertain, blank nan; only 1 and 0 are scored). Rows that CheXpert's `Frontal/Lateral`
+    column marks lateral are left out: every method trains on frontal views.
+
+    Built when a run starts, so that a bad file stops it before training: every row is checked as CsvPairs checks
+    its rows (one BadRecord lists the bad rows with file and row; skip_bad drops them), and some finding must have
+    positive and negative images. Images: the evaluation view at the training run's image_size, normalised with the
+    training mean/std (the input the model was trained on, not this set's statistics).
+    Samples: image 1 x S x S, labels (14,), study_id (the image cell)."""
+
+    def __init__(self, csv_path, image_size, mean, std, skip_bad=False):
+        self.csv_path, self.image_size, self.mean, self.std = csv_path, image_size, float(mean), float(std)
+        try:
+            header, rows = _csv_table(csv_path)
+        except (OSError, UnicodeDecodeError, csv.Error) as e:
+            raise BadRecord(f"{csv_path}: cannot be read as a CSV file ({e})") from None
+        image_col = next((c for c in ("image", "Path") if c in header), None)
+        label_cols = [c for c in CHEXPERT_LABELS if c in header]
+        if image_col is None or not label_cols:
+            raise BadRecord(f"{csv_path}: needs an image column ('image' or 'Path') and label columns named as the "
+                            f"CheXpert findings ({', '.join(CHEXPERT_LABELS[1:4])}, ...); its columns: {header}")
+        bad = _BadRecords(csv_path, skip_bad)
+        items = [bad(_check_labelled_image, os.path.abspath(csv_path), line, row, image_col, label_cols)
+                 for line, row in rows if row.get("Frontal/Lateral") != "Lateral"]
+        bad.finish()
+        self.items = [it for it in items if it is not None]
+        findings = np.array([it["labels"] for it in self.items]).reshape(-1, len(CHEXPERT_LABELS))[:, 1:]
+        if not ((findings == 1).any(0) & (findings == 0).any(0)).any():  # "No Finding" is not scored
+            raise BadRecord(f"{csv_path}: no finding has both positive (1) and negative (0) images among its "
+                            f"{len(self.items)} frontal images: a zero-shot AUC needs both")
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, index):
+        it = self.items[index]
+        pixels = CsvPairs._read(it["path"], it["where"], self.image_size)
+        return dict(image=to_image_tensor(pixels, self.mean, self.std), labels=torch.from_numpy(it["labels"].copy()),
+                    study_id=it["study_id"])
+
+
+def _check_labelled_image(csv_path, line, row, image_col, label_cols):
+    """One row of a LabelledImages CSV -> its item dict, or a BadRecord naming the CSV row and its problem."""
+    where = f"{csv_path} row {line}"
+    return dict(path=_row_image(csv_path, where, row[image_col]), where=where,
+                labels=_row_labels(where, row, label_cols), study_id=row[image_col])
 
 
 def dataset_reports(ds, indices=None):

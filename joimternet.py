@@ -126,6 +126,8 @@ class Args:
     train_samples: int = arg(0, "use only the first N training pairs (0 = all; synthetic: how many are generated)")
     eval_samples: int = arg(0, "use only the first N validation / test pairs (0 = all; synthetic: 500)")
     skip_bad: bool = arg(False, "skip unreadable / inconsistent records and count them (else stop and list them)")
+    zero_shot_csv: str = arg("", "external zero-shot set: a CSV of images (column image or Path, relative to the CSV) "
+                             "with CheXpert label columns, checked at the start and scored at the end")
     out_dir: str = arg("", "run folder (default runs/joimternet-<time>)")
     resume: bool = arg(False, "continue from ckpt.pt in --out-dir")
     max_steps: int = arg(0, "stop after this many optimizer steps, ITM and MLM (0 = all epochs)")
@@ -618,9 +620,10 @@ def export(args, model, tokenizer, mean_std, out):
     torch.save(heads, os.path.join(out, "text_encoder", "joimternet_heads.pt"))
 
 
-def finish(args, model, tokenizer, sets, loader, mean_std, device, amp, out, started):
+def finish(args, model, tokenizer, sets, loader, mean_std, device, amp, out, started, external=None):
     """Once the encoders are exported: the trained model next to the untrained one it started from (retrieval,
-    classification, word->region maps), printed and written to eval.json."""
+    classification, word->region maps; zero-shot on the --zero-shot-csv set, `external`), printed and written to
+    eval.json."""
     trained_in = time.time() - started
     common.seed_everything(args.seed)
     untrained = JoImTeRNet(args, len(tokenizer)).to(device)  # the same seed gives the trained model's initialisation
@@ -629,6 +632,10 @@ def finish(args, model, tokenizer, sets, loader, mean_std, device, amp, out, sta
     print(f"\nheld-out {args.data} test split ({len(sets['test'])} pairs), trained {trained_in:.0f}s, total "
           f"{time.time() - started:.0f}s")
     common.print_comparison(results, os.path.join(out, "eval.json"))
+    if external is not None:
+        zero_shot = common.external_zero_shot(dict(untrained=untrained, trained=model), external, tokenizer, device,
+                                              workers=args.workers)
+        common.save_external_zero_shot(out, external, zero_shot["ci"])
     print(f"run folder: {out} (word->region maps in viz/)")
     return results
 
@@ -646,6 +653,8 @@ def main(argv=None):
         tokenizer.save_pretrained(os.path.join(out, "tokenizer"))
     loader = loaders(args, ddp, tokenizer, sets)
     mean_std = sets["train"].mean, sets["train"].std
+    external = (data.LabelledImages(args.zero_shot_csv, args.image_size, *mean_std, args.skip_bad)
+                if args.zero_shot_csv else None)  # checked now: a bad file stops the run before training, not after
     common.seed_everything(args.seed)  # same initialisation on every rank
     model = JoImTeRNet(args, len(tokenizer)).to(dev)
     opt_img = torch.optim.AdamW(model.image.parameters(), lr=args.lr, weight_decay=args.weight_decay)
@@ -757,7 +766,7 @@ def main(argv=None):
         return common.print_bench(out, pairs, dev, amp)
     if ddp.is_main:
         with common.after_training(out):
-            return finish(args, model, tokenizer, sets, loader, mean_std, dev, amp, out, started)
+            return finish(args, model, tokenizer, sets, loader, mean_std, dev, amp, out, started, external)
 
 
 if __name__ == "__main__":

@@ -90,6 +90,8 @@ class Args:
     train_samples: int = arg(0, "use only the first N training pairs (0 = all; synthetic: how many are generated)")
     eval_samples: int = arg(0, "use only the first N validation / test pairs (0 = all; synthetic: 500)")
     skip_bad: bool = arg(False, "skip unreadable / inconsistent records and count them (else stop and list them)")
+    zero_shot_csv: str = arg("", "external zero-shot set: a CSV of images (column image or Path, relative to the CSV) "
+                             "with CheXpert label columns, checked at the start and scored at the end")
     out_dir: str = arg("", "run folder (default runs/lovt-<time>)")
     resume: bool = arg(False, "continue from ckpt.pt in --out-dir")
     max_steps: int = arg(0, "stop after this many optimizer steps (0 = no limit)")
@@ -383,9 +385,10 @@ def evaluate(model, loader, tokenizer, device):
     return res
 
 
-def finish(args, model, tokenizer, test_loader, mean_std, device, out):
+def finish(args, model, tokenizer, test_loader, mean_std, device, out, external=None):
     """The end of a run, once the best-validation model (LoVT's downstream checkpoint) is exported: it is evaluated
-    next to the untrained model it started from (printed and written to eval.json), then the attention overlays."""
+    next to the untrained model it started from (printed and written to eval.json), on the --zero-shot-csv set too
+    (`external`), then the attention overlays."""
     common.seed_everything(args.seed)
     initial = LoVT(args, tokenizer).to(device)  # the same initialisation the training started from
     results = {k: evaluate(m, test_loader, tokenizer, device) for k, m in (("untrained", initial), ("trained", model))}
@@ -395,6 +398,10 @@ def finish(args, model, tokenizer, test_loader, mean_std, device, out):
               f"CheXpert findings ({', '.join(repr(n) for n in data.CHEXPERT_LABELS[1:4])}, ...: 1 positive, "
               f"0 negative) with positive and negative studies.")
     common.print_comparison(results, os.path.join(out, "eval.json"))
+    if external is not None:
+        zero_shot = common.external_zero_shot(dict(untrained=initial, trained=model), external, tokenizer, device,
+                                              workers=args.workers)
+        common.save_external_zero_shot(out, external, zero_shot["ci"])
     if args.viz:
         write_viz(model, next(iter(test_loader)), os.path.join(out, "viz"), *mean_std, args.viz, device)
     print(f"run folder: {out}")
@@ -431,6 +438,8 @@ def main(argv=None):
     out = common.run_folder(args.out_dir, "lovt", ddp, args)
     ckpt_path, best_path = os.path.join(out, "ckpt.pt"), os.path.join(out, "best.pt")
     train_set, val_set, test_set, (mean, std), tokenizer = datasets(args)
+    external = (data.LabelledImages(args.zero_shot_csv, args.image_size, mean, std, args.skip_bad)
+                if args.zero_shot_csv else None)  # checked now: a bad file stops the run before training, not after
     common.seed_everything(args.seed)  # the same initial model on every rank
     model = LoVT(args, tokenizer).to(dev)
     sampler, loader, val_loader, test_loader = loaders(args, ddp, tokenizer, train_set, val_set, test_set)
@@ -517,7 +526,7 @@ def main(argv=None):
         common.print_bench(out, args.batch_size * ddp.world_size, dev, amp)
     elif ddp.is_main:
         with common.after_training(out):
-            finish(args, model, tokenizer, test_loader, (mean, std), dev, out)
+            finish(args, model, tokenizer, test_loader, (mean, std), dev, out, external)
 
 
 if __name__ == "__main__":

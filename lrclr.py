@@ -27,7 +27,8 @@ Stage lrclr (our choice throughout), from the base checkpoint (--init RUN_DIR), 
                steps then cosine; batch 64; 3 epochs
 Zero-shot (CheXzero's pair prompts "c" / "no c": p_c = softmax over the pair, so its AUC is that of
 s(x, "c") - s(x, "no c")): per-finding AUC with bootstrap 95 % intervals for the base (global score), LRCLR
-(global + local), LRCLR (local only) and LRCLR (global only), and the paired bootstrap interval of LRCLR - base.
+(global + local), LRCLR (local only) and LRCLR (global only), and the paired bootstrap interval of LRCLR - base, on
+the test split and (--zero-shot-csv FILE) on a labelled image set no stage trained on: the abstract's external set.
 
 Commands:
   python lrclr.py                     # demo: base, then LRCLR from it (and the control), synthetic data, CPU
@@ -102,6 +103,8 @@ class Args:
     train_samples: int = arg(0, "use only the first N training pairs (0 = all; synthetic: how many are generated)")
     eval_samples: int = arg(0, "use only the first N validation / test pairs (0 = all; synthetic: 500)")
     skip_bad: bool = arg(False, "skip unreadable / inconsistent records and count them (else stop and list them)")
+    zero_shot_csv: str = arg("", "external zero-shot set: a CSV of images (column image or Path, relative to the CSV) "
+                             "with CheXpert label columns, checked at the start and scored at the end")
     out_dir: str = arg("", "run folder (default runs/lrclr-<stage>-<time>)")
     resume: bool = arg(False, "continue from ckpt.pt in --out-dir")
     max_steps: int = arg(0, "stop after this many optimizer steps (0 = no limit)")
@@ -529,10 +532,22 @@ def zero_shot_table(ci, deltas, title):
     return "\n".join(lines)
 
 
-def finish(args, model, tokenizer, test_loader, mean_std, device, out):
+def zero_shot_scores(model, images, prompts, local=True):
+    """common.external_zero_shot's score: pair_scores of the images against the prompts, as evaluate scores them:
+    global, and with the added layers (and `local`) also local and global+local."""
+    local = local and model.local
+    g, q = model.regions(images)[:2] if local else (model.image_features(images)[0], None)
+    scores = model.pair_scores(g, q, model.text_features(prompts))
+    if q is not None:
+        scores["global+local"] = scores["global"] + scores["local"]
+    return scores
+
+
+def finish(args, model, tokenizer, test_loader, mean_std, external, device, out):
     """The end of a run, once the best-validation model is exported: the comparison. Stage base: untrained vs
     trained (global score). Stage lrclr: its base (--init), the control (--compare) and LRCLR's three scores, with
-    the paired differences; the table goes to zero_shot.txt and everything to eval.json; then the overlays."""
+    the paired differences; the table goes to zero_shot.txt and everything to eval.json; the same comparison on the
+    --zero-shot-csv set (`external`, or None); then the overlays."""
     common.seed_everything(args.seed)
     if model.local:
         others = [("base", args.init), ("control", args.compare)]
@@ -559,6 +574,19 @@ def finish(args, model, tokenizer, test_loader, mean_std, device, out):
         f.write(table + "\n")
     with open(os.path.join(out, "eval.json"), "w") as f:
         json.dump(dict(metrics={n: r[0] for n, r in columns.items()}, zero_shot_ci=ci, paired_delta=deltas), f, indent=1)
+    if external is not None:  # the claim's test: the same columns and differences on images it never trained on
+        zero_shot = common.external_zero_shot(dict(others + [(trained, model)]), external, tokenizer, device,
+                                              partial(zero_shot_scores, local=args.lambda_loc > 0), args.n_boot,
+                                              args.workers)
+        external_deltas = {f"{a} - {b}": paired_delta(zero_shot["margins"][a], zero_shot["margins"][b],
+                                                      zero_shot["labels"], zero_shot["names"], args.n_boot)
+                           for a, b in pairs if a in zero_shot["margins"] and b in zero_shot["margins"]}
+        common.save_external_zero_shot(out, external, zero_shot["ci"], paired_delta=external_deltas)
+        table = zero_shot_table(zero_shot["ci"], external_deltas, f"zero-shot AUC [bootstrap 95 % CI] on "
+                                f"{args.zero_shot_csv} ({len(external)} images); differences are paired intervals:")
+        print(table)
+        with open(os.path.join(out, "zero_shot.txt"), "a") as f:
+            f.write(table + "\n")
     if model.local and args.viz:
         write_viz(model, next(iter(test_loader)), tokenizer, os.path.join(out, "viz"), *mean_std, args.viz, device)
     print(f"run folder: {out}")
@@ -638,6 +666,8 @@ def train(args, ddp):
     out = common.run_folder(args.out_dir, f"lrclr-{args.stage}", ddp, args)
     ckpt_path, best_path = os.path.join(out, "ckpt.pt"), os.path.join(out, "best.pt")
     train_set, val_set, test_set, (mean, std), tokenizer = datasets(args)
+    external = (data.LabelledImages(args.zero_shot_csv, args.image_size, mean, std, args.skip_bad)
+                if args.zero_shot_csv else None)  # checked now: a bad file stops the run before training, not after
     common.seed_everything(args.seed)  # the same initial model on every rank
     model = LRCLR(args, tokenizer)
     if args.init:
@@ -725,7 +755,7 @@ def train(args, ddp):
                                "lrclr", args)
     if ddp.distributed:
         dist.barrier()  # the next stage of --stage both reads this one's files
-    return args, model, tokenizer, test_loader, (mean, std), dev, out
+    return args, model, tokenizer, test_loader, (mean, std), external, dev, out
 
 
 def main(argv=None):

@@ -103,6 +103,8 @@ class Args:
     train_samples: int = arg(0, "use only the first N training pairs (0 = all; synthetic: how many are generated)")
     eval_samples: int = arg(0, "use only the first N validation / test pairs (0 = all; synthetic: 500)")
     skip_bad: bool = arg(False, "skip unreadable / inconsistent records and count them (else stop and list them)")
+    zero_shot_csv: str = arg("", "external zero-shot set: a CSV of images (column image or Path, relative to the CSV) "
+                             "with CheXpert label columns, checked at the start and scored at the end")
     out_dir: str = arg("", "run folder (default runs/place-<time>)")
     resume: bool = arg(False, "continue from ckpt.pt in --out-dir")
     max_steps: int = arg(0, "stop after this many optimizer steps (0 = no limit)")
@@ -526,9 +528,10 @@ def evaluate(model, loader, tokenizer, device, amp):
     return res, auc
 
 
-def finish(args, model, tokenizer, test_loader, mean_std, device, amp, out):
+def finish(args, model, tokenizer, test_loader, mean_std, device, amp, out, external=None):
     """The end of a run, once the best-validation model is exported: it is evaluated next to the untrained model it
-    started from (printed, eval.json), then the report-conditioning check and the slot / CCE pictures."""
+    started from (printed, eval.json; on the --zero-shot-csv set too, `external`), then the report-conditioning check
+    and the slot / CCE pictures."""
     common.seed_everything(args.seed)
     initial = PLACE(args, tokenizer).to(device)  # the same initialisation the training started from
     results, intervals = {}, {}
@@ -541,6 +544,10 @@ def finish(args, model, tokenizer, test_loader, mean_std, device, amp, out):
                 if not math.isnan(a)]
     if measured:
         print("zero-shot AUC, 95 % bootstrap interval (trained): " + ", ".join(measured))
+    if external is not None:
+        zero_shot = common.external_zero_shot(dict(untrained=initial, trained=model), external, tokenizer, device,
+                                              workers=args.workers)
+        common.save_external_zero_shot(out, external, zero_shot["ci"])
     r = results["trained"]
     if "cce_real_report" in r:
         verdict = "uses the report" if r["cce_real_report"] < r["cce_zeroed_report"] else "does NOT use the report"
@@ -618,6 +625,8 @@ def main(argv=None):
     out = common.run_folder(args.out_dir, "place", ddp, args)
     ckpt_path, best_path = os.path.join(out, "ckpt.pt"), os.path.join(out, "best.pt")
     train_set, val_set, test_set, (mean, std), tokenizer = datasets(args)
+    external = (data.LabelledImages(args.zero_shot_csv, args.image_size, mean, std, args.skip_bad)
+                if args.zero_shot_csv else None)  # checked now: a bad file stops the run before training, not after
     common.seed_everything(args.seed)  # the same initial model on every rank
     model = PLACE(args, tokenizer).to(dev)
     sampler, loader, val_loader, test_loader = loaders(args, ddp, tokenizer, train_set, val_set, test_set)
@@ -702,7 +711,7 @@ def main(argv=None):
         common.print_bench(out, args.batch_size * ddp.world_size, dev, amp)
     elif ddp.is_main:
         with common.after_training(out):
-            finish(args, model, tokenizer, test_loader, (mean, std), dev, amp, out)
+            finish(args, model, tokenizer, test_loader, (mean, std), dev, amp, out, external)
 
 
 if __name__ == "__main__":

@@ -136,6 +136,8 @@ class Args:
     train_samples: int = arg(0, "use only the first N training pairs (0 = all; synthetic: how many are generated)")
     eval_samples: int = arg(0, "use only the first N validation / test pairs (0 = all; synthetic: 500)")
     skip_bad: bool = arg(False, "skip unreadable / inconsistent records and count them (else stop and list them)")
+    zero_shot_csv: str = arg("", "external zero-shot set: a CSV of images (column image or Path, relative to the CSV) "
+                             "with CheXpert label columns, checked at the start and scored at the end")
     out_dir: str = arg("", "run folder (default runs/reclf-<time>)")
     resume: bool = arg(False, "continue from ckpt.pt in --out-dir")
     max_steps: int = arg(0, "stop after this many optimizer steps (0 = no limit)")
@@ -710,8 +712,18 @@ def write_viz(model, batch, tokenizer, folder, mean, std, n):
             canvas.save(os.path.join(folder, f"pair{i}_words.png"))
 
 
-def finish(args, model, tokenizer, test_loader, mean_std, device, out):
-    """Once the best-validation model is exported: it next to the untrained one it started from, and the PNGs."""
+def zero_shot_scores(model, images, prompts):
+    """common.external_zero_shot's score: the global, local and both scores (pair_scores) of images vs prompts."""
+    regions, img_g, _ = model.image_features(images)
+    words, mask, txt_g = model.text_features(prompts)
+    img = dict(regions=common.fp32(regions), img_g=common.fp32(img_g))
+    txt = dict(words=common.fp32(words), mask=mask, txt_g=common.fp32(txt_g))
+    return dict(zip(("global", "local", "both"), pair_scores(model, img, txt)))
+
+
+def finish(args, model, tokenizer, test_loader, mean_std, device, out, external=None):
+    """Once the best-validation model is exported: it next to the untrained one it started from (on the
+    --zero-shot-csv set too, `external`), and the PNGs."""
     common.seed_everything(args.seed)
     initial = RECLF(args, tokenizer).to(device)  # the same initialisation the training started from
     models = (("untrained", initial), ("trained", model))
@@ -723,6 +735,10 @@ def finish(args, model, tokenizer, test_loader, mean_std, device, out):
             results[tag].update({f"irm_{k}_words": v for k, v in irm_summary(m, batch, tokenizer).items()})
     print(f"held-out {args.data} test split ({len(test_loader.dataset)} pairs):")
     common.print_comparison(results, os.path.join(out, "eval.json"))
+    if external is not None:
+        zero_shot = common.external_zero_shot(dict(models), external, tokenizer, device, zero_shot_scores,
+                                              workers=args.workers)
+        common.save_external_zero_shot(out, external, zero_shot["ci"])
     if irm:
         for tag, r in results.items():
             print(f"IRM weight x nodes (1 = uniform), {tag}: function words {r['irm_function_words']:.2f}, "
@@ -744,6 +760,8 @@ def main(argv=None):
     out = common.run_folder(args.out_dir, "reclf", ddp, args)
     ckpt_path, best_path = os.path.join(out, "ckpt.pt"), os.path.join(out, "best.pt")
     train_set, val_set, test_set, (mean, std), tokenizer = datasets(args)
+    external = (data.LabelledImages(args.zero_shot_csv, args.image_size, mean, std, args.skip_bad)
+                if args.zero_shot_csv else None)  # checked now: a bad file stops the run before training, not after
     common.seed_everything(args.seed)  # the same initial model on every rank
     model = RECLF(args, tokenizer).to(dev)
     sampler, loader, val_loader, test_loader = loaders(args, ddp, tokenizer, train_set, val_set, test_set)
@@ -833,7 +851,7 @@ def main(argv=None):
         common.print_bench(out, args.batch_size * ddp.world_size, dev, amp)
     elif ddp.is_main:
         with common.after_training(out):
-            return finish(args, model, tokenizer, test_loader, (mean, std), dev, out)
+            return finish(args, model, tokenizer, test_loader, (mean, std), dev, out, external)
 
 
 if __name__ == "__main__":

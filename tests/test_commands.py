@@ -26,6 +26,7 @@ import place
 import reclf
 from test_mimic import make_mimic
 from test_paths import write_pairs
+from test_zero_shot_csv import write_labelled_images
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 METHODS = {"lovt": lovt, "joimternet": joimternet, "lrclr": lrclr, "reclf": reclf, "place": place}
@@ -138,7 +139,8 @@ def places(tmp_path_factory):
     out = {"CACHE": cache, "pairs.csv": write_pairs(root / "csv", True),
            "physionet.org/files/mimic-cxr-jpg/2.0.0": tree, "physionet.org/files/mimic-cxr/2.0.0": reports,
            "MIMIC_JPG": tree, "SIIM": write_siim(root / "siim"), "RSNA": rsna,
-           "lovt/datasets/RSNA-Pneunomia-Detection": rsna_split}
+           "lovt/datasets/RSNA-Pneunomia-Detection": rsna_split,
+           "chexpert_val.csv": write_labelled_images(root / "chexpert")}  # --zero-shot-csv: images and labels
     for m, module in METHODS.items():
         module.main(["--preset", "demo", *TOY, *OWN[m], "--out-dir", str(root / "runs" / m)])
         out[f"runs/{m}-XXXX"] = root / "runs" / m
