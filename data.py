@@ -1520,12 +1520,11 @@ def collate(samples, tokenizer, max_length=512, sentence_transform=None, clean=F
 _SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 
 
-def prompt_batch(texts, tokenizer, **collate_options):
-    """One-sentence reports (the zero-shot prompts "x" / "no x") -> a text batch as collate makes it with
-    collate_options (the run's max_length, clean)."""
+def prompt_batch(texts, tokenizer):
+    """One-sentence reports (the zero-shot prompts "x" / "no x") -> a text batch as collate makes it."""
     samples = [dict(image=torch.zeros(1, 1, 1), sentences=[t], text=t, labels=torch.zeros(14), study_id=t)
                for t in texts]
-    return collate(samples, tokenizer, **collate_options)
+    return collate(samples, tokenizer)
 
 
 def _bert_tokenizer(vocab):

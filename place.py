@@ -515,10 +515,8 @@ def evaluate(model, loader, tokenizer, device, amp):
     res = {f"i2t_{k}": v for k, v in common.recall_at_k(sim).items()}
     res.update({f"t2i_{k}": v for k, v in common.recall_at_k(sim.t()).items()})
     names, phrases = data.zero_shot_findings("masks" in batch)
-    options = dict(max_length=model.args.max_length, clean=model.args.clean_text)
-    pos = model.encode_text(common.to_device(data.prompt_batch(phrases, tokenizer, **options), device))
-    neg = model.encode_text(common.to_device(data.prompt_batch([f"no {p}" for p in phrases], tokenizer, **options),
-                                             device))
+    pos = model.encode_text(common.to_device(data.prompt_batch(phrases, tokenizer), device))
+    neg = model.encode_text(common.to_device(data.prompt_batch([f"no {p}" for p in phrases], tokenizer), device))
     auc = common.zero_shot_auc_ci(img @ pos.t(), img @ neg.t(), torch.cat(labels), names)
     res.update({f"auc_{k}": v[0] for k, v in auc.items()})
     measured = [v[0] for v in auc.values() if not math.isnan(v[0])]

@@ -576,8 +576,8 @@ def evaluate(model, loader, tokenizer, device):
     labels = test["labels"].cpu()
     names, phrases = data.zero_shot_findings(synthetic)
     texts = phrases + [f"no {p}" for p in phrases]
-    prompts = common.to_device(data.prompt_batch(texts, tokenizer, max_length=model.args.max_length,
-                                                 clean=model.args.clean_text), device)
+    # the prompts stay as written: they are lower-case words already, and GLoRIA's cleaning would drop a one-word one
+    prompts = common.to_device(data.prompt_batch(texts, tokenizer), device)
     words, mask, txt_g = model.text_features(prompts)
     scores = pair_scores(model, test, dict(words=common.fp32(words), mask=mask, txt_g=common.fp32(txt_g)))
     gloria = (scores[0] + gloria_zero_shot_local(model, test["regions"], prompts, texts)) / 2

@@ -105,7 +105,7 @@ def test_reclf_gloria_text_side_equals_gloria(tokenizer):
 def test_reclf_gloria_zero_shot_local_equals_get_local_similarities(tokenizer):
     model = reclf_model(tokenizer, "--word-columns", "gloria")
     texts = ["pleural effusion", "no pleural effusion", "left lung is small no effusion"]
-    prompts = data.prompt_batch(texts, tokenizer, max_length=MAX_LENGTH, clean=True)
+    prompts = data.prompt_batch(texts, tokenizer)
     regions = torch.randn(3, 6, model.text_encoder.out_dim)
     with torch.no_grad():
         ours = reclf.gloria_zero_shot_local(model, regions, prompts, texts)
