@@ -746,6 +746,32 @@ def mean_auc(margins, labels) -> float:
     return float(np.nanmean(values)) if not all(map(math.isnan, values)) else math.nan
 
 
+def zero_shot_summary(pos_scores, neg_scores, labels, names, n_boot: int = 1000) -> dict:
+    """The zero_shot entry of every eval.json: {finding: [auc, low, high]} (zero_shot_auc_ci) for the findings with
+    both outcomes, and "mean": their mean AUC with its bootstrap interval (the same resamples)."""
+    margin, labels = _numpy(pos_scores) - _numpy(neg_scores), _numpy(labels)
+    ci = zero_shot_auc_ci(pos_scores, neg_scores, labels, names, n_boot)
+    out = {name: list(v) for name, v in ci.items() if not math.isnan(v[0])}
+    out["mean"] = [mean_auc(margin, labels), *bootstrap_ci(mean_auc, margin, labels, n=n_boot)]
+    return out
+
+
+def save_results(path: str, results: dict, **extra):
+    """Every method's eval.json: results {model: dict(retrieval={"i2t_R@1": ..}, zero_shot=zero_shot_summary(..)
+    or {}, checks={the method's own numbers})} with at least "untrained" and "trained", plus `extra` top-level
+    entries (e.g. LRCLR's paired differences). Printed as one table (print_comparison), zero-shot as auc_<finding>
+    with its interval, then written to `path`."""
+    flat = {}
+    for model, r in results.items():
+        row = dict(r.get("retrieval", {}))
+        for name, (auc, low, high) in r.get("zero_shot", {}).items():
+            row.update({f"auc_{name}": auc, f"auc_{name}_low": low, f"auc_{name}_high": high})
+        flat[model] = {**row, **r.get("checks", {})}
+    print_comparison(flat)
+    with open(path, "w") as f:
+        json.dump({**results, **extra}, f, indent=1)
+
+
 def global_zero_shot_scores(model, images, prompts) -> dict:
     """The global cosine of every image with every prompt, the zero-shot score of LoVT, JoImTeRNet and PLACE:
     images B x 1 x H x W, prompts a collated text batch of P prompts -> {"global": B x P}."""
@@ -833,6 +859,37 @@ class _BoolFlag(argparse.Action):
 
     def format_usage(self):
         return " | ".join(self.option_strings)
+
+
+@dataclass
+class RunArgs:
+    """What every method's Args shares, with one name, meaning and default: the data, the run, the evaluation. A
+    method's Args subclasses it and adds its own fields (the paper's names and defaults)."""
+    preset: str | None = arg(None, "a named set of the method's overrides (default: demo without --data, else paper)")
+    # data
+    data: str = arg("synthetic", "synthetic | synthetic-faint | mimic | csv")
+    data_root: str = arg("", "mimic: the prepare-mimic cache folder; csv: the pairs CSV")
+    train_samples: int = arg(0, "use only the first N training pairs (0 = all; synthetic: how many are generated)")
+    eval_samples: int = arg(0, "use only the first N validation / test pairs (0 = all; synthetic: 500)")
+    skip_bad: bool = arg(False, "skip unreadable / inconsistent records and count them (else stop and list them)")
+    augment: bool = arg(True, "the method's training augmentation (its docstring); off: the training view resized "
+                              "to --image-size (data.train_view)")
+    # run
+    out_dir: str = arg("", "run folder (default runs/<method>-<time>)")
+    resume: bool = arg(False, "continue from ckpt.pt in --out-dir")
+    max_steps: int = arg(0, "stop after this many optimizer steps (0 = no limit)")
+    bench: int = arg(0, "time N optimizer steps on synthetic data, print throughput, exit")
+    seed: int = arg(12345, "seed (model init identical on every rank; data order uses seed + rank)")
+    workers: int = arg(8, "DataLoader workers per process")
+    device: str = arg("", "cuda | cpu (default: cuda if available)")
+    precision: typing.Literal["auto", "bf16", "fp16", "fp32"] = arg("auto", "auto: bf16/fp16 on GPU, fp32 on CPU")
+    ckpt_every: int = arg(500, "write ckpt.pt every N optimizer steps (and at every epoch end)")
+    log_every: int = arg(10, "log every N optimizer steps")
+    # evaluation (after training, in fp32)
+    viz: int = arg(4, "write the method's pictures for this many test images (0 = none)")
+    n_boot: int = arg(1000, "bootstrap resamples of the zero-shot intervals (CheXzero: 1,000)")
+    zero_shot_csv: str = arg("", "external zero-shot set: a CSV of images (column image or Path, relative to the "
+                                 "CSV) with CheXpert label columns, checked at the start and scored at the end")
 
 
 def _flag_kwargs(tp) -> dict:
@@ -999,6 +1056,42 @@ class ResumableSampler(DistributedSampler):
 
     def __len__(self):
         return self.num_samples - self.skip
+
+
+def datasets(args, tokenizer=None):
+    """A run's data: the training, validation and test sets (data.make_dataset on --data / --data-root, with
+    --train-samples / --eval-samples / --skip-bad; training views at --image-size), the training set's pixel
+    statistics (mean, std), the tokenizer (data.report_tokenizer of --text-model unless given: tokenizer(train_set))
+    and the --zero-shot-csv set, read now so that a bad file stops the run before it trains.
+    -> (train_set, val_set, test_set, (mean, std), tokenizer, external or None)."""
+    data.check_data_root(args.data, args.data_root)
+
+    def dataset(split, num_samples):
+        return data.make_dataset(args.data, args.data_root, split, args.image_size, train=split == "train",
+                                 num_samples=num_samples or None, skip_bad=args.skip_bad)
+    train_set = dataset("train", args.train_samples)
+    val_set, test_set = dataset("validate", args.eval_samples), dataset("test", args.eval_samples)
+    mean, std = train_set.mean, train_set.std
+    tokenizer = tokenizer(train_set) if tokenizer else data.report_tokenizer(args.text_model, train_set)
+    external = (data.LabelledImages(args.zero_shot_csv, args.image_size, mean, std, args.skip_bad)
+                if args.zero_shot_csv else None)
+    return train_set, val_set, test_set, (mean, std), tokenizer, external
+
+
+def loaders(args, ddp, train_set, val_set, test_set, collate, train_collate=None):
+    """The training loader (a ResumableSampler: the order is a function of (seed, epoch), and a resumed run
+    continues mid-epoch; its workers' seeds come from a generator of its own, reseeded every epoch by the loop, never
+    from the global RNG), the validation loader (split over the ranks) and the test loader (rank 0), all at
+    --batch-size with --workers. train_collate: the training batches' collate if not `collate` (LoVT's sentence
+    swaps). -> (sampler, train, val, test)."""
+    sampler = ResumableSampler(train_set, ddp.world_size, ddp.rank, shuffle=True, seed=args.seed, drop_last=True)
+    train = DataLoader(train_set, args.batch_size, sampler=sampler, num_workers=args.workers, drop_last=True,
+                       collate_fn=train_collate or collate, generator=torch.Generator(),
+                       pin_memory=ddp.device.type == "cuda")
+    val = DataLoader(val_set, args.batch_size, num_workers=args.workers, collate_fn=collate,
+                     sampler=DistributedSampler(val_set, ddp.world_size, ddp.rank, shuffle=False))
+    test = DataLoader(test_set, args.batch_size, collate_fn=collate, num_workers=args.workers)
+    return sampler, train, val, test
 
 
 def to_device(batch: dict, device) -> dict:
