@@ -4,8 +4,8 @@
 
 RESULTS is what tests/compare.sh writes:
 
-    RESULTS/seed<k>/<run>/eval.json     the method's held-out metrics: {"untrained": {...}, "trained": {...}}, or
-                                        LRCLR's {"metrics": {"LRCLR global+local": {...}, "base": {...}, ...}}
+    RESULTS/seed<k>/<run>/eval.json     the method's held-out metrics, one layout for every method (common.
+                                        save_results): "trained": {"retrieval", "zero_shot", "checks"}
     RESULTS/seed<k>/<run>/args.json     the run's arguments (LRCLR's "init": the base it fine-tuned)
     RESULTS/seed<k>/<run>/metrics.csv   its last perf/cpu_s: the CPU seconds of the training loop (without the
                                         start-up and the evaluation; LRCLR: plus its --init's)
@@ -16,15 +16,14 @@ RESULTS is what tests/compare.sh writes:
 Every cell is the mean over pre-training seeds (for a random encoder: over harness seeds) ± the half-width of the
 95 % Student-t interval (t_{0.975, n-1} s / sqrt(n): with 3 seeds the normal 1.96 would understate it by a factor
 2.2); a cell without data is "–". The methods' own retrieval scores are comparable because every method evaluates
-the same 300 test pairs as one gallery (JoImTeRNet's i2t_300/R@k is that gallery); RECLF's zero-shot score is its
-"both" similarity (global + relation), LRCLR's its global + local one.
+the same 300 test pairs as one gallery; the zero-shot AUC is the mean of each method's own scoring (RECLF: its
+"both" similarity, LRCLR: its global + local one), which its eval.json puts under "trained".
 """
 import argparse
 import csv
 import json
 import math
 import os
-import re
 import sys
 
 import numpy as np
@@ -72,15 +71,12 @@ def _training_cpu_seconds(run: str):
 
 
 def method_metrics(run: str) -> dict:
-    """The trained model's held-out metrics of a run folder under one set of names (i2t_R@k, t2i_R@k, auc_mean)."""
-    ev = _json(os.path.join(run, "eval.json")) or {}
-    if "trained" in ev:
-        metrics = ev["trained"]
-    else:  # LRCLR: stage lrclr scores with global + local, stage base with the global cosine
-        metrics = ev.get("metrics", {}).get("LRCLR global+local") or ev.get("metrics", {}).get("base", {})
-    out = {re.sub(r"^(i2t|t2i)_\d+/", r"\1_", k): v for k, v in metrics.items()}  # JoImTeRNet's i2t_300/R@1
-    if "auc_mean" not in out and "auc_both_mean" in out:  # RECLF: the zero-shot AUC of its scoring similarity
-        out["auc_mean"] = out["auc_both_mean"]
+    """The trained model's held-out metrics of a run folder: its retrieval (i2t_R@k, t2i_R@k), checks (RECLF's
+    i2t_P@k) and mean zero-shot AUC (auc_mean)."""
+    trained = (_json(os.path.join(run, "eval.json")) or {}).get("trained", {})
+    out = {**trained.get("retrieval", {}), **trained.get("checks", {})}
+    if "mean" in trained.get("zero_shot", {}):
+        out["auc_mean"] = trained["zero_shot"]["mean"][0]
     return out
 
 

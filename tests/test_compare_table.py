@@ -24,24 +24,31 @@ def _harness_rows(encoder, dice=None, ap=None):
             dict(encoder=encoder, head="linear", mode="frozen", dice={"values": dice, "mean": sum(dice) / len(dice)})]
 
 
+def _results(r1, zero_shot_mean=None):
+    """One model's entry of eval.json (common.save_results): retrieval, zero_shot, checks."""
+    return dict(retrieval={} if r1 is None else {"i2t_R@1": r1},
+                zero_shot={} if zero_shot_mean is None else {"effusion": zero_shot_mean, "mean": zero_shot_mean},
+                checks={})
+
+
 def _fake_results(root):
-    """3 seeds of LoVT, JoImTeRNet (its own retrieval names), an LRCLR base + stage and a LoVT ablation; a random
-    encoder over 3 harness seeds."""
+    """3 seeds of LoVT, JoImTeRNet, an LRCLR base + stage (its base column next to "trained") and a LoVT ablation;
+    a random encoder over 3 harness seeds."""
     for seed, (r1, auc, dice, ap, cpu) in enumerate([(0.1, 0.7, 0.30, 0.20, 100), (0.2, 0.8, 0.40, 0.30, 110),
                                                      (0.3, 0.9, 0.50, 0.40, 120)], start=1):
         folder = os.path.join(root, f"seed{seed}")
-        _write(os.path.join(folder, "lovt", "eval.json"),
-               {"untrained": {"i2t_R@1": 0.0}, "trained": {"i2t_R@1": r1, "auc_mean": auc}})
+        _write(os.path.join(folder, "lovt", "eval.json"), {"untrained": _results(0.0),
+                                                          "trained": _results(r1, [auc, auc - 0.1, auc + 0.1])})
         _write(os.path.join(folder, "lovt", "metrics.csv"), f"step,perf/cpu_s\n1,{cpu / 2}\n2,{cpu}\n")
-        _write(os.path.join(folder, "joimternet", "eval.json"), {"trained": {"i2t_300/R@1": r1 / 2}})
+        _write(os.path.join(folder, "joimternet", "eval.json"), {"trained": _results(r1 / 2)})
         _write(os.path.join(folder, "lrclr-base", "eval.json"),
-               {"metrics": {"untrained": {}, "base": {"auc_mean": 0.6}}})
+               {"untrained": _results(None), "trained": _results(None, [0.6, 0.5, 0.7])})
         _write(os.path.join(folder, "lrclr-base", "metrics.csv"), "step,perf/cpu_s\n1,50\n")
         _write(os.path.join(folder, "lrclr", "eval.json"),
-               {"metrics": {"base": {"auc_mean": 0.6}, "LRCLR global+local": {"auc_mean": auc - 0.05}}})
+               {"base": _results(None, [0.6, 0.5, 0.7]), "trained": _results(None, [auc - 0.05, 0, 1])})
         _write(os.path.join(folder, "lrclr", "metrics.csv"), "step,perf/cpu_s\n1,20\n")
         _write(os.path.join(folder, "lrclr", "args.json"), {"init": os.path.join(folder, "lrclr-base")})
-        _write(os.path.join(folder, "lovt-no-local", "eval.json"), {"trained": {"i2t_R@1": r1}})
+        _write(os.path.join(folder, "lovt-no-local", "eval.json"), {"trained": _results(r1)})
         _write(os.path.join(folder, "lovt", "seg.json"), _harness_rows("lovt", [dice]))
         _write(os.path.join(folder, "lrclr", "seg.json"), _harness_rows("lrclr", [0.1]))
         _write(os.path.join(folder, "lovt-no-local", "seg.json"), _harness_rows("lovt-no-local", [dice - 0.1]))
@@ -64,7 +71,7 @@ def test_table_from_a_fake_results_folder(tmp_path):
     lovt = table["lovt"]
     assert lovt["i2t R@1"] == [0.1, 0.2, 0.3] and lovt["seg Dice"] == [0.3, 0.4, 0.5] and lovt["seeds"] == 3
     assert lovt["t2i R@1"] == [None, None, None]  # not in eval.json: no data, not a zero
-    assert table["joimternet"]["i2t R@1"] == [0.05, 0.1, 0.15]  # i2t_300/R@1: the same full gallery
+    assert table["joimternet"]["i2t R@1"] == [0.05, 0.1, 0.15]
     assert table["lrclr"]["zero-shot AUC"] == pytest.approx([0.65, 0.75, 0.85])  # its global + local score
     assert table["lrclr"]["seconds"] == [70.0] * 3  # its own 20 CPU s + its base's 50
     assert table["lrclr-base"]["zero-shot AUC"] == [0.6] * 3
