@@ -66,7 +66,6 @@ import textwrap
 from contextlib import nullcontext
 from dataclasses import dataclass
 from functools import partial
-from typing import Literal, Optional
 
 import torch
 import torch.nn.functional as F
@@ -80,36 +79,14 @@ from common import arg
 
 
 @dataclass
-class Args:
+class Args(common.RunArgs):
     """LoVT pre-training (defaults = LoVT_100; `--preset demo` is used when no --data is given)."""
-    preset: Optional[str] = arg(None, "paper | demo (default: demo without --data, else paper)")
-    # data and run
-    data: str = arg("synthetic", "synthetic | synthetic-faint | mimic | csv")
-    data_root: str = arg("", "mimic: the prepare-mimic cache folder; csv: the pairs CSV")
     train_subset: float = arg(1.0, "use the first fraction of the training studies (LoVT_30: 0.3)")
-    train_samples: int = arg(0, "use only the first N training pairs (0 = all; synthetic: how many are generated)")
-    eval_samples: int = arg(0, "use only the first N validation / test pairs (0 = all; synthetic: 500)")
-    skip_bad: bool = arg(False, "skip unreadable / inconsistent records and count them (else stop and list them)")
-    zero_shot_csv: str = arg("", "external zero-shot set: a CSV of images (column image or Path, relative to the CSV) "
-                             "with CheXpert label columns, checked at the start and scored at the end")
-    out_dir: str = arg("", "run folder (default runs/lovt-<time>)")
-    resume: bool = arg(False, "continue from ckpt.pt in --out-dir")
-    max_steps: int = arg(0, "stop after this many optimizer steps (0 = no limit)")
-    bench: int = arg(0, "time N optimizer steps on synthetic data, print throughput, exit")
-    viz: int = arg(0, "write sentence->region attention overlays for this many test images")
-    seed: int = arg(12345, "seed (model init; data order uses seed + rank)")
-    workers: int = arg(8, "DataLoader workers per process")
-    device: str = arg("", "cuda | cpu (default: cuda if available)")
-    precision: Literal["auto", "bf16", "fp16", "fp32"] = arg("auto", "auto: bf16/fp16 on GPU, fp32 on CPU")
-    ckpt_every: int = arg(500, "write ckpt.pt every N optimizer steps (and at every epoch end)")
-    log_every: int = arg(10, "log every N optimizer steps")
     # encoders and heads
     image_arch: str = arg("resnet50", "resnet50 | resnet18")
     image_weights: str = arg("imagenet", "imagenet | none | path to a state dict")
     image_size: int = arg(224, "input size (the 7x7 conv5 grid at 224)")
     channels_last: bool = arg(True, "NHWC memory format for the ResNet: faster convolutions on CPUs and tensor cores")
-    augment: bool = arg(True, "LoVT's image augmentation (crop, affine, jitter, blur) on training batches; off: "
-                           "the training view resized to --image-size")
     text_model: str = arg("emilyalsentzer/Bio_ClinicalBERT", "name/path, or tiny | bert-base (random init, "
                           "vocabulary from the training reports)")
     text_freeze_layers: int = arg(6, "freeze the embeddings and the first k BERT layers")
@@ -149,7 +126,7 @@ PRESETS = {
     # steps: 3.50 with it, 2.40 without), so the demo trains on the plain views: one epoch = one cosine decay.
     "demo": dict(data="synthetic", image_arch="resnet18", image_weights="none", image_size=128, augment=False,
                  text_model="tiny", text_freeze_layers=0, batch_size=32, accum=1, lr=1e-3, epochs=1,
-                 train_samples=4000, workers=0, viz=4, ckpt_every=50, log_every=5),
+                 train_samples=4000, workers=0, ckpt_every=50, log_every=5),
 }
 
 
