@@ -71,7 +71,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from torch import nn
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import Subset
 
 import common
 import data
@@ -303,37 +303,6 @@ def random_sentence_swaps(sentences, p=0.6, rng=random):
 
 
 # ==== TRAINING: data, loop, evaluation ====
-def datasets(args):
-    """Training set (the un-augmented view: BatchAugment runs on the device; LoVT_30 keeps the first 30 % of the
-    studies), validation and test sets (evaluation views), the training statistics (mean, std) and the tokenizer."""
-    data.check_data_root(args.data, args.data_root)
-
-    def dataset(split, num_samples):
-        return data.make_dataset(args.data, args.data_root, split, args.image_size, train=split == "train",
-                                 num_samples=num_samples or None, skip_bad=args.skip_bad)
-    base = dataset("train", args.train_samples)
-    train_set = torch.utils.data.Subset(base, range(round(args.train_subset * len(base))))
-    val_set, test_set = dataset("validate", args.eval_samples), dataset("test", args.eval_samples)
-    return train_set, val_set, test_set, (base.mean, base.std), data.report_tokenizer(args.text_model, train_set)
-
-
-def loaders(args, ddp, tokenizer, train_set, val_set, test_set):
-    """The training loader (ResumableSampler: order = f(seed, epoch), LoVT's random sentence swaps at collation),
-    the validation loader (split over the ranks) and the test loader (rank 0)."""
-    sampler = common.ResumableSampler(train_set, ddp.world_size, ddp.rank, shuffle=True, seed=args.seed,
-                                      drop_last=True)
-    collate = partial(data.collate, tokenizer=tokenizer, max_length=args.max_length)
-    swaps = partial(random_sentence_swaps, p=args.swap_prob)
-    # worker seeds come from this generator, reseeded every epoch, so that they never touch the global RNG
-    train = DataLoader(train_set, args.batch_size, sampler=sampler, num_workers=args.workers, drop_last=True,
-                       collate_fn=partial(collate, sentence_transform=swaps), generator=torch.Generator(),
-                       pin_memory=ddp.device.type == "cuda")
-    val = DataLoader(val_set, args.batch_size, num_workers=args.workers, generator=torch.Generator(),
-                     sampler=DistributedSampler(val_set, ddp.world_size, ddp.rank, shuffle=False), collate_fn=collate)
-    test = DataLoader(test_set, args.batch_size, collate_fn=collate, num_workers=args.workers)
-    return sampler, train, val, test
-
-
 @torch.no_grad()
 def evaluate(model, loader, tokenizer, device):
     """Retrieval R@1/5/10 in both directions and zero-shot AUC with pair prompts ("x" vs "no x") on held-out pairs.
@@ -414,12 +383,17 @@ def main(argv=None):
     micro_per_step = common.micro_batches_per_step(args.accum, ddp.world_size, args.batch_size)  # 32 x 16 on 1 or 8
     out = common.run_folder(args.out_dir, "lovt", ddp, args)
     ckpt_path, best_path = os.path.join(out, "ckpt.pt"), os.path.join(out, "best.pt")
-    train_set, val_set, test_set, (mean, std), tokenizer = datasets(args)
-    external = (data.LabelledImages(args.zero_shot_csv, args.image_size, mean, std, args.skip_bad)
-                if args.zero_shot_csv else None)  # checked now: a bad file stops the run before training, not after
+    first = lambda s: Subset(s, range(round(args.train_subset * len(s))))  # LoVT_30: the first 30 % of the studies
+    train_set, val_set, test_set, (mean, std), tokenizer, external = common.datasets(
+        args, lambda s: data.report_tokenizer(args.text_model, first(s)))  # statistics: all the training studies
+    train_set = first(train_set)
     common.seed_everything(args.seed)  # the same initial model on every rank
     model = LoVT(args, tokenizer).to(dev)
-    sampler, loader, val_loader, test_loader = loaders(args, ddp, tokenizer, train_set, val_set, test_set)
+    collate = partial(data.collate, tokenizer=tokenizer, max_length=args.max_length)
+    sampler, loader, val_loader, test_loader = common.loaders(  # LoVT's random sentence swaps at collation
+        args, ddp, train_set, val_set, test_set, collate, partial(collate, sentence_transform=partial(
+            random_sentence_swaps, p=args.swap_prob)))
+    val_loader.generator = torch.Generator()  # validation draws its base seed from here, not from the global RNG
     augment = data.BatchAugment(args.image_size, mean, std).to(dev) if args.augment else None
     n_micro = sampler.num_samples // args.batch_size
     steps_per_epoch = math.ceil(n_micro / micro_per_step)
