@@ -56,8 +56,9 @@ Deviations / our choices:
 - Resume is exact in one process with --workers 0 (tested: a run killed with SIGKILL and resumed logs the losses
   of one never stopped); with workers or several ranks the data order is exact, but the random draws of the
   interrupted epoch (sentence swaps, MIMIC's view choice) are drawn anew.
-- Evaluation runs on rank 0 after the process group is closed, once ckpt.pt and the export are written; a failure
-  there is one message, and --resume on the finished run evaluates it again without training.
+- Evaluation runs in fp32 on rank 0 after the process group is closed, once ckpt.pt and the export are written; a
+  failure there is one message, and --resume on the finished run evaluates it again without training. eval.json:
+  retrieval, zero-shot AUC with bootstrap 95 % intervals (--n-boot) of the untrained and the trained model.
 """
 import math
 import os
@@ -304,10 +305,10 @@ def random_sentence_swaps(sentences, p=0.6, rng=random):
 
 # ==== TRAINING: data, loop, evaluation ====
 @torch.no_grad()
-def evaluate(model, loader, tokenizer, device):
-    """Retrieval R@1/5/10 in both directions and zero-shot AUC with pair prompts ("x" vs "no x") on held-out pairs.
-    Synthetic data: one finding per SYNTH_FINDINGS (present = non-empty mask); real data: the CheXpert labels.
-    auc_mean averages the findings that have both outcomes in the split (it is left out when none has)."""
+def evaluate(model, loader, tokenizer, device, n_boot=1000):
+    """On held-out pairs, in fp32: retrieval R@1/5/10 in both directions and the zero-shot AUC of the global cosine
+    with the pair prompts ("x" vs "no x"; common.zero_shot_summary). Synthetic data: one finding per SYNTH_FINDINGS
+    (present = non-empty mask); real data: the CheXpert labels. -> dict(retrieval, zero_shot, checks={})."""
     model.eval()
     images, reports, labels = [], [], []
     for batch in loader:
@@ -318,17 +319,13 @@ def evaluate(model, loader, tokenizer, device):
                       else batch["labels"][:, 1:])  # CheXpert: "No Finding" left out (inverted by the prompt)
     img, txt = torch.cat(images), torch.cat(reports)
     sim = img @ txt.t()
-    res = {f"i2t_{k}": v for k, v in common.recall_at_k(sim).items()}
-    res.update({f"t2i_{k}": v for k, v in common.recall_at_k(sim.t()).items()})
+    retrieval = {f"i2t_{k}": v for k, v in common.recall_at_k(sim).items()}
+    retrieval.update({f"t2i_{k}": v for k, v in common.recall_at_k(sim.t()).items()})
     names, phrases = data.zero_shot_findings("masks" in batch)
     pos = model.encode_text(common.to_device(data.prompt_batch(phrases, tokenizer), device))
     neg = model.encode_text(common.to_device(data.prompt_batch([f"no {p}" for p in phrases], tokenizer), device))
-    auc = common.zero_shot_auc(img, pos, neg, torch.cat(labels), names)
-    res.update({f"auc_{k}": v for k, v in auc.items()})
-    measured = [v for v in auc.values() if not math.isnan(v)]
-    if measured:
-        res["auc_mean"] = sum(measured) / len(measured)
-    return res
+    zero_shot = common.zero_shot_summary(img @ pos.T, img @ neg.T, torch.cat(labels), names, n_boot)
+    return dict(retrieval=retrieval, zero_shot=zero_shot, checks={})
 
 
 def finish(args, model, tokenizer, test_loader, mean_std, device, out, external=None):
@@ -337,16 +334,17 @@ def finish(args, model, tokenizer, test_loader, mean_std, device, out, external=
     (`external`), then the attention overlays."""
     common.seed_everything(args.seed)
     initial = LoVT(args, tokenizer).to(device)  # the same initialisation the training started from
-    results = {k: evaluate(m, test_loader, tokenizer, device) for k, m in (("untrained", initial), ("trained", model))}
+    results = {k: evaluate(m, test_loader, tokenizer, device, args.n_boot)
+               for k, m in (("untrained", initial), ("trained", model))}
     print(f"held-out {args.data} test split ({len(test_loader.dataset)} pairs):")
-    if "auc_mean" not in results["trained"]:
+    if math.isnan(results["trained"]["zero_shot"]["mean"][0]):
         print(f"zero-shot AUC: no finding has both outcomes in this split. It needs label columns named as the "
               f"CheXpert findings ({', '.join(repr(n) for n in data.CHEXPERT_LABELS[1:4])}, ...: 1 positive, "
               f"0 negative) with positive and negative studies.")
-    common.print_comparison(results, os.path.join(out, "eval.json"))
+    common.save_results(os.path.join(out, "eval.json"), results)
     if external is not None:
         zero_shot = common.external_zero_shot(dict(untrained=initial, trained=model), external, tokenizer, device,
-                                              workers=args.workers)
+                                              n_boot=args.n_boot, workers=args.workers)
         common.save_external_zero_shot(out, external, zero_shot["ci"])
     if args.viz:
         write_viz(model, next(iter(test_loader)), os.path.join(out, "viz"), *mean_std, args.viz, device)

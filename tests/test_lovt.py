@@ -1,5 +1,6 @@
 """LoVT tests (CPU, tiny shapes): every loss term against written-out loops, masks, resume, overfit, main()."""
 import dataclasses
+import json
 import math
 
 import pytest
@@ -254,6 +255,12 @@ def test_three_step_run_writes_the_run_folder(runs):
     assert payload["image_size"] == 64 and isinstance(payload["mean"], float)
     encoder, _ = common.load_image_encoder(str(run / "image_encoder.pt"))
     assert encoder(torch.zeros(1, 1, 64, 64))["global_feat"].shape == (1, 512)
+    results = json.loads((run / "eval.json").read_text())  # common.save_results' layout
+    assert set(results) == {"untrained", "trained"}
+    for r in results.values():
+        assert set(r) == {"retrieval", "zero_shot", "checks"} and r["checks"] == {}
+        assert set(r["retrieval"]) == {f"{d}_R@{k}" for d in ("i2t", "t2i") for k in (1, 5, 10)}
+        assert len(r["zero_shot"]["mean"]) == 3
     header = (run / "metrics.csv").read_text().splitlines()[0].split(",")
     for k in ("lr", "loss/total", "loss/global_a2b", "loss/local_b_att2l", "perf/img_per_s", "perf/data_wait_frac"):
         assert k in header
