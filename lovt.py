@@ -12,7 +12,8 @@ Four BN-MLP heads project to z (512-d); ONE symmetric cross-attention (shared W_
 every region a counterpart mixed from its own report's sentences (b->a) and every sentence a counterpart mixed
 from its own image's regions (a->b).
 
-Objectives (cos = cosine similarity, each term a mean over the micro-batch):
+Objectives (lovt_loss, a pure function of the model's outputs; cos = cosine similarity, each term a mean over
+the micro-batch):
   global   S_ij = cos(zg_a_i, zg_b_j) / 0.1;  L_global_a2b = CE_rows(S),  L_global_b2a = CE_rows(S^T)
   local    per sample, anchors l_i and counterparts c_j:  s_ij = cos(l_i, c_j) / 0.3,
            q_ij = T_ij 1[j valid] / sum_j' T_ij' 1[j' valid],
@@ -69,6 +70,7 @@ from dataclasses import dataclass
 from functools import partial
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from torch import nn
@@ -194,25 +196,15 @@ class LoVT(nn.Module):
         return sentences, pooled, weights, mask
 
     def forward(self, batch):
-        a = self.args
+        """-> lovt_loss's terms: the features and counterparts come from the modules, the loss from tensors alone."""
         ya, ga, wa, grid = self.image_features(batch["images"])
         yb, gb, wb, mask = self.text_features(batch)
         za, zb = self.project_local_a(ya), self.project_local_b(yb)  # B x N x d, B x S x d
         att_a, att_b, _ = self.cross(za, zb, mask)  # counterparts of the regions / of the sentences
-        terms = {}
-        terms["global_a2b"], terms["global_b2a"] = common.info_nce(
-            self.project_global_a(ga), self.project_global_b(gb), a.tau_global, gather=a.gather_negatives)
-        target = spatial_target(*grid, a.spatial_threshold, a.smooth_lambda, not a.no_spatial_smoothing)
-        terms["local_a_l2att"], terms["local_a_att2l"] = local_intra_contrastive(
-            za, att_a, target.to(za.device), None, local_weights(wa, None, a.uniform_weights), a.tau_local)
-        terms["local_b_l2att"], terms["local_b_att2l"] = local_intra_contrastive(
-            zb, att_b, None, mask, local_weights(wb, mask, a.uniform_weights), a.tau_local)
-        # ablations zero a weight; every term is still computed (logged, and DDP sees every parameter used)
-        g, l = 0.0 if a.no_global else 1.0, 0.0 if a.no_local else 1.0
-        loss = (g * a.weight_global_a2b * terms["global_a2b"] + g * a.weight_global_b2a * terms["global_b2a"]
-                + l * a.weight_local_a * (terms["local_a_l2att"] + terms["local_a_att2l"])
-                + l * a.weight_local_b * (terms["local_b_l2att"] + terms["local_b_att2l"]))
-        return dict(loss=loss, **terms)
+        zga, zgb = self.project_global_a(ga), self.project_global_b(gb)
+        gathered = gather_global(zga, zgb) if self.args.gather_negatives else {}
+        return lovt_loss(zga, zgb, za, att_a, zb, att_b, mask, wa, wb, grid, **gathered,
+                         **loss_hyperparameters(self.args))
 
     def encode_image(self, images):
         """-> B x d L2-normalised global image embeddings."""
@@ -229,9 +221,6 @@ class LoVT(nn.Module):
         yb, _, _, mask = self.text_features(batch)
         _, _, p_a2b = self.cross(self.project_local_a(ya), self.project_local_b(yb), mask)
         return wa.view(-1, h, w), p_a2b.transpose(1, 2).reshape(len(ya), -1, h, w)
-
-
-# ---- 2.1 the global InfoNCE is common.info_nce(zg_a, zg_b, 0.1, gather=False): per-micro-batch negatives ----
 
 
 # ---- 2.3 the spatial soft target of the image-local loss ----
@@ -290,6 +279,64 @@ def local_weights(pool_attn, mask=None, uniform=False):
     if mask is not None:
         w = w * mask
     return w / w.sum(-1, keepdim=True).clamp_min(1e-12)
+
+
+# ---- 2. the objective: one pure function of tensors (2.1 global InfoNCE, 2.3 local losses, 2.4 weights) ----
+def lovt_loss(global_a, global_b, local_a, att_a, local_b, att_b, sentence_mask, pool_a, pool_b, grid, *,
+              global_a_all=None, global_b_all=None, offset=0, tau_global=0.1, tau_local=0.3, spatial_threshold=0.5,
+              smooth_lambda=1.0, spatial_smoothing=True, uniform_weights=False, weight_global_a2b=0.75,
+              weight_global_b2a=0.25, weight_local_a=0.375, weight_local_b=0.375) -> dict:
+    """LoVT's objective -> {"loss": the weighted total, and each term unweighted}.
+
+    global_a, global_b: B x d projected global image / report features; local_a: B x N x d projected regions of the
+    row-major grid (h, w), att_a their cross-attention counterparts; local_b, att_b: B x S x d projected sentences
+    and theirs, sentence_mask B x S; pool_a B x N, pool_b B x S: the attention-pooling weights. global_a_all,
+    global_b_all: every process's global features in rank order (--gather-negatives), this process's rows at
+    offset..offset+B; None: LoVT's negatives from the micro-batch alone.
+      global_a2b = CE_rows(S), S_ij = cos(global_a_i, global_b_all_j) / tau_global, positive j = offset + i;
+      global_b2a the same with a and b exchanged
+      local_a_l2att, local_a_att2l = local_intra_contrastive(local_a, att_a, T = spatial_target(grid), all valid,
+                                                             w = local_weights(pool_a), tau_local)
+      local_b_l2att, local_b_att2l = local_intra_contrastive(local_b, att_b, T = I, sentence_mask,
+                                                             w = local_weights(pool_b, sentence_mask), tau_local)
+      loss = w_a2b global_a2b + w_b2a global_b2a + w_a (local_a_l2att + local_a_att2l)
+             + w_b (local_b_l2att + local_b_att2l)
+    Ablations zero a weight; every term is still computed (logged, and DDP sees every parameter used)."""
+    normalized = lambda x: F.normalize(common.fp32(x), dim=-1)  # logits in fp32 (at least)
+    ga, gb = normalized(global_a), normalized(global_b)
+    ga_all = ga if global_a_all is None else normalized(global_a_all)
+    gb_all = gb if global_b_all is None else normalized(global_b_all)
+    labels = torch.arange(len(ga), device=ga.device) + offset
+    terms = dict(global_a2b=F.cross_entropy(ga @ gb_all.T / tau_global, labels),
+                 global_b2a=F.cross_entropy(gb @ ga_all.T / tau_global, labels))
+    target = spatial_target(*grid, spatial_threshold, smooth_lambda, spatial_smoothing).to(local_a.device)
+    terms["local_a_l2att"], terms["local_a_att2l"] = local_intra_contrastive(
+        local_a, att_a, target, None, local_weights(pool_a, None, uniform_weights), tau_local)
+    terms["local_b_l2att"], terms["local_b_att2l"] = local_intra_contrastive(
+        local_b, att_b, None, sentence_mask, local_weights(pool_b, sentence_mask, uniform_weights), tau_local)
+    loss = (weight_global_a2b * terms["global_a2b"] + weight_global_b2a * terms["global_b2a"]
+            + weight_local_a * (terms["local_a_l2att"] + terms["local_a_att2l"])
+            + weight_local_b * (terms["local_b_l2att"] + terms["local_b_att2l"]))
+    return dict(loss=loss, **terms)
+
+
+def loss_hyperparameters(args):
+    """Args -> lovt_loss's keyword arguments; --no-global / --no-local zero the weights of their terms."""
+    g, l = 0.0 if args.no_global else 1.0, 0.0 if args.no_local else 1.0
+    return dict(tau_global=args.tau_global, tau_local=args.tau_local, spatial_threshold=args.spatial_threshold,
+                smooth_lambda=args.smooth_lambda, spatial_smoothing=not args.no_spatial_smoothing,
+                uniform_weights=args.uniform_weights, weight_global_a2b=g * args.weight_global_a2b,
+                weight_global_b2a=g * args.weight_global_b2a, weight_local_a=l * args.weight_local_a,
+                weight_local_b=l * args.weight_local_b)
+
+
+def gather_global(global_a, global_b):
+    """--gather-negatives: this process's global features -> lovt_loss's global_a_all, global_b_all (every
+    process's, in rank order, with gradient) and offset (rank x B); nothing in one process."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return {}
+    return dict(global_a_all=common.gather_with_grad(global_a), global_b_all=common.gather_with_grad(global_b),
+                offset=dist.get_rank() * len(global_a))
 
 
 # ---- 3. text augmentation: random sentence swaps ----

@@ -209,6 +209,44 @@ def test_model_shapes_and_terms():
     assert torch.allclose(sentences.sum((2, 3)), batch["sentence_mask"].float(), atol=1e-5)
 
 
+def test_lovt_loss_is_the_forward_and_pure():
+    """The model's forward is lovt_loss on its modules' outputs, and lovt_loss is a function of its arguments alone:
+    the same tensors give the same terms again and are left as they were."""
+    model, batch, _ = tiny_model_and_batch()
+    torch.manual_seed(0)  # the same dropout masks in both passes
+    want = model(batch)
+    torch.manual_seed(0)
+    ya, ga, wa, grid = model.image_features(batch["images"])
+    yb, gb, wb, mask = model.text_features(batch)
+    za, zb = model.project_local_a(ya), model.project_local_b(yb)
+    att_a, att_b, _ = model.cross(za, zb, mask)
+    inputs = (model.project_global_a(ga), model.project_global_b(gb), za, att_a, zb, att_b, mask, wa, wb, grid)
+    before = [x.detach().clone() if torch.is_tensor(x) else x for x in inputs]
+    options = lovt.loss_hyperparameters(model.args)
+    first, second = lovt.lovt_loss(*inputs, **options), lovt.lovt_loss(*inputs, **options)
+    defaults = lovt.lovt_loss(*inputs)  # lovt_loss's defaults are the paper's, as Args'
+    assert list(first) == list(want) == ["loss", "global_a2b", "global_b2a", "local_a_l2att", "local_a_att2l",
+                                         "local_b_l2att", "local_b_att2l"]
+    for k in want:
+        assert torch.equal(first[k], want[k]) and torch.equal(second[k], first[k]) and torch.equal(defaults[k], want[k])
+    assert all(torch.equal(x, y) if torch.is_tensor(x) else x == y for x, y in zip(inputs, before))
+
+
+def test_lovt_loss_with_gathered_columns_is_the_full_batch():
+    """--gather-negatives: each process scores its rows against every process's columns (offset = its first row);
+    the mean over the processes is the loss of the whole batch in one process."""
+    torch.manual_seed(4)
+    B, d = 4, 8
+    inputs = (torch.randn(B, d), torch.randn(B, d), torch.randn(B, 4, d), torch.randn(B, 4, d), torch.randn(B, 3, d),
+              torch.randn(B, 3, d), torch.tensor([[1, 1, 0], [1, 1, 1], [1, 0, 0], [1, 1, 1]], dtype=torch.bool),
+              torch.rand(B, 4), torch.rand(B, 3))
+    full = lovt.lovt_loss(*inputs, (2, 2))
+    halves = [lovt.lovt_loss(*(x[rows] for x in inputs), (2, 2), global_a_all=inputs[0], global_b_all=inputs[1],
+                             offset=rows.start) for rows in (slice(0, 2), slice(2, 4))]
+    for k in full:
+        assert torch.allclose((halves[0][k] + halves[1][k]) / 2, full[k], atol=1e-6), k
+
+
 def test_overfit_one_batch():
     model, batch, _ = tiny_model_and_batch()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
@@ -267,13 +305,14 @@ def test_three_step_run_writes_the_run_folder(runs):
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
-    calls, info_nce = [], common.info_nce
+    calls, lovt_loss = [], lovt.lovt_loss
 
     def nan_from_fifth_call(*args, **kwargs):  # micro-batch 5 = the first of optimizer step 3
         calls.append(1)
-        a2b, b2a = info_nce(*args, **kwargs)
-        return (a2b * float("nan"), b2a) if len(calls) >= 5 else (a2b, b2a)
-    monkeypatch.setattr(common, "info_nce", nan_from_fifth_call)
+        terms = lovt_loss(*args, **kwargs)
+        return dict(terms, global_a2b=terms["global_a2b"] * float("nan"), loss=terms["loss"] * float("nan")) \
+            if len(calls) >= 5 else terms
+    monkeypatch.setattr(lovt, "lovt_loss", nan_from_fifth_call)
     with pytest.raises(FloatingPointError, match="non-finite loss"):
         lovt.main(TINY + ["--out-dir", str(tmp_path), "--max-steps", "6", "--ckpt-every", "1"])
     assert common.load_checkpoint(tmp_path / "ckpt.pt")["step"] == 2
