@@ -2,13 +2,17 @@
 import dataclasses
 import json
 import math
+import os
+import sys
 
 import pytest
 import torch
+import torch.multiprocessing as mp
 
 import common
 import data
 import lovt
+from test_common import _free_port
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -232,19 +236,57 @@ def test_lovt_loss_is_the_forward_and_pure():
     assert all(torch.equal(x, y) if torch.is_tensor(x) else x == y for x, y in zip(inputs, before))
 
 
+def loss_inputs(B=4, d=8):
+    """lovt_loss's tensors for B pairs of a 2 x 2 grid and 3 sentence slots (float64: exact comparisons)."""
+    g = torch.Generator().manual_seed(4)
+    x = lambda *shape: torch.randn(*shape, generator=g, dtype=torch.float64)  # noqa: E731
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1], [1, 0, 0], [1, 1, 1]], dtype=torch.bool)
+    return ([x(B, d), x(B, d), x(B, 4, d), x(B, 4, d), x(B, 3, d), x(B, 3, d)], mask, torch.rand(B, 4, generator=g),
+            torch.rand(B, 3, generator=g))
+
+
 def test_lovt_loss_with_gathered_columns_is_the_full_batch():
     """--gather-negatives: each process scores its rows against every process's columns (offset = its first row);
     the mean over the processes is the loss of the whole batch in one process."""
-    torch.manual_seed(4)
-    B, d = 4, 8
-    inputs = (torch.randn(B, d), torch.randn(B, d), torch.randn(B, 4, d), torch.randn(B, 4, d), torch.randn(B, 3, d),
-              torch.randn(B, 3, d), torch.tensor([[1, 1, 0], [1, 1, 1], [1, 0, 0], [1, 1, 1]], dtype=torch.bool),
-              torch.rand(B, 4), torch.rand(B, 3))
-    full = lovt.lovt_loss(*inputs, (2, 2))
-    halves = [lovt.lovt_loss(*(x[rows] for x in inputs), (2, 2), global_a_all=inputs[0], global_b_all=inputs[1],
-                             offset=rows.start) for rows in (slice(0, 2), slice(2, 4))]
+    features, mask, pool_a, pool_b = loss_inputs()
+    full = lovt.lovt_loss(*features, mask, pool_a, pool_b, (2, 2))
+    halves = [lovt.lovt_loss(*(x[rows] for x in features), mask[rows], pool_a[rows], pool_b[rows], (2, 2),
+                             global_a_all=features[0], global_b_all=features[1], offset=rows.start)
+              for rows in (slice(0, 2), slice(2, 4))]
     for k in full:
-        assert torch.allclose((halves[0][k] + halves[1][k]) / 2, full[k], atol=1e-6), k
+        assert torch.allclose((halves[0][k] + halves[1][k]) / 2, full[k]), k
+
+
+def _gather_worker(rank, world, port, out_dir):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        features, mask, pool_a, pool_b = loss_inputs()
+        rows = slice(2 * rank, 2 * rank + 2)
+        mine = [x[rows].clone().requires_grad_() for x in features]
+        loss = lovt.lovt_loss(*mine, mask[rows], pool_a[rows], pool_b[rows], (2, 2),
+                              **lovt.gather_global(*mine[:2]))["loss"]
+        loss.backward()
+        torch.save(dict(loss=loss.detach(), grads=[x.grad for x in mine]), os.path.join(out_dir, f"{rank}.pt"))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_gather_negatives_on_two_processes_is_the_full_batch(tmp_path):
+    """gather_global then lovt_loss on 2 gloo processes of 2 pairs: the mean loss and, averaged as DDP does, the
+    gradients reaching each process's features equal one process's on all 4 pairs."""
+    features, mask, pool_a, pool_b = loss_inputs()
+    full = [x.clone().requires_grad_() for x in features]
+    want = lovt.lovt_loss(*full, mask, pool_a, pool_b, (2, 2))["loss"]
+    want.backward()
+    start_method = "fork" if sys.platform == "linux" else "spawn"  # fork: no re-import of torch in the children
+    mp.start_processes(_gather_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, start_method=start_method)
+    got = [torch.load(tmp_path / f"{rank}.pt", weights_only=True) for rank in range(2)]
+    assert torch.allclose((got[0]["loss"] + got[1]["loss"]) / 2, want.detach())
+    for rank in range(2):
+        rows = slice(2 * rank, 2 * rank + 2)
+        assert all(torch.allclose(g / 2, f.grad[rows]) for g, f in zip(got[rank]["grads"], full))
 
 
 def test_overfit_one_batch():
