@@ -435,9 +435,8 @@ def main(argv=None):
     common.seed_everything(args.seed)  # the same initial model on every rank
     model = LoVT(args, tokenizer).to(dev)
     collate = partial(data.collate, tokenizer=tokenizer, max_length=args.max_length)
-    sampler, loader, val_loader, test_loader = common.loaders(  # LoVT's random sentence swaps at collation
-        args, ddp, train_set, val_set, test_set, collate, partial(collate, sentence_transform=partial(
-            random_sentence_swaps, p=args.swap_prob)))
+    swapped = partial(collate, sentence_transform=partial(random_sentence_swaps, p=args.swap_prob))  # training only
+    sampler, loader, val_loader, test_loader = common.loaders(args, ddp, train_set, val_set, test_set, collate, swapped)
     val_loader.generator = torch.Generator()  # validation draws its base seed from here, not from the global RNG
     augment = data.BatchAugment(args.image_size, mean, std).to(dev) if args.augment else None
     n_micro = sampler.num_samples // args.batch_size
