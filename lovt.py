@@ -12,7 +12,8 @@ Four BN-MLP heads project to z (512-d); ONE symmetric cross-attention (shared W_
 every region a counterpart mixed from its own report's sentences (b->a) and every sentence a counterpart mixed
 from its own image's regions (a->b).
 
-Objectives (cos = cosine similarity, each term a mean over the micro-batch):
+Objectives (lovt_loss, a pure function of the model's outputs; cos = cosine similarity, each term a mean over
+the micro-batch):
   global   S_ij = cos(zg_a_i, zg_b_j) / 0.1;  L_global_a2b = CE_rows(S),  L_global_b2a = CE_rows(S^T)
   local    per sample, anchors l_i and counterparts c_j:  s_ij = cos(l_i, c_j) / 0.3,
            q_ij = T_ij 1[j valid] / sum_j' T_ij' 1[j' valid],
@@ -56,8 +57,9 @@ Deviations / our choices:
 - Resume is exact in one process with --workers 0 (tested: a run killed with SIGKILL and resumed logs the losses
   of one never stopped); with workers or several ranks the data order is exact, but the random draws of the
   interrupted epoch (sentence swaps, MIMIC's view choice) are drawn anew.
-- Evaluation runs on rank 0 after the process group is closed, once ckpt.pt and the export are written; a failure
-  there is one message, and --resume on the finished run evaluates it again without training.
+- Evaluation runs in fp32 on rank 0 after the process group is closed, once ckpt.pt and the export are written; a
+  failure there is one message, and --resume on the finished run evaluates it again without training. eval.json:
+  retrieval, zero-shot AUC with bootstrap 95 % intervals (--n-boot) of the untrained and the trained model.
 """
 import math
 import os
@@ -66,13 +68,13 @@ import textwrap
 from contextlib import nullcontext
 from dataclasses import dataclass
 from functools import partial
-from typing import Literal, Optional
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from torch import nn
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import Subset
 
 import common
 import data
@@ -80,36 +82,14 @@ from common import arg
 
 
 @dataclass
-class Args:
+class Args(common.RunArgs):
     """LoVT pre-training (defaults = LoVT_100; `--preset demo` is used when no --data is given)."""
-    preset: Optional[str] = arg(None, "paper | demo (default: demo without --data, else paper)")
-    # data and run
-    data: str = arg("synthetic", "synthetic | synthetic-faint | mimic | csv")
-    data_root: str = arg("", "mimic: the prepare-mimic cache folder; csv: the pairs CSV")
     train_subset: float = arg(1.0, "use the first fraction of the training studies (LoVT_30: 0.3)")
-    train_samples: int = arg(0, "use only the first N training pairs (0 = all; synthetic: how many are generated)")
-    eval_samples: int = arg(0, "use only the first N validation / test pairs (0 = all; synthetic: 500)")
-    skip_bad: bool = arg(False, "skip unreadable / inconsistent records and count them (else stop and list them)")
-    zero_shot_csv: str = arg("", "external zero-shot set: a CSV of images (column image or Path, relative to the CSV) "
-                             "with CheXpert label columns, checked at the start and scored at the end")
-    out_dir: str = arg("", "run folder (default runs/lovt-<time>)")
-    resume: bool = arg(False, "continue from ckpt.pt in --out-dir")
-    max_steps: int = arg(0, "stop after this many optimizer steps (0 = no limit)")
-    bench: int = arg(0, "time N optimizer steps on synthetic data, print throughput, exit")
-    viz: int = arg(0, "write sentence->region attention overlays for this many test images")
-    seed: int = arg(12345, "seed (model init; data order uses seed + rank)")
-    workers: int = arg(8, "DataLoader workers per process")
-    device: str = arg("", "cuda | cpu (default: cuda if available)")
-    precision: Literal["auto", "bf16", "fp16", "fp32"] = arg("auto", "auto: bf16/fp16 on GPU, fp32 on CPU")
-    ckpt_every: int = arg(500, "write ckpt.pt every N optimizer steps (and at every epoch end)")
-    log_every: int = arg(10, "log every N optimizer steps")
     # encoders and heads
     image_arch: str = arg("resnet50", "resnet50 | resnet18")
     image_weights: str = arg("imagenet", "imagenet | none | path to a state dict")
     image_size: int = arg(224, "input size (the 7x7 conv5 grid at 224)")
     channels_last: bool = arg(True, "NHWC memory format for the ResNet: faster convolutions on CPUs and tensor cores")
-    augment: bool = arg(True, "LoVT's image augmentation (crop, affine, jitter, blur) on training batches; off: "
-                           "the training view resized to --image-size")
     text_model: str = arg("emilyalsentzer/Bio_ClinicalBERT", "name/path, or tiny | bert-base (random init, "
                           "vocabulary from the training reports)")
     text_freeze_layers: int = arg(6, "freeze the embeddings and the first k BERT layers")
@@ -149,7 +129,7 @@ PRESETS = {
     # steps: 3.50 with it, 2.40 without), so the demo trains on the plain views: one epoch = one cosine decay.
     "demo": dict(data="synthetic", image_arch="resnet18", image_weights="none", image_size=128, augment=False,
                  text_model="tiny", text_freeze_layers=0, batch_size=32, accum=1, lr=1e-3, epochs=1,
-                 train_samples=4000, workers=0, viz=4, ckpt_every=50, log_every=5),
+                 train_samples=4000, workers=0, ckpt_every=50, log_every=5),
 }
 
 
@@ -216,25 +196,15 @@ class LoVT(nn.Module):
         return sentences, pooled, weights, mask
 
     def forward(self, batch):
-        a = self.args
+        """-> lovt_loss's terms: the features and counterparts come from the modules, the loss from tensors alone."""
         ya, ga, wa, grid = self.image_features(batch["images"])
         yb, gb, wb, mask = self.text_features(batch)
         za, zb = self.project_local_a(ya), self.project_local_b(yb)  # B x N x d, B x S x d
         att_a, att_b, _ = self.cross(za, zb, mask)  # counterparts of the regions / of the sentences
-        terms = {}
-        terms["global_a2b"], terms["global_b2a"] = common.info_nce(
-            self.project_global_a(ga), self.project_global_b(gb), a.tau_global, gather=a.gather_negatives)
-        target = spatial_target(*grid, a.spatial_threshold, a.smooth_lambda, not a.no_spatial_smoothing)
-        terms["local_a_l2att"], terms["local_a_att2l"] = local_intra_contrastive(
-            za, att_a, target.to(za.device), None, local_weights(wa, None, a.uniform_weights), a.tau_local)
-        terms["local_b_l2att"], terms["local_b_att2l"] = local_intra_contrastive(
-            zb, att_b, None, mask, local_weights(wb, mask, a.uniform_weights), a.tau_local)
-        # ablations zero a weight; every term is still computed (logged, and DDP sees every parameter used)
-        g, l = 0.0 if a.no_global else 1.0, 0.0 if a.no_local else 1.0
-        loss = (g * a.weight_global_a2b * terms["global_a2b"] + g * a.weight_global_b2a * terms["global_b2a"]
-                + l * a.weight_local_a * (terms["local_a_l2att"] + terms["local_a_att2l"])
-                + l * a.weight_local_b * (terms["local_b_l2att"] + terms["local_b_att2l"]))
-        return dict(loss=loss, **terms)
+        zga, zgb = self.project_global_a(ga), self.project_global_b(gb)
+        gathered = gather_global(zga, zgb) if self.args.gather_negatives else {}
+        return lovt_loss(zga, zgb, za, att_a, zb, att_b, mask, wa, wb, grid, **gathered,
+                         **loss_hyperparameters(self.args))
 
     def encode_image(self, images):
         """-> B x d L2-normalised global image embeddings."""
@@ -251,9 +221,6 @@ class LoVT(nn.Module):
         yb, _, _, mask = self.text_features(batch)
         _, _, p_a2b = self.cross(self.project_local_a(ya), self.project_local_b(yb), mask)
         return wa.view(-1, h, w), p_a2b.transpose(1, 2).reshape(len(ya), -1, h, w)
-
-
-# ---- 2.1 the global InfoNCE is common.info_nce(zg_a, zg_b, 0.1, gather=False): per-micro-batch negatives ----
 
 
 # ---- 2.3 the spatial soft target of the image-local loss ----
@@ -314,6 +281,64 @@ def local_weights(pool_attn, mask=None, uniform=False):
     return w / w.sum(-1, keepdim=True).clamp_min(1e-12)
 
 
+# ---- 2. the objective: one pure function of tensors (2.1 global InfoNCE, 2.3 local losses, 2.4 weights) ----
+def lovt_loss(global_a, global_b, local_a, att_a, local_b, att_b, sentence_mask, pool_a, pool_b, grid, *,
+              global_a_all=None, global_b_all=None, offset=0, tau_global=0.1, tau_local=0.3, spatial_threshold=0.5,
+              smooth_lambda=1.0, spatial_smoothing=True, uniform_weights=False, weight_global_a2b=0.75,
+              weight_global_b2a=0.25, weight_local_a=0.375, weight_local_b=0.375) -> dict:
+    """LoVT's objective -> {"loss": the weighted total, and each term unweighted}.
+
+    global_a, global_b: B x d projected global image / report features; local_a: B x N x d projected regions of the
+    row-major grid (h, w), att_a their cross-attention counterparts; local_b, att_b: B x S x d projected sentences
+    and theirs, sentence_mask B x S; pool_a B x N, pool_b B x S: the attention-pooling weights. global_a_all,
+    global_b_all: every process's global features in rank order (--gather-negatives), this process's rows at
+    offset..offset+B; None: LoVT's negatives from the micro-batch alone.
+      global_a2b = CE_rows(S), S_ij = cos(global_a_i, global_b_all_j) / tau_global, positive j = offset + i;
+      global_b2a the same with a and b exchanged
+      local_a_l2att, local_a_att2l = local_intra_contrastive(local_a, att_a, T = spatial_target(grid), all valid,
+                                                             w = local_weights(pool_a), tau_local)
+      local_b_l2att, local_b_att2l = local_intra_contrastive(local_b, att_b, T = I, sentence_mask,
+                                                             w = local_weights(pool_b, sentence_mask), tau_local)
+      loss = w_a2b global_a2b + w_b2a global_b2a + w_a (local_a_l2att + local_a_att2l)
+             + w_b (local_b_l2att + local_b_att2l)
+    Ablations zero a weight; every term is still computed (logged, and DDP sees every parameter used)."""
+    normalized = lambda x: F.normalize(common.fp32(x), dim=-1)  # logits in fp32 (at least)
+    ga, gb = normalized(global_a), normalized(global_b)
+    ga_all = ga if global_a_all is None else normalized(global_a_all)
+    gb_all = gb if global_b_all is None else normalized(global_b_all)
+    labels = torch.arange(len(ga), device=ga.device) + offset
+    terms = dict(global_a2b=F.cross_entropy(ga @ gb_all.T / tau_global, labels),
+                 global_b2a=F.cross_entropy(gb @ ga_all.T / tau_global, labels))
+    target = spatial_target(*grid, spatial_threshold, smooth_lambda, spatial_smoothing).to(local_a.device)
+    terms["local_a_l2att"], terms["local_a_att2l"] = local_intra_contrastive(
+        local_a, att_a, target, None, local_weights(pool_a, None, uniform_weights), tau_local)
+    terms["local_b_l2att"], terms["local_b_att2l"] = local_intra_contrastive(
+        local_b, att_b, None, sentence_mask, local_weights(pool_b, sentence_mask, uniform_weights), tau_local)
+    loss = (weight_global_a2b * terms["global_a2b"] + weight_global_b2a * terms["global_b2a"]
+            + weight_local_a * (terms["local_a_l2att"] + terms["local_a_att2l"])
+            + weight_local_b * (terms["local_b_l2att"] + terms["local_b_att2l"]))
+    return dict(loss=loss, **terms)
+
+
+def loss_hyperparameters(args):
+    """Args -> lovt_loss's keyword arguments; --no-global / --no-local zero the weights of their terms."""
+    g, l = 0.0 if args.no_global else 1.0, 0.0 if args.no_local else 1.0
+    return dict(tau_global=args.tau_global, tau_local=args.tau_local, spatial_threshold=args.spatial_threshold,
+                smooth_lambda=args.smooth_lambda, spatial_smoothing=not args.no_spatial_smoothing,
+                uniform_weights=args.uniform_weights, weight_global_a2b=g * args.weight_global_a2b,
+                weight_global_b2a=g * args.weight_global_b2a, weight_local_a=l * args.weight_local_a,
+                weight_local_b=l * args.weight_local_b)
+
+
+def gather_global(global_a, global_b):
+    """--gather-negatives: this process's global features -> lovt_loss's global_a_all, global_b_all (every
+    process's, in rank order, with gradient) and offset (rank x B); nothing in one process."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return {}
+    return dict(global_a_all=common.gather_with_grad(global_a), global_b_all=common.gather_with_grad(global_b),
+                offset=dist.get_rank() * len(global_a))
+
+
 # ---- 3. text augmentation: random sentence swaps ----
 def random_sentence_swaps(sentences, p=0.6, rng=random):
     """Swap two uniformly drawn sentences (possibly the same), k times with k ~ Geometric: P(k) = p^k (1-p),
@@ -326,42 +351,11 @@ def random_sentence_swaps(sentences, p=0.6, rng=random):
 
 
 # ==== TRAINING: data, loop, evaluation ====
-def datasets(args):
-    """Training set (the un-augmented view: BatchAugment runs on the device; LoVT_30 keeps the first 30 % of the
-    studies), validation and test sets (evaluation views), the training statistics (mean, std) and the tokenizer."""
-    data.check_data_root(args.data, args.data_root)
-
-    def dataset(split, num_samples):
-        return data.make_dataset(args.data, args.data_root, split, args.image_size, train=split == "train",
-                                 num_samples=num_samples or None, skip_bad=args.skip_bad)
-    base = dataset("train", args.train_samples)
-    train_set = torch.utils.data.Subset(base, range(round(args.train_subset * len(base))))
-    val_set, test_set = dataset("validate", args.eval_samples), dataset("test", args.eval_samples)
-    return train_set, val_set, test_set, (base.mean, base.std), data.report_tokenizer(args.text_model, train_set)
-
-
-def loaders(args, ddp, tokenizer, train_set, val_set, test_set):
-    """The training loader (ResumableSampler: order = f(seed, epoch), LoVT's random sentence swaps at collation),
-    the validation loader (split over the ranks) and the test loader (rank 0)."""
-    sampler = common.ResumableSampler(train_set, ddp.world_size, ddp.rank, shuffle=True, seed=args.seed,
-                                      drop_last=True)
-    collate = partial(data.collate, tokenizer=tokenizer, max_length=args.max_length)
-    swaps = partial(random_sentence_swaps, p=args.swap_prob)
-    # worker seeds come from this generator, reseeded every epoch, so that they never touch the global RNG
-    train = DataLoader(train_set, args.batch_size, sampler=sampler, num_workers=args.workers, drop_last=True,
-                       collate_fn=partial(collate, sentence_transform=swaps), generator=torch.Generator(),
-                       pin_memory=ddp.device.type == "cuda")
-    val = DataLoader(val_set, args.batch_size, num_workers=args.workers, generator=torch.Generator(),
-                     sampler=DistributedSampler(val_set, ddp.world_size, ddp.rank, shuffle=False), collate_fn=collate)
-    test = DataLoader(test_set, args.batch_size, collate_fn=collate, num_workers=args.workers)
-    return sampler, train, val, test
-
-
 @torch.no_grad()
-def evaluate(model, loader, tokenizer, device):
-    """Retrieval R@1/5/10 in both directions and zero-shot AUC with pair prompts ("x" vs "no x") on held-out pairs.
-    Synthetic data: one finding per SYNTH_FINDINGS (present = non-empty mask); real data: the CheXpert labels.
-    auc_mean averages the findings that have both outcomes in the split (it is left out when none has)."""
+def evaluate(model, loader, tokenizer, device, n_boot=1000):
+    """On held-out pairs, in fp32: retrieval R@1/5/10 in both directions and the zero-shot AUC of the global cosine
+    with the pair prompts ("x" vs "no x"; common.zero_shot_summary). Synthetic data: one finding per SYNTH_FINDINGS
+    (present = non-empty mask); real data: the CheXpert labels. -> dict(retrieval, zero_shot, checks={})."""
     model.eval()
     images, reports, labels = [], [], []
     for batch in loader:
@@ -372,17 +366,13 @@ def evaluate(model, loader, tokenizer, device):
                       else batch["labels"][:, 1:])  # CheXpert: "No Finding" left out (inverted by the prompt)
     img, txt = torch.cat(images), torch.cat(reports)
     sim = img @ txt.t()
-    res = {f"i2t_{k}": v for k, v in common.recall_at_k(sim).items()}
-    res.update({f"t2i_{k}": v for k, v in common.recall_at_k(sim.t()).items()})
+    retrieval = {f"i2t_{k}": v for k, v in common.recall_at_k(sim).items()}
+    retrieval.update({f"t2i_{k}": v for k, v in common.recall_at_k(sim.t()).items()})
     names, phrases = data.zero_shot_findings("masks" in batch)
     pos = model.encode_text(common.to_device(data.prompt_batch(phrases, tokenizer), device))
     neg = model.encode_text(common.to_device(data.prompt_batch([f"no {p}" for p in phrases], tokenizer), device))
-    auc = common.zero_shot_auc(img, pos, neg, torch.cat(labels), names)
-    res.update({f"auc_{k}": v for k, v in auc.items()})
-    measured = [v for v in auc.values() if not math.isnan(v)]
-    if measured:
-        res["auc_mean"] = sum(measured) / len(measured)
-    return res
+    zero_shot = common.zero_shot_summary(img @ pos.T, img @ neg.T, torch.cat(labels), names, n_boot)
+    return dict(retrieval=retrieval, zero_shot=zero_shot, checks={})
 
 
 def finish(args, model, tokenizer, test_loader, mean_std, device, out, external=None):
@@ -391,16 +381,17 @@ def finish(args, model, tokenizer, test_loader, mean_std, device, out, external=
     (`external`), then the attention overlays."""
     common.seed_everything(args.seed)
     initial = LoVT(args, tokenizer).to(device)  # the same initialisation the training started from
-    results = {k: evaluate(m, test_loader, tokenizer, device) for k, m in (("untrained", initial), ("trained", model))}
+    results = {k: evaluate(m, test_loader, tokenizer, device, args.n_boot)
+               for k, m in (("untrained", initial), ("trained", model))}
     print(f"held-out {args.data} test split ({len(test_loader.dataset)} pairs):")
-    if "auc_mean" not in results["trained"]:
+    if math.isnan(results["trained"]["zero_shot"]["mean"][0]):
         print(f"zero-shot AUC: no finding has both outcomes in this split. It needs label columns named as the "
               f"CheXpert findings ({', '.join(repr(n) for n in data.CHEXPERT_LABELS[1:4])}, ...: 1 positive, "
               f"0 negative) with positive and negative studies.")
-    common.print_comparison(results, os.path.join(out, "eval.json"))
+    common.save_results(os.path.join(out, "eval.json"), results)
     if external is not None:
         zero_shot = common.external_zero_shot(dict(untrained=initial, trained=model), external, tokenizer, device,
-                                              workers=args.workers)
+                                              n_boot=args.n_boot, workers=args.workers)
         common.save_external_zero_shot(out, external, zero_shot["ci"])
     if args.viz:
         write_viz(model, next(iter(test_loader)), os.path.join(out, "viz"), *mean_std, args.viz, device)
@@ -437,12 +428,16 @@ def main(argv=None):
     micro_per_step = common.micro_batches_per_step(args.accum, ddp.world_size, args.batch_size)  # 32 x 16 on 1 or 8
     out = common.run_folder(args.out_dir, "lovt", ddp, args)
     ckpt_path, best_path = os.path.join(out, "ckpt.pt"), os.path.join(out, "best.pt")
-    train_set, val_set, test_set, (mean, std), tokenizer = datasets(args)
-    external = (data.LabelledImages(args.zero_shot_csv, args.image_size, mean, std, args.skip_bad)
-                if args.zero_shot_csv else None)  # checked now: a bad file stops the run before training, not after
+    first = lambda s: Subset(s, range(round(args.train_subset * len(s))))  # LoVT_30: the first 30 % of the studies
+    train_set, val_set, test_set, (mean, std), tokenizer, external = common.datasets(
+        args, lambda s: data.report_tokenizer(args.text_model, first(s)))  # statistics: all the training studies
+    train_set = first(train_set)
     common.seed_everything(args.seed)  # the same initial model on every rank
     model = LoVT(args, tokenizer).to(dev)
-    sampler, loader, val_loader, test_loader = loaders(args, ddp, tokenizer, train_set, val_set, test_set)
+    collate = partial(data.collate, tokenizer=tokenizer, max_length=args.max_length)
+    swapped = partial(collate, sentence_transform=partial(random_sentence_swaps, p=args.swap_prob))  # training only
+    sampler, loader, val_loader, test_loader = common.loaders(args, ddp, train_set, val_set, test_set, collate, swapped)
+    val_loader.generator = torch.Generator()  # validation draws its base seed from here, not from the global RNG
     augment = data.BatchAugment(args.image_size, mean, std).to(dev) if args.augment else None
     n_micro = sampler.num_samples // args.batch_size
     steps_per_epoch = math.ceil(n_micro / micro_per_step)

@@ -1,13 +1,18 @@
 """LoVT tests (CPU, tiny shapes): every loss term against written-out loops, masks, resume, overfit, main()."""
 import dataclasses
+import json
 import math
+import os
+import sys
 
 import pytest
 import torch
+import torch.multiprocessing as mp
 
 import common
 import data
 import lovt
+from test_common import _free_port
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -208,6 +213,82 @@ def test_model_shapes_and_terms():
     assert torch.allclose(sentences.sum((2, 3)), batch["sentence_mask"].float(), atol=1e-5)
 
 
+def test_lovt_loss_is_the_forward_and_pure():
+    """The model's forward is lovt_loss on its modules' outputs, and lovt_loss is a function of its arguments alone:
+    the same tensors give the same terms again and are left as they were."""
+    model, batch, _ = tiny_model_and_batch()
+    torch.manual_seed(0)  # the same dropout masks in both passes
+    want = model(batch)
+    torch.manual_seed(0)
+    ya, ga, wa, grid = model.image_features(batch["images"])
+    yb, gb, wb, mask = model.text_features(batch)
+    za, zb = model.project_local_a(ya), model.project_local_b(yb)
+    att_a, att_b, _ = model.cross(za, zb, mask)
+    inputs = (model.project_global_a(ga), model.project_global_b(gb), za, att_a, zb, att_b, mask, wa, wb, grid)
+    before = [x.detach().clone() if torch.is_tensor(x) else x for x in inputs]
+    options = lovt.loss_hyperparameters(model.args)
+    first, second = lovt.lovt_loss(*inputs, **options), lovt.lovt_loss(*inputs, **options)
+    defaults = lovt.lovt_loss(*inputs)  # lovt_loss's defaults are the paper's, as Args'
+    assert list(first) == list(want) == ["loss", "global_a2b", "global_b2a", "local_a_l2att", "local_a_att2l",
+                                         "local_b_l2att", "local_b_att2l"]
+    for k in want:
+        assert torch.equal(first[k], want[k]) and torch.equal(second[k], first[k]) and torch.equal(defaults[k], want[k])
+    assert all(torch.equal(x, y) if torch.is_tensor(x) else x == y for x, y in zip(inputs, before))
+
+
+def loss_inputs(B=4, d=8):
+    """lovt_loss's tensors for B pairs of a 2 x 2 grid and 3 sentence slots (float64: exact comparisons)."""
+    g = torch.Generator().manual_seed(4)
+    x = lambda *shape: torch.randn(*shape, generator=g, dtype=torch.float64)  # noqa: E731
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1], [1, 0, 0], [1, 1, 1]], dtype=torch.bool)
+    return ([x(B, d), x(B, d), x(B, 4, d), x(B, 4, d), x(B, 3, d), x(B, 3, d)], mask, torch.rand(B, 4, generator=g),
+            torch.rand(B, 3, generator=g))
+
+
+def test_lovt_loss_with_gathered_columns_is_the_full_batch():
+    """--gather-negatives: each process scores its rows against every process's columns (offset = its first row);
+    the mean over the processes is the loss of the whole batch in one process."""
+    features, mask, pool_a, pool_b = loss_inputs()
+    full = lovt.lovt_loss(*features, mask, pool_a, pool_b, (2, 2))
+    halves = [lovt.lovt_loss(*(x[rows] for x in features), mask[rows], pool_a[rows], pool_b[rows], (2, 2),
+                             global_a_all=features[0], global_b_all=features[1], offset=rows.start)
+              for rows in (slice(0, 2), slice(2, 4))]
+    for k in full:
+        assert torch.allclose((halves[0][k] + halves[1][k]) / 2, full[k]), k
+
+
+def _gather_worker(rank, world, port, out_dir):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        features, mask, pool_a, pool_b = loss_inputs()
+        rows = slice(2 * rank, 2 * rank + 2)
+        mine = [x[rows].clone().requires_grad_() for x in features]
+        loss = lovt.lovt_loss(*mine, mask[rows], pool_a[rows], pool_b[rows], (2, 2),
+                              **lovt.gather_global(*mine[:2]))["loss"]
+        loss.backward()
+        torch.save(dict(loss=loss.detach(), grads=[x.grad for x in mine]), os.path.join(out_dir, f"{rank}.pt"))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_gather_negatives_on_two_processes_is_the_full_batch(tmp_path):
+    """gather_global then lovt_loss on 2 gloo processes of 2 pairs: the mean loss and, averaged as DDP does, the
+    gradients reaching each process's features equal one process's on all 4 pairs."""
+    features, mask, pool_a, pool_b = loss_inputs()
+    full = [x.clone().requires_grad_() for x in features]
+    want = lovt.lovt_loss(*full, mask, pool_a, pool_b, (2, 2))["loss"]
+    want.backward()
+    start_method = "fork" if sys.platform == "linux" else "spawn"  # fork: no re-import of torch in the children
+    mp.start_processes(_gather_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, start_method=start_method)
+    got = [torch.load(tmp_path / f"{rank}.pt", weights_only=True) for rank in range(2)]
+    assert torch.allclose((got[0]["loss"] + got[1]["loss"]) / 2, want.detach())
+    for rank in range(2):
+        rows = slice(2 * rank, 2 * rank + 2)
+        assert all(torch.allclose(g / 2, f.grad[rows]) for g, f in zip(got[rank]["grads"], full))
+
+
 def test_overfit_one_batch():
     model, batch, _ = tiny_model_and_batch()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
@@ -254,19 +335,26 @@ def test_three_step_run_writes_the_run_folder(runs):
     assert payload["image_size"] == 64 and isinstance(payload["mean"], float)
     encoder, _ = common.load_image_encoder(str(run / "image_encoder.pt"))
     assert encoder(torch.zeros(1, 1, 64, 64))["global_feat"].shape == (1, 512)
+    results = json.loads((run / "eval.json").read_text())  # common.save_results' layout
+    assert set(results) == {"untrained", "trained"}
+    for r in results.values():
+        assert set(r) == {"retrieval", "zero_shot", "checks"} and r["checks"] == {}
+        assert set(r["retrieval"]) == {f"{d}_R@{k}" for d in ("i2t", "t2i") for k in (1, 5, 10)}
+        assert len(r["zero_shot"]["mean"]) == 3
     header = (run / "metrics.csv").read_text().splitlines()[0].split(",")
     for k in ("lr", "loss/total", "loss/global_a2b", "loss/local_b_att2l", "perf/img_per_s", "perf/data_wait_frac"):
         assert k in header
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
-    calls, info_nce = [], common.info_nce
+    calls, lovt_loss = [], lovt.lovt_loss
 
     def nan_from_fifth_call(*args, **kwargs):  # micro-batch 5 = the first of optimizer step 3
         calls.append(1)
-        a2b, b2a = info_nce(*args, **kwargs)
-        return (a2b * float("nan"), b2a) if len(calls) >= 5 else (a2b, b2a)
-    monkeypatch.setattr(common, "info_nce", nan_from_fifth_call)
+        terms = lovt_loss(*args, **kwargs)
+        return dict(terms, global_a2b=terms["global_a2b"] * float("nan"), loss=terms["loss"] * float("nan")) \
+            if len(calls) >= 5 else terms
+    monkeypatch.setattr(lovt, "lovt_loss", nan_from_fifth_call)
     with pytest.raises(FloatingPointError, match="non-finite loss"):
         lovt.main(TINY + ["--out-dir", str(tmp_path), "--max-steps", "6", "--ckpt-every", "1"])
     assert common.load_checkpoint(tmp_path / "ckpt.pt")["step"] == 2
