@@ -110,7 +110,7 @@ import textwrap
 from contextlib import nullcontext
 from dataclasses import dataclass
 from functools import partial
-from typing import Literal, Optional
+from typing import Literal
 
 import numpy as np
 import torch
@@ -127,34 +127,13 @@ from common import arg
 
 
 @dataclass
-class Args:
+class Args(common.RunArgs):
     """RECLF pre-training (defaults = the reconstruction's paper recipe; `--preset demo` without --data)."""
-    preset: Optional[str] = arg(None, "paper | demo (default: demo without --data, else paper)")
-    # data and run
-    data: str = arg("synthetic", "synthetic | synthetic-faint | mimic | csv")
-    data_root: str = arg("", "mimic: the prepare-mimic cache folder; csv: the pairs CSV")
-    train_samples: int = arg(0, "use only the first N training pairs (0 = all; synthetic: how many are generated)")
-    eval_samples: int = arg(0, "use only the first N validation / test pairs (0 = all; synthetic: 500)")
-    skip_bad: bool = arg(False, "skip unreadable / inconsistent records and count them (else stop and list them)")
-    zero_shot_csv: str = arg("", "external zero-shot set: a CSV of images (column image or Path, relative to the CSV) "
-                             "with CheXpert label columns, checked at the start and scored at the end")
-    out_dir: str = arg("", "run folder (default runs/reclf-<time>)")
-    resume: bool = arg(False, "continue from ckpt.pt in --out-dir")
-    max_steps: int = arg(0, "stop after this many optimizer steps (0 = no limit)")
-    bench: int = arg(0, "time N optimizer steps on synthetic data, print throughput, exit")
-    viz: int = arg(0, "write IRM-weight, SRM-relation and word->region PNGs for this many test pairs")
-    seed: int = arg(12345, "seed (model init; data order uses seed + rank)")
-    workers: int = arg(8, "DataLoader workers per process")
-    device: str = arg("", "cuda | cpu (default: cuda if available)")
-    precision: Literal["auto", "bf16", "fp16", "fp32"] = arg("auto", "auto: bf16/fp16 on GPU, fp32 on CPU")
-    ckpt_every: int = arg(500, "write ckpt.pt every N optimizer steps (and at every epoch end)")
-    log_every: int = arg(10, "log every N optimizer steps")
     # encoders (GLoRIA's)
     image_arch: str = arg("resnet50", "resnet50 | resnet18")
     image_weights: str = arg("imagenet", "imagenet | none | path to a state dict")
     image_size: int = arg(224, "training crop (the cache's 256-px squares, random 224 crop)")
     upsample: int = arg(299, "bilinear upsampling of the input before the ResNet (GLoRIA: 299; 0 = none)")
-    augment: bool = arg(True, "GLoRIA's random crop of the training view (224 of the 256-px square)")
     text_model: str = arg("emilyalsentzer/Bio_ClinicalBERT", "name/path, or tiny | bert-base (random init, "
                           "vocabulary from the training reports)")
     text_layers: int = arg(4, "sum of the last k BERT hidden states (GLoRIA: 4)")
@@ -184,7 +163,7 @@ class Args:
     accum: int = arg(1, "micro-batches per optimizer step, whole job: each of W processes does accum / W (1: one "
                         "per process, any W)")
     lr: float = arg(5e-5, "Adam learning rate of the encoders and their heads")
-    head_lr: float = arg(1e-4, "Adam learning rate of the relation modules")
+    lr_new: float = arg(1e-4, "Adam learning rate of the relation modules")
     weight_decay: float = arg(1e-6, "Adam weight decay")
     clip: float = arg(0.25, "max gradient norm")
     epochs: int = arg(50, "maximum epochs")
@@ -198,9 +177,8 @@ PRESETS = {
     "demo": dict(data="synthetic", image_arch="resnet18", image_weights="none", image_size=128, upsample=0,
                  augment=False, text_model="tiny", text_layers=2, text_pool="mean", word_columns="words",
                  clean_text=False, max_length=96, match_dim=64,
-                 batch_size=16, lr=1e-3, head_lr=1e-3, clip=1.0, epochs=1, train_samples=2000, eval_samples=500,
-                 workers=0, viz=3,
-                 chunk=16, ckpt_every=50, log_every=5),
+                 batch_size=16, lr=1e-3, lr_new=1e-3, clip=1.0, epochs=1, train_samples=2000, eval_samples=500,
+                 workers=0, chunk=16, ckpt_every=50, log_every=5),
 }
 
 
@@ -770,7 +748,7 @@ def main(argv=None):
     steps_per_epoch = math.ceil(n_micro / micro_per_step)
     groups = [dict(params=[p for n, p in model.named_parameters() if not n.startswith("relation.")])]
     if model.relation is not None:  # our choice: the relation modules at their own learning rate
-        groups.append(dict(params=list(model.relation.parameters()), lr=args.head_lr))
+        groups.append(dict(params=list(model.relation.parameters()), lr=args.lr_new))
     optimizer = torch.optim.Adam(groups, args.lr, weight_decay=args.weight_decay)
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, factor=0.5, patience=args.lr_patience)
     scaler = common.grad_scaler(dev, amp)
