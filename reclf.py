@@ -119,7 +119,6 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from torch import nn
 from torch.utils.checkpoint import checkpoint
-from torch.utils.data import DataLoader, DistributedSampler
 
 import common
 import data
@@ -454,32 +453,7 @@ class RECLF(nn.Module):
                 + self.local_scores(regions, img_g, words, mask, txt_g)) / 2
 
 
-# ==== TRAINING: data, loop, evaluation ====
-def datasets(args):
-    """Training, validation and test sets, the training statistics (mean, std) and the tokenizer."""
-    data.check_data_root(args.data, args.data_root)
-
-    def dataset(split, num_samples):
-        return data.make_dataset(args.data, args.data_root, split, args.image_size, train=split == "train",
-                                 num_samples=num_samples or None, skip_bad=args.skip_bad)
-    train_set = dataset("train", args.train_samples)
-    val_set, test_set = dataset("validate", args.eval_samples), dataset("test", args.eval_samples)
-    tokenizer = data.report_tokenizer(args.text_model, train_set)
-    return train_set, val_set, test_set, (train_set.mean, train_set.std), tokenizer
-
-
-def loaders(args, ddp, tokenizer, train_set, val_set, test_set):
-    sampler = common.ResumableSampler(train_set, ddp.world_size, ddp.rank, shuffle=True, seed=args.seed,
-                                      drop_last=True)
-    collate = partial(data.collate, tokenizer=tokenizer, max_length=args.max_length, clean=args.clean_text)
-    train = DataLoader(train_set, args.batch_size, sampler=sampler, num_workers=args.workers, drop_last=True,
-                       collate_fn=collate, generator=torch.Generator(), pin_memory=ddp.device.type == "cuda")
-    val = DataLoader(val_set, args.batch_size, num_workers=args.workers, collate_fn=collate,
-                     sampler=DistributedSampler(val_set, ddp.world_size, ddp.rank, shuffle=False))
-    test = DataLoader(test_set, args.batch_size, collate_fn=collate, num_workers=args.workers)
-    return sampler, train, val, test
-
-
+# ==== TRAINING: evaluation, pictures, loop ====
 def pad_cat(tensors, dim=1):
     """Concatenate batches along dim 0 after padding `dim` with zeros to the longest."""
     n = max(t.shape[dim] for t in tensors)
@@ -536,11 +510,6 @@ def gloria_zero_shot_local(model, regions, prompts, texts, chunk=32):
     return torch.cat(out)
 
 
-def mean_auc(margin, labels):
-    aucs = [common.roc_auc(margin[:, c], labels[:, c]) for c in range(labels.shape[1])]
-    return float(np.nanmean(aucs)) if not all(map(math.isnan, aucs)) else float("nan")
-
-
 @torch.no_grad()
 def evaluate(model, loader, tokenizer, device):
     """Zero-shot AUC (pair prompts "x" / "no x", bootstrap 95 % CIs) from the global, local and both scores and
@@ -563,8 +532,8 @@ def evaluate(model, loader, tokenizer, device):
     for kind, s in zip(("global", "local", "both", "gloria"), (*scores, gloria)):
         s = s.cpu()
         margin = (s[:, :C] - s[:, C:]).double()
-        res[f"auc_{kind}_mean"] = mean_auc(margin, labels)
-        res[f"auc_{kind}_low"], res[f"auc_{kind}_high"] = common.bootstrap_ci(mean_auc, margin, labels)
+        res[f"auc_{kind}_mean"] = common.mean_auc(margin, labels)
+        res[f"auc_{kind}_low"], res[f"auc_{kind}_high"] = common.bootstrap_ci(common.mean_auc, margin, labels)
         if kind == "both":
             for name, (auc, low, high) in common.zero_shot_auc_ci(s[:, :C], s[:, C:], labels, names).items():
                 res[f"auc_{name}"], res[f"auc_{name}_low"], res[f"auc_{name}_high"] = auc, low, high
@@ -737,12 +706,11 @@ def main(argv=None):
     micro_per_step = common.micro_batches_per_step(args.accum, ddp.world_size, args.batch_size)
     out = common.run_folder(args.out_dir, "reclf", ddp, args)
     ckpt_path, best_path = os.path.join(out, "ckpt.pt"), os.path.join(out, "best.pt")
-    train_set, val_set, test_set, (mean, std), tokenizer = datasets(args)
-    external = (data.LabelledImages(args.zero_shot_csv, args.image_size, mean, std, args.skip_bad)
-                if args.zero_shot_csv else None)  # checked now: a bad file stops the run before training, not after
+    train_set, val_set, test_set, (mean, std), tokenizer, external = common.datasets(args)
     common.seed_everything(args.seed)  # the same initial model on every rank
     model = RECLF(args, tokenizer).to(dev)
-    sampler, loader, val_loader, test_loader = loaders(args, ddp, tokenizer, train_set, val_set, test_set)
+    collate = partial(data.collate, tokenizer=tokenizer, max_length=args.max_length, clean=args.clean_text)
+    sampler, loader, val_loader, test_loader = common.loaders(args, ddp, train_set, val_set, test_set, collate)
     augment = data.crop_augment(args.image_size, mean, std).to(dev) if args.augment else None
     n_micro = sampler.num_samples // args.batch_size
     steps_per_epoch = math.ceil(n_micro / micro_per_step)
