@@ -310,7 +310,7 @@ def relation_matrix(head, regions, img_g, words, word_mask, txt_g, chunk=8, chec
     return torch.cat(columns, 1)
 
 
-# ---- losses: pure functions of tensors ----
+# ---- the loss: a pure function of tensors ----
 def pair_ce(rows, cols, offset, scale):
     """rows B x N: own images vs all reports; cols N x B: all images vs own reports (the same matrix on one
     process) -> (CE_rows, CE_cols) of scale * score, positives at offset + arange(B)."""
@@ -318,28 +318,46 @@ def pair_ce(rows, cols, offset, scale):
     return F.cross_entropy(scale * rows, labels), F.cross_entropy(scale * cols.T, labels)
 
 
-def reclf_losses(regions, img_g, words, word_mask, txt_g, relation=None, *, gathered=None, offset=0, lse=False,
-                 tau_global=0.1, tau_rel=0.1, gamma1=4.0, gamma2=5.0, gamma3=10.0, chunk=8):
-    """All terms and the total: L = L_g + L_rel (relation: a RelationHead) [+ L_loc (lse=True)].
+def reclf_loss(global_rows, global_cols, rel_rows=None, rel_cols=None, lse_rows=None, lse_cols=None, *, offset=0,
+               tau_global=0.1, tau_rel=0.1, gamma3=10.0):
+    """RECLF's loss from its three pair scores: a dict of the terms (each direction apart) and their sum "loss",
+        L = L_g + L_rel [+ L_loc],   L_g = CE_rows + CE_cols of cos(g_a, t_b) / tau_global,
+        L_rel = CE_rows + CE_cols of S_rel(a, b) / tau_rel,   L_loc = CE_rows + CE_cols of gamma3 S_loc(a, b),
+    CE_rows over the reports of each image, CE_cols over the images of each report, each a mean over its anchors;
+    S_loc(a, b) = log sum_i exp(gamma2 cos(c_i, e_i)) is GLoRIA's local score (the baseline's local term, or the
+    --add-lse-local ablation). A term is left out when its scores are None.
 
-    regions B x R x D, img_g B x D, words B x L x D, word_mask B x L, txt_g B x D: this rank's features; gathered:
-    the same five for the whole job (every rank's, in rank order, with gradient) and offset = rank * B; None on one
-    process. Every term is a CE over own rows against all columns and own columns against all rows, so with DDP's
-    gradient averaging the loss and gradients equal the single-process full batch (tested)."""
-    R_all, g_all, E_all, M_all, t_all = gathered or (regions, img_g, words, word_mask, txt_g)
-    single = gathered is None
-    cos = lambda x, y: common.cosine(common.fp32(x)[:, None], common.fp32(y)[None])
+    Each score comes as rows B x N (this rank's images against every report of the job) and cols N x B (every image
+    against this rank's reports), positives at offset + arange(B), offset = rank * B; on one process N = B, offset
+    0 and both are the one B x B matrix. loss_scores computes them (the relation head's S_rel included) from the
+    gathered features, so every term is a CE over own rows against all columns and own columns against all rows:
+    with DDP's gradient averaging the loss and gradients equal the single-process full batch (tested)."""
     out = {}
-    out["global_i2t"], out["global_t2i"] = pair_ce(cos(img_g, t_all), cos(g_all, txt_g), offset, 1 / tau_global)
-    if relation is not None:
-        rows = relation_matrix(relation, regions, img_g, E_all, M_all, t_all, chunk)
-        cols = rows if single else relation_matrix(relation, R_all, g_all, words, word_mask, txt_g, chunk)
-        out["rel_i2t"], out["rel_t2i"] = pair_ce(rows, cols, offset, 1 / tau_rel)
-    if lse:
-        rows = common.word_region_matrix(regions, E_all, M_all, gamma1, gamma2, chunk)
-        cols = rows if single else common.word_region_matrix(R_all, words, word_mask, gamma1, gamma2, chunk)
-        out["lse_i2t"], out["lse_t2i"] = pair_ce(rows, cols, offset, gamma3)
+    out["global_i2t"], out["global_t2i"] = pair_ce(global_rows, global_cols, offset, 1 / tau_global)
+    if rel_rows is not None:
+        out["rel_i2t"], out["rel_t2i"] = pair_ce(rel_rows, rel_cols, offset, 1 / tau_rel)
+    if lse_rows is not None:
+        out["lse_i2t"], out["lse_t2i"] = pair_ce(lse_rows, lse_cols, offset, gamma3)
     out["loss"] = sum(out.values())
+    return out
+
+
+def loss_scores(own, gathered=None, head=None, lse=False, gamma1=4.0, gamma2=5.0, chunk=8):
+    """reclf_loss's scores, fp32, from the features regions, img_g, words, word_mask, txt_g of this rank (own) and
+    of the whole job (gathered, gather_local; None on one process, where the cols of S_rel and S_loc are the rows):
+    the global cosine, S_rel of the RelationHead `head` (none without one) and S_loc (lse=True)."""
+    regions, img_g, words, word_mask, txt_g = own
+    R_all, g_all, E_all, M_all, t_all = gathered or own
+    cos = lambda x, y: common.cosine(common.fp32(x)[:, None], common.fp32(y)[None])
+    out = dict(global_rows=cos(img_g, t_all), global_cols=cos(g_all, txt_g))
+    if head is not None:
+        out["rel_rows"] = relation_matrix(head, regions, img_g, E_all, M_all, t_all, chunk)
+        out["rel_cols"] = (out["rel_rows"] if gathered is None
+                           else relation_matrix(head, R_all, g_all, words, word_mask, txt_g, chunk))
+    if lse:
+        out["lse_rows"] = common.word_region_matrix(regions, E_all, M_all, gamma1, gamma2, chunk)
+        out["lse_cols"] = (out["lse_rows"] if gathered is None
+                           else common.word_region_matrix(R_all, words, word_mask, gamma1, gamma2, chunk))
     return out
 
 
@@ -417,20 +435,16 @@ class RECLF(nn.Module):
         weights = mask[..., None].to(words.dtype)
         return words, mask, (words * weights).sum(1) / weights.sum(1)
 
-    def losses(self, regions, img_g, words, word_mask, txt_g, gathered=None, offset=0):
-        a = self.args
-        with torch.autocast(regions.device.type, enabled=False):  # similarities and softmaxes in fp32
-            return reclf_losses(regions, img_g, words, word_mask, txt_g, self.relation, gathered=gathered,
-                                offset=offset, lse=self.relation is None or a.add_lse_local, tau_global=a.tau_global,
-                                tau_rel=a.tau_rel, gamma1=a.gamma1, gamma2=a.gamma2, gamma3=a.gamma3, chunk=a.chunk)
-
     def forward(self, batch):
         regions, img_g, _ = self.image_features(batch["images"])
-        feats = (regions, img_g, *self.text_features(batch))
+        own, gathered, offset = (regions, img_g, *self.text_features(batch)), None, 0
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            own, gathered, offset = gather_local(*feats)
-            return self.losses(*own, gathered=gathered, offset=offset)
-        return self.losses(*feats)
+            own, gathered, offset = gather_local(*own)
+        a = self.args
+        with torch.autocast(regions.device.type, enabled=False):  # similarities and softmaxes in fp32
+            scores = loss_scores(own, gathered, self.relation, self.relation is None or a.add_lse_local, a.gamma1,
+                                 a.gamma2, a.chunk)  # the learned S_rel first: the loss is a function of tensors
+            return reclf_loss(**scores, offset=offset, tau_global=a.tau_global, tau_rel=a.tau_rel, gamma3=a.gamma3)
 
     def local_scores(self, regions, img_g, words, word_mask, txt_g):
         """I x T local score: S_rel, or GLoRIA's S_loc for the baseline."""

@@ -1,5 +1,6 @@
 """RECLF tests (CPU, tiny shapes): GLoRIA's local score by hand, matching vectors, IRM/SRM masks, chunking,
 word pieces, DDP equivalence, overfit, a 3-step main() with resume and export."""
+import inspect
 import json
 import math
 import os
@@ -191,7 +192,7 @@ def test_losses_by_hand_and_the_baseline():
     g = torch.Generator().manual_seed(2)
     R, ig, E, tg = (torch.randn(*s, generator=g, dtype=torch.float64) for s in ((3, 4, 6), (3, 6), (3, 5, 6), (3, 6)))
     M = torch.arange(5)[None] < torch.tensor([5, 3, 4])[:, None]
-    out = reclf.reclf_losses(R, ig, E, M, tg, head, lse=True, chunk=2)
+    out = reclf.reclf_loss(**reclf.loss_scores((R, ig, E, M, tg), head=head, lse=True, chunk=2))
     ce = torch.nn.functional.cross_entropy
     cos = torch.nn.functional.cosine_similarity(ig[:, None], tg[None], dim=-1)
     S = reclf.relation_matrix(head, R, ig, E, M, tg)
@@ -202,8 +203,35 @@ def test_losses_by_hand_and_the_baseline():
     for k, v in want.items():
         torch.testing.assert_close(out[k], v)
     torch.testing.assert_close(out["loss"], sum(want.values()))
-    baseline = reclf.reclf_losses(R, ig, E, M, tg, None, lse=True)
+    baseline = reclf.reclf_loss(**reclf.loss_scores((R, ig, E, M, tg), lse=True))
     assert set(baseline) == {"loss", "global_i2t", "global_t2i", "lse_i2t", "lse_t2i"}
+
+
+def test_the_loss_is_a_pure_function_and_the_forward_trains_with_it():
+    """reclf_loss on the scores of the model's own features gives exactly the terms of the model's forward, and the
+    same again on the same tensors, which it leaves as they were; it reads no global but pair_ce, and that one only
+    torch and F (no module, no process group)."""
+    args = common.parse_args(reclf.Args, reclf.PRESETS, TINY + ["--add-lse-local"])
+    ds = data.make_dataset("synthetic", split="train", image_size=64, train=True, num_samples=4)
+    samples = [ds[i] for i in range(4)]
+    tok = data.build_tokenizer([s["text"] for s in samples])
+    batch = data.collate(samples, tok, 96)
+    torch.manual_seed(0)
+    model = reclf.RECLF(args, tok).eval()  # no dropout: both passes see the same features
+    with torch.no_grad():
+        terms = model(batch)
+        regions, img_g, _ = model.image_features(batch["images"])
+        scores = reclf.loss_scores((regions, img_g, *model.text_features(batch)), head=model.relation, lse=True,
+                                   gamma1=args.gamma1, gamma2=args.gamma2, chunk=args.chunk)
+    kept = {k: v.clone() for k, v in scores.items()}
+    hyper = dict(tau_global=args.tau_global, tau_rel=args.tau_rel, gamma3=args.gamma3)
+    first, again = reclf.reclf_loss(**scores, **hyper), reclf.reclf_loss(**scores, **hyper)
+    assert set(first) == set(terms) == {"loss", "global_i2t", "global_t2i", "rel_i2t", "rel_t2i", "lse_i2t", "lse_t2i"}
+    for k, v in terms.items():
+        assert torch.equal(first[k], v) and torch.equal(again[k], v), k
+    assert all(torch.equal(scores[k], kept[k]) for k in scores)
+    assert set(inspect.getclosurevars(reclf.reclf_loss).globals) == {"pair_ce"}
+    assert set(inspect.getclosurevars(reclf.pair_ce).globals) == {"torch", "F"}
 
 
 # ---- DDP: 2 gloo processes equal one process on the full batch ----
@@ -234,7 +262,7 @@ def _ddp_worker(rank, world, port, inputs, state, refs):
         model.load_state_dict(state)
         net = torch.nn.parallel.DistributedDataParallel(model)
         own, gathered, offset = reclf.gather_local(*net(x[sl], y[sl, :short], lengths[sl]))
-        out = reclf.reclf_losses(*own, model.relation, gathered=gathered, offset=offset, lse=lse, chunk=2)
+        out = reclf.reclf_loss(**reclf.loss_scores(own, gathered, model.relation, lse, chunk=2), offset=offset)
         out["loss"].backward()
         for k, want in ref["terms"].items():
             got = out[k].detach().clone()
@@ -256,7 +284,7 @@ def test_ddp_gathered_losses_equal_full_batch():
         state, refs = {k: v.clone() for k, v in model.state_dict().items()}, {}
         for lse in (False, True):
             model.zero_grad(set_to_none=True)
-            out = reclf.reclf_losses(*model(x, y, lengths), model.relation, lse=lse, chunk=2)
+            out = reclf.reclf_loss(**reclf.loss_scores(model(x, y, lengths), head=model.relation, lse=lse, chunk=2))
             out["loss"].backward()
             refs[lse] = dict(terms={k: v.detach() for k, v in out.items()},
                              grads=[p.grad.clone() for p in model.parameters()])
