@@ -525,13 +525,14 @@ def gloria_zero_shot_local(model, regions, prompts, texts, chunk=32):
 
 
 @torch.no_grad()
-def evaluate(model, loader, tokenizer, device):
-    """Zero-shot AUC (pair prompts "x" / "no x", bootstrap 95 % CIs) from the global, local and both scores and
-    GLoRIA's zero-shot score (gloria: the global cosine averaged with gloria_zero_shot_local),
-    image->text Precision@1/5/10 with the both score on the test pairs that show exactly one finding, and
-    Recall@1/5/10 both ways over all test pairs with the global cosine (our choice: the relation score of every
-    image against every report costs ~ N^2 graphs; the global cosine is the retrieval score LoVT, JoImTeRNet and
-    PLACE report, so the suite's comparison table reads the same number)."""
+def evaluate(model, loader, tokenizer, device, n_boot=1000):
+    """A model's eval.json entry (common.save_results), in fp32. zero_shot: AUC per finding and their mean with
+    bootstrap 95 % CIs (pair prompts "x" / "no x") of the both score; checks: the mean AUC and CI of the global and
+    local scores and of GLoRIA's zero-shot score (gloria: the global cosine averaged with gloria_zero_shot_local);
+    retrieval: Recall@1/5/10 both ways over all test pairs with the global cosine (our choice: the relation score of
+    every image against every report costs ~ N^2 graphs; the global cosine is the retrieval score LoVT, JoImTeRNet
+    and PLACE report, so the suite's comparison table reads the same number) and image->text Precision@1/5/10 with
+    the both score on the test pairs that show exactly one finding."""
     model.eval()
     test, synthetic = encode_split(model, loader, device)
     labels = test["labels"].cpu()
@@ -540,28 +541,28 @@ def evaluate(model, loader, tokenizer, device):
     # the prompts stay as written: they are lower-case words already, and GLoRIA's cleaning would drop a one-word one
     prompts = common.to_device(data.prompt_batch(texts, tokenizer), device)
     words, mask, txt_g = model.text_features(prompts)
-    scores = pair_scores(model, test, dict(words=common.fp32(words), mask=mask, txt_g=common.fp32(txt_g)))
-    gloria = (scores[0] + gloria_zero_shot_local(model, test["regions"], prompts, texts)) / 2
-    res, C = {}, len(names)
-    for kind, s in zip(("global", "local", "both", "gloria"), (*scores, gloria)):
-        s = s.cpu()
+    scores = [s.cpu() for s in pair_scores(model, test, dict(words=common.fp32(words), mask=mask,
+                                                              txt_g=common.fp32(txt_g)))]
+    gloria = (scores[0] + gloria_zero_shot_local(model, test["regions"], prompts, texts).cpu()) / 2
+    checks, C = {}, len(names)
+    for kind, s in zip(("global", "local", "gloria"), (scores[0], scores[1], gloria)):
         margin = (s[:, :C] - s[:, C:]).double()
-        res[f"auc_{kind}_mean"] = common.mean_auc(margin, labels)
-        res[f"auc_{kind}_low"], res[f"auc_{kind}_high"] = common.bootstrap_ci(common.mean_auc, margin, labels)
-        if kind == "both":
-            for name, (auc, low, high) in common.zero_shot_auc_ci(s[:, :C], s[:, C:], labels, names).items():
-                res[f"auc_{name}"], res[f"auc_{name}_low"], res[f"auc_{name}_high"] = auc, low, high
+        checks[f"auc_{kind}_mean"] = common.mean_auc(margin, labels)
+        checks[f"auc_{kind}_low"], checks[f"auc_{kind}_high"] = common.bootstrap_ci(common.mean_auc, margin, labels,
+                                                                                    n=n_boot)
+    sim, retrieval = common.cosine(test["img_g"][:, None], test["txt_g"][None]).cpu(), {}
+    for name, s in (("i2t", sim), ("t2i", sim.T)):
+        retrieval.update({f"{name}_{k}": v for k, v in common.recall_at_k(s).items()})
     single = ((labels == 1).sum(1) == 1).nonzero().flatten()  # one finding: that finding is the class
     if len(single) > 10:
         idx = single.to(device)
         pick = lambda split, keys: {k: split[k][idx] for k in keys}
         _, _, both = pair_scores(model, pick(test, ("regions", "img_g")), pick(test, ("words", "mask", "txt_g")))
         classes = (labels[single] == 1).float().argmax(1)  # the one positive; argmax alone would pick a nan
-        res.update({f"i2t_{k}": v for k, v in common.precision_at_k(both.cpu(), classes, classes).items()})
-    sim = common.cosine(test["img_g"][:, None], test["txt_g"][None]).cpu()
-    for name, s in (("i2t", sim), ("t2i", sim.T)):
-        res.update({f"{name}_{k}": v for k, v in common.recall_at_k(s).items()})
-    return res
+        retrieval.update({f"i2t_{k}": v for k, v in common.precision_at_k(both.cpu(), classes, classes).items()})
+    both = scores[2]
+    zero_shot = common.zero_shot_summary(both[:, :C], both[:, C:], labels, names, n_boot)
+    return dict(retrieval=retrieval, zero_shot=zero_shot, checks=checks)
 
 
 FINDING_WORDS = set(data.SYNTH_FINDINGS) | {"opacity", "consolidation", "pleural", "heart", "enlarged", "nodule"}
@@ -688,22 +689,18 @@ def finish(args, model, tokenizer, test_loader, mean_std, device, out, external=
     common.seed_everything(args.seed)
     initial = RECLF(args, tokenizer).to(device)  # the same initialisation the training started from
     models = (("untrained", initial), ("trained", model))
-    results = {k: evaluate(m, test_loader, tokenizer, device) for k, m in models}
-    irm = model.relation is not None and model.relation.irm is not None
-    if irm:  # the matched pairs of the first test batch
+    results = {k: evaluate(m, test_loader, tokenizer, device, args.n_boot) for k, m in models}
+    print(f"held-out {args.data} test split ({len(test_loader.dataset)} pairs):")
+    if model.relation is not None and model.relation.irm is not None:  # the matched pairs of the first test batch
         batch = common.to_device(next(iter(test_loader)), device)
         for tag, m in models:
-            results[tag].update({f"irm_{k}_words": v for k, v in irm_summary(m, batch, tokenizer).items()})
-    print(f"held-out {args.data} test split ({len(test_loader.dataset)} pairs):")
-    common.print_comparison(results, os.path.join(out, "eval.json"))
+            results[tag]["checks"].update({f"irm_{k}_words": v for k, v in irm_summary(m, batch, tokenizer).items()})
+        print("(irm_*_words: the mean IRM weight x nodes of function, finding and location words; 1 = uniform)")
+    common.save_results(os.path.join(out, "eval.json"), results)
     if external is not None:
         zero_shot = common.external_zero_shot(dict(models), external, tokenizer, device, zero_shot_scores,
-                                              workers=args.workers)
+                                              n_boot=args.n_boot, workers=args.workers)
         common.save_external_zero_shot(out, external, zero_shot["ci"])
-    if irm:
-        for tag, r in results.items():
-            print(f"IRM weight x nodes (1 = uniform), {tag}: function words {r['irm_function_words']:.2f}, "
-                  f"finding words {r['irm_finding_words']:.2f}, location words {r['irm_location_words']:.2f}")
     if args.viz:
         write_viz(model, common.to_device(next(iter(test_loader)), device), tokenizer, os.path.join(out, "viz"),
                   *mean_std, args.viz)

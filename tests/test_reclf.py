@@ -330,14 +330,19 @@ def three_step_run(tmp_path_factory):
 
 def test_main_three_steps_resume_and_outputs(three_step_run):
     out, res = three_step_run
-    assert set(res) == {"untrained", "trained"}
-    assert {"auc_both_mean", "auc_both_low", "auc_effusion_high", "auc_local_mean"} <= set(res["trained"])
+    saved = json.load(open(os.path.join(out, "eval.json")))  # the suite's layout (common.save_results)
+    assert set(res) == set(saved) == {"untrained", "trained"}
+    assert all(set(saved[m]) == {"retrieval", "zero_shot", "checks"} for m in saved)
+    low, auc, high = (saved["trained"]["zero_shot"]["mean"][i] for i in (1, 0, 2))  # the both score's
+    assert low <= auc <= high and set(saved["trained"]["zero_shot"]) - {"mean"} <= set(data.zero_shot_findings(True)[0])
+    for kind in ("global", "local", "gloria"):
+        assert {f"auc_{kind}_{k}" for k in ("mean", "low", "high")} <= set(res["trained"]["checks"])
     for way in ("i2t", "t2i"):  # global-cosine retrieval over all test pairs, as the other methods report it
-        recall = [res["trained"][f"{way}_R@{k}"] for k in (1, 5, 10)]
+        recall = [res["trained"]["retrieval"][f"{way}_R@{k}"] for k in (1, 5, 10)]
         assert 0 <= recall[0] <= recall[1] <= recall[2] <= 1
-    saved = json.load(open(os.path.join(out, "eval.json")))  # the IRM weight of each word class, 1 = uniform
-    assert saved["trained"]["irm_function_words"] == pytest.approx(res["trained"]["irm_function_words"])
-    assert all(0 < res[m][f"irm_{k}_words"] < 10 for m in res for k in ("function", "finding"))
+    checks = saved["trained"]["checks"]  # the IRM weight of each word class, 1 = uniform
+    assert checks["irm_function_words"] == pytest.approx(res["trained"]["checks"]["irm_function_words"])
+    assert all(0 < res[m]["checks"][f"irm_{k}_words"] < 10 for m in res for k in ("function", "finding"))
     ck = common.load_checkpoint(os.path.join(out, "ckpt.pt"))
     assert ck["step"] == 3 and ck["epoch"] == 0
     pngs = set(os.listdir(os.path.join(out, "viz")))
@@ -391,6 +396,6 @@ def test_precision_at_k_takes_the_positive_finding_not_an_unknown_one():
     known = [dict(b, labels=torch.nan_to_num(b["labels"])) for b in unknown]
     with torch.no_grad():
         got, want = (reclf.evaluate(model, loader, tokenizer, "cpu") for loader in (unknown, known))
-    assert {k: got[k] for k in ("i2t_P@1", "i2t_P@5", "i2t_P@10")} == {k: want[k] for k in ("i2t_P@1", "i2t_P@5",
-                                                                                               "i2t_P@10")}
-    assert want["i2t_P@5"] < 1  # four classes among the 24 pairs: the metric is not trivially 1
+    keys = ("i2t_P@1", "i2t_P@5", "i2t_P@10")
+    assert {k: got["retrieval"][k] for k in keys} == {k: want["retrieval"][k] for k in keys}
+    assert want["retrieval"]["i2t_P@5"] < 1  # four classes among the 24 pairs: the metric is not trivially 1
