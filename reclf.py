@@ -44,7 +44,7 @@ Model (one image a with regions v_j, one report b with words e_i; ^ = L2-normali
              S_rel = (sigmoid(w_1 . M_0 after SRM) + sigmoid(w_2 . z of IRM on the unreasoned nodes)) / 2.
   baseline   --srm none --irm off is GLoRIA itself: scalar matchings cos(c_i, e_i) pooled by log-sum-exp,
              S_loc(a, b) = log sum_i exp(gamma2 cos(c_i, e_i)), gamma2 = 5 (gloria/loss/gloria_loss.py:local_loss).
-Losses (all B x B pairs; CE_rows = images -> reports, CE_cols = reports -> images; each a mean over anchors):
+Losses (reclf_loss; all B x B pairs; CE_rows = images -> reports, CE_cols = reports -> images; a mean over anchors):
   L_g    = CE_rows + CE_cols of cos(g_a, t_b) / 0.1                                   (as GLoRIA: the sum of both)
   L_rel  = CE_rows + CE_cols of S_rel(a, b) / 0.1                                      (our choice: InfoNCE, not
            SGRAF's hinge; a (0, 1) score over 0.1 gives logits in (0, 10), the positive half of GLoRIA's 10 cos)
@@ -52,7 +52,7 @@ Losses (all B x B pairs; CE_rows = images -> reports, CE_cols = reports -> image
 Scoring (zero-shot, retrieval): sim(a, b) = (cos(g_a, t_b) + S(a, b)) / 2, S = S_rel (S_loc for the baseline):
 our choice, the training's local score. GLoRIA's get_similarities (gloria/gloria.py) averages the same way but its
 zero-shot local score is gamma2 max_i cos(c_i, e_i) over its prompt columns, not the log-sum-exp; eval.json
-reports it too (auc_gloria_*, gloria_zero_shot_local).
+reports it too (checks: auc_gloria_*; gloria_zero_shot_local).
 Cost: the B x B all-pairs matching. For every pair, T x R attention and T contexts of D: 2 B^2 T R D
 multiply-adds (1.3e11 at B 48, T 98, R 361, D 768), then B^2 graphs of T + 1 nodes. relation_matrix takes the
 reports in chunks of --chunk and checkpoints each chunk (recomputed in the backward), as common.word_region_matrix
@@ -446,13 +446,6 @@ class RECLF(nn.Module):
                                  a.gamma2, a.chunk)  # the learned S_rel first: the loss is a function of tensors
             return reclf_loss(**scores, offset=offset, tau_global=a.tau_global, tau_rel=a.tau_rel, gamma3=a.gamma3)
 
-    def local_scores(self, regions, img_g, words, word_mask, txt_g):
-        """I x T local score: S_rel, or GLoRIA's S_loc for the baseline."""
-        if self.relation is None:
-            return common.word_region_matrix(regions, words, word_mask, self.args.gamma1, self.args.gamma2,
-                                             self.args.chunk)
-        return relation_matrix(self.relation, regions, img_g, words, word_mask, txt_g, self.args.chunk)
-
     def encode_image(self, images):
         return F.normalize(common.fp32(self.image_features(images)[1]), dim=-1)
 
@@ -461,10 +454,7 @@ class RECLF(nn.Module):
 
     def score(self, images, batch):
         """B x B GLoRIA-'both' similarity (cos(g, t) + S) / 2 of every image and report."""
-        regions, img_g, _ = self.image_features(images)
-        words, mask, txt_g = self.text_features(batch)
-        return (common.cosine(common.fp32(img_g)[:, None], common.fp32(txt_g)[None])
-                + self.local_scores(regions, img_g, words, mask, txt_g)) / 2
+        return image_text_scores(self, images, batch)["both"]
 
 
 # ==== TRAINING: evaluation, pictures, loop ====
@@ -493,10 +483,26 @@ def encode_split(model, loader, device):
 
 
 def pair_scores(model, img, txt):
-    """(global cosine, local score, both = their mean), each images x reports."""
+    """(global cosine, local score S, both = their mean), each images x reports; S = S_rel, or GLoRIA's S_loc for
+    the baseline. img: dict(regions, img_g), txt: dict(words, mask, txt_g), fp32."""
+    a = model.args
     g = common.cosine(img["img_g"][:, None], txt["txt_g"][None])
-    s = model.local_scores(img["regions"], img["img_g"], txt["words"], txt["mask"], txt["txt_g"])
+    if model.relation is None:
+        s = common.word_region_matrix(img["regions"], txt["words"], txt["mask"], a.gamma1, a.gamma2, a.chunk)
+    else:
+        s = relation_matrix(model.relation, img["regions"], img["img_g"], txt["words"], txt["mask"], txt["txt_g"],
+                            a.chunk)
     return g, s, (g + s) / 2
+
+
+def image_text_scores(model, images, batch):
+    """The global, local and both scores (pair_scores) of images against a text batch (reports or prompts): the
+    model's score, and common.external_zero_shot's."""
+    regions, img_g, _ = model.image_features(images)
+    words, mask, txt_g = model.text_features(batch)
+    img = dict(regions=common.fp32(regions), img_g=common.fp32(img_g))
+    txt = dict(words=common.fp32(words), mask=mask, txt_g=common.fp32(txt_g))
+    return dict(zip(("global", "local", "both"), pair_scores(model, img, txt)))
 
 
 def gloria_zero_shot_local(model, regions, prompts, texts, chunk=32):
@@ -572,13 +578,15 @@ FUNCTION_WORDS = {"the", "a", "an", "is", "are", "of", "and", "or", "in", "at", 
 
 
 @torch.no_grad()
-def explain(model, batch, i):
-    """For pair (image i, report i): alpha T x R (word -> region), grid, SRM adjacencies [K x K] and IRM weights K."""
-    b = {k: v[i:i + 1] if torch.is_tensor(v) else v[i:i + 1] for k, v in batch.items()}
+def explain(model, batch, i, tokenizer):
+    """For pair (image i, report i): its words (T), alpha T x R (word -> region), grid, SRM adjacencies [K x K] and
+    IRM weights K (K = 1 + T nodes, the global one first)."""
+    b = {k: v[i:i + 1] for k, v in batch.items()}
     regions, img_g, grid = model.image_features(b["images"])
     words, mask, txt_g = model.text_features(b)
     out = model.relation.relate(*map(common.fp32, (regions, img_g, words)), mask, common.fp32(txt_g))
-    return dict(alpha=out["alpha"][0, 0], grid=grid, edges=[A[0] for A in out["edges"]],
+    return dict(words=common.report_words(b["input_ids"][0], model.word_index(b["input_ids"])[0], tokenizer),
+                alpha=out["alpha"][0, 0], grid=grid, edges=[A[0] for A in out["edges"]],
                 weights=None if out["weights"] is None else out["weights"][0])
 
 
@@ -586,21 +594,14 @@ def irm_summary(model, batch, tokenizer):
     """Mean IRM weight x number of nodes (1 = uniform) of function, finding and location words in matched pairs."""
     seen = {"function": [], "finding": [], "location": []}
     for i in range(len(batch["images"])):
-        index = model.word_index(batch["input_ids"][i:i + 1])
-        words = common.report_words(batch["input_ids"][i], index[0], tokenizer)
-        w = explain(model, batch, i)["weights"].cpu() * (len(words) + 1)
-        for k, word in enumerate(words):
+        ex = explain(model, batch, i, tokenizer)
+        w = ex["weights"].cpu() * (len(ex["words"]) + 1)
+        for k, word in enumerate(ex["words"]):
             for kind, vocab in (("function", FUNCTION_WORDS), ("finding", FINDING_WORDS),
                                 ("location", LOCATION_WORDS)):
                 if word in vocab:
                     seen[kind].append(float(w[k + 1]))
     return {k: float(np.mean(v)) if v else float("nan") for k, v in seen.items()}
-
-
-def heat_rgb(gray, heat):
-    """gray, heat H x W in [0, 1] -> uint8 RGB: heat in red/orange over the half-dimmed film."""
-    rgb = torch.stack([0.5 * gray + 0.5 * heat, 0.5 * gray + 0.2 * heat, 0.5 * gray], -1)
-    return Image.fromarray((rgb.clamp(0, 1) * 255).byte().numpy())
 
 
 def draw_irm(words, weights, path):
@@ -611,9 +612,9 @@ def draw_irm(words, weights, path):
     d = ImageDraw.Draw(img)
     d.text((4, 4), "IRM weight (1/K = uniform, dashed)", fill="black")
     for k, (label, v) in enumerate(zip(labels, w)):
-        y = 20 + 14 * k
+        y, v = 20 + 14 * k, v / top
         d.text((4, y), label[:16], fill="black")
-        d.rectangle([110, y + 2, 110 + int(290 * v / top), y + 11], fill=(int(255 * v / top), 60, 200 - int(150 * v / top)))
+        d.rectangle([110, y + 2, 110 + int(290 * v), y + 11], fill=(int(255 * v), 60, 200 - int(150 * v)))
     x = 110 + int(290 / len(w) / top)
     for y in range(20, 20 + 14 * len(labels), 6):
         d.line([x, y, x, y + 3], fill="gray")
@@ -628,11 +629,11 @@ def draw_relations(words, A, path, cell=12):
     d = ImageDraw.Draw(img)
     heat = (A / A.max()).cpu()
     for r in range(K):
-        d.text((2, margin + cell * r), labels[r][:15], fill="black")
+        y = margin + cell * r
+        d.text((2, y), labels[r][:15], fill="black")
         for c in range(K):
-            v = float(heat[r, c])
-            d.rectangle([margin + cell * c, margin + cell * r, margin + cell * (c + 1) - 1, margin + cell * (r + 1) - 1],
-                        fill=(255, int(255 * (1 - v)), int(255 * (1 - v))))
+            x, v = margin + cell * c, float(heat[r, c])
+            d.rectangle([x, y, x + cell - 1, y + cell - 1], fill=(255, int(255 * (1 - v)), int(255 * (1 - v))))
     top = Image.new("RGB", (margin, cell * K), "white")
     td = ImageDraw.Draw(top)
     for c in range(K):
@@ -645,14 +646,13 @@ def draw_relations(words, A, path, cell=12):
 def write_viz(model, batch, tokenizer, folder, mean, std, n):
     """Per test pair: IRM weights over its words, the SRM adjacencies (graph SRM), word->region maps of its
     finding words overlaid on the image."""
+    if model.relation is None:  # the baseline has no relation modules to picture
+        return
     model.eval()
     os.makedirs(folder, exist_ok=True)
     for i in range(min(n, len(batch["images"]))):
-        index = model.word_index(batch["input_ids"][i:i + 1])
-        words = common.report_words(batch["input_ids"][i], index[0], tokenizer)
-        if model.relation is None:
-            continue
-        ex = explain(model, batch, i)
+        ex = explain(model, batch, i, tokenizer)
+        words = ex["words"]
         if ex["weights"] is not None:
             draw_irm(words, ex["weights"], os.path.join(folder, f"pair{i}_irm.png"))
         for s, A in enumerate(ex["edges"]):
@@ -662,8 +662,9 @@ def write_viz(model, batch, tokenizer, folder, mean, std, n):
         panels = []
         for k in hits:
             heat = F.interpolate(ex["alpha"][k].view(1, 1, *ex["grid"]).cpu(), size=gray.shape, mode="bilinear")[0, 0]
-            heat = (heat - heat.min()) / (heat.max() - heat.min()).clamp_min(1e-12)
-            panel = heat_rgb(gray, heat).resize((256, 256), Image.BILINEAR)
+            heat = (heat - heat.min()) / (heat.max() - heat.min()).clamp_min(1e-12)  # red/orange over the dimmed film
+            rgb = torch.stack([0.5 * gray + 0.5 * heat, 0.5 * gray + 0.2 * heat, 0.5 * gray], -1)
+            panel = Image.fromarray((rgb.clamp(0, 1) * 255).byte().numpy()).resize((256, 256), Image.BILINEAR)
             ImageDraw.Draw(panel).text((4, 4), words[k], fill=(255, 255, 0))
             panels.append(panel)
         if panels:
@@ -672,15 +673,6 @@ def write_viz(model, batch, tokenizer, folder, mean, std, n):
                 canvas.paste(p, (256 * k, 0))
             ImageDraw.Draw(canvas).text((4, 258), "\n".join(textwrap.wrap(" ".join(words), 100)[:3]), fill="black")
             canvas.save(os.path.join(folder, f"pair{i}_words.png"))
-
-
-def zero_shot_scores(model, images, prompts):
-    """common.external_zero_shot's score: the global, local and both scores (pair_scores) of images vs prompts."""
-    regions, img_g, _ = model.image_features(images)
-    words, mask, txt_g = model.text_features(prompts)
-    img = dict(regions=common.fp32(regions), img_g=common.fp32(img_g))
-    txt = dict(words=common.fp32(words), mask=mask, txt_g=common.fp32(txt_g))
-    return dict(zip(("global", "local", "both"), pair_scores(model, img, txt)))
 
 
 def finish(args, model, tokenizer, test_loader, mean_std, device, out, external=None):
@@ -698,7 +690,7 @@ def finish(args, model, tokenizer, test_loader, mean_std, device, out, external=
         print("(irm_*_words: the mean IRM weight x nodes of function, finding and location words; 1 = uniform)")
     common.save_results(os.path.join(out, "eval.json"), results)
     if external is not None:
-        zero_shot = common.external_zero_shot(dict(models), external, tokenizer, device, zero_shot_scores,
+        zero_shot = common.external_zero_shot(dict(models), external, tokenizer, device, image_text_scores,
                                               n_boot=args.n_boot, workers=args.workers)
         common.save_external_zero_shot(out, external, zero_shot["ci"])
     if args.viz:
