@@ -44,7 +44,7 @@ Model (one image a with regions v_j, one report b with words e_i; ^ = L2-normali
              S_rel = (sigmoid(w_1 . M_0 after SRM) + sigmoid(w_2 . z of IRM on the unreasoned nodes)) / 2.
   baseline   --srm none --irm off is GLoRIA itself: scalar matchings cos(c_i, e_i) pooled by log-sum-exp,
              S_loc(a, b) = log sum_i exp(gamma2 cos(c_i, e_i)), gamma2 = 5 (gloria/loss/gloria_loss.py:local_loss).
-Losses (all B x B pairs; CE_rows = images -> reports, CE_cols = reports -> images; each a mean over anchors):
+Losses (reclf_loss; all B x B pairs; CE_rows = images -> reports, CE_cols = reports -> images; a mean over anchors):
   L_g    = CE_rows + CE_cols of cos(g_a, t_b) / 0.1                                   (as GLoRIA: the sum of both)
   L_rel  = CE_rows + CE_cols of S_rel(a, b) / 0.1                                      (our choice: InfoNCE, not
            SGRAF's hinge; a (0, 1) score over 0.1 gives logits in (0, 10), the positive half of GLoRIA's 10 cos)
@@ -52,7 +52,7 @@ Losses (all B x B pairs; CE_rows = images -> reports, CE_cols = reports -> image
 Scoring (zero-shot, retrieval): sim(a, b) = (cos(g_a, t_b) + S(a, b)) / 2, S = S_rel (S_loc for the baseline):
 our choice, the training's local score. GLoRIA's get_similarities (gloria/gloria.py) averages the same way but its
 zero-shot local score is gamma2 max_i cos(c_i, e_i) over its prompt columns, not the log-sum-exp; eval.json
-reports it too (auc_gloria_*, gloria_zero_shot_local).
+reports it too (checks: auc_gloria_*; gloria_zero_shot_local).
 Cost: the B x B all-pairs matching. For every pair, T x R attention and T contexts of D: 2 B^2 T R D
 multiply-adds (1.3e11 at B 48, T 98, R 361, D 768), then B^2 graphs of T + 1 nodes. relation_matrix takes the
 reports in chunks of --chunk and checkpoints each chunk (recomputed in the backward), as common.word_region_matrix
@@ -110,7 +110,7 @@ import textwrap
 from contextlib import nullcontext
 from dataclasses import dataclass
 from functools import partial
-from typing import Literal, Optional
+from typing import Literal
 
 import numpy as np
 import torch
@@ -119,7 +119,6 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from torch import nn
 from torch.utils.checkpoint import checkpoint
-from torch.utils.data import DataLoader, DistributedSampler
 
 import common
 import data
@@ -127,34 +126,13 @@ from common import arg
 
 
 @dataclass
-class Args:
+class Args(common.RunArgs):
     """RECLF pre-training (defaults = the reconstruction's paper recipe; `--preset demo` without --data)."""
-    preset: Optional[str] = arg(None, "paper | demo (default: demo without --data, else paper)")
-    # data and run
-    data: str = arg("synthetic", "synthetic | synthetic-faint | mimic | csv")
-    data_root: str = arg("", "mimic: the prepare-mimic cache folder; csv: the pairs CSV")
-    train_samples: int = arg(0, "use only the first N training pairs (0 = all; synthetic: how many are generated)")
-    eval_samples: int = arg(0, "use only the first N validation / test pairs (0 = all; synthetic: 500)")
-    skip_bad: bool = arg(False, "skip unreadable / inconsistent records and count them (else stop and list them)")
-    zero_shot_csv: str = arg("", "external zero-shot set: a CSV of images (column image or Path, relative to the CSV) "
-                             "with CheXpert label columns, checked at the start and scored at the end")
-    out_dir: str = arg("", "run folder (default runs/reclf-<time>)")
-    resume: bool = arg(False, "continue from ckpt.pt in --out-dir")
-    max_steps: int = arg(0, "stop after this many optimizer steps (0 = no limit)")
-    bench: int = arg(0, "time N optimizer steps on synthetic data, print throughput, exit")
-    viz: int = arg(0, "write IRM-weight, SRM-relation and word->region PNGs for this many test pairs")
-    seed: int = arg(12345, "seed (model init; data order uses seed + rank)")
-    workers: int = arg(8, "DataLoader workers per process")
-    device: str = arg("", "cuda | cpu (default: cuda if available)")
-    precision: Literal["auto", "bf16", "fp16", "fp32"] = arg("auto", "auto: bf16/fp16 on GPU, fp32 on CPU")
-    ckpt_every: int = arg(500, "write ckpt.pt every N optimizer steps (and at every epoch end)")
-    log_every: int = arg(10, "log every N optimizer steps")
     # encoders (GLoRIA's)
     image_arch: str = arg("resnet50", "resnet50 | resnet18")
     image_weights: str = arg("imagenet", "imagenet | none | path to a state dict")
     image_size: int = arg(224, "training crop (the cache's 256-px squares, random 224 crop)")
     upsample: int = arg(299, "bilinear upsampling of the input before the ResNet (GLoRIA: 299; 0 = none)")
-    augment: bool = arg(True, "GLoRIA's random crop of the training view (224 of the 256-px square)")
     text_model: str = arg("emilyalsentzer/Bio_ClinicalBERT", "name/path, or tiny | bert-base (random init, "
                           "vocabulary from the training reports)")
     text_layers: int = arg(4, "sum of the last k BERT hidden states (GLoRIA: 4)")
@@ -184,7 +162,7 @@ class Args:
     accum: int = arg(1, "micro-batches per optimizer step, whole job: each of W processes does accum / W (1: one "
                         "per process, any W)")
     lr: float = arg(5e-5, "Adam learning rate of the encoders and their heads")
-    head_lr: float = arg(1e-4, "Adam learning rate of the relation modules")
+    lr_new: float = arg(1e-4, "Adam learning rate of the relation modules")
     weight_decay: float = arg(1e-6, "Adam weight decay")
     clip: float = arg(0.25, "max gradient norm")
     epochs: int = arg(50, "maximum epochs")
@@ -198,9 +176,8 @@ PRESETS = {
     "demo": dict(data="synthetic", image_arch="resnet18", image_weights="none", image_size=128, upsample=0,
                  augment=False, text_model="tiny", text_layers=2, text_pool="mean", word_columns="words",
                  clean_text=False, max_length=96, match_dim=64,
-                 batch_size=16, lr=1e-3, head_lr=1e-3, clip=1.0, epochs=1, train_samples=2000, eval_samples=500,
-                 workers=0, viz=3,
-                 chunk=16, ckpt_every=50, log_every=5),
+                 batch_size=16, lr=1e-3, lr_new=1e-3, clip=1.0, epochs=1, train_samples=2000, eval_samples=500,
+                 workers=0, chunk=16, ckpt_every=50, log_every=5),
 }
 
 
@@ -333,7 +310,7 @@ def relation_matrix(head, regions, img_g, words, word_mask, txt_g, chunk=8, chec
     return torch.cat(columns, 1)
 
 
-# ---- losses: pure functions of tensors ----
+# ---- the loss: a pure function of tensors ----
 def pair_ce(rows, cols, offset, scale):
     """rows B x N: own images vs all reports; cols N x B: all images vs own reports (the same matrix on one
     process) -> (CE_rows, CE_cols) of scale * score, positives at offset + arange(B)."""
@@ -341,28 +318,46 @@ def pair_ce(rows, cols, offset, scale):
     return F.cross_entropy(scale * rows, labels), F.cross_entropy(scale * cols.T, labels)
 
 
-def reclf_losses(regions, img_g, words, word_mask, txt_g, relation=None, *, gathered=None, offset=0, lse=False,
-                 tau_global=0.1, tau_rel=0.1, gamma1=4.0, gamma2=5.0, gamma3=10.0, chunk=8):
-    """All terms and the total: L = L_g + L_rel (relation: a RelationHead) [+ L_loc (lse=True)].
+def reclf_loss(global_rows, global_cols, rel_rows=None, rel_cols=None, lse_rows=None, lse_cols=None, *, offset=0,
+               tau_global=0.1, tau_rel=0.1, gamma3=10.0):
+    """RECLF's loss from its three pair scores: a dict of the terms (each direction apart) and their sum "loss",
+        L = L_g + L_rel [+ L_loc],   L_g = CE_rows + CE_cols of cos(g_a, t_b) / tau_global,
+        L_rel = CE_rows + CE_cols of S_rel(a, b) / tau_rel,   L_loc = CE_rows + CE_cols of gamma3 S_loc(a, b),
+    CE_rows over the reports of each image, CE_cols over the images of each report, each a mean over its anchors;
+    S_loc(a, b) = log sum_i exp(gamma2 cos(c_i, e_i)) is GLoRIA's local score (the baseline's local term, or the
+    --add-lse-local ablation). A term is left out when its scores are None.
 
-    regions B x R x D, img_g B x D, words B x L x D, word_mask B x L, txt_g B x D: this rank's features; gathered:
-    the same five for the whole job (every rank's, in rank order, with gradient) and offset = rank * B; None on one
-    process. Every term is a CE over own rows against all columns and own columns against all rows, so with DDP's
-    gradient averaging the loss and gradients equal the single-process full batch (tested)."""
-    R_all, g_all, E_all, M_all, t_all = gathered or (regions, img_g, words, word_mask, txt_g)
-    single = gathered is None
-    cos = lambda x, y: common.cosine(common.fp32(x)[:, None], common.fp32(y)[None])
+    Each score comes as rows B x N (this rank's images against every report of the job) and cols N x B (every image
+    against this rank's reports), positives at offset + arange(B), offset = rank * B; on one process N = B, offset
+    0 and both are the one B x B matrix. loss_scores computes them (the relation head's S_rel included) from the
+    gathered features, so every term is a CE over own rows against all columns and own columns against all rows:
+    with DDP's gradient averaging the loss and gradients equal the single-process full batch (tested)."""
     out = {}
-    out["global_i2t"], out["global_t2i"] = pair_ce(cos(img_g, t_all), cos(g_all, txt_g), offset, 1 / tau_global)
-    if relation is not None:
-        rows = relation_matrix(relation, regions, img_g, E_all, M_all, t_all, chunk)
-        cols = rows if single else relation_matrix(relation, R_all, g_all, words, word_mask, txt_g, chunk)
-        out["rel_i2t"], out["rel_t2i"] = pair_ce(rows, cols, offset, 1 / tau_rel)
-    if lse:
-        rows = common.word_region_matrix(regions, E_all, M_all, gamma1, gamma2, chunk)
-        cols = rows if single else common.word_region_matrix(R_all, words, word_mask, gamma1, gamma2, chunk)
-        out["lse_i2t"], out["lse_t2i"] = pair_ce(rows, cols, offset, gamma3)
+    out["global_i2t"], out["global_t2i"] = pair_ce(global_rows, global_cols, offset, 1 / tau_global)
+    if rel_rows is not None:
+        out["rel_i2t"], out["rel_t2i"] = pair_ce(rel_rows, rel_cols, offset, 1 / tau_rel)
+    if lse_rows is not None:
+        out["lse_i2t"], out["lse_t2i"] = pair_ce(lse_rows, lse_cols, offset, gamma3)
     out["loss"] = sum(out.values())
+    return out
+
+
+def loss_scores(own, gathered=None, head=None, lse=False, gamma1=4.0, gamma2=5.0, chunk=8):
+    """reclf_loss's scores, fp32, from the features regions, img_g, words, word_mask, txt_g of this rank (own) and
+    of the whole job (gathered, gather_local; None on one process, where the cols of S_rel and S_loc are the rows):
+    the global cosine, S_rel of the RelationHead `head` (none without one) and S_loc (lse=True)."""
+    regions, img_g, words, word_mask, txt_g = own
+    R_all, g_all, E_all, M_all, t_all = gathered or own
+    cos = lambda x, y: common.cosine(common.fp32(x)[:, None], common.fp32(y)[None])
+    out = dict(global_rows=cos(img_g, t_all), global_cols=cos(g_all, txt_g))
+    if head is not None:
+        out["rel_rows"] = relation_matrix(head, regions, img_g, E_all, M_all, t_all, chunk)
+        out["rel_cols"] = (out["rel_rows"] if gathered is None
+                           else relation_matrix(head, R_all, g_all, words, word_mask, txt_g, chunk))
+    if lse:
+        out["lse_rows"] = common.word_region_matrix(regions, E_all, M_all, gamma1, gamma2, chunk)
+        out["lse_cols"] = (out["lse_rows"] if gathered is None
+                           else common.word_region_matrix(R_all, words, word_mask, gamma1, gamma2, chunk))
     return out
 
 
@@ -440,27 +435,16 @@ class RECLF(nn.Module):
         weights = mask[..., None].to(words.dtype)
         return words, mask, (words * weights).sum(1) / weights.sum(1)
 
-    def losses(self, regions, img_g, words, word_mask, txt_g, gathered=None, offset=0):
-        a = self.args
-        with torch.autocast(regions.device.type, enabled=False):  # similarities and softmaxes in fp32
-            return reclf_losses(regions, img_g, words, word_mask, txt_g, self.relation, gathered=gathered,
-                                offset=offset, lse=self.relation is None or a.add_lse_local, tau_global=a.tau_global,
-                                tau_rel=a.tau_rel, gamma1=a.gamma1, gamma2=a.gamma2, gamma3=a.gamma3, chunk=a.chunk)
-
     def forward(self, batch):
         regions, img_g, _ = self.image_features(batch["images"])
-        feats = (regions, img_g, *self.text_features(batch))
+        own, gathered, offset = (regions, img_g, *self.text_features(batch)), None, 0
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            own, gathered, offset = gather_local(*feats)
-            return self.losses(*own, gathered=gathered, offset=offset)
-        return self.losses(*feats)
-
-    def local_scores(self, regions, img_g, words, word_mask, txt_g):
-        """I x T local score: S_rel, or GLoRIA's S_loc for the baseline."""
-        if self.relation is None:
-            return common.word_region_matrix(regions, words, word_mask, self.args.gamma1, self.args.gamma2,
-                                             self.args.chunk)
-        return relation_matrix(self.relation, regions, img_g, words, word_mask, txt_g, self.args.chunk)
+            own, gathered, offset = gather_local(*own)
+        a = self.args
+        with torch.autocast(regions.device.type, enabled=False):  # similarities and softmaxes in fp32
+            scores = loss_scores(own, gathered, self.relation, self.relation is None or a.add_lse_local, a.gamma1,
+                                 a.gamma2, a.chunk)  # the learned S_rel first: the loss is a function of tensors
+            return reclf_loss(**scores, offset=offset, tau_global=a.tau_global, tau_rel=a.tau_rel, gamma3=a.gamma3)
 
     def encode_image(self, images):
         return F.normalize(common.fp32(self.image_features(images)[1]), dim=-1)
@@ -470,38 +454,10 @@ class RECLF(nn.Module):
 
     def score(self, images, batch):
         """B x B GLoRIA-'both' similarity (cos(g, t) + S) / 2 of every image and report."""
-        regions, img_g, _ = self.image_features(images)
-        words, mask, txt_g = self.text_features(batch)
-        return (common.cosine(common.fp32(img_g)[:, None], common.fp32(txt_g)[None])
-                + self.local_scores(regions, img_g, words, mask, txt_g)) / 2
+        return image_text_scores(self, images, batch)["both"]
 
 
-# ==== TRAINING: data, loop, evaluation ====
-def datasets(args):
-    """Training, validation and test sets, the training statistics (mean, std) and the tokenizer."""
-    data.check_data_root(args.data, args.data_root)
-
-    def dataset(split, num_samples):
-        return data.make_dataset(args.data, args.data_root, split, args.image_size, train=split == "train",
-                                 num_samples=num_samples or None, skip_bad=args.skip_bad)
-    train_set = dataset("train", args.train_samples)
-    val_set, test_set = dataset("validate", args.eval_samples), dataset("test", args.eval_samples)
-    tokenizer = data.report_tokenizer(args.text_model, train_set)
-    return train_set, val_set, test_set, (train_set.mean, train_set.std), tokenizer
-
-
-def loaders(args, ddp, tokenizer, train_set, val_set, test_set):
-    sampler = common.ResumableSampler(train_set, ddp.world_size, ddp.rank, shuffle=True, seed=args.seed,
-                                      drop_last=True)
-    collate = partial(data.collate, tokenizer=tokenizer, max_length=args.max_length, clean=args.clean_text)
-    train = DataLoader(train_set, args.batch_size, sampler=sampler, num_workers=args.workers, drop_last=True,
-                       collate_fn=collate, generator=torch.Generator(), pin_memory=ddp.device.type == "cuda")
-    val = DataLoader(val_set, args.batch_size, num_workers=args.workers, collate_fn=collate,
-                     sampler=DistributedSampler(val_set, ddp.world_size, ddp.rank, shuffle=False))
-    test = DataLoader(test_set, args.batch_size, collate_fn=collate, num_workers=args.workers)
-    return sampler, train, val, test
-
-
+# ==== TRAINING: evaluation, pictures, loop ====
 def pad_cat(tensors, dim=1):
     """Concatenate batches along dim 0 after padding `dim` with zeros to the longest."""
     n = max(t.shape[dim] for t in tensors)
@@ -527,10 +483,26 @@ def encode_split(model, loader, device):
 
 
 def pair_scores(model, img, txt):
-    """(global cosine, local score, both = their mean), each images x reports."""
+    """(global cosine, local score S, both = their mean), each images x reports; S = S_rel, or GLoRIA's S_loc for
+    the baseline. img: dict(regions, img_g), txt: dict(words, mask, txt_g), fp32."""
+    a = model.args
     g = common.cosine(img["img_g"][:, None], txt["txt_g"][None])
-    s = model.local_scores(img["regions"], img["img_g"], txt["words"], txt["mask"], txt["txt_g"])
+    if model.relation is None:
+        s = common.word_region_matrix(img["regions"], txt["words"], txt["mask"], a.gamma1, a.gamma2, a.chunk)
+    else:
+        s = relation_matrix(model.relation, img["regions"], img["img_g"], txt["words"], txt["mask"], txt["txt_g"],
+                            a.chunk)
     return g, s, (g + s) / 2
+
+
+def image_text_scores(model, images, batch):
+    """The global, local and both scores (pair_scores) of images against a text batch (reports or prompts): the
+    model's score, and common.external_zero_shot's."""
+    regions, img_g, _ = model.image_features(images)
+    words, mask, txt_g = model.text_features(batch)
+    img = dict(regions=common.fp32(regions), img_g=common.fp32(img_g))
+    txt = dict(words=common.fp32(words), mask=mask, txt_g=common.fp32(txt_g))
+    return dict(zip(("global", "local", "both"), pair_scores(model, img, txt)))
 
 
 def gloria_zero_shot_local(model, regions, prompts, texts, chunk=32):
@@ -558,19 +530,15 @@ def gloria_zero_shot_local(model, regions, prompts, texts, chunk=32):
     return torch.cat(out)
 
 
-def mean_auc(margin, labels):
-    aucs = [common.roc_auc(margin[:, c], labels[:, c]) for c in range(labels.shape[1])]
-    return float(np.nanmean(aucs)) if not all(map(math.isnan, aucs)) else float("nan")
-
-
 @torch.no_grad()
-def evaluate(model, loader, tokenizer, device):
-    """Zero-shot AUC (pair prompts "x" / "no x", bootstrap 95 % CIs) from the global, local and both scores and
-    GLoRIA's zero-shot score (gloria: the global cosine averaged with gloria_zero_shot_local),
-    image->text Precision@1/5/10 with the both score on the test pairs that show exactly one finding, and
-    Recall@1/5/10 both ways over all test pairs with the global cosine (our choice: the relation score of every
-    image against every report costs ~ N^2 graphs; the global cosine is the retrieval score LoVT, JoImTeRNet and
-    PLACE report, so the suite's comparison table reads the same number)."""
+def evaluate(model, loader, tokenizer, device, n_boot=1000):
+    """A model's eval.json entry (common.save_results), in fp32. zero_shot: AUC per finding and their mean with
+    bootstrap 95 % CIs (pair prompts "x" / "no x") of the both score; checks: the mean AUC and CI of the global and
+    local scores and of GLoRIA's zero-shot score (gloria: the global cosine averaged with gloria_zero_shot_local);
+    retrieval: Recall@1/5/10 both ways over all test pairs with the global cosine (our choice: the relation score of
+    every image against every report costs ~ N^2 graphs; the global cosine is the retrieval score LoVT, JoImTeRNet
+    and PLACE report, so the suite's comparison table reads the same number) and image->text Precision@1/5/10 with
+    the both score on the test pairs that show exactly one finding."""
     model.eval()
     test, synthetic = encode_split(model, loader, device)
     labels = test["labels"].cpu()
@@ -579,28 +547,28 @@ def evaluate(model, loader, tokenizer, device):
     # the prompts stay as written: they are lower-case words already, and GLoRIA's cleaning would drop a one-word one
     prompts = common.to_device(data.prompt_batch(texts, tokenizer), device)
     words, mask, txt_g = model.text_features(prompts)
-    scores = pair_scores(model, test, dict(words=common.fp32(words), mask=mask, txt_g=common.fp32(txt_g)))
-    gloria = (scores[0] + gloria_zero_shot_local(model, test["regions"], prompts, texts)) / 2
-    res, C = {}, len(names)
-    for kind, s in zip(("global", "local", "both", "gloria"), (*scores, gloria)):
-        s = s.cpu()
+    scores = [s.cpu() for s in pair_scores(model, test, dict(words=common.fp32(words), mask=mask,
+                                                              txt_g=common.fp32(txt_g)))]
+    gloria = (scores[0] + gloria_zero_shot_local(model, test["regions"], prompts, texts).cpu()) / 2
+    checks, C = {}, len(names)
+    for kind, s in zip(("global", "local", "gloria"), (scores[0], scores[1], gloria)):
         margin = (s[:, :C] - s[:, C:]).double()
-        res[f"auc_{kind}_mean"] = mean_auc(margin, labels)
-        res[f"auc_{kind}_low"], res[f"auc_{kind}_high"] = common.bootstrap_ci(mean_auc, margin, labels)
-        if kind == "both":
-            for name, (auc, low, high) in common.zero_shot_auc_ci(s[:, :C], s[:, C:], labels, names).items():
-                res[f"auc_{name}"], res[f"auc_{name}_low"], res[f"auc_{name}_high"] = auc, low, high
+        checks[f"auc_{kind}_mean"] = common.mean_auc(margin, labels)
+        checks[f"auc_{kind}_low"], checks[f"auc_{kind}_high"] = common.bootstrap_ci(common.mean_auc, margin, labels,
+                                                                                    n=n_boot)
+    sim, retrieval = common.cosine(test["img_g"][:, None], test["txt_g"][None]).cpu(), {}
+    for name, s in (("i2t", sim), ("t2i", sim.T)):
+        retrieval.update({f"{name}_{k}": v for k, v in common.recall_at_k(s).items()})
     single = ((labels == 1).sum(1) == 1).nonzero().flatten()  # one finding: that finding is the class
     if len(single) > 10:
         idx = single.to(device)
         pick = lambda split, keys: {k: split[k][idx] for k in keys}
         _, _, both = pair_scores(model, pick(test, ("regions", "img_g")), pick(test, ("words", "mask", "txt_g")))
         classes = (labels[single] == 1).float().argmax(1)  # the one positive; argmax alone would pick a nan
-        res.update({f"i2t_{k}": v for k, v in common.precision_at_k(both.cpu(), classes, classes).items()})
-    sim = common.cosine(test["img_g"][:, None], test["txt_g"][None]).cpu()
-    for name, s in (("i2t", sim), ("t2i", sim.T)):
-        res.update({f"{name}_{k}": v for k, v in common.recall_at_k(s).items()})
-    return res
+        retrieval.update({f"i2t_{k}": v for k, v in common.precision_at_k(both.cpu(), classes, classes).items()})
+    both = scores[2]
+    zero_shot = common.zero_shot_summary(both[:, :C], both[:, C:], labels, names, n_boot)
+    return dict(retrieval=retrieval, zero_shot=zero_shot, checks=checks)
 
 
 FINDING_WORDS = set(data.SYNTH_FINDINGS) | {"opacity", "consolidation", "pleural", "heart", "enlarged", "nodule"}
@@ -610,13 +578,15 @@ FUNCTION_WORDS = {"the", "a", "an", "is", "are", "of", "and", "or", "in", "at", 
 
 
 @torch.no_grad()
-def explain(model, batch, i):
-    """For pair (image i, report i): alpha T x R (word -> region), grid, SRM adjacencies [K x K] and IRM weights K."""
-    b = {k: v[i:i + 1] if torch.is_tensor(v) else v[i:i + 1] for k, v in batch.items()}
+def explain(model, batch, i, tokenizer):
+    """For pair (image i, report i): its words (T), alpha T x R (word -> region), grid, SRM adjacencies [K x K] and
+    IRM weights K (K = 1 + T nodes, the global one first)."""
+    b = {k: v[i:i + 1] for k, v in batch.items()}
     regions, img_g, grid = model.image_features(b["images"])
     words, mask, txt_g = model.text_features(b)
     out = model.relation.relate(*map(common.fp32, (regions, img_g, words)), mask, common.fp32(txt_g))
-    return dict(alpha=out["alpha"][0, 0], grid=grid, edges=[A[0] for A in out["edges"]],
+    return dict(words=common.report_words(b["input_ids"][0], model.word_index(b["input_ids"])[0], tokenizer),
+                alpha=out["alpha"][0, 0], grid=grid, edges=[A[0] for A in out["edges"]],
                 weights=None if out["weights"] is None else out["weights"][0])
 
 
@@ -624,21 +594,14 @@ def irm_summary(model, batch, tokenizer):
     """Mean IRM weight x number of nodes (1 = uniform) of function, finding and location words in matched pairs."""
     seen = {"function": [], "finding": [], "location": []}
     for i in range(len(batch["images"])):
-        index = model.word_index(batch["input_ids"][i:i + 1])
-        words = common.report_words(batch["input_ids"][i], index[0], tokenizer)
-        w = explain(model, batch, i)["weights"].cpu() * (len(words) + 1)
-        for k, word in enumerate(words):
+        ex = explain(model, batch, i, tokenizer)
+        w = ex["weights"].cpu() * (len(ex["words"]) + 1)
+        for k, word in enumerate(ex["words"]):
             for kind, vocab in (("function", FUNCTION_WORDS), ("finding", FINDING_WORDS),
                                 ("location", LOCATION_WORDS)):
                 if word in vocab:
                     seen[kind].append(float(w[k + 1]))
     return {k: float(np.mean(v)) if v else float("nan") for k, v in seen.items()}
-
-
-def heat_rgb(gray, heat):
-    """gray, heat H x W in [0, 1] -> uint8 RGB: heat in red/orange over the half-dimmed film."""
-    rgb = torch.stack([0.5 * gray + 0.5 * heat, 0.5 * gray + 0.2 * heat, 0.5 * gray], -1)
-    return Image.fromarray((rgb.clamp(0, 1) * 255).byte().numpy())
 
 
 def draw_irm(words, weights, path):
@@ -649,9 +612,9 @@ def draw_irm(words, weights, path):
     d = ImageDraw.Draw(img)
     d.text((4, 4), "IRM weight (1/K = uniform, dashed)", fill="black")
     for k, (label, v) in enumerate(zip(labels, w)):
-        y = 20 + 14 * k
+        y, v = 20 + 14 * k, v / top
         d.text((4, y), label[:16], fill="black")
-        d.rectangle([110, y + 2, 110 + int(290 * v / top), y + 11], fill=(int(255 * v / top), 60, 200 - int(150 * v / top)))
+        d.rectangle([110, y + 2, 110 + int(290 * v), y + 11], fill=(int(255 * v), 60, 200 - int(150 * v)))
     x = 110 + int(290 / len(w) / top)
     for y in range(20, 20 + 14 * len(labels), 6):
         d.line([x, y, x, y + 3], fill="gray")
@@ -666,11 +629,11 @@ def draw_relations(words, A, path, cell=12):
     d = ImageDraw.Draw(img)
     heat = (A / A.max()).cpu()
     for r in range(K):
-        d.text((2, margin + cell * r), labels[r][:15], fill="black")
+        y = margin + cell * r
+        d.text((2, y), labels[r][:15], fill="black")
         for c in range(K):
-            v = float(heat[r, c])
-            d.rectangle([margin + cell * c, margin + cell * r, margin + cell * (c + 1) - 1, margin + cell * (r + 1) - 1],
-                        fill=(255, int(255 * (1 - v)), int(255 * (1 - v))))
+            x, v = margin + cell * c, float(heat[r, c])
+            d.rectangle([x, y, x + cell - 1, y + cell - 1], fill=(255, int(255 * (1 - v)), int(255 * (1 - v))))
     top = Image.new("RGB", (margin, cell * K), "white")
     td = ImageDraw.Draw(top)
     for c in range(K):
@@ -683,14 +646,13 @@ def draw_relations(words, A, path, cell=12):
 def write_viz(model, batch, tokenizer, folder, mean, std, n):
     """Per test pair: IRM weights over its words, the SRM adjacencies (graph SRM), word->region maps of its
     finding words overlaid on the image."""
+    if model.relation is None:  # the baseline has no relation modules to picture
+        return
     model.eval()
     os.makedirs(folder, exist_ok=True)
     for i in range(min(n, len(batch["images"]))):
-        index = model.word_index(batch["input_ids"][i:i + 1])
-        words = common.report_words(batch["input_ids"][i], index[0], tokenizer)
-        if model.relation is None:
-            continue
-        ex = explain(model, batch, i)
+        ex = explain(model, batch, i, tokenizer)
+        words = ex["words"]
         if ex["weights"] is not None:
             draw_irm(words, ex["weights"], os.path.join(folder, f"pair{i}_irm.png"))
         for s, A in enumerate(ex["edges"]):
@@ -700,8 +662,9 @@ def write_viz(model, batch, tokenizer, folder, mean, std, n):
         panels = []
         for k in hits:
             heat = F.interpolate(ex["alpha"][k].view(1, 1, *ex["grid"]).cpu(), size=gray.shape, mode="bilinear")[0, 0]
-            heat = (heat - heat.min()) / (heat.max() - heat.min()).clamp_min(1e-12)
-            panel = heat_rgb(gray, heat).resize((256, 256), Image.BILINEAR)
+            heat = (heat - heat.min()) / (heat.max() - heat.min()).clamp_min(1e-12)  # red/orange over the dimmed film
+            rgb = torch.stack([0.5 * gray + 0.5 * heat, 0.5 * gray + 0.2 * heat, 0.5 * gray], -1)
+            panel = Image.fromarray((rgb.clamp(0, 1) * 255).byte().numpy()).resize((256, 256), Image.BILINEAR)
             ImageDraw.Draw(panel).text((4, 4), words[k], fill=(255, 255, 0))
             panels.append(panel)
         if panels:
@@ -712,37 +675,24 @@ def write_viz(model, batch, tokenizer, folder, mean, std, n):
             canvas.save(os.path.join(folder, f"pair{i}_words.png"))
 
 
-def zero_shot_scores(model, images, prompts):
-    """common.external_zero_shot's score: the global, local and both scores (pair_scores) of images vs prompts."""
-    regions, img_g, _ = model.image_features(images)
-    words, mask, txt_g = model.text_features(prompts)
-    img = dict(regions=common.fp32(regions), img_g=common.fp32(img_g))
-    txt = dict(words=common.fp32(words), mask=mask, txt_g=common.fp32(txt_g))
-    return dict(zip(("global", "local", "both"), pair_scores(model, img, txt)))
-
-
 def finish(args, model, tokenizer, test_loader, mean_std, device, out, external=None):
     """Once the best-validation model is exported: it next to the untrained one it started from (on the
     --zero-shot-csv set too, `external`), and the PNGs."""
     common.seed_everything(args.seed)
     initial = RECLF(args, tokenizer).to(device)  # the same initialisation the training started from
     models = (("untrained", initial), ("trained", model))
-    results = {k: evaluate(m, test_loader, tokenizer, device) for k, m in models}
-    irm = model.relation is not None and model.relation.irm is not None
-    if irm:  # the matched pairs of the first test batch
+    results = {k: evaluate(m, test_loader, tokenizer, device, args.n_boot) for k, m in models}
+    print(f"held-out {args.data} test split ({len(test_loader.dataset)} pairs):")
+    if model.relation is not None and model.relation.irm is not None:  # the matched pairs of the first test batch
         batch = common.to_device(next(iter(test_loader)), device)
         for tag, m in models:
-            results[tag].update({f"irm_{k}_words": v for k, v in irm_summary(m, batch, tokenizer).items()})
-    print(f"held-out {args.data} test split ({len(test_loader.dataset)} pairs):")
-    common.print_comparison(results, os.path.join(out, "eval.json"))
+            results[tag]["checks"].update({f"irm_{k}_words": v for k, v in irm_summary(m, batch, tokenizer).items()})
+        print("(irm_*_words: the mean IRM weight x nodes of function, finding and location words; 1 = uniform)")
+    common.save_results(os.path.join(out, "eval.json"), results)
     if external is not None:
-        zero_shot = common.external_zero_shot(dict(models), external, tokenizer, device, zero_shot_scores,
-                                              workers=args.workers)
+        zero_shot = common.external_zero_shot(dict(models), external, tokenizer, device, image_text_scores,
+                                              n_boot=args.n_boot, workers=args.workers)
         common.save_external_zero_shot(out, external, zero_shot["ci"])
-    if irm:
-        for tag, r in results.items():
-            print(f"IRM weight x nodes (1 = uniform), {tag}: function words {r['irm_function_words']:.2f}, "
-                  f"finding words {r['irm_finding_words']:.2f}, location words {r['irm_location_words']:.2f}")
     if args.viz:
         write_viz(model, common.to_device(next(iter(test_loader)), device), tokenizer, os.path.join(out, "viz"),
                   *mean_std, args.viz)
@@ -759,18 +709,17 @@ def main(argv=None):
     micro_per_step = common.micro_batches_per_step(args.accum, ddp.world_size, args.batch_size)
     out = common.run_folder(args.out_dir, "reclf", ddp, args)
     ckpt_path, best_path = os.path.join(out, "ckpt.pt"), os.path.join(out, "best.pt")
-    train_set, val_set, test_set, (mean, std), tokenizer = datasets(args)
-    external = (data.LabelledImages(args.zero_shot_csv, args.image_size, mean, std, args.skip_bad)
-                if args.zero_shot_csv else None)  # checked now: a bad file stops the run before training, not after
+    train_set, val_set, test_set, (mean, std), tokenizer, external = common.datasets(args)
     common.seed_everything(args.seed)  # the same initial model on every rank
     model = RECLF(args, tokenizer).to(dev)
-    sampler, loader, val_loader, test_loader = loaders(args, ddp, tokenizer, train_set, val_set, test_set)
+    collate = partial(data.collate, tokenizer=tokenizer, max_length=args.max_length, clean=args.clean_text)
+    sampler, loader, val_loader, test_loader = common.loaders(args, ddp, train_set, val_set, test_set, collate)
     augment = data.crop_augment(args.image_size, mean, std).to(dev) if args.augment else None
     n_micro = sampler.num_samples // args.batch_size
     steps_per_epoch = math.ceil(n_micro / micro_per_step)
     groups = [dict(params=[p for n, p in model.named_parameters() if not n.startswith("relation.")])]
     if model.relation is not None:  # our choice: the relation modules at their own learning rate
-        groups.append(dict(params=list(model.relation.parameters()), lr=args.head_lr))
+        groups.append(dict(params=list(model.relation.parameters()), lr=args.lr_new))
     optimizer = torch.optim.Adam(groups, args.lr, weight_decay=args.weight_decay)
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, factor=0.5, patience=args.lr_patience)
     scaler = common.grad_scaler(dev, amp)

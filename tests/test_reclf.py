@@ -1,5 +1,6 @@
 """RECLF tests (CPU, tiny shapes): GLoRIA's local score by hand, matching vectors, IRM/SRM masks, chunking,
 word pieces, DDP equivalence, overfit, a 3-step main() with resume and export."""
+import inspect
 import json
 import math
 import os
@@ -191,7 +192,7 @@ def test_losses_by_hand_and_the_baseline():
     g = torch.Generator().manual_seed(2)
     R, ig, E, tg = (torch.randn(*s, generator=g, dtype=torch.float64) for s in ((3, 4, 6), (3, 6), (3, 5, 6), (3, 6)))
     M = torch.arange(5)[None] < torch.tensor([5, 3, 4])[:, None]
-    out = reclf.reclf_losses(R, ig, E, M, tg, head, lse=True, chunk=2)
+    out = reclf.reclf_loss(**reclf.loss_scores((R, ig, E, M, tg), head=head, lse=True, chunk=2))
     ce = torch.nn.functional.cross_entropy
     cos = torch.nn.functional.cosine_similarity(ig[:, None], tg[None], dim=-1)
     S = reclf.relation_matrix(head, R, ig, E, M, tg)
@@ -202,8 +203,35 @@ def test_losses_by_hand_and_the_baseline():
     for k, v in want.items():
         torch.testing.assert_close(out[k], v)
     torch.testing.assert_close(out["loss"], sum(want.values()))
-    baseline = reclf.reclf_losses(R, ig, E, M, tg, None, lse=True)
+    baseline = reclf.reclf_loss(**reclf.loss_scores((R, ig, E, M, tg), lse=True))
     assert set(baseline) == {"loss", "global_i2t", "global_t2i", "lse_i2t", "lse_t2i"}
+
+
+def test_the_loss_is_a_pure_function_and_the_forward_trains_with_it():
+    """reclf_loss on the scores of the model's own features gives exactly the terms of the model's forward, and the
+    same again on the same tensors, which it leaves as they were; it reads no global but pair_ce, and that one only
+    torch and F (no module, no process group)."""
+    args = common.parse_args(reclf.Args, reclf.PRESETS, TINY + ["--add-lse-local"])
+    ds = data.make_dataset("synthetic", split="train", image_size=64, train=True, num_samples=4)
+    samples = [ds[i] for i in range(4)]
+    tok = data.build_tokenizer([s["text"] for s in samples])
+    batch = data.collate(samples, tok, 96)
+    torch.manual_seed(0)
+    model = reclf.RECLF(args, tok).eval()  # no dropout: both passes see the same features
+    with torch.no_grad():
+        terms = model(batch)
+        regions, img_g, _ = model.image_features(batch["images"])
+        scores = reclf.loss_scores((regions, img_g, *model.text_features(batch)), head=model.relation, lse=True,
+                                   gamma1=args.gamma1, gamma2=args.gamma2, chunk=args.chunk)
+    kept = {k: v.clone() for k, v in scores.items()}
+    hyper = dict(tau_global=args.tau_global, tau_rel=args.tau_rel, gamma3=args.gamma3)
+    first, again = reclf.reclf_loss(**scores, **hyper), reclf.reclf_loss(**scores, **hyper)
+    assert set(first) == set(terms) == {"loss", "global_i2t", "global_t2i", "rel_i2t", "rel_t2i", "lse_i2t", "lse_t2i"}
+    for k, v in terms.items():
+        assert torch.equal(first[k], v) and torch.equal(again[k], v), k
+    assert all(torch.equal(scores[k], kept[k]) for k in scores)
+    assert set(inspect.getclosurevars(reclf.reclf_loss).globals) == {"pair_ce"}
+    assert set(inspect.getclosurevars(reclf.pair_ce).globals) == {"torch", "F"}
 
 
 # ---- DDP: 2 gloo processes equal one process on the full batch ----
@@ -234,7 +262,7 @@ def _ddp_worker(rank, world, port, inputs, state, refs):
         model.load_state_dict(state)
         net = torch.nn.parallel.DistributedDataParallel(model)
         own, gathered, offset = reclf.gather_local(*net(x[sl], y[sl, :short], lengths[sl]))
-        out = reclf.reclf_losses(*own, model.relation, gathered=gathered, offset=offset, lse=lse, chunk=2)
+        out = reclf.reclf_loss(**reclf.loss_scores(own, gathered, model.relation, lse, chunk=2), offset=offset)
         out["loss"].backward()
         for k, want in ref["terms"].items():
             got = out[k].detach().clone()
@@ -256,7 +284,7 @@ def test_ddp_gathered_losses_equal_full_batch():
         state, refs = {k: v.clone() for k, v in model.state_dict().items()}, {}
         for lse in (False, True):
             model.zero_grad(set_to_none=True)
-            out = reclf.reclf_losses(*model(x, y, lengths), model.relation, lse=lse, chunk=2)
+            out = reclf.reclf_loss(**reclf.loss_scores(model(x, y, lengths), head=model.relation, lse=lse, chunk=2))
             out["loss"].backward()
             refs[lse] = dict(terms={k: v.detach() for k, v in out.items()},
                              grads=[p.grad.clone() for p in model.parameters()])
@@ -302,14 +330,19 @@ def three_step_run(tmp_path_factory):
 
 def test_main_three_steps_resume_and_outputs(three_step_run):
     out, res = three_step_run
-    assert set(res) == {"untrained", "trained"}
-    assert {"auc_both_mean", "auc_both_low", "auc_effusion_high", "auc_local_mean"} <= set(res["trained"])
+    saved = json.load(open(os.path.join(out, "eval.json")))  # the suite's layout (common.save_results)
+    assert set(res) == set(saved) == {"untrained", "trained"}
+    assert all(set(saved[m]) == {"retrieval", "zero_shot", "checks"} for m in saved)
+    low, auc, high = (saved["trained"]["zero_shot"]["mean"][i] for i in (1, 0, 2))  # the both score's
+    assert low <= auc <= high and set(saved["trained"]["zero_shot"]) - {"mean"} <= set(data.zero_shot_findings(True)[0])
+    for kind in ("global", "local", "gloria"):
+        assert {f"auc_{kind}_{k}" for k in ("mean", "low", "high")} <= set(res["trained"]["checks"])
     for way in ("i2t", "t2i"):  # global-cosine retrieval over all test pairs, as the other methods report it
-        recall = [res["trained"][f"{way}_R@{k}"] for k in (1, 5, 10)]
+        recall = [res["trained"]["retrieval"][f"{way}_R@{k}"] for k in (1, 5, 10)]
         assert 0 <= recall[0] <= recall[1] <= recall[2] <= 1
-    saved = json.load(open(os.path.join(out, "eval.json")))  # the IRM weight of each word class, 1 = uniform
-    assert saved["trained"]["irm_function_words"] == pytest.approx(res["trained"]["irm_function_words"])
-    assert all(0 < res[m][f"irm_{k}_words"] < 10 for m in res for k in ("function", "finding"))
+    checks = saved["trained"]["checks"]  # the IRM weight of each word class, 1 = uniform
+    assert checks["irm_function_words"] == pytest.approx(res["trained"]["checks"]["irm_function_words"])
+    assert all(0 < res[m]["checks"][f"irm_{k}_words"] < 10 for m in res for k in ("function", "finding"))
     ck = common.load_checkpoint(os.path.join(out, "ckpt.pt"))
     assert ck["step"] == 3 and ck["epoch"] == 0
     pngs = set(os.listdir(os.path.join(out, "viz")))
@@ -363,6 +396,6 @@ def test_precision_at_k_takes_the_positive_finding_not_an_unknown_one():
     known = [dict(b, labels=torch.nan_to_num(b["labels"])) for b in unknown]
     with torch.no_grad():
         got, want = (reclf.evaluate(model, loader, tokenizer, "cpu") for loader in (unknown, known))
-    assert {k: got[k] for k in ("i2t_P@1", "i2t_P@5", "i2t_P@10")} == {k: want[k] for k in ("i2t_P@1", "i2t_P@5",
-                                                                                               "i2t_P@10")}
-    assert want["i2t_P@5"] < 1  # four classes among the 24 pairs: the metric is not trivially 1
+    keys = ("i2t_P@1", "i2t_P@5", "i2t_P@10")
+    assert {k: got["retrieval"][k] for k in keys} == {k: want["retrieval"][k] for k in keys}
+    assert want["retrieval"]["i2t_P@5"] < 1  # four classes among the 24 pairs: the metric is not trivially 1
