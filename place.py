@@ -34,13 +34,13 @@ Losses (cos-similarities of L2-normalised vectors, CE = mean cross-entropy over 
   CCE   L_CCE = (1/N^2) sum_ij (C^_ij - C*_ij)^2;  --cce-loss kl: row-wise KL(softmax(C*/0.05) || softmax(C^/0.1))
   total L = L_ITA + L_TCA + (L_inter + L_intra) + L_CCE   (MGCA's prototype term CPA is replaced by PCMA; our
         choice: the plain sum, where MGCA weighs ITA, its local term and CPA 1, 0.7 and 0.5)
-Training (our choice on MGCA's defaults): AdamW (0.9, 0.999), wd 0.05, lr 2e-5 for the encoders and 1e-4 for the new
-modules and heads, linear warm-up over 40 % of the steps then cosine to 1e-8, 50 epochs, batch 144, early stopping
-(patience 5) on the validation loss, seed 42. As MGCA (mgca/datasets/transforms.py:DataTransforms) the training view
-is randomly cropped, 224 of the 256-px square (data.crop_augment); --no-augment (the demo) resizes it whole to
---image-size (data.train_view, every method's rule). --batch-size is per process; --accum counts the whole job's
-micro-batches per step (each of W processes does accum / W; the default 1 is one per process on any number of
-processes).
+Training (our choice on MGCA's defaults): AdamW (0.9, 0.999), wd 0.05, lr 2e-5 for the encoders (--lr) and 1e-4 for
+the new modules and heads (--lr-new), linear warm-up over 40 % of the steps then cosine to 1e-8, 50 epochs, batch 144,
+early stopping (patience 5) on the validation loss, seed 12345 (the suite's). As MGCA
+(mgca/datasets/transforms.py:DataTransforms) the training view is randomly cropped, 224 of the 256-px square
+(data.crop_augment); --no-augment (the demo) resizes it whole to --image-size (data.train_view, every method's rule).
+--batch-size is per process; --accum counts the whole job's micro-batches per step (each of W processes does
+accum / W; the default 1 is one per process on any number of processes).
 
 Commands:
   python place.py                                              # demo: tiny ViT, synthetic data, minutes on 2 CPUs
@@ -80,13 +80,12 @@ import textwrap
 from contextlib import nullcontext
 from dataclasses import dataclass
 from functools import partial
-from typing import Literal, Optional
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from torch import nn
-from torch.utils.data import DataLoader, DistributedSampler
 
 import common
 import data
@@ -94,34 +93,12 @@ from common import arg
 
 
 @dataclass
-class Args:
+class Args(common.RunArgs):
     """PLACE pre-training (defaults = the reconstruction's paper recipe; `--preset demo` without --data)."""
-    preset: Optional[str] = arg(None, "paper | paper-r50 | demo (default: demo without --data, else paper)")
-    # data and run
-    data: str = arg("synthetic", "synthetic | synthetic-faint | mimic | csv")
-    data_root: str = arg("", "mimic: the prepare-mimic cache folder; csv: the pairs CSV")
-    train_samples: int = arg(0, "use only the first N training pairs (0 = all; synthetic: how many are generated)")
-    eval_samples: int = arg(0, "use only the first N validation / test pairs (0 = all; synthetic: 500)")
-    skip_bad: bool = arg(False, "skip unreadable / inconsistent records and count them (else stop and list them)")
-    zero_shot_csv: str = arg("", "external zero-shot set: a CSV of images (column image or Path, relative to the CSV) "
-                             "with CheXpert label columns, checked at the start and scored at the end")
-    out_dir: str = arg("", "run folder (default runs/place-<time>)")
-    resume: bool = arg(False, "continue from ckpt.pt in --out-dir")
-    max_steps: int = arg(0, "stop after this many optimizer steps (0 = no limit)")
-    bench: int = arg(0, "time N optimizer steps on synthetic data, print throughput, exit")
-    viz: int = arg(0, "write V-POR / T-POR slot maps and CCE matrices for this many test images")
-    seed: int = arg(42, "seed (model init; data order uses seed + rank)")
-    workers: int = arg(8, "DataLoader workers per process")
-    device: str = arg("", "cuda | cpu (default: cuda if available)")
-    precision: Literal["auto", "bf16", "fp16", "fp32"] = arg("auto", "auto: bf16/fp16 on GPU, fp32 on CPU")
-    ckpt_every: int = arg(500, "write ckpt.pt every N optimizer steps (and at every epoch end)")
-    log_every: int = arg(10, "log every N optimizer steps")
     # encoders and heads
     image_arch: str = arg("vit_b16", "vit_b16 | resnet50 (detection; needs --no-cce) | vit_tiny | resnet18")
     image_weights: str = arg("imagenet", "imagenet (DeiT-B / torchvision) | none | path to a state dict")
     image_size: int = arg(224, "input size (14 x 14 patches at 224)")
-    augment: bool = arg(True, "MGCA's augmentation, a random crop of the training view (224 of the 256-px "
-                           "square); off: the view resized to --image-size")
     text_model: str = arg("emilyalsentzer/Bio_ClinicalBERT", "name/path, or tiny | bert-base (random init, "
                           "vocabulary from the training reports)")
     text_width: int = arg(128, "hidden size of the tiny BERT (= the query width d in the demo)")
@@ -159,7 +136,7 @@ class Args:
     batch_size: int = arg(144, "micro-batch per process (negatives and BN statistics)")
     accum: int = arg(1, "micro-batches per optimizer step, whole job: each of W processes does accum / W (1: one "
                         "per process, any W)")
-    lr_encoders: float = arg(2e-5, "AdamW lr of the image and text encoders")
+    lr: float = arg(2e-5, "AdamW lr of the image and text encoders")
     lr_new: float = arg(1e-4, "AdamW lr of the queries, decoders, CCE predictor and heads")
     weight_decay: float = arg(0.05, "AdamW weight decay")
     warmup: float = arg(0.4, "linear warm-up over this fraction of the steps, then cosine")
@@ -176,8 +153,8 @@ PRESETS = {
     "demo": dict(data="synthetic", image_arch="vit_tiny", image_weights="none", image_size=128, augment=False,
                  text_model="tiny", bert_layers=2, text_pool="mean", clean_text=False, mgca_text=False,
                  head_hidden=256, decoder_heads=4, decoder_ffn=256, cce_dim=64,
-                 batch_size=32, lr_encoders=1e-3, lr_new=1e-3, weight_decay=1e-4, warmup=0.05, epochs=3,
-                 train_samples=2000, eval_samples=300, workers=0, viz=2, ckpt_every=50, log_every=5),
+                 batch_size=32, lr=1e-3, lr_new=1e-3, weight_decay=1e-4, warmup=0.05, epochs=3,
+                 train_samples=2000, eval_samples=300, workers=0, ckpt_every=50, log_every=5),
 }
 
 
@@ -447,32 +424,7 @@ class PLACE(nn.Module):
         return v_attn, u_attn, img["grid"], names
 
 
-# ==== TRAINING: data, loop, evaluation ====
-def datasets(args):
-    """Training, validation and test sets, the training statistics (mean, std) and the tokenizer."""
-    data.check_data_root(args.data, args.data_root)
-
-    def dataset(split, num_samples):
-        return data.make_dataset(args.data, args.data_root, split, args.image_size, train=split == "train",
-                                 num_samples=num_samples or None, skip_bad=args.skip_bad)
-    train_set = dataset("train", args.train_samples)
-    val_set, test_set = dataset("validate", args.eval_samples), dataset("test", args.eval_samples)
-    tokenizer = data.report_tokenizer(args.text_model, train_set)
-    return train_set, val_set, test_set, (train_set.mean, train_set.std), tokenizer
-
-
-def loaders(args, ddp, tokenizer, train_set, val_set, test_set):
-    """Training loader (ResumableSampler: order = f(seed, epoch)), validation (split over the ranks), test (rank 0)."""
-    sampler = common.ResumableSampler(train_set, ddp.world_size, ddp.rank, shuffle=True, seed=args.seed,
-                                      drop_last=True)
-    collate = partial(data.collate, tokenizer=tokenizer, max_length=args.max_length, clean=args.clean_text)
-    train = DataLoader(train_set, args.batch_size, sampler=sampler, num_workers=args.workers, drop_last=True,
-                       collate_fn=collate, generator=torch.Generator(), pin_memory=ddp.device.type == "cuda")
-    val = DataLoader(val_set, args.batch_size, num_workers=args.workers, collate_fn=collate,
-                     sampler=DistributedSampler(val_set, ddp.world_size, ddp.rank, shuffle=False))
-    test = DataLoader(test_set, args.batch_size, collate_fn=collate, num_workers=args.workers)
-    return sampler, train, val, test
-
+# ==== TRAINING: loop, evaluation ====
 
 def slot_statistics(v_attn):
     """V-POR maps B x K x N -> (mean entropy / log N: 1 = uniform over the patches, lower = localised;
@@ -605,11 +557,10 @@ def write_viz(model, batch, tokenizer, folder, mean, std, n, device):
 
 
 def optimizer_groups(model, args):
-    """Two learning rates (our choice): the pre-trained encoders at lr_encoders, the new modules and heads at
-    lr_new."""
+    """Two learning rates (our choice): the pre-trained encoders at lr, the new modules and heads at lr_new."""
     encoders = {id(p) for m in (model.image_encoder, model.text_encoder) for p in m.parameters()}
     params = [p for p in model.parameters() if p.requires_grad]
-    return [dict(params=[p for p in params if id(p) in encoders], lr=args.lr_encoders),
+    return [dict(params=[p for p in params if id(p) in encoders], lr=args.lr),
             dict(params=[p for p in params if id(p) not in encoders], lr=args.lr_new)]
 
 
@@ -622,12 +573,11 @@ def main(argv=None):
     micro_per_step = common.micro_batches_per_step(args.accum, ddp.world_size, args.batch_size)
     out = common.run_folder(args.out_dir, "place", ddp, args)
     ckpt_path, best_path = os.path.join(out, "ckpt.pt"), os.path.join(out, "best.pt")
-    train_set, val_set, test_set, (mean, std), tokenizer = datasets(args)
-    external = (data.LabelledImages(args.zero_shot_csv, args.image_size, mean, std, args.skip_bad)
-                if args.zero_shot_csv else None)  # checked now: a bad file stops the run before training, not after
+    train_set, val_set, test_set, (mean, std), tokenizer, external = common.datasets(args)
     common.seed_everything(args.seed)  # the same initial model on every rank
     model = PLACE(args, tokenizer).to(dev)
-    sampler, loader, val_loader, test_loader = loaders(args, ddp, tokenizer, train_set, val_set, test_set)
+    collate = partial(data.collate, tokenizer=tokenizer, max_length=args.max_length, clean=args.clean_text)
+    sampler, loader, val_loader, test_loader = common.loaders(args, ddp, train_set, val_set, test_set, collate)
     augment = data.crop_augment(args.image_size, mean, std).to(dev) if args.augment else None
     n_micro = sampler.num_samples // args.batch_size
     steps_per_epoch = math.ceil(n_micro / micro_per_step)
