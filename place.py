@@ -33,7 +33,8 @@ Losses (cos-similarities of L2-normalised vectors, CE = mean cross-entropy over 
         intra: l^a_kk' = v_ak . u_ak' / 0.1; L_intra = (1/B) sum_a (CE(l^a) + CE(l^a^T)) / 2
   CCE   L_CCE = (1/N^2) sum_ij (C^_ij - C*_ij)^2;  --cce-loss kl: row-wise KL(softmax(C*/0.05) || softmax(C^/0.1))
   total L = L_ITA + L_TCA + (L_inter + L_intra) + L_CCE   (MGCA's prototype term CPA is replaced by PCMA; our
-        choice: the plain sum, where MGCA weighs ITA, its local term and CPA 1, 0.7 and 0.5)
+        choice: the plain sum, where MGCA weighs ITA, its local term and CPA 1, 0.7 and 0.5); all of it is one
+        pure function of the model's tensors, place_loss
 Training (our choice on MGCA's defaults): AdamW (0.9, 0.999), wd 0.05, lr 2e-5 for the encoders (--lr) and 1e-4 for
 the new modules and heads (--lr-new), linear warm-up over 40 % of the steps then cosine to 1e-8, 50 epochs, batch 144,
 early stopping (patience 5) on the validation loss, seed 12345 (the suite's). As MGCA
@@ -199,7 +200,23 @@ class ObservationExtractor(nn.Module):
         return self.project(self.norm(x)), attn
 
 
-# ---- PCMA ----
+# ---- the losses: pure functions of tensors ----
+def ita_loss(image_emb, text_emb, image_all, text_all, offset=0, tau=0.07):
+    """MGCA's image-text alignment (Wang et al. 2022, Eq. 2; HKU-MedAI/MGCA:mgca/models/mgca/mgca_module.py:
+    MGCA.forward) with the negatives of every process (our choice; MGCA: the local batch). image_emb, text_emb B x E:
+    this process's head outputs; image_all, text_all: every process's, in rank order (in one process the same
+    tensors); offset: this process's first row in them. All L2-normalised here, in fp32; i: own rows, j: all rows:
+        S_ij = g_i . t_j / tau,   S'_ij = t_i . g_j / tau,   L_ITA = CE(S) + CE(S')   (row i's target: i + offset)
+    Under DDP, with DDP's gradient averaging, the loss and gradients equal one process on the full batch (tested)."""
+    dtype = torch.promote_types(image_emb.dtype, torch.float32)
+    g, t = F.normalize(image_emb.to(dtype), dim=-1), F.normalize(text_emb.to(dtype), dim=-1)
+    # one process passes the rows themselves as the columns: normalised once, as common.info_nce does
+    g_all = g if image_all is image_emb else F.normalize(image_all.to(dtype), dim=-1)
+    t_all = t if text_all is text_emb else F.normalize(text_all.to(dtype), dim=-1)
+    labels = torch.arange(len(g), device=g.device) + offset
+    return F.cross_entropy(g @ t_all.T / tau, labels) + F.cross_entropy(t @ g_all.T / tau, labels)
+
+
 def pcma_loss(v, u, v_all=None, u_all=None, offset=0, tau=0.1):
     """Pathological-level cross-modal alignment. v, u: B x K x D V-PORs / T-PORs of this rank's pairs (normalised
     here, fp32); v_all, u_all: the gathered (world * B) x K x D ones (None = this batch; no DDP); offset: this rank's
@@ -230,7 +247,6 @@ def pcma_loss(v, u, v_all=None, u_all=None, offset=0, tau=0.1):
     return inter, intra, intra_acc, inter_acc
 
 
-# ---- CCE ----
 def patch_correlation(tokens):
     """B x N x C -> B x N x N correlation over patches (fp32): centre each channel across the N patches,
     L2-normalise each patch vector, Gram matrix. Symmetric, unit diagonal, entries in [-1, 1]."""
@@ -250,6 +266,36 @@ def cce_loss(predicted, target, kind="mse", tau_target=0.05, tau_pred=0.1):
     return (log_p.exp() * (log_p - F.log_softmax(predicted / tau_pred, -1))).sum(-1).mean()
 
 
+def place_loss(image_emb, text_emb, patch_emb, word_emb, word_mask, word_weights, patch_weights, v, u,
+               gathered=None, offset=0, cce_tokens=None, *, tau_ita=0.07, tau_tca=0.1, tau_pcma=0.1, cce_kind="mse",
+               weights=None):
+    """PLACE's objective on one process's B pairs, every input a tensor the model computed:
+        L = w_ita L_ITA + w_tca (L_TCA,word + L_TCA,patch) + w_pcma (L_inter + L_intra) + w_cce L_CCE
+    ITA (ita_loss): image_emb, text_emb B x E, the global heads' outputs.
+    TCA (common.mgca_tca, as MGCA): patch_emb B x N x E, word_emb B x T x E (the local heads' outputs), word_mask
+        B x T (bool), word_weights B x T and patch_weights B x N (the [CLS] attentions; None: uniform, a ResNet).
+    PCMA (pcma_loss): v, u B x K x E', the V-PORs and T-PORs.
+    gathered: (image_emb, text_emb, v, u) of every process in rank order (all-gathered with gradient by the caller;
+        None: one process) and offset: this process's first row in them; ITA and L_inter take their negatives there.
+    CCE (cce_loss): cce_tokens = (z, P): the predictor's output from the masked view (B x N x C') and the full
+        view's patch tokens (B x N x C); C^ = corr(z), C* = corr(stop-gradient P) (patch_correlation); None: no CCE.
+    weights: {"ita", "tca", "pcma", "cce"} -> w (default 1; 0 ablates a term, which is still computed and logged).
+    -> dict(loss, ita, tca_word, tca_patch, pcma_inter, pcma_intra[, cce], pcma_intra_acc, pcma_inter_acc): the
+    terms unweighted, the accuracies detached."""
+    image_all, text_all, v_all, u_all = gathered or (image_emb, text_emb, v, u)
+    terms = dict(ita=ita_loss(image_emb, text_emb, image_all, text_all, offset, tau_ita))
+    terms["tca_word"], terms["tca_patch"] = common.mgca_tca(patch_emb, word_emb, word_mask, word_weights,
+                                                            patch_weights, tau_tca)
+    terms["pcma_inter"], terms["pcma_intra"], intra_acc, inter_acc = pcma_loss(v, u, v_all, u_all, offset, tau_pcma)
+    if cce_tokens is not None:
+        z, patches = cce_tokens
+        terms["cce"] = cce_loss(patch_correlation(z), patch_correlation(patches.detach()), cce_kind)
+    weights = weights or {}
+    loss = sum(weights.get(k.split("_")[0], 1.0) * t for k, t in terms.items())
+    return dict(loss=loss, **terms, pcma_intra_acc=intra_acc, pcma_inter_acc=inter_acc)
+
+
+# ---- CCE's masked view and predictor ----
 def random_keep_index(batch, num_patches, mask_ratio, generator=None, device=None):
     """B x round((1 - mask_ratio) N) indices of the visible patches, a uniform random subset per image, sorted."""
     keep = round((1 - mask_ratio) * num_patches)
@@ -295,8 +341,8 @@ class CCEPredictor(nn.Module):
 # ---- the model ----
 class PLACE(nn.Module):
     """Image and text encoders, MGCA's heads, the K shared pathology queries, VPOE, the textual extractor and (ViT)
-    the CCE predictor. forward(batch) -> dict with `loss` (weighted total), every term unweighted and the PCMA
-    accuracies."""
+    the CCE predictor. forward(batch) -> place_loss's dict: `loss` (weighted total), every term unweighted and the
+    PCMA accuracies."""
 
     def __init__(self, args, tokenizer):
         super().__init__()
@@ -321,11 +367,6 @@ class PLACE(nn.Module):
         self.vpoe = ObservationExtractor(ct, ci, e, *decoder)
         self.tpoe = ObservationExtractor(ct, ct, e, *decoder)
         self.cce = CCEPredictor(ci, ct, args.cce_dim, *decoder) if vit else None
-
-    def image_features(self, images):
-        """-> encoder output dict; the ViT's has `cls_attn` B x N, the last block's head-averaged [CLS] attention
-        over the patches (MGCA's patch weights; a ResNet has none: uniform weights, as MGCA)."""
-        return self.image_encoder(images)
 
     def word_index(self, input_ids):
         """The word of every token, B x L (-1: not a word)."""
@@ -368,44 +409,43 @@ class PLACE(nn.Module):
         return random_keep_index(len(images), self.image_encoder.num_patches(images.shape[-1]), self.args.mask_ratio,
                                  generator, images.device)
 
-    def cce_matrices(self, batch, keep_index, img=None, words=None, mask=None, zero_report=False):
-        """-> (target C* = corr of the full view's patch tokens, detached; prediction C^ from the masked view)."""
-        images = batch["images"]
-        if img is None:
-            img = self.image_features(images)
-            _, words, mask, _ = self.text_features(batch)
-        visible = self.image_encoder.encode_visible(images, keep_index)  # B x V x C: MAE-style, the same ViT
-        words = torch.zeros_like(words) if zero_report else words
-        z = self.cce(visible, keep_index, img["grid"], words, ~mask)
-        return patch_correlation(img["local_feats"].detach()), patch_correlation(z)
+    def cce_prediction(self, images, keep_index, grid, words, mask, zero_report=False):
+        """CCE's z (B x N x cce_dim): the masked view's visible patches alone through the same ViT (MAE-style), the
+        predictor reading the report words (zeroed: zero_report, the conditioning check)."""
+        visible = self.image_encoder.encode_visible(images, keep_index)  # B x V x C
+        return self.cce(visible, keep_index, grid, torch.zeros_like(words) if zero_report else words, ~mask)
 
     def forward(self, batch, keep_index=None, zero_report=False):
         """keep_index: the masked view's visible patches (default: drawn); zero_report: CCE reads zeroed words."""
         a = self.args
-        img = self.image_features(batch["images"])
+        img = self.image_encoder(batch["images"])  # a ViT's cls_attn: MGCA's patch weights (a ResNet has none)
         report, words, mask, word_weights = self.text_features(batch)
-        terms = {}
-        terms["ita"] = common.ita(self.global_image(img["global_feat"]), self.global_text(report), a.tau_ita)
-        terms["tca_word"], terms["tca_patch"] = common.mgca_tca(  # as MGCA (uniform patch weights for a ResNet)
-            self.local_image(img["local_feats"]), self.local_text(words), mask, word_weights, img.get("cls_attn"),
-            a.tau_tca)
-        v, _ = self.vpoe(self.queries, img["local_feats"])
-        u, _ = self.tpoe(self.queries, words, ~mask)
-        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-        terms["pcma_inter"], terms["pcma_intra"], intra_acc, inter_acc = pcma_loss(
-            v, u, common.gather_with_grad(v), common.gather_with_grad(u), rank * len(v), a.tau_pcma)
+        g, t = self.global_image(img["global_feat"]), self.global_text(report)
+        patches, word_emb = self.local_image(img["local_feats"]), self.local_text(words)
+        v, u = self.vpoe(self.queries, img["local_feats"])[0], self.tpoe(self.queries, words, ~mask)[0]
+        cce_tokens = None
         if self.cce is not None:
             keep_index = self.keep_index(batch["images"]) if keep_index is None else keep_index
-            target, predicted = self.cce_matrices(batch, keep_index, img, words, mask, zero_report)
-            terms["cce"] = cce_loss(predicted, target, a.cce_loss)
+            z = self.cce_prediction(batch["images"], keep_index, img["grid"], words, mask, zero_report)
+            cce_tokens = (z, img["local_feats"])
+        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+        gathered = tuple(common.gather_with_grad(x) for x in (g, t, v, u))  # every rank's rows, with gradient
         # ablations zero a weight; every term is still computed (logged, and DDP sees every parameter used)
-        weight = {k: getattr(a, "weight_" + k) if getattr(a, k) else 0.0 for k in ("ita", "tca", "pcma", "cce")}
-        loss = sum(weight[k.split("_")[0]] * t for k, t in terms.items())
-        return dict(loss=loss, **terms, pcma_intra_acc=intra_acc, pcma_inter_acc=inter_acc)
+        weights = {k: getattr(a, "weight_" + k) if getattr(a, k) else 0.0 for k in ("ita", "tca", "pcma", "cce")}
+        return place_loss(g, t, patches, word_emb, mask, word_weights, img.get("cls_attn"), v, u, gathered,
+                          rank * len(v), cce_tokens, tau_ita=a.tau_ita, tau_tca=a.tau_tca, tau_pcma=a.tau_pcma,
+                          cce_kind=a.cce_loss, weights=weights)
+
+    def cce_matrices(self, batch, keep_index):
+        """-> (target C* = corr of the full view's patch tokens, prediction C^ from the masked view), B x N x N."""
+        img = self.image_encoder(batch["images"])
+        _, words, mask, _ = self.text_features(batch)
+        z = self.cce_prediction(batch["images"], keep_index, img["grid"], words, mask)
+        return patch_correlation(img["local_feats"].detach()), patch_correlation(z)
 
     def encode_image(self, images):
         """-> B x 128 L2-normalised global image embeddings."""
-        return F.normalize(self.global_image(self.image_features(images)["global_feat"]).float(), dim=-1)
+        return F.normalize(self.global_image(self.image_encoder(images)["global_feat"]).float(), dim=-1)
 
     def encode_text(self, batch):
         """-> B x 128 L2-normalised global report embeddings."""
@@ -414,7 +454,7 @@ class PLACE(nn.Module):
     def slot_maps(self, batch, tokenizer=None):
         """-> V-POR attention B x K x N (last VPOE layer, head-averaged), T-POR attention B x K x T, the patch grid,
         and (with a tokenizer) each report's words."""
-        img = self.image_features(batch["images"])
+        img = self.image_encoder(batch["images"])
         _, words, mask, _ = self.text_features(batch)
         v_attn = self.vpoe(self.queries, img["local_feats"])[1]
         u_attn = self.tpoe(self.queries, words, ~mask)[1]
