@@ -464,7 +464,7 @@ class PLACE(nn.Module):
         return v_attn, u_attn, img["grid"], names
 
 
-# ==== TRAINING: loop, evaluation ====
+# ==== TRAINING: loop, evaluation, pictures ====
 
 def slot_statistics(v_attn):
     """V-POR maps B x K x N -> (mean entropy / log N: 1 = uniform over the patches, lower = localised;
@@ -479,22 +479,22 @@ def slot_statistics(v_attn):
 
 
 @torch.no_grad()
-def evaluate(model, loader, tokenizer, device, amp):
-    """On held-out pairs: retrieval R@1/5/10 both ways, zero-shot AUC with pair prompts ("x" vs "no x"; synthetic:
-    one finding per SYNTH_FINDINGS, present = non-empty mask; real data: the CheXpert labels), the PCMA slot
-    accuracies (per batch), slot-map statistics and L_CCE with the real report vs with its word tokens zeroed
-    (the same masks for both: a seeded generator). -> (metrics, {name: (auc, low, high)})."""
+def evaluate(model, loader, tokenizer, device, n_boot):
+    """On held-out pairs, in fp32: retrieval R@1/5/10 both ways, zero-shot AUC with pair prompts ("x" vs "no x";
+    synthetic: one finding per SYNTH_FINDINGS, present = non-empty mask; real data: the CheXpert labels) and its
+    bootstrap intervals, and PLACE's checks: the PCMA slot accuracies (per batch), slot-map statistics and L_CCE
+    with the real report vs with its word tokens zeroed (the same masks for both: a seeded generator).
+    -> dict(retrieval, zero_shot, checks), common.save_results' layout."""
     model.eval()
     images, reports, labels, rows = [], [], [], []
     masks = torch.Generator().manual_seed(0)
     for batch in loader:
         b = common.to_device(batch, device)
-        with common.autocast(device, amp):
-            images.append(model.encode_image(b["images"]))
-            reports.append(model.encode_text(b))
-            keep = model.keep_index(b["images"], masks)
-            real, zeroed = model(b, keep), model(b, keep, zero_report=True)
-            entropy, overlap = slot_statistics(model.slot_maps(b)[0])
+        images.append(model.encode_image(b["images"]))
+        reports.append(model.encode_text(b))
+        keep = model.keep_index(b["images"], masks)
+        real, zeroed = model(b, keep), model(b, keep, zero_report=True)
+        entropy, overlap = slot_statistics(model.slot_maps(b)[0])
         row = dict(pcma_intra_acc=real["pcma_intra_acc"], pcma_inter_acc=real["pcma_inter_acc"],
                    vpor_entropy=entropy, vpor_slot_overlap=overlap)
         if keep is not None:
@@ -502,43 +502,34 @@ def evaluate(model, loader, tokenizer, device, amp):
         rows.append({k: float(v) * len(batch["images"]) for k, v in row.items()})
         labels.append(torch.stack([m.flatten(1).any(1) for m in batch["masks"]]).float() if "masks" in batch
                       else batch["labels"][:, 1:])  # CheXpert: "No Finding" left out (inverted by the prompt)
-    img, txt, n = torch.cat(images), torch.cat(reports), len(loader.dataset)
+    img, txt = torch.cat(images), torch.cat(reports)
     sim = img @ txt.t()
-    res = {f"i2t_{k}": v for k, v in common.recall_at_k(sim).items()}
-    res.update({f"t2i_{k}": v for k, v in common.recall_at_k(sim.t()).items()})
+    retrieval = {f"{name}_{k}": v for name, s in (("i2t", sim), ("t2i", sim.t()))
+                 for k, v in common.recall_at_k(s).items()}
     names, phrases = data.zero_shot_findings("masks" in batch)
     pos = model.encode_text(common.to_device(data.prompt_batch(phrases, tokenizer), device))
     neg = model.encode_text(common.to_device(data.prompt_batch([f"no {p}" for p in phrases], tokenizer), device))
-    auc = common.zero_shot_auc_ci(img @ pos.t(), img @ neg.t(), torch.cat(labels), names)
-    res.update({f"auc_{k}": v[0] for k, v in auc.items()})
-    measured = [v[0] for v in auc.values() if not math.isnan(v[0])]
-    if measured:
-        res["auc_mean"] = sum(measured) / len(measured)
-    res.update({k: sum(r[k] for r in rows) / n for k in rows[0]})
-    return res, auc
+    return dict(retrieval=retrieval,
+                zero_shot=common.zero_shot_summary(img @ pos.t(), img @ neg.t(), torch.cat(labels), names, n_boot),
+                checks={k: sum(r[k] for r in rows) / len(loader.dataset) for k in rows[0]})
 
 
-def finish(args, model, tokenizer, test_loader, mean_std, device, amp, out, external=None):
+def finish(args, model, tokenizer, test_loader, mean_std, device, out, external=None):
     """The end of a run, once the best-validation model is exported: it is evaluated next to the untrained model it
     started from (printed, eval.json; on the --zero-shot-csv set too, `external`), then the report-conditioning check
     and the slot / CCE pictures."""
     common.seed_everything(args.seed)
     initial = PLACE(args, tokenizer).to(device)  # the same initialisation the training started from
-    results, intervals = {}, {}
-    for name, m in (("untrained", initial), ("trained", model)):
-        results[name], intervals[name] = evaluate(m, test_loader, tokenizer, device, amp)
+    results = {name: evaluate(m, test_loader, tokenizer, device, args.n_boot)
+               for name, m in (("untrained", initial), ("trained", model))}
     print(f"held-out {args.data} test split ({len(test_loader.dataset)} pairs; chance: PCMA intra-sample slot "
           f"accuracy 1/K = {1 / args.num_queries:.3f}, per-slot retrieval 1/B = {1 / args.batch_size:.3f}):")
-    common.print_comparison(results, os.path.join(out, "eval.json"))
-    measured = [f"{k} {a:.3f} [{lo:.3f}, {hi:.3f}]" for k, (a, lo, hi) in intervals["trained"].items()
-                if not math.isnan(a)]
-    if measured:
-        print("zero-shot AUC, 95 % bootstrap interval (trained): " + ", ".join(measured))
+    common.save_results(os.path.join(out, "eval.json"), results)
     if external is not None:
         zero_shot = common.external_zero_shot(dict(untrained=initial, trained=model), external, tokenizer, device,
-                                              workers=args.workers)
+                                              n_boot=args.n_boot, workers=args.workers)
         common.save_external_zero_shot(out, external, zero_shot["ci"])
-    r = results["trained"]
+    r = results["trained"]["checks"]
     if "cce_real_report" in r:
         verdict = "uses the report" if r["cce_real_report"] < r["cce_zeroed_report"] else "does NOT use the report"
         print(f"CCE report conditioning (trained, test split): L_CCE {r['cce_real_report']:.5f} with the real report "
@@ -699,7 +690,7 @@ def main(argv=None):
         common.print_bench(out, args.batch_size * ddp.world_size, dev, amp)
     elif ddp.is_main:
         with common.after_training(out):
-            finish(args, model, tokenizer, test_loader, (mean, std), dev, amp, out, external)
+            finish(args, model, tokenizer, test_loader, (mean, std), dev, out, external)
 
 
 if __name__ == "__main__":

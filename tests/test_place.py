@@ -1,4 +1,5 @@
 """PLACE tests (CPU, tiny shapes): PCMA and CCE against written-out loops, masks, conditioning, DDP, main(), export."""
+import json
 import math
 import os
 import socket
@@ -406,6 +407,14 @@ def test_main_three_steps_resume_and_outputs(three_step_run):
         assert k in header
     payload = torch.load(run / "image_encoder.pt", weights_only=True)
     assert payload["arch"] == "vit_tiny" and payload["method"] == "place"
+    results = json.loads((run / "eval.json").read_text())
+    for model in ("untrained", "trained"):
+        r = results[model]
+        assert set(r) == {"retrieval", "zero_shot", "checks"}
+        assert set(r["retrieval"]) == {f"{d}_R@{k}" for d in ("i2t", "t2i") for k in (1, 5, 10)}
+        assert "mean" in r["zero_shot"] and all(len(v) == 3 for v in r["zero_shot"].values())
+        assert set(r["checks"]) == {"pcma_intra_acc", "pcma_inter_acc", "vpor_entropy", "vpor_slot_overlap",
+                                    "cce_real_report", "cce_zeroed_report"}
 
 
 def test_export_is_judged_by_the_evaluation_scripts(three_step_run, tmp_path):
