@@ -33,14 +33,15 @@ Losses (cos-similarities of L2-normalised vectors, CE = mean cross-entropy over 
         intra: l^a_kk' = v_ak . u_ak' / 0.1; L_intra = (1/B) sum_a (CE(l^a) + CE(l^a^T)) / 2
   CCE   L_CCE = (1/N^2) sum_ij (C^_ij - C*_ij)^2;  --cce-loss kl: row-wise KL(softmax(C*/0.05) || softmax(C^/0.1))
   total L = L_ITA + L_TCA + (L_inter + L_intra) + L_CCE   (MGCA's prototype term CPA is replaced by PCMA; our
-        choice: the plain sum, where MGCA weighs ITA, its local term and CPA 1, 0.7 and 0.5)
-Training (our choice on MGCA's defaults): AdamW (0.9, 0.999), wd 0.05, lr 2e-5 for the encoders and 1e-4 for the new
-modules and heads, linear warm-up over 40 % of the steps then cosine to 1e-8, 50 epochs, batch 144, early stopping
-(patience 5) on the validation loss, seed 42. As MGCA (mgca/datasets/transforms.py:DataTransforms) the training view
-is randomly cropped, 224 of the 256-px square (data.crop_augment); --no-augment (the demo) resizes it whole to
---image-size (data.train_view, every method's rule). --batch-size is per process; --accum counts the whole job's
-micro-batches per step (each of W processes does accum / W; the default 1 is one per process on any number of
-processes).
+        choice: the plain sum, where MGCA weighs ITA, its local term and CPA 1, 0.7 and 0.5); all of it is one
+        pure function of the model's tensors, place_loss
+Training (our choice on MGCA's defaults): AdamW (0.9, 0.999), wd 0.05, lr 2e-5 for the encoders (--lr) and 1e-4 for
+the new modules and heads (--lr-new), linear warm-up over 40 % of the steps then cosine to 1e-8, 50 epochs, batch 144,
+early stopping (patience 5) on the validation loss, seed 12345 (the suite's). As MGCA
+(mgca/datasets/transforms.py:DataTransforms) the training view is randomly cropped, 224 of the 256-px square
+(data.crop_augment); --no-augment (the demo) resizes it whole to --image-size (data.train_view, every method's rule).
+--batch-size is per process; --accum counts the whole job's micro-batches per step (each of W processes does
+accum / W; the default 1 is one per process on any number of processes).
 
 Commands:
   python place.py                                              # demo: tiny ViT, synthetic data, minutes on 2 CPUs
@@ -80,13 +81,12 @@ import textwrap
 from contextlib import nullcontext
 from dataclasses import dataclass
 from functools import partial
-from typing import Literal, Optional
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from torch import nn
-from torch.utils.data import DataLoader, DistributedSampler
 
 import common
 import data
@@ -94,34 +94,12 @@ from common import arg
 
 
 @dataclass
-class Args:
+class Args(common.RunArgs):
     """PLACE pre-training (defaults = the reconstruction's paper recipe; `--preset demo` without --data)."""
-    preset: Optional[str] = arg(None, "paper | paper-r50 | demo (default: demo without --data, else paper)")
-    # data and run
-    data: str = arg("synthetic", "synthetic | synthetic-faint | mimic | csv")
-    data_root: str = arg("", "mimic: the prepare-mimic cache folder; csv: the pairs CSV")
-    train_samples: int = arg(0, "use only the first N training pairs (0 = all; synthetic: how many are generated)")
-    eval_samples: int = arg(0, "use only the first N validation / test pairs (0 = all; synthetic: 500)")
-    skip_bad: bool = arg(False, "skip unreadable / inconsistent records and count them (else stop and list them)")
-    zero_shot_csv: str = arg("", "external zero-shot set: a CSV of images (column image or Path, relative to the CSV) "
-                             "with CheXpert label columns, checked at the start and scored at the end")
-    out_dir: str = arg("", "run folder (default runs/place-<time>)")
-    resume: bool = arg(False, "continue from ckpt.pt in --out-dir")
-    max_steps: int = arg(0, "stop after this many optimizer steps (0 = no limit)")
-    bench: int = arg(0, "time N optimizer steps on synthetic data, print throughput, exit")
-    viz: int = arg(0, "write V-POR / T-POR slot maps and CCE matrices for this many test images")
-    seed: int = arg(42, "seed (model init; data order uses seed + rank)")
-    workers: int = arg(8, "DataLoader workers per process")
-    device: str = arg("", "cuda | cpu (default: cuda if available)")
-    precision: Literal["auto", "bf16", "fp16", "fp32"] = arg("auto", "auto: bf16/fp16 on GPU, fp32 on CPU")
-    ckpt_every: int = arg(500, "write ckpt.pt every N optimizer steps (and at every epoch end)")
-    log_every: int = arg(10, "log every N optimizer steps")
     # encoders and heads
     image_arch: str = arg("vit_b16", "vit_b16 | resnet50 (detection; needs --no-cce) | vit_tiny | resnet18")
     image_weights: str = arg("imagenet", "imagenet (DeiT-B / torchvision) | none | path to a state dict")
     image_size: int = arg(224, "input size (14 x 14 patches at 224)")
-    augment: bool = arg(True, "MGCA's augmentation, a random crop of the training view (224 of the 256-px "
-                           "square); off: the view resized to --image-size")
     text_model: str = arg("emilyalsentzer/Bio_ClinicalBERT", "name/path, or tiny | bert-base (random init, "
                           "vocabulary from the training reports)")
     text_width: int = arg(128, "hidden size of the tiny BERT (= the query width d in the demo)")
@@ -159,7 +137,7 @@ class Args:
     batch_size: int = arg(144, "micro-batch per process (negatives and BN statistics)")
     accum: int = arg(1, "micro-batches per optimizer step, whole job: each of W processes does accum / W (1: one "
                         "per process, any W)")
-    lr_encoders: float = arg(2e-5, "AdamW lr of the image and text encoders")
+    lr: float = arg(2e-5, "AdamW lr of the image and text encoders")
     lr_new: float = arg(1e-4, "AdamW lr of the queries, decoders, CCE predictor and heads")
     weight_decay: float = arg(0.05, "AdamW weight decay")
     warmup: float = arg(0.4, "linear warm-up over this fraction of the steps, then cosine")
@@ -176,8 +154,8 @@ PRESETS = {
     "demo": dict(data="synthetic", image_arch="vit_tiny", image_weights="none", image_size=128, augment=False,
                  text_model="tiny", bert_layers=2, text_pool="mean", clean_text=False, mgca_text=False,
                  head_hidden=256, decoder_heads=4, decoder_ffn=256, cce_dim=64,
-                 batch_size=32, lr_encoders=1e-3, lr_new=1e-3, weight_decay=1e-4, warmup=0.05, epochs=3,
-                 train_samples=2000, eval_samples=300, workers=0, viz=2, ckpt_every=50, log_every=5),
+                 batch_size=32, lr=1e-3, lr_new=1e-3, weight_decay=1e-4, warmup=0.05, epochs=3,
+                 train_samples=2000, eval_samples=300, workers=0, ckpt_every=50, log_every=5),
 }
 
 
@@ -222,7 +200,23 @@ class ObservationExtractor(nn.Module):
         return self.project(self.norm(x)), attn
 
 
-# ---- PCMA ----
+# ---- the losses: pure functions of tensors ----
+def ita_loss(image_emb, text_emb, image_all, text_all, offset=0, tau=0.07):
+    """MGCA's image-text alignment (Wang et al. 2022, Eq. 2; HKU-MedAI/MGCA:mgca/models/mgca/mgca_module.py:
+    MGCA.forward) with the negatives of every process (our choice; MGCA: the local batch). image_emb, text_emb B x E:
+    this process's head outputs; image_all, text_all: every process's, in rank order (in one process the same
+    tensors); offset: this process's first row in them. All L2-normalised here, in fp32; i: own rows, j: all rows:
+        S_ij = g_i . t_j / tau,   S'_ij = t_i . g_j / tau,   L_ITA = CE(S) + CE(S')   (row i's target: i + offset)
+    Under DDP, with DDP's gradient averaging, the loss and gradients equal one process on the full batch (tested)."""
+    dtype = torch.promote_types(image_emb.dtype, torch.float32)
+    g, t = F.normalize(image_emb.to(dtype), dim=-1), F.normalize(text_emb.to(dtype), dim=-1)
+    # one process passes the rows themselves as the columns: normalised once, as common.info_nce does
+    g_all = g if image_all is image_emb else F.normalize(image_all.to(dtype), dim=-1)
+    t_all = t if text_all is text_emb else F.normalize(text_all.to(dtype), dim=-1)
+    labels = torch.arange(len(g), device=g.device) + offset
+    return F.cross_entropy(g @ t_all.T / tau, labels) + F.cross_entropy(t @ g_all.T / tau, labels)
+
+
 def pcma_loss(v, u, v_all=None, u_all=None, offset=0, tau=0.1):
     """Pathological-level cross-modal alignment. v, u: B x K x D V-PORs / T-PORs of this rank's pairs (normalised
     here, fp32); v_all, u_all: the gathered (world * B) x K x D ones (None = this batch; no DDP); offset: this rank's
@@ -253,7 +247,6 @@ def pcma_loss(v, u, v_all=None, u_all=None, offset=0, tau=0.1):
     return inter, intra, intra_acc, inter_acc
 
 
-# ---- CCE ----
 def patch_correlation(tokens):
     """B x N x C -> B x N x N correlation over patches (fp32): centre each channel across the N patches,
     L2-normalise each patch vector, Gram matrix. Symmetric, unit diagonal, entries in [-1, 1]."""
@@ -273,6 +266,36 @@ def cce_loss(predicted, target, kind="mse", tau_target=0.05, tau_pred=0.1):
     return (log_p.exp() * (log_p - F.log_softmax(predicted / tau_pred, -1))).sum(-1).mean()
 
 
+def place_loss(image_emb, text_emb, patch_emb, word_emb, word_mask, word_weights, patch_weights, v, u,
+               gathered=None, offset=0, cce_tokens=None, *, tau_ita=0.07, tau_tca=0.1, tau_pcma=0.1, cce_kind="mse",
+               weights=None):
+    """PLACE's objective on one process's B pairs, every input a tensor the model computed:
+        L = w_ita L_ITA + w_tca (L_TCA,word + L_TCA,patch) + w_pcma (L_inter + L_intra) + w_cce L_CCE
+    ITA (ita_loss): image_emb, text_emb B x E, the global heads' outputs.
+    TCA (common.mgca_tca, as MGCA): patch_emb B x N x E, word_emb B x T x E (the local heads' outputs), word_mask
+        B x T (bool), word_weights B x T and patch_weights B x N (the [CLS] attentions; None: uniform, a ResNet).
+    PCMA (pcma_loss): v, u B x K x E', the V-PORs and T-PORs.
+    gathered: (image_emb, text_emb, v, u) of every process in rank order (all-gathered with gradient by the caller;
+        None: one process) and offset: this process's first row in them; ITA and L_inter take their negatives there.
+    CCE (cce_loss): cce_tokens = (z, P): the predictor's output from the masked view (B x N x C') and the full
+        view's patch tokens (B x N x C); C^ = corr(z), C* = corr(stop-gradient P) (patch_correlation); None: no CCE.
+    weights: {"ita", "tca", "pcma", "cce"} -> w (default 1; 0 ablates a term, which is still computed and logged).
+    -> dict(loss, ita, tca_word, tca_patch, pcma_inter, pcma_intra[, cce], pcma_intra_acc, pcma_inter_acc): the
+    terms unweighted, the accuracies detached."""
+    image_all, text_all, v_all, u_all = gathered or (image_emb, text_emb, v, u)
+    terms = dict(ita=ita_loss(image_emb, text_emb, image_all, text_all, offset, tau_ita))
+    terms["tca_word"], terms["tca_patch"] = common.mgca_tca(patch_emb, word_emb, word_mask, word_weights,
+                                                            patch_weights, tau_tca)
+    terms["pcma_inter"], terms["pcma_intra"], intra_acc, inter_acc = pcma_loss(v, u, v_all, u_all, offset, tau_pcma)
+    if cce_tokens is not None:
+        z, patches = cce_tokens
+        terms["cce"] = cce_loss(patch_correlation(z), patch_correlation(patches.detach()), cce_kind)
+    weights = weights or {}
+    loss = sum(weights.get(k.split("_")[0], 1.0) * t for k, t in terms.items())
+    return dict(loss=loss, **terms, pcma_intra_acc=intra_acc, pcma_inter_acc=inter_acc)
+
+
+# ---- CCE's masked view and predictor ----
 def random_keep_index(batch, num_patches, mask_ratio, generator=None, device=None):
     """B x round((1 - mask_ratio) N) indices of the visible patches, a uniform random subset per image, sorted."""
     keep = round((1 - mask_ratio) * num_patches)
@@ -318,8 +341,8 @@ class CCEPredictor(nn.Module):
 # ---- the model ----
 class PLACE(nn.Module):
     """Image and text encoders, MGCA's heads, the K shared pathology queries, VPOE, the textual extractor and (ViT)
-    the CCE predictor. forward(batch) -> dict with `loss` (weighted total), every term unweighted and the PCMA
-    accuracies."""
+    the CCE predictor. forward(batch) -> place_loss's dict: `loss` (weighted total), every term unweighted and the
+    PCMA accuracies."""
 
     def __init__(self, args, tokenizer):
         super().__init__()
@@ -344,11 +367,6 @@ class PLACE(nn.Module):
         self.vpoe = ObservationExtractor(ct, ci, e, *decoder)
         self.tpoe = ObservationExtractor(ct, ct, e, *decoder)
         self.cce = CCEPredictor(ci, ct, args.cce_dim, *decoder) if vit else None
-
-    def image_features(self, images):
-        """-> encoder output dict; the ViT's has `cls_attn` B x N, the last block's head-averaged [CLS] attention
-        over the patches (MGCA's patch weights; a ResNet has none: uniform weights, as MGCA)."""
-        return self.image_encoder(images)
 
     def word_index(self, input_ids):
         """The word of every token, B x L (-1: not a word)."""
@@ -391,44 +409,43 @@ class PLACE(nn.Module):
         return random_keep_index(len(images), self.image_encoder.num_patches(images.shape[-1]), self.args.mask_ratio,
                                  generator, images.device)
 
-    def cce_matrices(self, batch, keep_index, img=None, words=None, mask=None, zero_report=False):
-        """-> (target C* = corr of the full view's patch tokens, detached; prediction C^ from the masked view)."""
-        images = batch["images"]
-        if img is None:
-            img = self.image_features(images)
-            _, words, mask, _ = self.text_features(batch)
-        visible = self.image_encoder.encode_visible(images, keep_index)  # B x V x C: MAE-style, the same ViT
-        words = torch.zeros_like(words) if zero_report else words
-        z = self.cce(visible, keep_index, img["grid"], words, ~mask)
-        return patch_correlation(img["local_feats"].detach()), patch_correlation(z)
+    def cce_prediction(self, images, keep_index, grid, words, mask, zero_report=False):
+        """CCE's z (B x N x cce_dim): the masked view's visible patches alone through the same ViT (MAE-style), the
+        predictor reading the report words (zeroed: zero_report, the conditioning check)."""
+        visible = self.image_encoder.encode_visible(images, keep_index)  # B x V x C
+        return self.cce(visible, keep_index, grid, torch.zeros_like(words) if zero_report else words, ~mask)
 
     def forward(self, batch, keep_index=None, zero_report=False):
         """keep_index: the masked view's visible patches (default: drawn); zero_report: CCE reads zeroed words."""
         a = self.args
-        img = self.image_features(batch["images"])
+        img = self.image_encoder(batch["images"])  # a ViT's cls_attn: MGCA's patch weights (a ResNet has none)
         report, words, mask, word_weights = self.text_features(batch)
-        terms = {}
-        terms["ita"] = common.ita(self.global_image(img["global_feat"]), self.global_text(report), a.tau_ita)
-        terms["tca_word"], terms["tca_patch"] = common.mgca_tca(  # as MGCA (uniform patch weights for a ResNet)
-            self.local_image(img["local_feats"]), self.local_text(words), mask, word_weights, img.get("cls_attn"),
-            a.tau_tca)
-        v, _ = self.vpoe(self.queries, img["local_feats"])
-        u, _ = self.tpoe(self.queries, words, ~mask)
-        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-        terms["pcma_inter"], terms["pcma_intra"], intra_acc, inter_acc = pcma_loss(
-            v, u, common.gather_with_grad(v), common.gather_with_grad(u), rank * len(v), a.tau_pcma)
+        g, t = self.global_image(img["global_feat"]), self.global_text(report)
+        patches, word_emb = self.local_image(img["local_feats"]), self.local_text(words)
+        v, u = self.vpoe(self.queries, img["local_feats"])[0], self.tpoe(self.queries, words, ~mask)[0]
+        cce_tokens = None
         if self.cce is not None:
             keep_index = self.keep_index(batch["images"]) if keep_index is None else keep_index
-            target, predicted = self.cce_matrices(batch, keep_index, img, words, mask, zero_report)
-            terms["cce"] = cce_loss(predicted, target, a.cce_loss)
+            z = self.cce_prediction(batch["images"], keep_index, img["grid"], words, mask, zero_report)
+            cce_tokens = (z, img["local_feats"])
+        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+        gathered = tuple(common.gather_with_grad(x) for x in (g, t, v, u))  # every rank's rows, with gradient
         # ablations zero a weight; every term is still computed (logged, and DDP sees every parameter used)
-        weight = {k: getattr(a, "weight_" + k) if getattr(a, k) else 0.0 for k in ("ita", "tca", "pcma", "cce")}
-        loss = sum(weight[k.split("_")[0]] * t for k, t in terms.items())
-        return dict(loss=loss, **terms, pcma_intra_acc=intra_acc, pcma_inter_acc=inter_acc)
+        weights = {k: getattr(a, "weight_" + k) if getattr(a, k) else 0.0 for k in ("ita", "tca", "pcma", "cce")}
+        return place_loss(g, t, patches, word_emb, mask, word_weights, img.get("cls_attn"), v, u, gathered,
+                          rank * len(v), cce_tokens, tau_ita=a.tau_ita, tau_tca=a.tau_tca, tau_pcma=a.tau_pcma,
+                          cce_kind=a.cce_loss, weights=weights)
+
+    def cce_matrices(self, batch, keep_index):
+        """-> (target C* = corr of the full view's patch tokens, prediction C^ from the masked view), B x N x N."""
+        img = self.image_encoder(batch["images"])
+        _, words, mask, _ = self.text_features(batch)
+        z = self.cce_prediction(batch["images"], keep_index, img["grid"], words, mask)
+        return patch_correlation(img["local_feats"].detach()), patch_correlation(z)
 
     def encode_image(self, images):
         """-> B x 128 L2-normalised global image embeddings."""
-        return F.normalize(self.global_image(self.image_features(images)["global_feat"]).float(), dim=-1)
+        return F.normalize(self.global_image(self.image_encoder(images)["global_feat"]).float(), dim=-1)
 
     def encode_text(self, batch):
         """-> B x 128 L2-normalised global report embeddings."""
@@ -437,7 +454,7 @@ class PLACE(nn.Module):
     def slot_maps(self, batch, tokenizer=None):
         """-> V-POR attention B x K x N (last VPOE layer, head-averaged), T-POR attention B x K x T, the patch grid,
         and (with a tokenizer) each report's words."""
-        img = self.image_features(batch["images"])
+        img = self.image_encoder(batch["images"])
         _, words, mask, _ = self.text_features(batch)
         v_attn = self.vpoe(self.queries, img["local_feats"])[1]
         u_attn = self.tpoe(self.queries, words, ~mask)[1]
@@ -447,32 +464,7 @@ class PLACE(nn.Module):
         return v_attn, u_attn, img["grid"], names
 
 
-# ==== TRAINING: data, loop, evaluation ====
-def datasets(args):
-    """Training, validation and test sets, the training statistics (mean, std) and the tokenizer."""
-    data.check_data_root(args.data, args.data_root)
-
-    def dataset(split, num_samples):
-        return data.make_dataset(args.data, args.data_root, split, args.image_size, train=split == "train",
-                                 num_samples=num_samples or None, skip_bad=args.skip_bad)
-    train_set = dataset("train", args.train_samples)
-    val_set, test_set = dataset("validate", args.eval_samples), dataset("test", args.eval_samples)
-    tokenizer = data.report_tokenizer(args.text_model, train_set)
-    return train_set, val_set, test_set, (train_set.mean, train_set.std), tokenizer
-
-
-def loaders(args, ddp, tokenizer, train_set, val_set, test_set):
-    """Training loader (ResumableSampler: order = f(seed, epoch)), validation (split over the ranks), test (rank 0)."""
-    sampler = common.ResumableSampler(train_set, ddp.world_size, ddp.rank, shuffle=True, seed=args.seed,
-                                      drop_last=True)
-    collate = partial(data.collate, tokenizer=tokenizer, max_length=args.max_length, clean=args.clean_text)
-    train = DataLoader(train_set, args.batch_size, sampler=sampler, num_workers=args.workers, drop_last=True,
-                       collate_fn=collate, generator=torch.Generator(), pin_memory=ddp.device.type == "cuda")
-    val = DataLoader(val_set, args.batch_size, num_workers=args.workers, collate_fn=collate,
-                     sampler=DistributedSampler(val_set, ddp.world_size, ddp.rank, shuffle=False))
-    test = DataLoader(test_set, args.batch_size, collate_fn=collate, num_workers=args.workers)
-    return sampler, train, val, test
-
+# ==== TRAINING: loop, evaluation, pictures ====
 
 def slot_statistics(v_attn):
     """V-POR maps B x K x N -> (mean entropy / log N: 1 = uniform over the patches, lower = localised;
@@ -487,22 +479,22 @@ def slot_statistics(v_attn):
 
 
 @torch.no_grad()
-def evaluate(model, loader, tokenizer, device, amp):
-    """On held-out pairs: retrieval R@1/5/10 both ways, zero-shot AUC with pair prompts ("x" vs "no x"; synthetic:
-    one finding per SYNTH_FINDINGS, present = non-empty mask; real data: the CheXpert labels), the PCMA slot
-    accuracies (per batch), slot-map statistics and L_CCE with the real report vs with its word tokens zeroed
-    (the same masks for both: a seeded generator). -> (metrics, {name: (auc, low, high)})."""
+def evaluate(model, loader, tokenizer, device, n_boot):
+    """On held-out pairs, in fp32: retrieval R@1/5/10 both ways, zero-shot AUC with pair prompts ("x" vs "no x";
+    synthetic: one finding per SYNTH_FINDINGS, present = non-empty mask; real data: the CheXpert labels) and its
+    bootstrap intervals, and PLACE's checks: the PCMA slot accuracies (per batch), slot-map statistics and L_CCE
+    with the real report vs with its word tokens zeroed (the same masks for both: a seeded generator).
+    -> dict(retrieval, zero_shot, checks), common.save_results' layout."""
     model.eval()
     images, reports, labels, rows = [], [], [], []
     masks = torch.Generator().manual_seed(0)
     for batch in loader:
         b = common.to_device(batch, device)
-        with common.autocast(device, amp):
-            images.append(model.encode_image(b["images"]))
-            reports.append(model.encode_text(b))
-            keep = model.keep_index(b["images"], masks)
-            real, zeroed = model(b, keep), model(b, keep, zero_report=True)
-            entropy, overlap = slot_statistics(model.slot_maps(b)[0])
+        images.append(model.encode_image(b["images"]))
+        reports.append(model.encode_text(b))
+        keep = model.keep_index(b["images"], masks)
+        real, zeroed = model(b, keep), model(b, keep, zero_report=True)
+        entropy, overlap = slot_statistics(model.slot_maps(b)[0])
         row = dict(pcma_intra_acc=real["pcma_intra_acc"], pcma_inter_acc=real["pcma_inter_acc"],
                    vpor_entropy=entropy, vpor_slot_overlap=overlap)
         if keep is not None:
@@ -510,43 +502,34 @@ def evaluate(model, loader, tokenizer, device, amp):
         rows.append({k: float(v) * len(batch["images"]) for k, v in row.items()})
         labels.append(torch.stack([m.flatten(1).any(1) for m in batch["masks"]]).float() if "masks" in batch
                       else batch["labels"][:, 1:])  # CheXpert: "No Finding" left out (inverted by the prompt)
-    img, txt, n = torch.cat(images), torch.cat(reports), len(loader.dataset)
+    img, txt = torch.cat(images), torch.cat(reports)
     sim = img @ txt.t()
-    res = {f"i2t_{k}": v for k, v in common.recall_at_k(sim).items()}
-    res.update({f"t2i_{k}": v for k, v in common.recall_at_k(sim.t()).items()})
+    retrieval = {f"{name}_{k}": v for name, s in (("i2t", sim), ("t2i", sim.t()))
+                 for k, v in common.recall_at_k(s).items()}
     names, phrases = data.zero_shot_findings("masks" in batch)
     pos = model.encode_text(common.to_device(data.prompt_batch(phrases, tokenizer), device))
     neg = model.encode_text(common.to_device(data.prompt_batch([f"no {p}" for p in phrases], tokenizer), device))
-    auc = common.zero_shot_auc_ci(img @ pos.t(), img @ neg.t(), torch.cat(labels), names)
-    res.update({f"auc_{k}": v[0] for k, v in auc.items()})
-    measured = [v[0] for v in auc.values() if not math.isnan(v[0])]
-    if measured:
-        res["auc_mean"] = sum(measured) / len(measured)
-    res.update({k: sum(r[k] for r in rows) / n for k in rows[0]})
-    return res, auc
+    return dict(retrieval=retrieval,
+                zero_shot=common.zero_shot_summary(img @ pos.t(), img @ neg.t(), torch.cat(labels), names, n_boot),
+                checks={k: sum(r[k] for r in rows) / len(loader.dataset) for k in rows[0]})
 
 
-def finish(args, model, tokenizer, test_loader, mean_std, device, amp, out, external=None):
+def finish(args, model, tokenizer, test_loader, mean_std, device, out, external=None):
     """The end of a run, once the best-validation model is exported: it is evaluated next to the untrained model it
     started from (printed, eval.json; on the --zero-shot-csv set too, `external`), then the report-conditioning check
     and the slot / CCE pictures."""
     common.seed_everything(args.seed)
     initial = PLACE(args, tokenizer).to(device)  # the same initialisation the training started from
-    results, intervals = {}, {}
-    for name, m in (("untrained", initial), ("trained", model)):
-        results[name], intervals[name] = evaluate(m, test_loader, tokenizer, device, amp)
+    results = {name: evaluate(m, test_loader, tokenizer, device, args.n_boot)
+               for name, m in (("untrained", initial), ("trained", model))}
     print(f"held-out {args.data} test split ({len(test_loader.dataset)} pairs; chance: PCMA intra-sample slot "
           f"accuracy 1/K = {1 / args.num_queries:.3f}, per-slot retrieval 1/B = {1 / args.batch_size:.3f}):")
-    common.print_comparison(results, os.path.join(out, "eval.json"))
-    measured = [f"{k} {a:.3f} [{lo:.3f}, {hi:.3f}]" for k, (a, lo, hi) in intervals["trained"].items()
-                if not math.isnan(a)]
-    if measured:
-        print("zero-shot AUC, 95 % bootstrap interval (trained): " + ", ".join(measured))
+    common.save_results(os.path.join(out, "eval.json"), results)
     if external is not None:
         zero_shot = common.external_zero_shot(dict(untrained=initial, trained=model), external, tokenizer, device,
-                                              workers=args.workers)
+                                              n_boot=args.n_boot, workers=args.workers)
         common.save_external_zero_shot(out, external, zero_shot["ci"])
-    r = results["trained"]
+    r = results["trained"]["checks"]
     if "cce_real_report" in r:
         verdict = "uses the report" if r["cce_real_report"] < r["cce_zeroed_report"] else "does NOT use the report"
         print(f"CCE report conditioning (trained, test split): L_CCE {r['cce_real_report']:.5f} with the real report "
@@ -605,11 +588,10 @@ def write_viz(model, batch, tokenizer, folder, mean, std, n, device):
 
 
 def optimizer_groups(model, args):
-    """Two learning rates (our choice): the pre-trained encoders at lr_encoders, the new modules and heads at
-    lr_new."""
+    """Two learning rates (our choice): the pre-trained encoders at lr, the new modules and heads at lr_new."""
     encoders = {id(p) for m in (model.image_encoder, model.text_encoder) for p in m.parameters()}
     params = [p for p in model.parameters() if p.requires_grad]
-    return [dict(params=[p for p in params if id(p) in encoders], lr=args.lr_encoders),
+    return [dict(params=[p for p in params if id(p) in encoders], lr=args.lr),
             dict(params=[p for p in params if id(p) not in encoders], lr=args.lr_new)]
 
 
@@ -622,12 +604,11 @@ def main(argv=None):
     micro_per_step = common.micro_batches_per_step(args.accum, ddp.world_size, args.batch_size)
     out = common.run_folder(args.out_dir, "place", ddp, args)
     ckpt_path, best_path = os.path.join(out, "ckpt.pt"), os.path.join(out, "best.pt")
-    train_set, val_set, test_set, (mean, std), tokenizer = datasets(args)
-    external = (data.LabelledImages(args.zero_shot_csv, args.image_size, mean, std, args.skip_bad)
-                if args.zero_shot_csv else None)  # checked now: a bad file stops the run before training, not after
+    train_set, val_set, test_set, (mean, std), tokenizer, external = common.datasets(args)
     common.seed_everything(args.seed)  # the same initial model on every rank
     model = PLACE(args, tokenizer).to(dev)
-    sampler, loader, val_loader, test_loader = loaders(args, ddp, tokenizer, train_set, val_set, test_set)
+    collate = partial(data.collate, tokenizer=tokenizer, max_length=args.max_length, clean=args.clean_text)
+    sampler, loader, val_loader, test_loader = common.loaders(args, ddp, train_set, val_set, test_set, collate)
     augment = data.crop_augment(args.image_size, mean, std).to(dev) if args.augment else None
     n_micro = sampler.num_samples // args.batch_size
     steps_per_epoch = math.ceil(n_micro / micro_per_step)
@@ -709,7 +690,7 @@ def main(argv=None):
         common.print_bench(out, args.batch_size * ddp.world_size, dev, amp)
     elif ddp.is_main:
         with common.after_training(out):
-            finish(args, model, tokenizer, test_loader, (mean, std), dev, amp, out, external)
+            finish(args, model, tokenizer, test_loader, (mean, std), dev, out, external)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
 """PLACE tests (CPU, tiny shapes): PCMA and CCE against written-out loops, masks, conditioning, DDP, main(), export."""
+import json
 import math
 import os
 import socket
@@ -75,6 +76,17 @@ def test_pcma_gathered_offset_equals_full_batch():
     halves = [place.pcma_loss(v[r * 3:(r + 1) * 3], u[r * 3:(r + 1) * 3], v, u, offset=3 * r) for r in range(2)]
     for i in range(4):
         assert (halves[0][i] + halves[1][i]).item() / 2 == pytest.approx(full[i].item(), rel=1e-12)
+
+
+def test_ita_is_mgca_ita_and_gathered_halves_average_to_it():
+    """One process: ita_loss = common.ita (MGCA's two directions summed), exactly; the rows of two 'ranks' against the
+    full batch average to it."""
+    torch.manual_seed(1)
+    g, t = torch.randn(6, 4, dtype=torch.float64), torch.randn(6, 4, dtype=torch.float64)
+    full = place.ita_loss(g, t, g, t, tau=0.07)
+    assert torch.equal(full, common.ita(g, t, 0.07))
+    halves = [place.ita_loss(g[r * 3:(r + 1) * 3], t[r * 3:(r + 1) * 3], g, t, 3 * r, 0.07) for r in range(2)]
+    assert (halves[0] + halves[1]).item() / 2 == pytest.approx(full.item(), rel=1e-12)
 
 
 # ---------- CCE ----------
@@ -159,38 +171,43 @@ def test_decoder_attention_maps_are_distributions_over_valid_memory():
 
 
 # ---------- DDP: 2 gloo processes equal one process on the full batch ----------
+K = 4  # slots of the DDP test
+
+
 class TinySlots(torch.nn.Module):
-    """Linear 'encoders': images B x (1 + K) x 3 -> a global vector and K V-PORs, reports B x (1 + K) x 5 -> the
-    same."""
+    """Linear 'encoders': images B x M x 3 -> a global vector, K V-PORs, M - 1 - K patch tokens and a CCE prediction
+    from those; reports B x M x 5 -> a global vector, K T-PORs and M - 1 - K words."""
 
     def __init__(self):
         super().__init__()
-        self.image, self.text = torch.nn.Linear(3, 4), torch.nn.Linear(5, 4)
+        self.image, self.text, self.predict = torch.nn.Linear(3, 4), torch.nn.Linear(5, 4), torch.nn.Linear(4, 3)
 
     def forward(self, x, y):
-        return self.image(x), self.text(y)
+        img, txt = self.image(x), self.text(y)
+        return img, txt, self.predict(img[:, K + 1:])
 
 
-def slot_losses(img, txt):
-    """ITA and PCMA (inter and intra) as PLACE.forward computes them."""
-    v, u = img[:, 1:], txt[:, 1:]
+def all_terms(img, txt, z, word_mask, word_weights):
+    """place_loss as PLACE.forward calls it: the global vectors and PORs gathered with gradient, rank r's offset."""
+    g, v, patches = img[:, 0], img[:, 1:K + 1], img[:, K + 1:]
+    t, u, words = txt[:, 0], txt[:, 1:K + 1], txt[:, K + 1:]
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-    ita = sum(common.info_nce(img[:, 0], txt[:, 0], 0.07))
-    inter, intra, intra_acc, inter_acc = place.pcma_loss(
-        v, u, common.gather_with_grad(v), common.gather_with_grad(u), rank * len(v), 0.1)
-    return torch.stack([ita + inter + intra, ita, inter, intra, intra_acc, inter_acc])
+    gathered = tuple(common.gather_with_grad(x) for x in (g, t, v, u))
+    out = place.place_loss(g, t, patches, words, word_mask, word_weights, None, v, u, gathered, rank * len(g),
+                           (z, patches))
+    return torch.stack(list(out.values()))
 
 
 def _ddp_worker(rank, world, port, ref, inputs, state):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
     torch.set_default_dtype(torch.float64)
-    x, y = inputs
-    b = len(x) // world
+    x, y, mask, weights = inputs
+    mine = slice(rank * len(x) // world, (rank + 1) * len(x) // world)
     model = TinySlots()
     model.load_state_dict(state)
     net = torch.nn.parallel.DistributedDataParallel(model)  # averages the gradients over the ranks
-    out = slot_losses(*net(x[rank * b:(rank + 1) * b], y[rank * b:(rank + 1) * b]))
+    out = all_terms(*net(x[mine], y[mine]), mask[mine], weights[mine])
     out[0].backward()
     got = out.detach().clone()
     torch.distributed.all_reduce(got)
@@ -200,18 +217,21 @@ def _ddp_worker(rank, world, port, ref, inputs, state):
     torch.distributed.destroy_process_group()
 
 
-def test_ddp_gathered_ita_and_pcma_equal_full_batch():
-    """2 ranks x 3 pairs = one process on 6, the model wrapped in DistributedDataParallel as in training: the loss
-    terms, both accuracies and every gradient. No loss scaling is needed: every term is a mean over the rows, the
-    gather's backward sums the ranks' contributions and DDP averages. Without common.gather_with_grad's contiguous
-    guard these gradients are wrong (max abs error 2.2 here, the same with the averaging written out by hand)."""
+def test_ddp_place_loss_equals_full_batch():
+    """2 ranks x 3 pairs = one process on 6, the model wrapped in DistributedDataParallel as in training: every term
+    of place_loss (ITA and L_inter gathered; TCA, L_intra and CCE within each pair), both accuracies and every
+    gradient. No loss scaling is needed: every term is a mean over the rows, the gather's backward sums the ranks'
+    contributions and DDP averages. Without common.gather_with_grad's contiguous guard these gradients are wrong
+    (max abs error 2.2 for PCMA alone, the same with the averaging written out by hand)."""
     dtype = torch.get_default_dtype()
     torch.set_default_dtype(torch.float64)
     try:
         torch.manual_seed(0)
         model = TinySlots()
-        x, y = torch.randn(6, 5, 3), torch.randn(6, 5, 5)  # K = 4 slots
-        out = slot_losses(*model(x, y))
+        x, y = torch.randn(6, 1 + K + 5, 3), torch.randn(6, 1 + K + 5, 5)  # 5 patches, 5 word slots
+        mask = torch.arange(5) < torch.tensor([5, 3, 4, 2, 5, 1])[:, None]
+        weights = torch.rand(6, 5) * mask
+        out = all_terms(*model(x, y), mask, weights)
         out[0].backward()
         ref = dict(terms=out.detach(), grads=[p.grad.clone() for p in model.parameters()])
         state = {k: v.clone() for k, v in model.state_dict().items()}
@@ -220,7 +240,7 @@ def test_ddp_gathered_ita_and_pcma_equal_full_batch():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    mp.spawn(_ddp_worker, args=(2, port, ref, (x, y), state), nprocs=2, join=True)
+    mp.spawn(_ddp_worker, args=(2, port, ref, (x, y, mask, weights), state), nprocs=2, join=True)
 
 
 # ---------- the model and main() on a tiny configuration ----------
@@ -262,6 +282,36 @@ def test_model_terms_masked_view_and_report_conditioning():
     assert v_attn.shape == (4, 4, N) and grid == (4, 4) and torch.allclose(v_attn.sum(-1), torch.ones(4, 4))
     assert [len(w) for w in words] == (batch["attention_mask"].sum(1) - 2).tolist()  # no [CLS], [SEP], padding
     assert u_attn[0, :, len(words[0]):].abs().max() == 0
+
+
+def test_place_loss_is_what_forward_computes_and_is_pure(monkeypatch):
+    """place_loss on the tensors the model computes gives the forward's terms exactly, and the same again on the same
+    tensors (which it leaves as they were), with no process-group query."""
+    model, batch, _ = tiny_model_and_batch()
+    model.eval()
+    keep = model.keep_index(batch["images"], torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        out = model(batch, keep)
+        img = model.image_encoder(batch["images"])
+        report, words, mask, word_weights = model.text_features(batch)
+        v, u = model.vpoe(model.queries, img["local_feats"])[0], model.tpoe(model.queries, words, ~mask)[0]
+        z = model.cce_prediction(batch["images"], keep, img["grid"], words, mask)
+        heads = (model.global_image(img["global_feat"]), model.global_text(report),
+                 model.local_image(img["local_feats"]), model.local_text(words))
+        inputs = (*heads, mask, word_weights, img["cls_attn"], v, u, None, 0, (z, img["local_feats"]))
+
+        def forbidden(*args, **kwargs):
+            raise AssertionError("place_loss asked for the process group")
+        monkeypatch.setattr(torch.distributed, "is_initialized", forbidden)
+        monkeypatch.setattr(torch.distributed, "get_rank", forbidden)
+        monkeypatch.setattr(common, "_distributed", forbidden)
+        kept = [x.clone() for x in inputs[:9]] + [z.clone(), img["local_feats"].clone()]
+        first, second = place.place_loss(*inputs), place.place_loss(*inputs)
+    assert list(first) == list(out) == ["loss", "ita", "tca_word", "tca_patch", "pcma_inter", "pcma_intra", "cce",
+                                        "pcma_intra_acc", "pcma_inter_acc"]
+    for k in out:
+        assert torch.equal(first[k], out[k]) and torch.equal(second[k], first[k]), k
+    assert all(torch.equal(a, b) for a, b in zip(inputs[:9] + inputs[11], kept))
 
 
 def test_text_pool_cls_and_mean_of_the_words():
@@ -357,6 +407,14 @@ def test_main_three_steps_resume_and_outputs(three_step_run):
         assert k in header
     payload = torch.load(run / "image_encoder.pt", weights_only=True)
     assert payload["arch"] == "vit_tiny" and payload["method"] == "place"
+    results = json.loads((run / "eval.json").read_text())
+    for model in ("untrained", "trained"):
+        r = results[model]
+        assert set(r) == {"retrieval", "zero_shot", "checks"}
+        assert set(r["retrieval"]) == {f"{d}_R@{k}" for d in ("i2t", "t2i") for k in (1, 5, 10)}
+        assert "mean" in r["zero_shot"] and all(len(v) == 3 for v in r["zero_shot"].values())
+        assert set(r["checks"]) == {"pcma_intra_acc", "pcma_inter_acc", "vpor_entropy", "vpor_slot_overlap",
+                                    "cce_real_report", "cce_zeroed_report"}
 
 
 def test_export_is_judged_by_the_evaluation_scripts(three_step_run, tmp_path):
