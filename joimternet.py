@@ -24,7 +24,8 @@ CE_rows(S) = mean_i -log softmax_j(S_ij)[i]:
               [d(v_b,e_b) - d(v_b,e_n(b)) + 0.5]_+ and [d(e_b,v_b) - d(e_b,v_n(b)) + 0.5]_+ with d = 1 - cos;
               [R(b,n(b)) - R(b,b) + 0.5]_+ and [R(n(b),b) - R(b,b) + 0.5]_+ (distance -R, no gamma3)
                                                                      (sent_triplet_loss, words_triplet_loss)
-  ITM step    L = 1.0 (L^g + L^l) + 2.0 (four triplet terms), both encoders updated
+  ITM step    L = 1.0 (L^g + L^l) + 2.0 (four triplet terms), both encoders updated (joimternet_loss: a pure
+              function of the features, which the model's forward calls)
   MLM step    with probability 0.7 a step is masked-LM on the text encoder alone (BERT 80/10/10 masking of 15 %
               of the non-special words); an epoch = len(ITM loader) ITM steps.
 Training (JoImTeR/trainer_pretrain.py, misc/config.py): one AdamW per encoder, lr 1e-4, wd 1e-4; StepLR x 0.1 at
@@ -274,7 +275,7 @@ def local_ce(V, E, M, V_all, E_all, M_all, offset, gamma1, gamma2, gamma3, chunk
 
 def sample_negatives(n, generator=None, device=None):
     """One index per anchor, uniform over the other n - 1 batch members (the code's np.random.choice). A batch of
-    one has no negative: callers leave the triplet terms out (itm_losses with neg=None)."""
+    one has no negative: callers leave the triplet terms out (joimternet_loss with neg=None)."""
     if n < 2:
         raise ValueError(f"a batch of {n} pair(s) has no negative: pass neg=None to leave the triplet terms out")
     shift = torch.randint(1, n, (n,), generator=generator)
@@ -320,13 +321,17 @@ def mlm_mask(input_ids, mask_id, prob=0.15, generator=None):
     return masked, torch.where(chosen, input_ids, torch.full_like(input_ids, -100))
 
 
-TERMS = ("global_ce_i2t", "global_ce_t2i", "local_ce_i2t", "local_ce_t2i", "global_trip_i2t", "global_trip_t2i",
-         "local_trip_i2t", "local_trip_t2i")
+def joimternet_loss(v, V, e, E, M, neg, *, gathered=None, offset=0, gamma1=4.0, gamma2=5.0, gamma3=10.0,
+                    margin_sent=0.5, margin_word=0.5, lambda_ce=1.0, lambda_triplet=2.0, triplet_quirk=False, chunk=16,
+                    local=True):
+    """The image-text matching objective of one ITM step: its eight terms and the weighted total
+    (JoImTeR/trainer_pretrain.py:train), a pure function of tensors (the caller gathers across processes):
 
-
-def itm_losses(v, V, e, E, M, neg, *, gathered=None, offset=0, gamma1=4.0, gamma2=5.0, gamma3=10.0, margin_sent=0.5,
-               margin_word=0.5, lambda_ce=1.0, lambda_triplet=2.0, triplet_quirk=False, chunk=16, local=True):
-    """All eight matching terms of one ITM step and the weighted total (JoImTeR/trainer_pretrain.py:train).
+      loss = lambda_ce (L^g_i2t + L^g_t2i + L^l_i2t + L^l_t2i) + lambda_triplet (T^g_i2t + T^g_t2i + T^l_i2t + T^l_t2i)
+      L^g = CE_rows(gamma3 cos(v_i, e_j)) per direction (global_ce), L^l = CE_rows(gamma3 R(i, j)) (local_ce),
+      T^g = [d(v_b, e_b) - d(v_b, e_n(b)) + margin_sent]_+ and its text->image twin, d = 1 - cos, T^l = [R(b, n(b))
+      - R(b, b) + margin_word]_+ and [R(n(b), b) - R(b, b) + margin_word]_+ (triplet_terms), each a mean over anchors.
+    MLM steps have their own loss (mlm_loss).
 
     v: B x D global image, V: B x R x D regions, e: B x D sentence, E: B x L x D words, M: B x L word mask: this
     rank's part of the batch. neg: (N,) one negative index per anchor of the whole batch of N pairs (identical on
@@ -335,7 +340,7 @@ def itm_losses(v, V, e, E, M, neg, *, gathered=None, offset=0, gamma1=4.0, gamma
     offset = rank * B; None on one process. CE rows are this rank's anchors against all columns, the triplets use
     this rank's anchors with negatives from the whole batch; with DDP's gradient averaging this equals the
     single-process full batch (tested). local=False (--no-local, the global-only ablation) leaves out the four
-    word-region terms."""
+    word-region terms. -> {term: value, "loss": the total}."""
     v_all, V_all, e_all, E_all, M_all = gathered or (v, V, e, E, M)
     out = {}
     out["global_ce_i2t"], out["global_ce_t2i"] = global_ce(v, e, v_all, e_all, offset, gamma3)
@@ -347,7 +352,7 @@ def itm_losses(v, V, e, E, M, neg, *, gathered=None, offset=0, gamma1=4.0, gamma
         pos = torch.arange(v.shape[0], device=v.device) + offset
         terms = triplet_terms(v_all, e_all, V_all, E_all, M_all, pos, neg.to(v.device)[pos], gamma1, gamma2,
                               margin_sent, margin_word, triplet_quirk, local)
-        terms = dict(zip(TERMS[4:], terms))
+        terms = dict(zip(("global_trip_i2t", "global_trip_t2i", "local_trip_i2t", "local_trip_t2i"), terms))
         out.update(terms)
         out["loss"] = out["loss"] + lambda_triplet * sum(terms.values())
     return out
@@ -388,10 +393,10 @@ class JoImTeRNet(nn.Module):
             neg = sample_negatives(n)
         a = self.args
         with torch.autocast(batch["images"].device.type, enabled=False):  # similarities and softmaxes in fp32
-            return itm_losses(*feats, neg, gathered=gathered, offset=offset, gamma1=a.gamma1, gamma2=a.gamma2,
-                              gamma3=a.gamma3, margin_sent=a.margin_sent, margin_word=a.margin_word,
-                              lambda_ce=a.lambda_ce, lambda_triplet=a.lambda_triplet, triplet_quirk=a.triplet_quirk,
-                              chunk=a.local_chunk, local=not a.no_local)
+            return joimternet_loss(*feats, neg, gathered=gathered, offset=offset, gamma1=a.gamma1, gamma2=a.gamma2,
+                                   gamma3=a.gamma3, margin_sent=a.margin_sent, margin_word=a.margin_word,
+                                   lambda_ce=a.lambda_ce, lambda_triplet=a.lambda_triplet,
+                                   triplet_quirk=a.triplet_quirk, chunk=a.local_chunk, local=not a.no_local)
 
     def encode_image(self, images):
         return F.normalize(common.fp32(self.image(images)["global_feat"]), dim=-1)
