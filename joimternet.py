@@ -65,7 +65,8 @@ Deviations and choices (all "our choice" unless said otherwise):
   - Same-study masking of off-diagonal logits is omitted: every study appears once per batch.
   - ckpt.pt every --ckpt-every steps, at epoch ends and at the end; --resume continues mid-epoch where the run
     stopped (both data streams' places, the task RNG and the logger's interval are in it). StepLR per epoch as in
-    the code. bf16 autocast on GPU, losses fp32.
+    the code. bf16 autocast on GPU, losses fp32. --log-every counts ITM steps. Seed 12345, the suite's (the code's:
+    42).
   - Validation as the code's (means over batches of the matching terms and the MLM loss / accuracy); a batch of one
     pair (a split of 1 mod the batch size) has no negative, so its triplet terms are left out.
   - Retrieval: the authors' notebook (JoImTeR/TestingR1k.ipynb) builds its TextEncoder with the default pool='avg',
@@ -118,27 +119,8 @@ from common import arg
 
 
 @dataclasses.dataclass
-class Args:
+class Args(common.RunArgs):
     """JoImTeRNet pre-training (defaults = the official code; `--preset demo` is used when no --data is given)."""
-    preset: str = arg(None, "paper | demo (default: demo without --data, else the defaults = the code's)")
-    # data and run
-    data: str = arg("synthetic", "synthetic | synthetic-faint | mimic | csv")
-    data_root: str = arg("", "mimic: the prepare-mimic cache folder (512 px); csv: the pairs CSV")
-    train_samples: int = arg(0, "use only the first N training pairs (0 = all; synthetic: how many are generated)")
-    eval_samples: int = arg(0, "use only the first N validation / test pairs (0 = all; synthetic: 500)")
-    skip_bad: bool = arg(False, "skip unreadable / inconsistent records and count them (else stop and list them)")
-    zero_shot_csv: str = arg("", "external zero-shot set: a CSV of images (column image or Path, relative to the CSV) "
-                             "with CheXpert label columns, checked at the start and scored at the end")
-    out_dir: str = arg("", "run folder (default runs/joimternet-<time>)")
-    resume: bool = arg(False, "continue from ckpt.pt in --out-dir")
-    max_steps: int = arg(0, "stop after this many optimizer steps, ITM and MLM (0 = all epochs)")
-    seed: int = arg(42, "seed (model init identical on every rank, data seed + rank)")
-    workers: int = arg(4, "DataLoader workers per process")
-    device: str = arg("", "cuda | cpu (default: cuda if available)")
-    precision: Literal["auto", "bf16", "fp16", "fp32"] = arg("auto", "auto: bf16/fp16 on GPU, fp32 on CPU")
-    log_every: int = arg(10, "log every N ITM steps")
-    ckpt_every: int = arg(500, "write ckpt.pt every N optimizer steps, ITM and MLM (and at every epoch end)")
-    bench: int = arg(0, "time N image-text steps on synthetic data (no MLM), print throughput, exit")
     # encoders
     image_size: int = arg(512, "input side (cached 512 px with stem stride 1 = the 2048 px grids)")
     stem_stride: int = arg(1, "stride of the 7x7 stem (4 in the code at 2048 px)")
@@ -163,7 +145,7 @@ class Args:
     mlm_prob: float = arg(0.15, "fraction of non-special tokens chosen for MLM")
     # optimisation
     batch_size: int = arg(128, "ITM / MLM batch per process (the code: 128 on one GPU)")
-    eval_batch_size: int = arg(100, "validation and evaluation batch")
+    eval_batch_size: int = arg(100, "validation and evaluation batch (the code's; the validation means depend on it)")
     epochs: int = arg(35, "epochs of len(ITM loader) ITM steps")
     lr: float = arg(1e-4, "AdamW learning rate of both encoders")
     weight_decay: float = arg(1e-4, "AdamW weight decay")
@@ -171,14 +153,12 @@ class Args:
     clip: float = arg(1.5, "max grad norm, per encoder")
     step_idle_heads: bool = arg(True, "zero, not None, gradients (the code's zero_grad): AdamW keeps stepping the "
                                       "heads a step leaves unused")
-    augment: bool = arg(True, "augment ITM images (rotation +-15 deg, brightness/contrast [0.5, 1.8])")
     # evaluation
     block: int = arg(1000, "retrieval block size (the '1k' protocol)")
     eval_text_pool: Literal["cls", "mean"] = arg("cls", "report vector for retrieval: [CLS] (as trained) | mean "
                                                         "(masked mean of the token states: the authors' notebook)")
     cls_lr: float = arg(1e-4, "classifier Adam learning rate")
     cls_train_samples: int = arg(0, "train the classifier on the first N training images (0 = as many as train)")
-    viz: int = arg(4, "validation images to draw word->region maps for")
 
 
 PRESETS = {
@@ -491,8 +471,7 @@ def classification(train, test, args, device):
     with torch.no_grad():
         scores = head(test["pooled"].to(device), test["v"].to(device)).cpu()
     auc = {name: common.roc_auc(scores[:, c], y_test[:, c]) for c, name in enumerate(data.CHEXPERT_LABELS)}
-    rest = [a for n, a in auc.items() if n != "No Finding" and not math.isnan(a)]
-    return auc, float(np.mean(rest)) if rest else float("nan")
+    return auc, common.mean_auc(scores[:, 1:], y_test[:, 1:])  # No Finding is the first column
 
 
 FINDING_WORDS = set(data.SYNTH_FINDINGS) | {"consolidation", "edema", "atelectasis", "pneumonia", "heart",
@@ -557,47 +536,50 @@ class Reports(torch.utils.data.Dataset):
 
 
 def datasets(args, out):
-    """Training pairs, their reports alone (Reports, for the MLM steps), validation and test pairs, the classifier's
-    training images, and the word-level tokenizer of the training reports (kept in the run folder for --resume)."""
-    data.check_data_root(args.data, args.data_root)
+    """common.datasets with the word-level tokenizer of the training reports (kept in the run folder for --resume),
+    and JoImTeRNet's two own sets: the training reports alone (Reports, for the MLM steps) and the classifier's
+    training images (eval views). -> (train, val, test, reports, cls_train), (mean, std), tokenizer, external."""
+    reports = []
 
-    def dataset(split, train, num_samples):
-        return data.make_dataset(args.data, args.data_root, split, args.image_size, train,
-                                 num_samples=num_samples or None, skip_bad=args.skip_bad)
-    sets = dict(train=dataset("train", True, args.train_samples), test=dataset("test", False, args.eval_samples),
-                validate=dataset("validate", False, args.eval_samples),
-                cls_train=dataset("train", False, args.cls_train_samples or args.train_samples))
-    sets["reports"] = Reports(sets["train"])
-    tok_dir = os.path.join(out, "tokenizer")  # built from the training reports, identical on every rank
-    if args.resume and os.path.isdir(tok_dir):
-        return sets, PreTrainedTokenizerFast.from_pretrained(tok_dir)
-    texts = [" ".join(s) for s in sets["reports"].sentences]
-    return sets, build_word_tokenizer(texts, args.min_word_count, args.max_length)
+    def word_tokenizer(train_set):
+        reports.append(Reports(train_set))  # rendered once: the vocabulary's texts and the MLM steps'
+        folder = os.path.join(out, "tokenizer")
+        if args.resume and os.path.isdir(folder):
+            return PreTrainedTokenizerFast.from_pretrained(folder)
+        return build_word_tokenizer([" ".join(s) for s in reports[0].sentences], args.min_word_count, args.max_length)
+    train_set, val_set, test_set, mean_std, tokenizer, external = common.datasets(args, word_tokenizer)
+    cls_set = data.make_dataset(args.data, args.data_root, "train", args.image_size, False, skip_bad=args.skip_bad,
+                                num_samples=(args.cls_train_samples or args.train_samples) or None)
+    return (train_set, val_set, test_set, reports[0], cls_set), mean_std, tokenizer, external
 
 
 def collate_pairs(samples, tokenizer, max_length):
-    """data.collate without the synthetic masks and boxes, which JoImTeRNet never reads: every tensor a DataLoader
-    worker hands over costs a file-descriptor transfer (a tenth of the CPU demo's time went there)."""
+    """data.collate without the synthetic masks and boxes, which JoImTeRNet's training never reads: every tensor a
+    DataLoader worker hands over costs a file-descriptor transfer (a tenth of the CPU demo's time went there)."""
     batch = data.collate(samples, tokenizer, max_length)
     return {k: v for k, v in batch.items() if k not in ("masks", "boxes", "box_labels")}
 
 
 def loaders(args, ddp, tokenizer, sets):
-    """ITM and MLM training loaders (each its own order, a function of (seed, epoch), also on one process; a
-    ResumableSampler, so a resumed run continues mid-epoch) and the evaluation loaders (validation: every rank runs
-    all of it; test and classifier training: rank 0). Each loader draws its workers' seeds from a generator of its
-    own, never from the global RNG, so when a loader starts does not change the MLM masks and dropout after it."""
+    """The ITM stream is common.loaders' training loader. JoImTeRNet's own: the MLM stream (its own order, a function
+    of (seed + 1, epoch); resumable mid-epoch too) and the evaluation loaders at the code's batch (--eval-batch-size:
+    the validation means depend on it): validation whole on every rank (the code's per-epoch means), the test split
+    (with the synthetic masks: the zero-shot targets) and the classifier's images for rank 0. Each draws its
+    workers' seeds from a generator of its own, never from the global RNG, so that when a loader starts does not
+    change the MLM masks and dropout after it."""
+    train_set, val_set, test_set, reports, cls_set = sets
     collate = functools.partial(collate_pairs, tokenizer=tokenizer, max_length=args.max_length)
+    _, itm, _, _ = common.loaders(args, ddp, train_set, val_set, test_set, collate)  # its val / test: batch_size
 
-    def loader(name, batch_size, seed=None):
-        sampler = None if seed is None else common.ResumableSampler(sets[name], ddp.world_size, ddp.rank, True, seed,
-                                                                    True)
-        return DataLoader(sets[name], batch_size, sampler=sampler, drop_last=seed is not None, collate_fn=collate,
+    def loader(dataset, batch_size, sampler=None, collate_fn=collate):
+        return DataLoader(dataset, batch_size, sampler=sampler, drop_last=sampler is not None, collate_fn=collate_fn,
                           num_workers=args.workers, persistent_workers=args.workers > 0,
                           generator=torch.Generator().manual_seed(args.seed + ddp.rank))
-    return dict(itm=loader("train", args.batch_size, args.seed), mlm=loader("reports", args.batch_size, args.seed + 1),
-                val=loader("validate", args.eval_batch_size), test=loader("test", args.eval_batch_size),
-                cls_train=loader("cls_train", args.eval_batch_size))
+    mlm = common.ResumableSampler(reports, ddp.world_size, ddp.rank, True, args.seed + 1, True)
+    with_masks = functools.partial(data.collate, tokenizer=tokenizer, max_length=args.max_length)
+    return dict(itm=itm, mlm=loader(reports, args.batch_size, mlm), val=loader(val_set, args.eval_batch_size),
+                test=loader(test_set, args.eval_batch_size, collate_fn=with_masks),
+                cls_train=loader(cls_set, args.eval_batch_size))
 
 
 @torch.no_grad()
@@ -625,7 +607,7 @@ def export(args, model, tokenizer, mean_std, out):
     torch.save(heads, os.path.join(out, "text_encoder", "joimternet_heads.pt"))
 
 
-def finish(args, model, tokenizer, sets, loader, mean_std, device, amp, out, started, external=None):
+def finish(args, model, tokenizer, loader, mean_std, device, amp, out, started, external=None):
     """Once the encoders are exported: the trained model next to the untrained one it started from (retrieval,
     classification, word->region maps; zero-shot on the --zero-shot-csv set, `external`), printed and written to
     eval.json."""
@@ -634,8 +616,8 @@ def finish(args, model, tokenizer, sets, loader, mean_std, device, amp, out, sta
     untrained = JoImTeRNet(args, len(tokenizer)).to(device)  # the same seed gives the trained model's initialisation
     results = {tag: evaluate(m, loader, tokenizer, mean_std, args, device, amp, tag, out)
                for tag, m in (("untrained", untrained), ("trained", model))}
-    print(f"\nheld-out {args.data} test split ({len(sets['test'])} pairs), trained {trained_in:.0f}s, total "
-          f"{time.time() - started:.0f}s")
+    print(f"\nheld-out {args.data} test split ({len(loader['test'].dataset)} pairs), trained {trained_in:.0f}s, "
+          f"total {time.time() - started:.0f}s")
     common.print_comparison(results, os.path.join(out, "eval.json"))
     if external is not None:
         zero_shot = common.external_zero_shot(dict(untrained=untrained, trained=model), external, tokenizer, device,
@@ -653,13 +635,10 @@ def main(argv=None):
     dev, amp, started = ddp.device, common.amp_dtype(ddp.device, args.precision), time.time()
     out = common.run_folder(args.out_dir, "joimternet", ddp, args)
     ckpt_path = os.path.join(out, "ckpt.pt")
-    sets, tokenizer = datasets(args, out)
+    sets, mean_std, tokenizer, external = datasets(args, out)  # a bad --zero-shot-csv stops the run here
     if ddp.is_main:
         tokenizer.save_pretrained(os.path.join(out, "tokenizer"))
     loader = loaders(args, ddp, tokenizer, sets)
-    mean_std = sets["train"].mean, sets["train"].std
-    external = (data.LabelledImages(args.zero_shot_csv, args.image_size, *mean_std, args.skip_bad)
-                if args.zero_shot_csv else None)  # checked now: a bad file stops the run before training, not after
     common.seed_everything(args.seed)  # same initialisation on every rank
     model = JoImTeRNet(args, len(tokenizer)).to(dev)
     opt_img = torch.optim.AdamW(model.image.parameters(), lr=args.lr, weight_decay=args.weight_decay)
@@ -712,6 +691,7 @@ def main(argv=None):
     while progress["epoch"] < args.epochs and not done:
         net.train()
         loader["itm"].sampler.set_epoch(progress["epoch"])
+        loader["itm"].generator.manual_seed(args.seed + 1000 * progress["epoch"] + ddp.rank)  # its workers' seeds
         loader["itm"].sampler.skip = progress["itm_in_epoch"] * args.batch_size  # resume mid-epoch
         itm_iter = logger.iterate(loader["itm"])
         while progress["itm_in_epoch"] < steps_per_epoch:
@@ -771,7 +751,7 @@ def main(argv=None):
         return common.print_bench(out, pairs, dev, amp)
     if ddp.is_main:
         with common.after_training(out):
-            return finish(args, model, tokenizer, sets, loader, mean_std, dev, amp, out, started, external)
+            return finish(args, model, tokenizer, loader, mean_std, dev, amp, out, started, external)
 
 
 if __name__ == "__main__":

@@ -224,8 +224,10 @@ TINY = ["--image-size", "64", "--widths", "4", "4", "8", "8", "32", "32", "--dim
 def test_presets_keep_the_papers_defaults():
     paper = jt.common.parse_args(jt.Args, jt.PRESETS, ["--preset", "paper"])
     assert paper == jt.Args(preset="paper", data="mimic") and paper.augment and paper.lr == 1e-4 and paper.p_mlm == 0.7
+    assert (paper.seed, paper.workers, paper.viz, paper.n_boot) == (12345, 8, 4, 1000)  # common.RunArgs' defaults
     demo = jt.common.parse_args(jt.Args, jt.PRESETS, ["--preset", "demo"])
     assert not demo.augment and demo.lr == 1e-3  # the demo's plain views (docstring deviations)
+    assert isinstance(demo, jt.common.RunArgs) and demo.workers == 1 and demo.viz == 4
 
 
 def test_loss_is_the_pure_function_the_forward_calls():
