@@ -46,8 +46,9 @@ per step (the CE terms score each rank's pairs against all W x B gathered column
 through the augmentation below, or resized whole with --no-augment (data.train_view, every method's rule). Without
 --data the demo preset runs on the built-in synthetic data. The run folder (default runs/joimternet-<time>) holds
 args.json, metrics.csv, val.csv, ckpt.pt, image_encoder.pt, text_encoder/ (BERT, tokenizer, joimternet_heads.pt),
-eval.json and viz/. At the end, untrained vs trained: retrieval R@1/5/10 both ways (global cosine, 1k blocks and
-full gallery), per-class AUC of the image-only classifier on the frozen encoder, word->region attention PNGs.
+eval.json and viz/. At the end, untrained vs trained, in fp32, on the test split: retrieval R@1/5/10 both ways
+(global cosine, the whole gallery; 1k blocks too once it is larger), zero-shot AUC with the suite's prompt pairs,
+per-class AUC of the image-only classifier on the frozen encoder, word->region attention PNGs.
 
 Deviations and choices (all "our choice" unless said otherwise):
   - 512-px cached squares with stem stride 1 instead of 2048-px crops with stride 4: the same grids from stage 1 on;
@@ -65,14 +66,17 @@ Deviations and choices (all "our choice" unless said otherwise):
   - Same-study masking of off-diagonal logits is omitted: every study appears once per batch.
   - ckpt.pt every --ckpt-every steps, at epoch ends and at the end; --resume continues mid-epoch where the run
     stopped (both data streams' places, the task RNG and the logger's interval are in it). StepLR per epoch as in
-    the code. bf16 autocast on GPU, losses fp32. --log-every counts ITM steps. Seed 12345, the suite's (the code's:
-    42).
+    the code. bf16 autocast on GPU, losses fp32; the end-of-run evaluation in fp32. --log-every counts ITM steps.
+    Seed 12345, the suite's (the code's: 42).
   - Validation as the code's (means over batches of the matching terms and the MLM loss / accuracy); a batch of one
     pair (a split of 1 mod the batch size) has no negative, so its triplet terms are left out.
   - Retrieval: the authors' notebook (JoImTeR/TestingR1k.ipynb) builds its TextEncoder with the default pool='avg',
     i.e. the report vector from the masked mean of all token states ([CLS] and [SEP] included), while training used
     [CLS]: --eval-text-pool mean reproduces it. The notebook loads the epoch-30 checkpoint; StepLR does not depend
-    on the number of epochs, so --epochs 30 ends in exactly that state.
+    on the number of epochs, so --epochs 30 ends in exactly that state. Every split's Recall@K is in eval.json's
+    retrieval (the whole gallery) and the 1k blocks in its checks (i2t_block1000_R@1, ...).
+  - Zero-shot (not in the code; the suite's one protocol): AUC of the global cosine margin between the prompts "x"
+    and "no x" (synthetic: its five findings; else the CheXpert findings but No Finding), bootstrap intervals.
   - Classification: the image-only head (Downstream/Classification/model_phrase_cls.py:ImageEncoder_Classification)
     trained on cached features of the frozen encoder (eval mode, no augmentation), Adam lr 1e-4 wd 1e-4, 20 epochs,
     StepLR at 10, batch 32, weighted BCE of the code with counts from the training labels; labels 1 -> positive,
@@ -417,32 +421,23 @@ class ClassifierHead(nn.Module):
 
 
 @torch.no_grad()
-def encode_split(model, loader, device, amp, text=True):
-    """Frozen features of a split: global image vectors, pooled regions, labels and (text) the report vectors, all
-    on the CPU."""
+def encode_split(model, loader, device, text=True):
+    """Frozen features of a split in fp32 on the CPU: global image vectors v, pooled regions, the labels and (text)
+    the report vectors e and the zero-shot targets (synthetic: a finding's mask is not empty; else the CheXpert
+    labels without No Finding, which the prompt pair would invert)."""
     model.eval()
-    out = {k: [] for k in ("v", "pooled", "labels", "e")[:4 if text else 3]}
+    out = {k: [] for k in ("v", "pooled", "labels", "e", "findings")[:5 if text else 3]}
     for batch in loader:
-        with common.autocast(device, amp):
-            img = model.image(batch["images"].to(device))
-            # pooled = the classifier head's global average pool of the region map
-            feats = [img["global_feat"], img["local_feats"].mean(1), batch["labels"]]
-            if text:
-                feats.append(model.encode_text(common.to_device(batch, device)))
+        img = model.image(batch["images"].to(device))
+        # pooled = the classifier head's global average pool of the region map
+        feats = [img["global_feat"], img["local_feats"].mean(1), batch["labels"]]
+        if text:
+            feats.append(model.encode_text(common.to_device(batch, device)))
+            feats.append(torch.stack([m.flatten(1).any(1) for m in batch["masks"]]).float() if "masks" in batch
+                         else batch["labels"][:, 1:])
         for k, x in zip(out, feats):
             out[k].append(common.fp32(x).cpu())
     return {k: torch.cat(v) for k, v in out.items()}
-
-
-def retrieval(feats, block):
-    """Global-cosine Recall@1/5/10, image->text and text->image, on `block`-sized blocks and the full gallery."""
-    sim = F.normalize(feats["v"], dim=-1) @ F.normalize(feats["e"], dim=-1).T  # images x reports
-    res = {}
-    for name, s in (("i2t", sim), ("t2i", sim.T)):
-        for gallery, r in ((f"{min(block, len(s))}", common.block_recall_at_k(s, block)),
-                           (f"{len(s)}", common.recall_at_k(s))):
-            res.update({f"{name}_{gallery}/{k}": v for k, v in r.items()})
-    return res
 
 
 def classification(train, test, args, device):
@@ -504,17 +499,32 @@ def save_attention_maps(model, batch, tokenizer, mean, std, folder, prefix, n=4,
         picture.save(os.path.join(folder, f"{prefix}_{b}_{tokens[w]}.png"))
 
 
-def evaluate(model, loaders, tokenizer, mean_std, args, device, amp, tag, out):
-    """Retrieval on the test split, classification trained on the train split, attention PNGs. Returns a dict."""
-    test = encode_split(model, loaders["test"], device, amp)
-    res = retrieval(test, args.block)
-    cls_train = encode_split(model, loaders["cls_train"], device, amp, text=False)
-    auc, res["cls/Avg"] = classification(cls_train, test, args, device)
-    res.update({f"cls/{k}": v for k, v in auc.items()})
+def evaluate(model, loaders, tokenizer, mean_std, args, device, tag, out):
+    """One model on the test split, in fp32: Recall@1/5/10 both ways on the whole gallery (global cosine; the
+    code's blocks of --block pairs among the checks when the gallery is larger), zero-shot AUC of the global cosine
+    with the pair prompts "x" / "no x" (common.zero_shot_summary), the image-only classifier trained on the
+    training images (checks cls/: per-class AUC and Avg), attention PNGs. -> common.save_results' model entry."""
+    test = encode_split(model, loaders["test"], device)
+    sim = F.normalize(test["v"], dim=-1) @ F.normalize(test["e"], dim=-1).T  # images x reports
+    retrieval, checks = {}, {}
+    for name, s in (("i2t", sim), ("t2i", sim.T)):
+        retrieval.update({f"{name}_{k}": v for k, v in common.recall_at_k(s).items()})
+        if len(s) > args.block:
+            blocks = common.block_recall_at_k(s, args.block)
+            checks.update({f"{name}_block{args.block}_{k}": v for k, v in blocks.items()})
+    names, phrases = data.zero_shot_findings(data.is_synthetic(loaders["test"].dataset))
+    prompts = common.to_device(data.prompt_batch(phrases + [f"no {p}" for p in phrases], tokenizer), device)
+    with torch.no_grad():
+        scores = F.normalize(test["v"], dim=-1) @ model.encode_text(prompts).cpu().T  # images x (C "x", C "no x")
+    zero_shot = common.zero_shot_summary(scores[:, :len(names)], scores[:, len(names):], test["findings"], names,
+                                         args.n_boot)
+    cls_train = encode_split(model, loaders["cls_train"], device, text=False)
+    auc, checks["cls/Avg"] = classification(cls_train, test, args, device)
+    checks.update({f"cls/{k}": v for k, v in auc.items()})
     if args.viz:
-        save_attention_maps(model, next(iter(loaders["val"])), tokenizer, *mean_std, os.path.join(out, "viz"), tag,
+        save_attention_maps(model, next(iter(loaders["test"])), tokenizer, *mean_std, os.path.join(out, "viz"), tag,
                             args.viz, args.gamma1)
-    return res
+    return dict(retrieval=retrieval, zero_shot=zero_shot, checks=checks)
 
 
 # ==== TRAINING ====
@@ -607,21 +617,20 @@ def export(args, model, tokenizer, mean_std, out):
     torch.save(heads, os.path.join(out, "text_encoder", "joimternet_heads.pt"))
 
 
-def finish(args, model, tokenizer, loader, mean_std, device, amp, out, started, external=None):
-    """Once the encoders are exported: the trained model next to the untrained one it started from (retrieval,
-    classification, word->region maps; zero-shot on the --zero-shot-csv set, `external`), printed and written to
-    eval.json."""
+def finish(args, model, tokenizer, loader, mean_std, device, out, started, external=None):
+    """Once the encoders are exported: the trained model next to the untrained one it started from (evaluate; and
+    zero-shot on the --zero-shot-csv set, `external`), printed and written to eval.json (common.save_results)."""
     trained_in = time.time() - started
     common.seed_everything(args.seed)
     untrained = JoImTeRNet(args, len(tokenizer)).to(device)  # the same seed gives the trained model's initialisation
-    results = {tag: evaluate(m, loader, tokenizer, mean_std, args, device, amp, tag, out)
+    results = {tag: evaluate(m, loader, tokenizer, mean_std, args, device, tag, out)
                for tag, m in (("untrained", untrained), ("trained", model))}
     print(f"\nheld-out {args.data} test split ({len(loader['test'].dataset)} pairs), trained {trained_in:.0f}s, "
           f"total {time.time() - started:.0f}s")
-    common.print_comparison(results, os.path.join(out, "eval.json"))
+    common.save_results(os.path.join(out, "eval.json"), results)
     if external is not None:
         zero_shot = common.external_zero_shot(dict(untrained=untrained, trained=model), external, tokenizer, device,
-                                              workers=args.workers)
+                                              n_boot=args.n_boot, workers=args.workers)
         common.save_external_zero_shot(out, external, zero_shot["ci"])
     print(f"run folder: {out} (word->region maps in viz/)")
     return results
@@ -751,7 +760,7 @@ def main(argv=None):
         return common.print_bench(out, pairs, dev, amp)
     if ddp.is_main:
         with common.after_training(out):
-            return finish(args, model, tokenizer, loader, mean_std, dev, amp, out, started, external)
+            return finish(args, model, tokenizer, loader, mean_std, dev, out, started, external)
 
 
 if __name__ == "__main__":
