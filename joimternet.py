@@ -73,8 +73,8 @@ Deviations and choices (all "our choice" unless said otherwise):
   - Retrieval: the authors' notebook (JoImTeR/TestingR1k.ipynb) builds its TextEncoder with the default pool='avg',
     i.e. the report vector from the masked mean of all token states ([CLS] and [SEP] included), while training used
     [CLS]: --eval-text-pool mean reproduces it. The notebook loads the epoch-30 checkpoint; StepLR does not depend
-    on the number of epochs, so --epochs 30 ends in exactly that state. Every split's Recall@K is in eval.json's
-    retrieval (the whole gallery) and the 1k blocks in its checks (i2t_block1000_R@1, ...).
+    on the number of epochs, so --epochs 30 ends in exactly that state. eval.json: Recall@K on the whole test
+    gallery under retrieval, on the code's blocks (--block) under checks (i2t_block1000_R@1, ...) once it is larger.
   - Zero-shot (not in the code; the suite's one protocol): AUC of the global cosine margin between the prompts "x"
     and "no x" (synthetic: its five findings; else the CheXpert findings but No Finding), bootstrap intervals.
   - Classification: the image-only head (Downstream/Classification/model_phrase_cls.py:ImageEncoder_Classification)
@@ -579,7 +579,7 @@ def loaders(args, ddp, tokenizer, sets):
     change the MLM masks and dropout after it."""
     train_set, val_set, test_set, reports, cls_set = sets
     collate = functools.partial(collate_pairs, tokenizer=tokenizer, max_length=args.max_length)
-    _, itm, _, _ = common.loaders(args, ddp, train_set, val_set, test_set, collate)  # its val / test: batch_size
+    _, itm, _, _ = common.loaders(args, ddp, train_set, val_set, test_set, collate)  # its val / test: --batch-size
 
     def loader(dataset, batch_size, sampler=None, collate_fn=collate):
         return DataLoader(dataset, batch_size, sampler=sampler, drop_last=sampler is not None, collate_fn=collate_fn,
