@@ -24,7 +24,8 @@ CE_rows(S) = mean_i -log softmax_j(S_ij)[i]:
               [d(v_b,e_b) - d(v_b,e_n(b)) + 0.5]_+ and [d(e_b,v_b) - d(e_b,v_n(b)) + 0.5]_+ with d = 1 - cos;
               [R(b,n(b)) - R(b,b) + 0.5]_+ and [R(n(b),b) - R(b,b) + 0.5]_+ (distance -R, no gamma3)
                                                                      (sent_triplet_loss, words_triplet_loss)
-  ITM step    L = 1.0 (L^g + L^l) + 2.0 (four triplet terms), both encoders updated
+  ITM step    L = 1.0 (L^g + L^l) + 2.0 (four triplet terms), both encoders updated (joimternet_loss: a pure
+              function of the features, which the model's forward calls)
   MLM step    with probability 0.7 a step is masked-LM on the text encoder alone (BERT 80/10/10 masking of 15 %
               of the non-special words); an epoch = len(ITM loader) ITM steps.
 Training (JoImTeR/trainer_pretrain.py, misc/config.py): one AdamW per encoder, lr 1e-4, wd 1e-4; StepLR x 0.1 at
@@ -45,8 +46,9 @@ per step (the CE terms score each rank's pairs against all W x B gathered column
 through the augmentation below, or resized whole with --no-augment (data.train_view, every method's rule). Without
 --data the demo preset runs on the built-in synthetic data. The run folder (default runs/joimternet-<time>) holds
 args.json, metrics.csv, val.csv, ckpt.pt, image_encoder.pt, text_encoder/ (BERT, tokenizer, joimternet_heads.pt),
-eval.json and viz/. At the end, untrained vs trained: retrieval R@1/5/10 both ways (global cosine, 1k blocks and
-full gallery), per-class AUC of the image-only classifier on the frozen encoder, word->region attention PNGs.
+eval.json and viz/. At the end, untrained vs trained, in fp32, on the test split: retrieval R@1/5/10 both ways
+(global cosine, the whole gallery; 1k blocks too once it is larger), zero-shot AUC with the suite's prompt pairs,
+per-class AUC of the image-only classifier on the frozen encoder, word->region attention PNGs.
 
 Deviations and choices (all "our choice" unless said otherwise):
   - 512-px cached squares with stem stride 1 instead of 2048-px crops with stride 4: the same grids from stage 1 on;
@@ -64,13 +66,17 @@ Deviations and choices (all "our choice" unless said otherwise):
   - Same-study masking of off-diagonal logits is omitted: every study appears once per batch.
   - ckpt.pt every --ckpt-every steps, at epoch ends and at the end; --resume continues mid-epoch where the run
     stopped (both data streams' places, the task RNG and the logger's interval are in it). StepLR per epoch as in
-    the code. bf16 autocast on GPU, losses fp32.
+    the code. bf16 autocast on GPU, losses fp32; the end-of-run evaluation in fp32. --log-every counts ITM steps.
+    Seed 12345, the suite's (the code's: 42).
   - Validation as the code's (means over batches of the matching terms and the MLM loss / accuracy); a batch of one
     pair (a split of 1 mod the batch size) has no negative, so its triplet terms are left out.
   - Retrieval: the authors' notebook (JoImTeR/TestingR1k.ipynb) builds its TextEncoder with the default pool='avg',
     i.e. the report vector from the masked mean of all token states ([CLS] and [SEP] included), while training used
     [CLS]: --eval-text-pool mean reproduces it. The notebook loads the epoch-30 checkpoint; StepLR does not depend
-    on the number of epochs, so --epochs 30 ends in exactly that state.
+    on the number of epochs, so --epochs 30 ends in exactly that state. eval.json: Recall@K on the whole test
+    gallery under retrieval, on the code's blocks (--block) under checks (i2t_block1000_R@1, ...) once it is larger.
+  - Zero-shot (not in the code; the suite's one protocol): AUC of the global cosine margin between the prompts "x"
+    and "no x" (synthetic: its five findings; else the CheXpert findings but No Finding), bootstrap intervals.
   - Classification: the image-only head (Downstream/Classification/model_phrase_cls.py:ImageEncoder_Classification)
     trained on cached features of the frozen encoder (eval mode, no augmentation), Adam lr 1e-4 wd 1e-4, 20 epochs,
     StepLR at 10, batch 32, weighted BCE of the code with counts from the training labels; labels 1 -> positive,
@@ -117,27 +123,8 @@ from common import arg
 
 
 @dataclasses.dataclass
-class Args:
+class Args(common.RunArgs):
     """JoImTeRNet pre-training (defaults = the official code; `--preset demo` is used when no --data is given)."""
-    preset: str = arg(None, "paper | demo (default: demo without --data, else the defaults = the code's)")
-    # data and run
-    data: str = arg("synthetic", "synthetic | synthetic-faint | mimic | csv")
-    data_root: str = arg("", "mimic: the prepare-mimic cache folder (512 px); csv: the pairs CSV")
-    train_samples: int = arg(0, "use only the first N training pairs (0 = all; synthetic: how many are generated)")
-    eval_samples: int = arg(0, "use only the first N validation / test pairs (0 = all; synthetic: 500)")
-    skip_bad: bool = arg(False, "skip unreadable / inconsistent records and count them (else stop and list them)")
-    zero_shot_csv: str = arg("", "external zero-shot set: a CSV of images (column image or Path, relative to the CSV) "
-                             "with CheXpert label columns, checked at the start and scored at the end")
-    out_dir: str = arg("", "run folder (default runs/joimternet-<time>)")
-    resume: bool = arg(False, "continue from ckpt.pt in --out-dir")
-    max_steps: int = arg(0, "stop after this many optimizer steps, ITM and MLM (0 = all epochs)")
-    seed: int = arg(42, "seed (model init identical on every rank, data seed + rank)")
-    workers: int = arg(4, "DataLoader workers per process")
-    device: str = arg("", "cuda | cpu (default: cuda if available)")
-    precision: Literal["auto", "bf16", "fp16", "fp32"] = arg("auto", "auto: bf16/fp16 on GPU, fp32 on CPU")
-    log_every: int = arg(10, "log every N ITM steps")
-    ckpt_every: int = arg(500, "write ckpt.pt every N optimizer steps, ITM and MLM (and at every epoch end)")
-    bench: int = arg(0, "time N image-text steps on synthetic data (no MLM), print throughput, exit")
     # encoders
     image_size: int = arg(512, "input side (cached 512 px with stem stride 1 = the 2048 px grids)")
     stem_stride: int = arg(1, "stride of the 7x7 stem (4 in the code at 2048 px)")
@@ -162,7 +149,7 @@ class Args:
     mlm_prob: float = arg(0.15, "fraction of non-special tokens chosen for MLM")
     # optimisation
     batch_size: int = arg(128, "ITM / MLM batch per process (the code: 128 on one GPU)")
-    eval_batch_size: int = arg(100, "validation and evaluation batch")
+    eval_batch_size: int = arg(100, "validation and evaluation batch (the code's; the validation means depend on it)")
     epochs: int = arg(35, "epochs of len(ITM loader) ITM steps")
     lr: float = arg(1e-4, "AdamW learning rate of both encoders")
     weight_decay: float = arg(1e-4, "AdamW weight decay")
@@ -170,14 +157,12 @@ class Args:
     clip: float = arg(1.5, "max grad norm, per encoder")
     step_idle_heads: bool = arg(True, "zero, not None, gradients (the code's zero_grad): AdamW keeps stepping the "
                                       "heads a step leaves unused")
-    augment: bool = arg(True, "augment ITM images (rotation +-15 deg, brightness/contrast [0.5, 1.8])")
     # evaluation
     block: int = arg(1000, "retrieval block size (the '1k' protocol)")
     eval_text_pool: Literal["cls", "mean"] = arg("cls", "report vector for retrieval: [CLS] (as trained) | mean "
                                                         "(masked mean of the token states: the authors' notebook)")
     cls_lr: float = arg(1e-4, "classifier Adam learning rate")
     cls_train_samples: int = arg(0, "train the classifier on the first N training images (0 = as many as train)")
-    viz: int = arg(4, "validation images to draw word->region maps for")
 
 
 PRESETS = {
@@ -274,7 +259,7 @@ def local_ce(V, E, M, V_all, E_all, M_all, offset, gamma1, gamma2, gamma3, chunk
 
 def sample_negatives(n, generator=None, device=None):
     """One index per anchor, uniform over the other n - 1 batch members (the code's np.random.choice). A batch of
-    one has no negative: callers leave the triplet terms out (itm_losses with neg=None)."""
+    one has no negative: callers leave the triplet terms out (joimternet_loss with neg=None)."""
     if n < 2:
         raise ValueError(f"a batch of {n} pair(s) has no negative: pass neg=None to leave the triplet terms out")
     shift = torch.randint(1, n, (n,), generator=generator)
@@ -320,13 +305,17 @@ def mlm_mask(input_ids, mask_id, prob=0.15, generator=None):
     return masked, torch.where(chosen, input_ids, torch.full_like(input_ids, -100))
 
 
-TERMS = ("global_ce_i2t", "global_ce_t2i", "local_ce_i2t", "local_ce_t2i", "global_trip_i2t", "global_trip_t2i",
-         "local_trip_i2t", "local_trip_t2i")
+def joimternet_loss(v, V, e, E, M, neg, *, gathered=None, offset=0, gamma1=4.0, gamma2=5.0, gamma3=10.0,
+                    margin_sent=0.5, margin_word=0.5, lambda_ce=1.0, lambda_triplet=2.0, triplet_quirk=False, chunk=16,
+                    local=True):
+    """The image-text matching objective of one ITM step: its eight terms and the weighted total
+    (JoImTeR/trainer_pretrain.py:train), a pure function of tensors (the caller gathers across processes):
 
-
-def itm_losses(v, V, e, E, M, neg, *, gathered=None, offset=0, gamma1=4.0, gamma2=5.0, gamma3=10.0, margin_sent=0.5,
-               margin_word=0.5, lambda_ce=1.0, lambda_triplet=2.0, triplet_quirk=False, chunk=16, local=True):
-    """All eight matching terms of one ITM step and the weighted total (JoImTeR/trainer_pretrain.py:train).
+      loss = lambda_ce (L^g_i2t + L^g_t2i + L^l_i2t + L^l_t2i) + lambda_triplet (T^g_i2t + T^g_t2i + T^l_i2t + T^l_t2i)
+      L^g = CE_rows(gamma3 cos(v_i, e_j)) per direction (global_ce), L^l = CE_rows(gamma3 R(i, j)) (local_ce),
+      T^g = [d(v_b, e_b) - d(v_b, e_n(b)) + margin_sent]_+ and its text->image twin, d = 1 - cos, T^l = [R(b, n(b))
+      - R(b, b) + margin_word]_+ and [R(n(b), b) - R(b, b) + margin_word]_+ (triplet_terms), each a mean over anchors.
+    MLM steps have their own loss (mlm_loss).
 
     v: B x D global image, V: B x R x D regions, e: B x D sentence, E: B x L x D words, M: B x L word mask: this
     rank's part of the batch. neg: (N,) one negative index per anchor of the whole batch of N pairs (identical on
@@ -335,7 +324,7 @@ def itm_losses(v, V, e, E, M, neg, *, gathered=None, offset=0, gamma1=4.0, gamma
     offset = rank * B; None on one process. CE rows are this rank's anchors against all columns, the triplets use
     this rank's anchors with negatives from the whole batch; with DDP's gradient averaging this equals the
     single-process full batch (tested). local=False (--no-local, the global-only ablation) leaves out the four
-    word-region terms."""
+    word-region terms. -> {term: value, "loss": the total}."""
     v_all, V_all, e_all, E_all, M_all = gathered or (v, V, e, E, M)
     out = {}
     out["global_ce_i2t"], out["global_ce_t2i"] = global_ce(v, e, v_all, e_all, offset, gamma3)
@@ -347,7 +336,7 @@ def itm_losses(v, V, e, E, M, neg, *, gathered=None, offset=0, gamma1=4.0, gamma
         pos = torch.arange(v.shape[0], device=v.device) + offset
         terms = triplet_terms(v_all, e_all, V_all, E_all, M_all, pos, neg.to(v.device)[pos], gamma1, gamma2,
                               margin_sent, margin_word, triplet_quirk, local)
-        terms = dict(zip(TERMS[4:], terms))
+        terms = dict(zip(("global_trip_i2t", "global_trip_t2i", "local_trip_i2t", "local_trip_t2i"), terms))
         out.update(terms)
         out["loss"] = out["loss"] + lambda_triplet * sum(terms.values())
     return out
@@ -388,10 +377,10 @@ class JoImTeRNet(nn.Module):
             neg = sample_negatives(n)
         a = self.args
         with torch.autocast(batch["images"].device.type, enabled=False):  # similarities and softmaxes in fp32
-            return itm_losses(*feats, neg, gathered=gathered, offset=offset, gamma1=a.gamma1, gamma2=a.gamma2,
-                              gamma3=a.gamma3, margin_sent=a.margin_sent, margin_word=a.margin_word,
-                              lambda_ce=a.lambda_ce, lambda_triplet=a.lambda_triplet, triplet_quirk=a.triplet_quirk,
-                              chunk=a.local_chunk, local=not a.no_local)
+            return joimternet_loss(*feats, neg, gathered=gathered, offset=offset, gamma1=a.gamma1, gamma2=a.gamma2,
+                                   gamma3=a.gamma3, margin_sent=a.margin_sent, margin_word=a.margin_word,
+                                   lambda_ce=a.lambda_ce, lambda_triplet=a.lambda_triplet,
+                                   triplet_quirk=a.triplet_quirk, chunk=a.local_chunk, local=not a.no_local)
 
     def encode_image(self, images):
         return F.normalize(common.fp32(self.image(images)["global_feat"]), dim=-1)
@@ -432,32 +421,23 @@ class ClassifierHead(nn.Module):
 
 
 @torch.no_grad()
-def encode_split(model, loader, device, amp, text=True):
-    """Frozen features of a split: global image vectors, pooled regions, labels and (text) the report vectors, all
-    on the CPU."""
+def encode_split(model, loader, device, text=True):
+    """Frozen features of a split in fp32 on the CPU: global image vectors v, pooled regions, the labels and (text)
+    the report vectors e and the zero-shot targets (synthetic: a finding's mask is not empty; else the CheXpert
+    labels without No Finding, which the prompt pair would invert)."""
     model.eval()
-    out = {k: [] for k in ("v", "pooled", "labels", "e")[:4 if text else 3]}
+    out = {k: [] for k in ("v", "pooled", "labels", "e", "findings")[:5 if text else 3]}
     for batch in loader:
-        with common.autocast(device, amp):
-            img = model.image(batch["images"].to(device))
-            # pooled = the classifier head's global average pool of the region map
-            feats = [img["global_feat"], img["local_feats"].mean(1), batch["labels"]]
-            if text:
-                feats.append(model.encode_text(common.to_device(batch, device)))
+        img = model.image(batch["images"].to(device))
+        # pooled = the classifier head's global average pool of the region map
+        feats = [img["global_feat"], img["local_feats"].mean(1), batch["labels"]]
+        if text:
+            feats.append(model.encode_text(common.to_device(batch, device)))
+            feats.append(torch.stack([m.flatten(1).any(1) for m in batch["masks"]]).float() if "masks" in batch
+                         else batch["labels"][:, 1:])
         for k, x in zip(out, feats):
             out[k].append(common.fp32(x).cpu())
     return {k: torch.cat(v) for k, v in out.items()}
-
-
-def retrieval(feats, block):
-    """Global-cosine Recall@1/5/10, image->text and text->image, on `block`-sized blocks and the full gallery."""
-    sim = F.normalize(feats["v"], dim=-1) @ F.normalize(feats["e"], dim=-1).T  # images x reports
-    res = {}
-    for name, s in (("i2t", sim), ("t2i", sim.T)):
-        for gallery, r in ((f"{min(block, len(s))}", common.block_recall_at_k(s, block)),
-                           (f"{len(s)}", common.recall_at_k(s))):
-            res.update({f"{name}_{gallery}/{k}": v for k, v in r.items()})
-    return res
 
 
 def classification(train, test, args, device):
@@ -486,8 +466,7 @@ def classification(train, test, args, device):
     with torch.no_grad():
         scores = head(test["pooled"].to(device), test["v"].to(device)).cpu()
     auc = {name: common.roc_auc(scores[:, c], y_test[:, c]) for c, name in enumerate(data.CHEXPERT_LABELS)}
-    rest = [a for n, a in auc.items() if n != "No Finding" and not math.isnan(a)]
-    return auc, float(np.mean(rest)) if rest else float("nan")
+    return auc, common.mean_auc(scores[:, 1:], y_test[:, 1:])  # No Finding is the first column
 
 
 FINDING_WORDS = set(data.SYNTH_FINDINGS) | {"consolidation", "edema", "atelectasis", "pneumonia", "heart",
@@ -520,17 +499,32 @@ def save_attention_maps(model, batch, tokenizer, mean, std, folder, prefix, n=4,
         picture.save(os.path.join(folder, f"{prefix}_{b}_{tokens[w]}.png"))
 
 
-def evaluate(model, loaders, tokenizer, mean_std, args, device, amp, tag, out):
-    """Retrieval on the test split, classification trained on the train split, attention PNGs. Returns a dict."""
-    test = encode_split(model, loaders["test"], device, amp)
-    res = retrieval(test, args.block)
-    cls_train = encode_split(model, loaders["cls_train"], device, amp, text=False)
-    auc, res["cls/Avg"] = classification(cls_train, test, args, device)
-    res.update({f"cls/{k}": v for k, v in auc.items()})
+def evaluate(model, loaders, tokenizer, mean_std, args, device, tag, out):
+    """One model on the test split, in fp32: Recall@1/5/10 both ways on the whole gallery (global cosine; the
+    code's blocks of --block pairs among the checks when the gallery is larger), zero-shot AUC of the global cosine
+    with the pair prompts "x" / "no x" (common.zero_shot_summary), the image-only classifier trained on the
+    training images (checks cls/: per-class AUC and Avg), attention PNGs. -> common.save_results' model entry."""
+    test = encode_split(model, loaders["test"], device)
+    sim = F.normalize(test["v"], dim=-1) @ F.normalize(test["e"], dim=-1).T  # images x reports
+    retrieval, checks = {}, {}
+    for name, s in (("i2t", sim), ("t2i", sim.T)):
+        retrieval.update({f"{name}_{k}": v for k, v in common.recall_at_k(s).items()})
+        if len(s) > args.block:
+            blocks = common.block_recall_at_k(s, args.block)
+            checks.update({f"{name}_block{args.block}_{k}": v for k, v in blocks.items()})
+    names, phrases = data.zero_shot_findings(data.is_synthetic(loaders["test"].dataset))
+    prompts = common.to_device(data.prompt_batch(phrases + [f"no {p}" for p in phrases], tokenizer), device)
+    with torch.no_grad():
+        scores = F.normalize(test["v"], dim=-1) @ model.encode_text(prompts).cpu().T  # images x (C "x", C "no x")
+    zero_shot = common.zero_shot_summary(scores[:, :len(names)], scores[:, len(names):], test["findings"], names,
+                                         args.n_boot)
+    cls_train = encode_split(model, loaders["cls_train"], device, text=False)
+    auc, checks["cls/Avg"] = classification(cls_train, test, args, device)
+    checks.update({f"cls/{k}": v for k, v in auc.items()})
     if args.viz:
-        save_attention_maps(model, next(iter(loaders["val"])), tokenizer, *mean_std, os.path.join(out, "viz"), tag,
+        save_attention_maps(model, next(iter(loaders["test"])), tokenizer, *mean_std, os.path.join(out, "viz"), tag,
                             args.viz, args.gamma1)
-    return res
+    return dict(retrieval=retrieval, zero_shot=zero_shot, checks=checks)
 
 
 # ==== TRAINING ====
@@ -552,47 +546,50 @@ class Reports(torch.utils.data.Dataset):
 
 
 def datasets(args, out):
-    """Training pairs, their reports alone (Reports, for the MLM steps), validation and test pairs, the classifier's
-    training images, and the word-level tokenizer of the training reports (kept in the run folder for --resume)."""
-    data.check_data_root(args.data, args.data_root)
+    """common.datasets with the word-level tokenizer of the training reports (kept in the run folder for --resume),
+    and JoImTeRNet's two own sets: the training reports alone (Reports, for the MLM steps) and the classifier's
+    training images (eval views). -> (train, val, test, reports, cls_train), (mean, std), tokenizer, external."""
+    reports = []
 
-    def dataset(split, train, num_samples):
-        return data.make_dataset(args.data, args.data_root, split, args.image_size, train,
-                                 num_samples=num_samples or None, skip_bad=args.skip_bad)
-    sets = dict(train=dataset("train", True, args.train_samples), test=dataset("test", False, args.eval_samples),
-                validate=dataset("validate", False, args.eval_samples),
-                cls_train=dataset("train", False, args.cls_train_samples or args.train_samples))
-    sets["reports"] = Reports(sets["train"])
-    tok_dir = os.path.join(out, "tokenizer")  # built from the training reports, identical on every rank
-    if args.resume and os.path.isdir(tok_dir):
-        return sets, PreTrainedTokenizerFast.from_pretrained(tok_dir)
-    texts = [" ".join(s) for s in sets["reports"].sentences]
-    return sets, build_word_tokenizer(texts, args.min_word_count, args.max_length)
+    def word_tokenizer(train_set):
+        reports.append(Reports(train_set))  # rendered once: the vocabulary's texts and the MLM steps'
+        folder = os.path.join(out, "tokenizer")
+        if args.resume and os.path.isdir(folder):
+            return PreTrainedTokenizerFast.from_pretrained(folder)
+        return build_word_tokenizer([" ".join(s) for s in reports[0].sentences], args.min_word_count, args.max_length)
+    train_set, val_set, test_set, mean_std, tokenizer, external = common.datasets(args, word_tokenizer)
+    cls_set = data.make_dataset(args.data, args.data_root, "train", args.image_size, False, skip_bad=args.skip_bad,
+                                num_samples=(args.cls_train_samples or args.train_samples) or None)
+    return (train_set, val_set, test_set, reports[0], cls_set), mean_std, tokenizer, external
 
 
 def collate_pairs(samples, tokenizer, max_length):
-    """data.collate without the synthetic masks and boxes, which JoImTeRNet never reads: every tensor a DataLoader
-    worker hands over costs a file-descriptor transfer (a tenth of the CPU demo's time went there)."""
+    """data.collate without the synthetic masks and boxes, which JoImTeRNet's training never reads: every tensor a
+    DataLoader worker hands over costs a file-descriptor transfer (a tenth of the CPU demo's time went there)."""
     batch = data.collate(samples, tokenizer, max_length)
     return {k: v for k, v in batch.items() if k not in ("masks", "boxes", "box_labels")}
 
 
 def loaders(args, ddp, tokenizer, sets):
-    """ITM and MLM training loaders (each its own order, a function of (seed, epoch), also on one process; a
-    ResumableSampler, so a resumed run continues mid-epoch) and the evaluation loaders (validation: every rank runs
-    all of it; test and classifier training: rank 0). Each loader draws its workers' seeds from a generator of its
-    own, never from the global RNG, so when a loader starts does not change the MLM masks and dropout after it."""
+    """The ITM stream is common.loaders' training loader. JoImTeRNet's own: the MLM stream (its own order, a function
+    of (seed + 1, epoch); resumable mid-epoch too) and the evaluation loaders at the code's batch (--eval-batch-size:
+    the validation means depend on it): validation whole on every rank (the code's per-epoch means), the test split
+    (with the synthetic masks: the zero-shot targets) and the classifier's images for rank 0. Each draws its
+    workers' seeds from a generator of its own, never from the global RNG, so that when a loader starts does not
+    change the MLM masks and dropout after it."""
+    train_set, val_set, test_set, reports, cls_set = sets
     collate = functools.partial(collate_pairs, tokenizer=tokenizer, max_length=args.max_length)
+    _, itm, _, _ = common.loaders(args, ddp, train_set, val_set, test_set, collate)  # its val / test: --batch-size
 
-    def loader(name, batch_size, seed=None):
-        sampler = None if seed is None else common.ResumableSampler(sets[name], ddp.world_size, ddp.rank, True, seed,
-                                                                    True)
-        return DataLoader(sets[name], batch_size, sampler=sampler, drop_last=seed is not None, collate_fn=collate,
+    def loader(dataset, batch_size, sampler=None, collate_fn=collate):
+        return DataLoader(dataset, batch_size, sampler=sampler, drop_last=sampler is not None, collate_fn=collate_fn,
                           num_workers=args.workers, persistent_workers=args.workers > 0,
                           generator=torch.Generator().manual_seed(args.seed + ddp.rank))
-    return dict(itm=loader("train", args.batch_size, args.seed), mlm=loader("reports", args.batch_size, args.seed + 1),
-                val=loader("validate", args.eval_batch_size), test=loader("test", args.eval_batch_size),
-                cls_train=loader("cls_train", args.eval_batch_size))
+    mlm = common.ResumableSampler(reports, ddp.world_size, ddp.rank, True, args.seed + 1, True)
+    with_masks = functools.partial(data.collate, tokenizer=tokenizer, max_length=args.max_length)
+    return dict(itm=itm, mlm=loader(reports, args.batch_size, mlm), val=loader(val_set, args.eval_batch_size),
+                test=loader(test_set, args.eval_batch_size, collate_fn=with_masks),
+                cls_train=loader(cls_set, args.eval_batch_size))
 
 
 @torch.no_grad()
@@ -620,21 +617,20 @@ def export(args, model, tokenizer, mean_std, out):
     torch.save(heads, os.path.join(out, "text_encoder", "joimternet_heads.pt"))
 
 
-def finish(args, model, tokenizer, sets, loader, mean_std, device, amp, out, started, external=None):
-    """Once the encoders are exported: the trained model next to the untrained one it started from (retrieval,
-    classification, word->region maps; zero-shot on the --zero-shot-csv set, `external`), printed and written to
-    eval.json."""
+def finish(args, model, tokenizer, loader, mean_std, device, out, started, external=None):
+    """Once the encoders are exported: the trained model next to the untrained one it started from (evaluate; and
+    zero-shot on the --zero-shot-csv set, `external`), printed and written to eval.json (common.save_results)."""
     trained_in = time.time() - started
     common.seed_everything(args.seed)
     untrained = JoImTeRNet(args, len(tokenizer)).to(device)  # the same seed gives the trained model's initialisation
-    results = {tag: evaluate(m, loader, tokenizer, mean_std, args, device, amp, tag, out)
+    results = {tag: evaluate(m, loader, tokenizer, mean_std, args, device, tag, out)
                for tag, m in (("untrained", untrained), ("trained", model))}
-    print(f"\nheld-out {args.data} test split ({len(sets['test'])} pairs), trained {trained_in:.0f}s, total "
-          f"{time.time() - started:.0f}s")
-    common.print_comparison(results, os.path.join(out, "eval.json"))
+    print(f"\nheld-out {args.data} test split ({len(loader['test'].dataset)} pairs), trained {trained_in:.0f}s, "
+          f"total {time.time() - started:.0f}s")
+    common.save_results(os.path.join(out, "eval.json"), results)
     if external is not None:
         zero_shot = common.external_zero_shot(dict(untrained=untrained, trained=model), external, tokenizer, device,
-                                              workers=args.workers)
+                                              n_boot=args.n_boot, workers=args.workers)
         common.save_external_zero_shot(out, external, zero_shot["ci"])
     print(f"run folder: {out} (word->region maps in viz/)")
     return results
@@ -648,13 +644,10 @@ def main(argv=None):
     dev, amp, started = ddp.device, common.amp_dtype(ddp.device, args.precision), time.time()
     out = common.run_folder(args.out_dir, "joimternet", ddp, args)
     ckpt_path = os.path.join(out, "ckpt.pt")
-    sets, tokenizer = datasets(args, out)
+    sets, mean_std, tokenizer, external = datasets(args, out)  # a bad --zero-shot-csv stops the run here
     if ddp.is_main:
         tokenizer.save_pretrained(os.path.join(out, "tokenizer"))
     loader = loaders(args, ddp, tokenizer, sets)
-    mean_std = sets["train"].mean, sets["train"].std
-    external = (data.LabelledImages(args.zero_shot_csv, args.image_size, *mean_std, args.skip_bad)
-                if args.zero_shot_csv else None)  # checked now: a bad file stops the run before training, not after
     common.seed_everything(args.seed)  # same initialisation on every rank
     model = JoImTeRNet(args, len(tokenizer)).to(dev)
     opt_img = torch.optim.AdamW(model.image.parameters(), lr=args.lr, weight_decay=args.weight_decay)
@@ -707,6 +700,7 @@ def main(argv=None):
     while progress["epoch"] < args.epochs and not done:
         net.train()
         loader["itm"].sampler.set_epoch(progress["epoch"])
+        loader["itm"].generator.manual_seed(args.seed + 1000 * progress["epoch"] + ddp.rank)  # its workers' seeds
         loader["itm"].sampler.skip = progress["itm_in_epoch"] * args.batch_size  # resume mid-epoch
         itm_iter = logger.iterate(loader["itm"])
         while progress["itm_in_epoch"] < steps_per_epoch:
@@ -766,7 +760,7 @@ def main(argv=None):
         return common.print_bench(out, pairs, dev, amp)
     if ddp.is_main:
         with common.after_training(out):
-            return finish(args, model, tokenizer, sets, loader, mean_std, dev, amp, out, started, external)
+            return finish(args, model, tokenizer, loader, mean_std, dev, out, started, external)
 
 
 if __name__ == "__main__":

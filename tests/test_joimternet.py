@@ -1,4 +1,5 @@
 """JoImTeRNet: loss values against written-out references, masking, tokenizer, DDP equivalence, overfit, main()."""
+import json
 import math
 import os
 import socket
@@ -13,6 +14,8 @@ import joimternet as jt
 
 LOSS_ARGS = dict(gamma1=4.0, gamma2=5.0, gamma3=10.0, margin_sent=0.5, margin_word=0.5, lambda_ce=1.0,
                  lambda_triplet=2.0, chunk=2)
+TERMS = ("global_ce_i2t", "global_ce_t2i", "local_ce_i2t", "local_ce_t2i", "global_trip_i2t", "global_trip_t2i",
+         "local_trip_i2t", "local_trip_t2i")
 
 
 def reference_similarities(V, E, lengths, gamma1=4.0, gamma2=5.0):
@@ -174,7 +177,7 @@ def _ddp_worker(rank, world, port, refs, inputs, state):
         ddp = torch.nn.parallel.DistributedDataParallel(model)  # averages the gradients over the ranks
         feats = ddp(x[sl], y[sl], lengths[sl])
         gathered, offset = jt.gather_features(*feats)
-        out = jt.itm_losses(*feats, neg, gathered=gathered, offset=offset, triplet_quirk=quirk, **LOSS_ARGS)
+        out = jt.joimternet_loss(*feats, neg, gathered=gathered, offset=offset, triplet_quirk=quirk, **LOSS_ARGS)
         out["loss"].backward()
         for k, want in ref["terms"].items():
             got = out[k].detach().clone()
@@ -199,7 +202,7 @@ def test_ddp_gathered_losses_equal_full_batch():
         state, refs = {k: v.clone() for k, v in model.state_dict().items()}, {}
         for quirk in (False, True):
             model.zero_grad(set_to_none=True)
-            out = jt.itm_losses(*model(x, y, lengths), neg, triplet_quirk=quirk, **LOSS_ARGS)
+            out = jt.joimternet_loss(*model(x, y, lengths), neg, triplet_quirk=quirk, **LOSS_ARGS)
             out["loss"].backward()
             refs[quirk] = dict(terms={k: v.detach() for k, v in out.items()},
                                grads=[p.grad.clone() for p in model.parameters()])
@@ -222,8 +225,39 @@ TINY = ["--image-size", "64", "--widths", "4", "4", "8", "8", "32", "32", "--dim
 def test_presets_keep_the_papers_defaults():
     paper = jt.common.parse_args(jt.Args, jt.PRESETS, ["--preset", "paper"])
     assert paper == jt.Args(preset="paper", data="mimic") and paper.augment and paper.lr == 1e-4 and paper.p_mlm == 0.7
+    assert (paper.seed, paper.workers, paper.viz, paper.n_boot) == (12345, 8, 4, 1000)  # common.RunArgs' defaults
     demo = jt.common.parse_args(jt.Args, jt.PRESETS, ["--preset", "demo"])
     assert not demo.augment and demo.lr == 1e-3  # the demo's plain views (docstring deviations)
+    assert isinstance(demo, jt.common.RunArgs) and demo.workers == 1 and demo.viz == 4
+
+
+def test_loss_is_the_pure_function_the_forward_calls():
+    """joimternet_loss on the encoders' features gives exactly the terms of the model's forward, and the same again
+    when called twice with the same tensors, which it leaves as they were."""
+    import data
+    args = jt.common.parse_args(jt.Args, jt.PRESETS, ["--preset", "demo", *TINY])
+    ds = data.make_dataset("synthetic", None, "train", 64, False, 0, 6)
+    samples = [ds[i] for i in range(6)]
+    tok = jt.build_word_tokenizer([s["text"] for s in samples], min_count=1)
+    batch = data.collate(samples, tok, 160)
+    torch.manual_seed(0)
+    model = jt.JoImTeRNet(args, len(tok)).eval()  # no dropout: the two encoder passes agree
+    neg = jt.sample_negatives(6, torch.Generator().manual_seed(0))
+    forward = model(batch, neg=neg)
+    img, txt = model.image(batch["images"]), model.text(batch["input_ids"], batch["attention_mask"])
+    feats = (img["global_feat"], img["local_feats"], txt["sent"], txt["words"], txt["word_mask"])
+    before = [t.detach().clone() for t in feats]
+    hyper = dict(gamma1=args.gamma1, gamma2=args.gamma2, gamma3=args.gamma3, margin_sent=args.margin_sent,
+                 margin_word=args.margin_word, lambda_ce=args.lambda_ce, lambda_triplet=args.lambda_triplet,
+                 triplet_quirk=args.triplet_quirk, chunk=args.local_chunk, local=not args.no_local)
+    first = jt.joimternet_loss(*feats, neg, **hyper)
+    again = jt.joimternet_loss(*feats, neg, **hyper)
+    assert set(first) == set(forward) == {"loss", *TERMS}
+    for k in forward:
+        assert torch.equal(first[k], forward[k]) and torch.equal(again[k], first[k]), k
+    assert all(torch.equal(t, b) for t, b in zip(feats, before))
+    first["loss"].backward()  # the total carries the gradient to both encoders
+    assert model.image.region.weight.grad.abs().sum() > 0 and model.text.word_fc.weight.grad.abs().sum() > 0
 
 
 def test_overfit_one_batch():
@@ -261,12 +295,12 @@ def test_batch_of_one_leaves_the_triplet_terms_out():
         jt.sample_negatives(1)
     with torch.no_grad():
         out = model(data.collate([ds[0]], tok, 160), gather=False)
-    assert set(out) == {"loss", *jt.TERMS[:4]} and torch.isfinite(out["loss"])
-    assert out["loss"].item() == pytest.approx(sum(out[k].item() for k in jt.TERMS[:4]))  # lambda_ce = 1
+    assert set(out) == {"loss", *TERMS[:4]} and torch.isfinite(out["loss"])
+    assert out["loss"].item() == pytest.approx(sum(out[k].item() for k in TERMS[:4]))  # lambda_ce = 1
     # a validation split of 3 pairs in batches of 2: the last batch holds one pair (it crashed before)
     loader = torch.utils.data.DataLoader(ds, 2, collate_fn=lambda s: data.collate(s, tok, 160))
     val = jt.validate(model, loader, tok, args, torch.device("cpu"), None)
-    assert set(val) == {f"val/{k}" for k in (*jt.TERMS, "mlm", "mlm_acc")}
+    assert set(val) == {f"val/{k}" for k in (*TERMS, "mlm", "mlm_acc")}
     assert all(math.isfinite(v) for v in val.values())
 
 
@@ -278,7 +312,16 @@ def three_step_run(tmp_path_factory):
 
 def test_main_three_steps_and_resume(three_step_run):
     out, res = three_step_run
-    assert {"i2t_20/R@1", "t2i_20/R@10", "cls/Avg"} <= set(res["trained"]) and set(res) == {"untrained", "trained"}
+    assert set(res) == {"untrained", "trained"}
+    with open(os.path.join(out, "eval.json")) as fh:
+        saved = json.load(fh)
+    assert json.dumps(saved) == json.dumps(res)  # common.save_results' layout (nan for a class with one outcome)
+    for entry in res.values():
+        assert set(entry) == {"retrieval", "zero_shot", "checks"}
+        assert set(entry["retrieval"]) == {f"{d}_R@{k}" for d in ("i2t", "t2i") for k in (1, 5, 10)}
+        assert "mean" in entry["zero_shot"] and all(len(v) == 3 for v in entry["zero_shot"].values())
+        assert {"cls/Avg", "cls/Cardiomegaly"} <= set(entry["checks"])
+        assert not any("block" in k for k in entry["checks"])  # 20 test pairs: one block, the whole gallery
     ck = jt.common.load_checkpoint(os.path.join(out, "ckpt.pt"))
     assert ck["step"] == 3 and ck["epoch"] == 0  # stopped inside the first epoch of 6 ITM steps
     assert ck["itm_in_epoch"] == ck["itm_step"] and ck["mlm_in_epoch"] == 3 - ck["itm_step"]
@@ -358,8 +401,8 @@ def test_no_local_keeps_exactly_the_global_terms():
     V, E = torch.randn(4, 5, 8, requires_grad=True), torch.randn(4, 6, 8, requires_grad=True)
     M = torch.arange(6) < torch.tensor([[6], [4], [3], [5]])
     neg = torch.tensor([1, 2, 3, 0])
-    full = jt.itm_losses(v, V, e, E, M, neg, **LOSS_ARGS)
-    glob = jt.itm_losses(v, V, e, E, M, neg, local=False, **LOSS_ARGS)
+    full = jt.joimternet_loss(v, V, e, E, M, neg, **LOSS_ARGS)
+    glob = jt.joimternet_loss(v, V, e, E, M, neg, local=False, **LOSS_ARGS)
     kept = ("global_ce_i2t", "global_ce_t2i", "global_trip_i2t", "global_trip_t2i")
     assert set(glob) == {"loss", *kept}
     for k in kept:
