@@ -8,6 +8,7 @@ import types
 
 import pytest
 import torch
+from torch.utils.checkpoint import checkpoint
 
 import common
 import joimternet
@@ -17,12 +18,17 @@ import place
 import reclf
 
 MODULES = dict(common=common, lovt=lovt, joimternet=joimternet, lrclr=lrclr, reclf=reclf, place=place)
+IMPORTS = dict(F=torch.nn.functional, math=math, checkpoint=checkpoint)
 
 # The README's table: method -> (the function to copy, everything it needs besides torch). "F" is
-# torch.nn.functional, "math" the standard module; "module.name" a function copied from that file.
+# torch.nn.functional, "math" the standard module, "checkpoint" torch.utils.checkpoint.checkpoint; "module.name" a
+# function copied from that file.
 COPY = {
     "lovt": ("lovt.lovt_loss", ["F", "math", "common.fp32", "lovt.spatial_target", "lovt.local_intra_contrastive",
                                 "lovt.local_weights"]),
+    "joimternet": ("joimternet.joimternet_loss", [
+        "F", "checkpoint", "common.fp32", "common.cosine", "common.word_region_attention", "common.word_region_score",
+        "common.word_region_matrix", "joimternet.global_ce", "joimternet.local_ce", "joimternet.triplet_terms"]),
     "reclf": ("reclf.reclf_loss", ["F", "reclf.pair_ce"]),
     "place": ("place.place_loss", ["F", "common.fp32", "common.mgca_tca", "common._clipped_weights",
                                    "common._weighted_diagonal_ce", "place.ita_loss", "place.pcma_loss",
@@ -35,8 +41,8 @@ def fresh_copy(function, pieces):
     from common.py are also reachable as common.<name>, the way the method files call them."""
     namespace = {"torch": torch}
     for piece in pieces + [function]:
-        if piece in ("F", "math"):
-            namespace[piece] = torch.nn.functional if piece == "F" else math
+        if piece in IMPORTS:
+            namespace[piece] = IMPORTS[piece]
             continue
         module, name = piece.split(".")
         exec(textwrap.dedent(inspect.getsource(getattr(MODULES[module], name))), namespace)
@@ -54,6 +60,13 @@ def lovt_inputs(g):
                 grid=(2, 2))
 
 
+def joimternet_inputs(g):
+    B, R, L, D = 4, 6, 5, 8
+    r = lambda *shape: torch.randn(*shape, generator=g)
+    mask = torch.tensor([[True] * 5, [True] * 3 + [False] * 2, [True] * 4 + [False], [True] * 2 + [False] * 3])
+    return dict(v=r(B, D), V=r(B, R, D), e=r(B, D), E=r(B, L, D), M=mask, neg=torch.tensor([1, 2, 3, 0]))
+
+
 def reclf_inputs(g):
     r = lambda: torch.randn(4, 4, generator=g)
     return dict(global_rows=r(), global_cols=r(), rel_rows=r().sigmoid(), rel_cols=r().sigmoid(), lse_rows=r(),
@@ -69,7 +82,7 @@ def place_inputs(g):
                 u=r(B, K, E), cce_tokens=(r(B, N, 6), r(B, N, E)))
 
 
-INPUTS = dict(lovt=lovt_inputs, reclf=reclf_inputs, place=place_inputs)
+INPUTS = dict(lovt=lovt_inputs, joimternet=joimternet_inputs, reclf=reclf_inputs, place=place_inputs)
 
 
 @pytest.mark.parametrize("method", sorted(COPY))
