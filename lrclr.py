@@ -184,23 +184,24 @@ class LRCLR(nn.Module):
         return self.text_proj((states * mask).sum(1) / mask.sum(1))
 
     def forward(self, batch):
-        """-> lrclr_loss's terms. The caller's part of the loss: gather the embeddings of every rank (with gradient)
-        and, with the added layers, score own region tokens vs all gathered texts and own texts vs all gathered
-        region tokens (s^loc, learned); lrclr_loss takes it from there."""
+        """-> lrclr_loss's terms. The caller's part of the loss: the unit embeddings, the gathers across ranks (with
+        gradient) and, with the added layers, the learned local scores s^loc of own region tokens vs all gathered
+        texts and of own texts vs all gathered region tokens."""
         g, tokens, _ = self.image_features(batch["images"])
         u = self.text_features(batch)
-        (g_all, offset), (u_all, _) = gather(g), gather(u)
+        unit_g, unit_u = F.normalize(fp32(g), dim=-1), F.normalize(fp32(u), dim=-1)  # the model normalises (CLIP)
+        (unit_g_all, offset), (unit_u_all, _) = gather(unit_g), gather(unit_u)
         local = {}
         if self.local:
             kept, _, gates = self.select(tokens)
             regions = self.interact.block(kept)
-            regions_all = gather(regions)[0]
+            (regions_all, _), (u_all, _) = gather(regions), gather(u)
             rows = self.interact.scores(regions, u_all)[0]
             cols = rows.T if regions_all is regions else self.interact.scores(regions_all, u)[0].T
             local = dict(local_rows=rows, local_cols=cols, gates=gates)
         # lambda_loc = 0 (the control) zeroes a weight; every term is still computed (logged, DDP sees all parameters)
-        return lrclr_loss(g, u, g_all, u_all, self.logit_scale(), offset, **local, lambda_loc=self.args.lambda_loc,
-                          mu_sparsity=self.args.mu_sparsity)
+        return lrclr_loss(unit_g, unit_u, unit_g_all, unit_u_all, self.logit_scale(), offset, **local,
+                          lambda_loc=self.args.lambda_loc, mu_sparsity=self.args.mu_sparsity)
 
     def encode_image(self, images):
         return F.normalize(fp32(self.image_features(images)[0]), dim=-1)
@@ -338,19 +339,17 @@ def symmetric_ce(rows, cols, offset=0):
 def lrclr_loss(g, u, g_all, u_all, logit_scale, offset=0, local_rows=None, local_cols=None, gates=None,
                lambda_loc=1.0, mu_sparsity=0.0):
     """LRCLR's loss on this rank's B pairs, from tensors alone: L = L_glob + lambda_loc L_loc + mu_sparsity L_sp.
-    g, u B x D: this rank's image and report embeddings; g_all, u_all M x D: every rank's, in rank order (M = W x B,
-    this rank's rows at offset = rank x B; in one process g, u themselves and offset 0); logit_scale = exp(t):
-      L_glob = 1/2 [CE_rows(exp(t) cos(g, u_all)) + CE_rows(exp(t) cos(u, g_all))]          (CLIP)
+    g, u B x D: this rank's image and report embeddings, L2-normalised (as open_clip's ClipLoss takes them);
+    g_all, u_all M x D: every rank's, in rank order (M = W x B, this rank's rows at offset = rank x B; in one process
+    g, u themselves and offset 0); logit_scale = exp(t):
+      L_glob = 1/2 [CE_rows(exp(t) g u_all^T) + CE_rows(exp(t) u g_all^T)]                   (CLIP)
     and with the added layers (stage lrclr), their scores computed by the caller: local_rows B x M = s^loc of own
     images vs all texts, local_cols B x M = s^loc of all images vs own texts, transposed; gates B x N = sigmoid(s_r):
       L_loc = 1/2 [CE_rows(local_rows) + CE_rows(local_cols)],  L_sp = mean gates.
     The positive of row b is column offset + b; with DDP's gradient averaging this equals the full-batch loss and
     gradient (tested). -> dict(loss, global[, local, sparsity]), the terms unweighted."""
-    unit_g, unit_u = F.normalize(fp32(g), dim=-1), F.normalize(fp32(u), dim=-1)
-    unit_g_all = unit_g if g_all is g else F.normalize(fp32(g_all), dim=-1)  # one process: one normalisation
-    unit_u_all = unit_u if u_all is u else F.normalize(fp32(u_all), dim=-1)
     tau = 1 / logit_scale
-    terms = {"global": symmetric_ce(unit_g @ unit_u_all.T / tau, unit_u @ unit_g_all.T / tau, offset)}
+    terms = {"global": symmetric_ce(g @ u_all.T / tau, u @ g_all.T / tau, offset)}
     loss = terms["global"]
     if local_rows is not None:
         terms.update(local=symmetric_ce(local_rows, local_cols, offset), sparsity=gates.mean())
@@ -415,7 +414,7 @@ def load_run(model, run_dir):
 
 def param_groups(model, args):
     """AdamW groups: stage base one lr and wd; stage lrclr the base at ft_lr / ft_weight_decay (args.lr and
-    args.weight_decay after main's replace) and the new layers at ft_lr_new / ft_weight_decay_new; the temperatures
+    args.weight_decay after stage_args) and the new layers at ft_lr_new / ft_weight_decay_new; the temperatures
     without weight decay."""
     groups = {}
     for name, p in model.named_parameters():
@@ -636,8 +635,8 @@ def main(argv=None, ddp=None):
     micro_per_step = common.micro_batches_per_step(args.accum, ddp.world_size, args.batch_size)
     out = common.run_folder(args.out_dir, f"lrclr-{args.stage}", ddp, args)
     ckpt_path, best_path = os.path.join(out, "ckpt.pt"), os.path.join(out, "best.pt")
-    tokenizer = partial(report_tokenizer, args)  # stage lrclr: its base's
-    train_set, val_set, test_set, (mean, std), tokenizer, external = common.datasets(args, tokenizer)
+    own_tokenizer = partial(report_tokenizer, args)  # stage lrclr: the --init run's
+    train_set, val_set, test_set, (mean, std), tokenizer, external = common.datasets(args, own_tokenizer)
     common.seed_everything(args.seed)  # the same initial model on every rank
     model = LRCLR(args, tokenizer)
     if args.init:

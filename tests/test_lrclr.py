@@ -1,5 +1,6 @@
-"""LRCLR tests (CPU, tiny shapes): the top-K gate's gradients, the pooling without text residual, scores and losses
-against written-out references, DDP equivalence, base -> lrclr main() runs, export, resume, NaN stop."""
+"""LRCLR tests (CPU, tiny shapes): the top-K gate's gradients, the pooling without text residual, scores and the pure
+loss against written-out references and the forward, DDP equivalence, base -> lrclr main() runs, export, resume, NaN
+stop."""
 import json
 import math
 import os
@@ -137,7 +138,7 @@ def test_symmetric_ce_and_the_terms_against_written_out_references():
     want = 0.5 * (hand_ce(rows.tolist(), 2) + hand_ce(cols.tolist(), 2))
     assert lrclr.symmetric_ce(rows, cols, offset=2).item() == pytest.approx(want, rel=1e-6)
 
-    g, u = torch.randn(3, 8), torch.randn(3, 8)
+    g, u = F.normalize(torch.randn(3, 8), dim=-1), F.normalize(torch.randn(3, 8), dim=-1)  # unit embeddings
     rows, cols, gates = torch.randn(3, 3), torch.randn(3, 3), torch.rand(3, 5)
     terms = lrclr.lrclr_loss(g, u, g, u, torch.tensor(14.0), 0, rows, cols, gates, lambda_loc=0.5, mu_sparsity=0.1)
     G = [[14.0 * cos(g[i], u[j]) for j in range(3)] for i in range(3)]
@@ -149,7 +150,8 @@ def test_symmetric_ce_and_the_terms_against_written_out_references():
     base = lrclr.lrclr_loss(g, u, g, u, torch.tensor(14.0))  # stage base: the global term alone
     assert set(base) == {"loss", "global"} and torch.equal(base["loss"], terms["global"])
     # rank 1 of 2: own rows 3..5 of the gathered columns, the positives at offset 3
-    g_all, u_all = torch.cat([torch.randn(3, 8), g]), torch.cat([torch.randn(3, 8), u])
+    g_all = torch.cat([F.normalize(torch.randn(3, 8), dim=-1), g])
+    u_all = torch.cat([F.normalize(torch.randn(3, 8), dim=-1), u])
     rows, cols = torch.randn(3, 6), torch.randn(3, 6)
     terms = lrclr.lrclr_loss(g, u, g_all, u_all, torch.tensor(14.0), 3, rows, cols, gates)
     G = [[14.0 * cos(g[i], u_all[j]) for j in range(6)] for i in range(3)]
@@ -177,6 +179,7 @@ def test_the_pure_loss_gives_the_forward_terms_and_reaches_no_module_or_process_
         u = model.text_features(batch)
         kept, _, gates = model.select(tokens)
         rows = model.interact.scores(model.interact.block(kept), u)[0]
+    g, u = F.normalize(g, dim=-1), F.normalize(u, dim=-1)
     inputs = (g, u, g, u, model.logit_scale().detach(), 0, rows, rows.T, gates)
     before = [x.clone() if torch.is_tensor(x) else x for x in inputs]
 
