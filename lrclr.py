@@ -498,9 +498,10 @@ def zero_shot_scores(model, images, prompts, local=True):
 def finish(args, model, tokenizer, test_loader, mean_std, external, device, out):
     """The end of a run, once the best-validation model is exported: the comparison. Stage base: untrained vs
     trained (global score). Stage lrclr: its base (--init), the control (--compare) and LRCLR's three scores, with
-    the paired differences; the table goes to zero_shot.txt and everything to eval.json (common.save_results, a
-    column per model and score, the paired differences as "paired_delta"); the same comparison on the
-    --zero-shot-csv set (`external`, or None); then the overlays. -> eval.json's columns."""
+    the paired differences; the table goes to zero_shot.txt and everything to eval.json (common.save_results: a
+    column per model and score, "trained": this run's model under the score it reports, as in every method's
+    eval.json, and "paired_delta"); the same comparison on the --zero-shot-csv set (`external`, or None); then the
+    overlays. -> eval.json's columns."""
     common.seed_everything(args.seed)
     if model.local:
         others = [("base", args.init), ("control", args.compare)]
@@ -522,7 +523,8 @@ def finish(args, model, tokenizer, test_loader, mean_std, external, device, out)
         return {f"{a} - {b}": paired_delta(margins[a], margins[b], labels, names, args.n_boot)
                 for a, b in pairs if a in margins and b in margins}
     held_out = deltas(margins, labels, names)
-    common.save_results(os.path.join(out, "eval.json"), results, paired_delta=held_out)
+    own = "LRCLR global+local" if trained == "LRCLR" else trained
+    common.save_results(os.path.join(out, "eval.json"), results, trained=results[own], paired_delta=held_out)
     table = zero_shot_table({c: r["zero_shot"] for c, r in results.items()}, held_out,
                             f"zero-shot AUC [bootstrap 95 % CI], held-out {args.data} test split "
                             f"({len(test_loader.dataset)} pairs), base: suite {args.image_arch} grid; "

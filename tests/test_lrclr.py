@@ -292,12 +292,14 @@ def test_three_steps_of_each_stage_and_the_comparison(demo_run):
     args = json.loads((root / "lrclr" / "args.json").read_text())
     assert args["stage"] == "lrclr" and args["init"].endswith("base") and args["lr"] == args["ft_lr"]
     saved = json.loads((root / "lrclr" / "eval.json").read_text())
-    assert set(saved) == set(result) | {"paired_delta"}
+    assert set(saved) == set(result) | {"trained", "paired_delta"}
+    assert saved["trained"] == saved["LRCLR global+local"]  # the suite's entry: the run's model, its own score
     auc, lo, hi = saved["base"]["zero_shot"]["mean"]
     assert lo <= auc <= hi and "LRCLR global+local - base" in saved["paired_delta"]
     # the base column of the lrclr run is the base run's own trained model, evaluated again
     base = json.loads((root / "base" / "eval.json").read_text())
-    assert set(base) == {"untrained", "base", "paired_delta"} and "base - untrained" in base["paired_delta"]
+    assert set(base) == {"untrained", "base", "trained", "paired_delta"} and base["trained"] == base["base"]
+    assert "base - untrained" in base["paired_delta"]
     assert saved["base"]["retrieval"] == pytest.approx(base["base"]["retrieval"], nan_ok=True)
     assert saved["base"]["zero_shot"].keys() == base["base"]["zero_shot"].keys()
     for finding, ci in saved["base"]["zero_shot"].items():
