@@ -18,10 +18,11 @@ Stage lrclr (our choice throughout), from the base checkpoint (--init RUN_DIR), 
                196), gated p~_r = sigmoid(s_r) p_r so the scorer has a gradient; gates start at ~0.5
   interaction  q_1..q_K = one pre-LN transformer block over the kept tokens (8 heads, FFN 4D, dropout 0.1, no
                positional embedding); text-guided pooling with 8 heads, d_h = D / 8:
-               beta^h_{r|j} = softmax_r((W_Q^h u_j) . (W_K^h q_r) / sqrt(d_h)),  z_{i|j} = LN(W_O [sum_r beta^h W_V^h q_r]_h)
+               beta^h_{r|j} = softmax_r((W_Q^h u_j) . (W_K^h q_r) / sqrt(d_h)),
+               z_{i|j} = LN(W_O [sum_r beta^h W_V^h q_r]_h)
                with NO residual of the text query (z would carry the text, the match would be trivial)
   scores       s^loc_ij = cos(z_{i|j}, u_j) / tau_loc (tau_loc learned, log-stored, from 0.07);  s = s^glob + s^loc
-  loss         L = L_glob + lambda_loc L_loc (+ mu mean_r sigmoid(s_r), off by default),
+  loss         lrclr_loss: L = L_glob + lambda_loc L_loc (+ mu mean_r sigmoid(s_r), off by default),
                L_loc = 1/2 [CE_rows(S^loc) + CE_rows(S^loc^T)]
   optimiser    AdamW (0.9, 0.98): lr 1e-5 / wd 1e-4 for the base, 1e-4 / 0.1 for the new layers; 500 warm-up
                steps then cosine; batch 64; 3 epochs
@@ -39,14 +40,14 @@ Commands:
   python lrclr.py --resume --stage lrclr --init RUN --out-dir runs/lrclr-XXXX             # continue a killed run
   torchrun --nproc_per_node=2 lrclr.py --max-steps 5 --ft-max-steps 5     # DDP smoke test on CPU (gloo), all stages
   python lrclr.py --bench 20 --stage base|lrclr [--preset paper --image-weights none --text-model bert-base]
-A run folder holds args.json, metrics.csv, val.csv, ckpt.pt, best.pt, image_encoder.pt, text_encoder/, eval.json,
-zero_shot.txt and (stage lrclr) viz/*.png. --stage both (the default) trains base/, control/ and lrclr/ one after
-another in one folder (also under torchrun) and evaluates them after the last; --resume continues each sub-run that
-has a ckpt.pt and starts the others. --batch-size is per process: the contrastive terms score each rank's rows
-against all gathered columns (for L_loc: the kept region tokens q and the texts u are gathered with gradient), so
-W x B pairs per step; --accum counts the whole job's micro-batches per step (each of W processes does accum / W; the
-default 1 is one per process on any number of processes). Stage lrclr needs --init (it fine-tunes that base) and
-takes the base's encoders and report pooling from its args.json.
+A run folder holds args.json, metrics.csv, val.csv, ckpt.pt, best.pt, image_encoder.pt, text_encoder/, eval.json (a
+column per model and score, and the paired differences), zero_shot.txt and (stage lrclr) viz/*.png. --stage both (the
+default) trains base/, control/ and lrclr/ one after another in one folder (also under torchrun) and evaluates them
+after the last; --resume continues each sub-run that has a ckpt.pt and starts the others. --batch-size is per
+process: the contrastive terms score each rank's rows against all gathered columns (g, u and, for L_loc, the kept
+region tokens q are gathered with gradient), so W x B pairs per step; --accum counts the whole job's micro-batches
+per step (each of W processes does accum / W; the default 1 is one per process on any number of processes). Stage
+lrclr needs --init (it fine-tunes that base) and takes the base's encoders and report pooling from its args.json.
 
 Deviations / our choices:
 - our choice: the whole architecture and recipe of stage lrclr above, and the suite's own base (stage base).
@@ -73,15 +74,13 @@ import textwrap
 from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from functools import partial
-from typing import Literal, Optional
+from typing import Literal
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from torch import nn
-from torch.utils.data import DataLoader, DistributedSampler
 
 import common
 import data
@@ -89,40 +88,18 @@ from common import arg, fp32
 
 
 @dataclass
-class Args:
+class Args(common.RunArgs):
     """LRCLR (defaults = our reconstruction of the paper's recipe; `--preset demo` is used when no --data is given)."""
-    preset: Optional[str] = arg(None, "paper | demo (default: demo without --data, else paper)")
     stage: Literal["both", "base", "lrclr"] = arg("both", "base: Stage 0 | lrclr: fine-tune --init | both: base, "
                                                           "control and lrclr in sub-folders")
     init: str = arg("", "stage lrclr: the base run folder (its best.pt or ckpt.pt, args.json and text_encoder/)")
     compare: str = arg("", "stage lrclr: also evaluate this run (e.g. the --lambda-loc 0 control) in the table")
     control: bool = arg(True, "--stage both: also train the control (the base fine-tuned with --lambda-loc 0)")
-    # data and run
-    data: str = arg("synthetic", "synthetic | synthetic-faint | mimic | csv")
-    data_root: str = arg("", "mimic: the prepare-mimic cache folder; csv: the pairs CSV")
-    train_samples: int = arg(0, "use only the first N training pairs (0 = all; synthetic: how many are generated)")
-    eval_samples: int = arg(0, "use only the first N validation / test pairs (0 = all; synthetic: 500)")
-    skip_bad: bool = arg(False, "skip unreadable / inconsistent records and count them (else stop and list them)")
-    zero_shot_csv: str = arg("", "external zero-shot set: a CSV of images (column image or Path, relative to the CSV) "
-                             "with CheXpert label columns, checked at the start and scored at the end")
-    out_dir: str = arg("", "run folder (default runs/lrclr-<stage>-<time>)")
-    resume: bool = arg(False, "continue from ckpt.pt in --out-dir")
-    max_steps: int = arg(0, "stop after this many optimizer steps (0 = no limit)")
-    bench: int = arg(0, "time N optimizer steps on synthetic data, print throughput, exit")
-    n_boot: int = arg(1000, "bootstrap resamples of the zero-shot intervals (CheXzero: 1,000)")
-    viz: int = arg(4, "stage lrclr: write gate and text->region overlays for this many test images")
-    seed: int = arg(12345, "seed (model init; data order uses seed + rank)")
-    workers: int = arg(8, "DataLoader workers per process")
-    device: str = arg("", "cuda | cpu (default: cuda if available)")
-    precision: Literal["auto", "bf16", "fp16", "fp32"] = arg("auto", "auto: bf16/fp16 on GPU, fp32 on CPU")
-    ckpt_every: int = arg(500, "write ckpt.pt every N optimizer steps (and at every epoch end)")
-    log_every: int = arg(10, "log every N optimizer steps")
     # encoders (stage lrclr takes them from the --init run)
     image_arch: str = arg("resnet50", "resnet50 | resnet18 (conv5 grid: 7x7 at 224 px) | vit_b16 | vit_tiny")
     image_weights: str = arg("imagenet", "imagenet | none | path to a state dict")
     image_size: int = arg(224, "input size")
     channels_last: bool = arg(True, "NHWC memory format for the ResNet")
-    augment: bool = arg(True, "a random crop of the training view (224 of the 256-px square), MGCA's augmentation")
     text_model: str = arg("emilyalsentzer/Bio_ClinicalBERT", "name/path, or tiny | bert-base (random init, "
                           "vocabulary from the training reports)")
     text_pool: Literal["cls", "mean"] = arg("cls", "u from the [CLS] state (CLIP-style) or the mean of the tokens")
@@ -207,14 +184,24 @@ class LRCLR(nn.Module):
         return self.text_proj((states * mask).sum(1) / mask.sum(1))
 
     def forward(self, batch):
+        """-> lrclr_loss's terms. The caller's part of the loss: the unit embeddings, the gathers across ranks (with
+        gradient) and, with the added layers, the learned local scores s^loc of own region tokens vs all gathered
+        texts and of own texts vs all gathered region tokens."""
         g, tokens, _ = self.image_features(batch["images"])
         u = self.text_features(batch)
-        terms = contrastive_terms(g, u, tokens, self.logit_scale(), getattr(self, "select", None),
-                                  getattr(self, "interact", None))
+        unit_g, unit_u = F.normalize(fp32(g), dim=-1), F.normalize(fp32(u), dim=-1)  # the model normalises (CLIP)
+        (unit_g_all, offset), (unit_u_all, _) = gather(unit_g), gather(unit_u)
+        local = {}
+        if self.local:
+            kept, _, gates = self.select(tokens)
+            regions = self.interact.block(kept)
+            (regions_all, _), (u_all, _) = gather(regions), gather(u)
+            rows = self.interact.scores(regions, u_all)[0]
+            cols = rows.T if regions_all is regions else self.interact.scores(regions_all, u)[0].T
+            local = dict(local_rows=rows, local_cols=cols, gates=gates)
         # lambda_loc = 0 (the control) zeroes a weight; every term is still computed (logged, DDP sees all parameters)
-        loss = terms["global"] + (self.args.lambda_loc * terms["local"] + self.args.mu_sparsity * terms["sparsity"]
-                                  if self.local else 0.0)
-        return dict(loss=loss, **terms)
+        return lrclr_loss(unit_g, unit_u, unit_g_all, unit_u_all, self.logit_scale(), offset, **local,
+                          lambda_loc=self.args.lambda_loc, mu_sparsity=self.args.mu_sparsity)
 
     def encode_image(self, images):
         return F.normalize(fp32(self.image_features(images)[0]), dim=-1)
@@ -230,17 +217,18 @@ class LRCLR(nn.Module):
         return g, self.interact.block(kept), index, gates, grid
 
     def pair_scores(self, g, q, u, chunk=64):
-        """g I x D, q I x K x D (or None), u T x D -> {"global": I x T, "local": I x T} in fp32, chunked over images
-        (the local score pools I x T vectors of D)."""
+        """g I x D, q I x K x D (or None), u T x D -> {"global": I x T[, "local": I x T, "global+local": their sum]}
+        in fp32, chunked over images (the local score pools I x T vectors of D)."""
         scores = {"global": self.logit_scale().float() * F.normalize(fp32(g), dim=-1) @ F.normalize(fp32(u), dim=-1).T}
         if q is not None:
             scores["local"] = torch.cat([self.interact.scores(q[s:s + chunk], u)[0] for s in range(0, len(q), chunk)])
+            scores["global+local"] = scores["global"] + scores["local"]
         return scores
 
     def score(self, images, batch):
         """The combined score s = s^glob + s^loc, images x reports (B x B)."""
         g, q, *_ = self.regions(images)
-        return sum(self.pair_scores(g, q, self.text_features(batch)).values())
+        return self.pair_scores(g, q, self.text_features(batch))["global+local"]
 
 
 class Projection(nn.Module):
@@ -343,10 +331,30 @@ class Interaction(nn.Module):
 def symmetric_ce(rows, cols, offset=0):
     """CLIP's loss from both score directions: rows B x M (own images vs all M texts), cols B x M (own texts vs all
     M images), the positive of row b at column b + offset -> 1/2 [CE_rows(rows) + CE_rows(cols)]. In one process
-    rows = S and cols = S^T; under DDP M = W x B gathered columns and offset = rank x B, and with DDP's gradient
-    averaging this equals the full-batch loss (tested)."""
+    rows = S and cols = S^T; under DDP M = W x B gathered columns and offset = rank x B."""
     labels = torch.arange(rows.shape[0], device=rows.device) + offset
     return 0.5 * (F.cross_entropy(fp32(rows), labels) + F.cross_entropy(fp32(cols), labels))
+
+
+def lrclr_loss(g, u, g_all, u_all, logit_scale, offset=0, local_rows=None, local_cols=None, gates=None,
+               lambda_loc=1.0, mu_sparsity=0.0):
+    """LRCLR's loss on this rank's B pairs, from tensors alone: L = L_glob + lambda_loc L_loc + mu_sparsity L_sp.
+    g, u B x D: this rank's image and report embeddings, L2-normalised (as open_clip's ClipLoss takes them);
+    g_all, u_all M x D: every rank's, in rank order (M = W x B, this rank's rows at offset = rank x B; in one process
+    g, u themselves and offset 0); logit_scale = exp(t):
+      L_glob = 1/2 [CE_rows(exp(t) g u_all^T) + CE_rows(exp(t) u g_all^T)]                   (CLIP)
+    and with the added layers (stage lrclr), their scores computed by the caller: local_rows B x M = s^loc of own
+    images vs all texts, local_cols B x M = s^loc of all images vs own texts, transposed; gates B x N = sigmoid(s_r):
+      L_loc = 1/2 [CE_rows(local_rows) + CE_rows(local_cols)],  L_sp = mean gates.
+    The positive of row b is column offset + b; with DDP's gradient averaging this equals the full-batch loss and
+    gradient (tested). -> dict(loss, global[, local, sparsity]), the terms unweighted."""
+    tau = 1 / logit_scale
+    terms = {"global": symmetric_ce(g @ u_all.T / tau, u @ g_all.T / tau, offset)}
+    loss = terms["global"]
+    if local_rows is not None:
+        terms.update(local=symmetric_ce(local_rows, local_cols, offset), sparsity=gates.mean())
+        loss = loss + (lambda_loc * terms["local"] + mu_sparsity * terms["sparsity"])
+    return dict(loss=loss, **terms)
 
 
 def gather(x):
@@ -354,23 +362,6 @@ def gather(x):
     if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
         return x, 0
     return common.gather_with_grad(x), dist.get_rank() * x.shape[0]
-
-
-def contrastive_terms(g, u, tokens, logit_scale, select=None, interact=None):
-    """g B x D, u B x D, tokens p B x N x D -> {"global": L_glob} and, with the added layers, "local": L_loc
-    (s^loc of own images vs all gathered texts and of own texts vs all gathered images) and "sparsity": the mean
-    gate. L_glob is common.info_nce at tau = 1 / logit scale, the two directions averaged (CLIP)."""
-    a2b, b2a = common.info_nce(g, u, 1 / logit_scale)
-    terms = {"global": 0.5 * (a2b + b2a)}
-    if select is None:
-        return terms
-    kept, _, gates = select(tokens)
-    regions = interact.block(kept)
-    (regions_all, offset), (texts_all, _) = gather(regions), gather(u)
-    rows = interact.scores(regions, texts_all)[0]
-    cols = rows.T if regions_all is regions else interact.scores(regions_all, u)[0].T
-    terms.update(local=symmetric_ce(rows, cols, offset), sparsity=gates.mean())
-    return terms
 
 
 # ==== TRAINING: data, loop, evaluation ====
@@ -423,7 +414,7 @@ def load_run(model, run_dir):
 
 def param_groups(model, args):
     """AdamW groups: stage base one lr and wd; stage lrclr the base at ft_lr / ft_weight_decay (args.lr and
-    args.weight_decay after main's replace) and the new layers at ft_lr_new / ft_weight_decay_new; the temperatures
+    args.weight_decay after stage_args) and the new layers at ft_lr_new / ft_weight_decay_new; the temperatures
     without weight decay."""
     groups = {}
     for name, p in model.named_parameters():
@@ -434,76 +425,42 @@ def param_groups(model, args):
             for (new, temp), ps in groups.items()]
 
 
-def datasets(args):
-    data.check_data_root(args.data, args.data_root)
-
-    def dataset(split, num_samples):
-        return data.make_dataset(args.data, args.data_root, split, args.image_size, train=split == "train",
-                                 num_samples=num_samples or None, skip_bad=args.skip_bad)
-    train_set = dataset("train", args.train_samples)
-    val_set, test_set = dataset("validate", args.eval_samples), dataset("test", args.eval_samples)
-    return train_set, val_set, test_set, (train_set.mean, train_set.std), report_tokenizer(args, train_set)
-
-
-def loaders(args, ddp, tokenizer, train_set, val_set, test_set):
-    sampler = common.ResumableSampler(train_set, ddp.world_size, ddp.rank, shuffle=True, seed=args.seed,
-                                      drop_last=True)
-    collate = partial(data.collate, tokenizer=tokenizer, max_length=args.max_length)
-    train = DataLoader(train_set, args.batch_size, sampler=sampler, num_workers=args.workers, drop_last=True,
-                       collate_fn=collate, generator=torch.Generator(), pin_memory=ddp.device.type == "cuda")
-    val = DataLoader(val_set, args.batch_size, num_workers=args.workers, collate_fn=collate,
-                     sampler=DistributedSampler(val_set, ddp.world_size, ddp.rank, shuffle=False, drop_last=True))
-    test = DataLoader(test_set, args.batch_size, collate_fn=collate, num_workers=args.workers)
-    return sampler, train, val, test
-
-
 def finding_labels(batch):
     return (torch.stack([m.flatten(1).any(1) for m in batch["masks"]]).float() if "masks" in batch
             else batch["labels"][:, 1:])
 
 
+def image_side(model, images, local):
+    """-> g B x D and, with `local` (the added layers), the region tokens q B x K x D, else None."""
+    return model.regions(images)[:2] if local else (model.image_features(images)[0], None)
+
+
 @torch.no_grad()
 def evaluate(model, loader, tokenizer, device, local=True, n_boot=1000):
-    """Held-out pairs -> ({score kind: (metrics, CIs, margins N x C)}, labels, names) for the kinds global (and
-    with local and the added layers: local, global+local): retrieval R@1/5/10 both ways on the split's pairs,
-    zero-shot AUC with bootstrap 95 % intervals per finding and for their mean."""
+    """Held-out pairs, in fp32 -> ({kind: dict(retrieval, zero_shot, checks)}, {kind: zero-shot margins N x C},
+    labels N x C, names) for the score kinds global (and with `local` and the added layers: local, global+local):
+    retrieval R@1/5/10 both ways on the split's pairs, zero-shot AUC with bootstrap 95 % intervals per finding and for
+    their mean (the margin s(x, "c") - s(x, "no c"): CheXzero's pair softmax)."""
     model.eval()
     local = local and model.local
     g, q, u, labels = [], [], [], []
     for batch in loader:
         b = common.to_device(batch, device)
-        if local:
-            feats = model.regions(b["images"])
-            g.append(feats[0])
-            q.append(feats[1])
-        else:
-            g.append(model.image_features(b["images"])[0])
+        image_g, image_q = image_side(model, b["images"], local)
+        g.append(image_g)
+        q.append(image_q)
         u.append(model.text_features(b))
         labels.append(finding_labels(batch))
-    g, u, q, labels = torch.cat(g), torch.cat(u), torch.cat(q) if q else None, torch.cat(labels)
+    g, q, u, labels = torch.cat(g), torch.cat(q) if local else None, torch.cat(u), torch.cat(labels)
     names, phrases = data.zero_shot_findings("masks" in batch)
-    prompts = [model.text_features(common.to_device(data.prompt_batch(p, tokenizer), device))
-               for p in (phrases, [f"no {p}" for p in phrases])]
-    pair, pos, neg = model.pair_scores(g, q, u), model.pair_scores(g, q, prompts[0]), model.pair_scores(g, q, prompts[1])
-    if q is not None:
-        for s in (pair, pos, neg):
-            s["global+local"] = s["global"] + s["local"]
-    out = {}
-    for kind in pair:
-        metrics = {f"i2t_{k}": v for k, v in common.recall_at_k(pair[kind]).items()}
-        metrics.update({f"t2i_{k}": v for k, v in common.recall_at_k(pair[kind].T).items()})
-        ci = common.zero_shot_auc_ci(pos[kind], neg[kind], labels, names, n_boot)
-        margins = (pos[kind] - neg[kind]).cpu().double().numpy()
-        lo, hi = common.bootstrap_ci(mean_auc, margins, labels.numpy(), n=n_boot)
-        ci["mean"] = (mean_auc(margins, labels.numpy()), lo, hi)
-        out[kind] = (dict(metrics, **{f"auc_{n}": v[0] for n, v in ci.items()}), ci, margins)
-    return out, labels.numpy(), names
-
-
-def mean_auc(margins, labels):
-    """The mean zero-shot AUC over the findings that have both outcomes (margins, labels N x C)."""
-    values = [common.roc_auc(margins[:, c], labels[:, c]) for c in range(labels.shape[1])]
-    return float(np.nanmean(values)) if not all(map(math.isnan, values)) else math.nan
+    pos, neg = (model.pair_scores(g, q, model.text_features(common.to_device(data.prompt_batch(p, tokenizer), device)))
+                for p in (phrases, [f"no {p}" for p in phrases]))
+    results = {kind: dict(retrieval={f"{way}_{k}": v for way, sim in (("i2t", pair), ("t2i", pair.T))
+                                     for k, v in common.recall_at_k(sim).items()},
+                          zero_shot=common.zero_shot_summary(pos[kind], neg[kind], labels, names, n_boot), checks={})
+               for kind, pair in model.pair_scores(g, q, u).items()}
+    margins = {kind: (pos[kind].double() - neg[kind].double()).cpu().numpy() for kind in pos}
+    return results, margins, labels.numpy(), names
 
 
 def paired_delta(a, b, labels, names, n_boot=1000):
@@ -515,7 +472,7 @@ def paired_delta(a, b, labels, names, n_boot=1000):
         value = delta(a[:, c], b[:, c], labels[:, c])
         out[name] = (value, math.nan, math.nan) if math.isnan(value) else (
             value, *common.bootstrap_ci(delta, a[:, c], b[:, c], labels[:, c], n=n_boot))
-    mean = lambda x, y, t: mean_auc(x, t) - mean_auc(y, t)  # noqa: E731
+    mean = lambda x, y, t: common.mean_auc(x, t) - common.mean_auc(y, t)  # noqa: E731
     out["mean"] = (mean(a, b, labels), *common.bootstrap_ci(mean, a, b, labels, n=n_boot))
     return out
 
@@ -535,19 +492,16 @@ def zero_shot_table(ci, deltas, title):
 def zero_shot_scores(model, images, prompts, local=True):
     """common.external_zero_shot's score: pair_scores of the images against the prompts, as evaluate scores them:
     global, and with the added layers (and `local`) also local and global+local."""
-    local = local and model.local
-    g, q = model.regions(images)[:2] if local else (model.image_features(images)[0], None)
-    scores = model.pair_scores(g, q, model.text_features(prompts))
-    if q is not None:
-        scores["global+local"] = scores["global"] + scores["local"]
-    return scores
+    return model.pair_scores(*image_side(model, images, local and model.local), model.text_features(prompts))
 
 
 def finish(args, model, tokenizer, test_loader, mean_std, external, device, out):
     """The end of a run, once the best-validation model is exported: the comparison. Stage base: untrained vs
     trained (global score). Stage lrclr: its base (--init), the control (--compare) and LRCLR's three scores, with
-    the paired differences; the table goes to zero_shot.txt and everything to eval.json; the same comparison on the
-    --zero-shot-csv set (`external`, or None); then the overlays."""
+    the paired differences; the table goes to zero_shot.txt and everything to eval.json (common.save_results: a
+    column per model and score, "trained": this run's model under the score it reports, as in every method's
+    eval.json, and "paired_delta"); the same comparison on the --zero-shot-csv set (`external`, or None); then the
+    overlays. -> eval.json's columns."""
     common.seed_everything(args.seed)
     if model.local:
         others = [("base", args.init), ("control", args.compare)]
@@ -555,32 +509,34 @@ def finish(args, model, tokenizer, test_loader, mean_std, external, device, out)
     else:
         others = [("untrained", LRCLR(args, tokenizer).to(device))]  # the initialisation the training started from
     trained = ("LRCLR" if args.lambda_loc > 0 else "control") if model.local else "base"
-    evals = {name: evaluate(m, test_loader, tokenizer, device, args.lambda_loc > 0, args.n_boot)  # the control: global
-             for name, m in others + [(trained, model)]}
-    labels, names = evals[trained][1:]
-    columns = {n if len(res) == 1 else f"{n} {k}": r for n, (res, *_) in evals.items() for k, r in res.items()}
-    ci = {n: r[1] for n, r in columns.items()}
+    models = dict(others + [(trained, model)])
+    results, margins = {}, {}
+    for name, m in models.items():  # the control: global score only
+        found, margin, labels, names = evaluate(m, test_loader, tokenizer, device, args.lambda_loc > 0, args.n_boot)
+        for kind in found:
+            column = name if len(found) == 1 else f"{name} {kind}"
+            results[column], margins[column] = found[kind], margin[kind]
     pairs = ([("LRCLR global+local", "base"), ("LRCLR local", "base"), ("LRCLR global+local", "control"),
               ("control", "base")] if model.local else [("base", "untrained")])
-    deltas = {f"{a} - {b}": paired_delta(columns[a][2], columns[b][2], labels, names, args.n_boot)
-              for a, b in pairs if a in columns and b in columns}
-    short = {"LRCLR global": "LRCLR glob", "LRCLR global+local": "LRCLR g+l"}  # the printed table's 12-char columns
-    common.print_comparison({short.get(n, n): r[0] for n, r in columns.items()})
-    table = zero_shot_table(ci, deltas, f"zero-shot AUC [bootstrap 95 % CI], held-out {args.data} test split "
+
+    def deltas(margins, labels, names):  # paired bootstrap intervals of the pairs of columns that exist
+        return {f"{a} - {b}": paired_delta(margins[a], margins[b], labels, names, args.n_boot)
+                for a, b in pairs if a in margins and b in margins}
+    held_out = deltas(margins, labels, names)
+    own = "LRCLR global+local" if trained == "LRCLR" else trained
+    common.save_results(os.path.join(out, "eval.json"), results, trained=results[own], paired_delta=held_out)
+    table = zero_shot_table({c: r["zero_shot"] for c, r in results.items()}, held_out,
+                            f"zero-shot AUC [bootstrap 95 % CI], held-out {args.data} test split "
                             f"({len(test_loader.dataset)} pairs), base: suite {args.image_arch} grid; "
                             "differences are paired bootstrap intervals:")
     print(table)
     with open(os.path.join(out, "zero_shot.txt"), "w") as f:
         f.write(table + "\n")
-    with open(os.path.join(out, "eval.json"), "w") as f:
-        json.dump(dict(metrics={n: r[0] for n, r in columns.items()}, zero_shot_ci=ci, paired_delta=deltas), f, indent=1)
     if external is not None:  # the claim's test: the same columns and differences on images it never trained on
-        zero_shot = common.external_zero_shot(dict(others + [(trained, model)]), external, tokenizer, device,
+        zero_shot = common.external_zero_shot(models, external, tokenizer, device,
                                               partial(zero_shot_scores, local=args.lambda_loc > 0), args.n_boot,
                                               args.workers)
-        external_deltas = {f"{a} - {b}": paired_delta(zero_shot["margins"][a], zero_shot["margins"][b],
-                                                      zero_shot["labels"], zero_shot["names"], args.n_boot)
-                           for a, b in pairs if a in zero_shot["margins"] and b in zero_shot["margins"]}
+        external_deltas = deltas(zero_shot["margins"], zero_shot["labels"], zero_shot["names"])
         common.save_external_zero_shot(out, external, zero_shot["ci"], paired_delta=external_deltas)
         table = zero_shot_table(zero_shot["ci"], external_deltas, f"zero-shot AUC [bootstrap 95 % CI] on "
                                 f"{args.zero_shot_csv} ({len(external)} images); differences are paired intervals:")
@@ -590,7 +546,7 @@ def finish(args, model, tokenizer, test_loader, mean_std, external, device, out)
     if model.local and args.viz:
         write_viz(model, next(iter(test_loader)), tokenizer, os.path.join(out, "viz"), *mean_std, args.viz, device)
     print(f"run folder: {out}")
-    return {n: r[0] for n, r in columns.items()}
+    return results
 
 
 def grid_map(values, index, n):
@@ -638,42 +594,58 @@ def write_viz(model, batch, tokenizer, folder, mean, std, n, device):
         canvas.save(os.path.join(folder, f"sample{i}.png"))
 
 
-def run_both(args, argv, ddp):
-    """--stage both (the demo): base/, then control/ (lambda_loc 0, if --control) and lrclr/ from base/, trained one
-    after another in the same process group (so torchrun runs it too) -> their train() results, evaluated after the
-    last. --resume continues each sub-run that has a ckpt.pt and starts the others (a run killed during base)."""
+def run_both(args, argv):
+    """--stage both (the demo): base/, then control/ (lambda_loc 0, if --control) and lrclr/ from base/, each one
+    main() in the one process group (so torchrun runs it too), all evaluated after the last, on rank 0 alone.
+    --resume continues each sub-run that has a ckpt.pt and starts the others (a run killed during base)."""
+    ddp = common.setup_distributed(args.device or None)
     root = common.run_folder(args.out_dir, "lrclr", ddp)
     argv = [a for a in argv if a not in ("--resume", "--no-resume")]
 
     def stage(name, *flags):
         folder = os.path.join(root, name)
         resume = ["--resume"] if args.resume and os.path.exists(os.path.join(folder, "ckpt.pt")) else []
-        sub = common.parse_args(Args, PRESETS, [*argv, "--out-dir", folder, *flags, *resume], default_preset="demo")
-        return train(stage_args(sub), ddp)
+        return main([*argv, "--out-dir", folder, *flags, *resume], ddp)
     runs = [stage("base", "--stage", "base")]
     lrclr_flags = ["--stage", "lrclr", "--init", os.path.join(root, "base")]
     if args.control:
         runs.append(stage("control", *lrclr_flags, "--lambda-loc", "0", "--viz", "0"))
         lrclr_flags += ["--compare", os.path.join(root, "control")]
-    return runs + [stage("lrclr", *lrclr_flags)]
+    runs.append(stage("lrclr", *lrclr_flags))
+    common.cleanup_distributed()  # from here on rank 0 alone, with no collective
+    if not ddp.is_main:
+        return None
+    result = None
+    for run in runs:
+        with common.after_training(run[-1]):
+            result = finish(*run)
+    return result
 
 
-def train(args, ddp):
-    """One stage's training run in its folder; rank 0 ends it with ckpt.pt and the exported best-validation model
-    (which the next stage of --stage both starts from), then every rank meets. -> what finish() takes."""
+def main(argv=None, ddp=None):
+    """One stage: train, export the best-validation model, evaluate. --stage both: run_both, which calls this for
+    each stage with its process group `ddp`; such a stage returns finish()'s arguments instead (run_both evaluates)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = common.parse_args(Args, PRESETS, argv, default_preset="demo")
+    if args.bench:  # N timed optimizer steps without accumulation after one warm-up step
+        args = common.bench_args(args, accum=1, ckpt_every=0, stage="lrclr" if args.stage == "both" else args.stage)
+    if args.stage == "both":
+        return run_both(args, argv)
+    args, one_of_both = stage_args(args), ddp is not None
+    ddp = ddp or common.setup_distributed(args.device or None)
     dev, amp = ddp.device, common.amp_dtype(ddp.device, args.precision)
     micro_per_step = common.micro_batches_per_step(args.accum, ddp.world_size, args.batch_size)
     out = common.run_folder(args.out_dir, f"lrclr-{args.stage}", ddp, args)
     ckpt_path, best_path = os.path.join(out, "ckpt.pt"), os.path.join(out, "best.pt")
-    train_set, val_set, test_set, (mean, std), tokenizer = datasets(args)
-    external = (data.LabelledImages(args.zero_shot_csv, args.image_size, mean, std, args.skip_bad)
-                if args.zero_shot_csv else None)  # checked now: a bad file stops the run before training, not after
+    own_tokenizer = partial(report_tokenizer, args)  # stage lrclr: the --init run's
+    train_set, val_set, test_set, (mean, std), tokenizer, external = common.datasets(args, own_tokenizer)
     common.seed_everything(args.seed)  # the same initial model on every rank
     model = LRCLR(args, tokenizer)
     if args.init:
         load_run(model, args.init)
     model.to(dev)
-    sampler, loader, val_loader, test_loader = loaders(args, ddp, tokenizer, train_set, val_set, test_set)
+    collate = partial(data.collate, tokenizer=tokenizer, max_length=args.max_length)
+    sampler, loader, val_loader, test_loader = common.loaders(args, ddp, train_set, val_set, test_set, collate)
     augment = data.crop_augment(args.image_size, mean, std).to(dev) if args.augment else None
     n_micro = sampler.num_samples // args.batch_size
     steps_per_epoch = math.ceil(n_micro / micro_per_step)
@@ -753,30 +725,17 @@ def train(args, ddp):
         common.load_best(model, best_path)
         common.export_encoders(out, model.image_encoder, model.text_encoder, tokenizer, mean, std, args.image_size,
                                "lrclr", args)
-    if ddp.distributed:
-        dist.barrier()  # the next stage of --stage both reads this one's files
-    return args, model, tokenizer, test_loader, (mean, std), external, dev, out
-
-
-def main(argv=None):
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = common.parse_args(Args, PRESETS, argv, default_preset="demo")
-    if args.bench:  # N timed optimizer steps without accumulation after one warm-up step
-        args = common.bench_args(args, accum=1, ckpt_every=0, stage="lrclr" if args.stage == "both" else args.stage)
-    ddp = common.setup_distributed(args.device or None)
-    runs = run_both(args, argv, ddp) if args.stage == "both" else [train(stage_args(args), ddp)]
+    run = (args, model, tokenizer, test_loader, (mean, std), external, dev, out)
+    if one_of_both:
+        if ddp.distributed:
+            dist.barrier()  # the next stage reads this one's files
+        return run
     common.cleanup_distributed()  # from here on rank 0 alone, with no collective
-    if not ddp.is_main:
-        return None
-    if args.bench:
-        run_args, *_, dev, out = runs[0]
-        return common.print_bench(out, run_args.batch_size * ddp.world_size, dev,
-                                  common.amp_dtype(dev, run_args.precision))
-    result = None
-    for run in runs:
-        with common.after_training(run[-1]):
-            result = finish(*run)
-    return result
+    if ddp.is_main and args.bench:
+        return common.print_bench(out, args.batch_size * ddp.world_size, dev, amp)
+    if ddp.is_main:
+        with common.after_training(out):
+            return finish(*run)
 
 
 if __name__ == "__main__":

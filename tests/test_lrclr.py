@@ -1,10 +1,12 @@
-"""LRCLR tests (CPU, tiny shapes): the top-K gate's gradients, the pooling without text residual, scores and losses
-against written-out references, DDP equivalence, base -> lrclr main() runs, export, resume, NaN stop."""
+"""LRCLR tests (CPU, tiny shapes): the top-K gate's gradients, the pooling without text residual, scores and the pure
+loss against written-out references and the forward, DDP equivalence, base -> lrclr main() runs, export, resume, NaN
+stop."""
 import json
 import math
 import os
 import socket
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -136,36 +138,85 @@ def test_symmetric_ce_and_the_terms_against_written_out_references():
     want = 0.5 * (hand_ce(rows.tolist(), 2) + hand_ce(cols.tolist(), 2))
     assert lrclr.symmetric_ce(rows, cols, offset=2).item() == pytest.approx(want, rel=1e-6)
 
-    select, interact = lrclr.RegionSelection(8, 2, 16), lrclr.Interaction(8, 2, 0.0).eval()
-    g, u, tokens = torch.randn(3, 8), torch.randn(3, 8), torch.randn(3, 5, 8)
-    terms = lrclr.contrastive_terms(g, u, tokens, torch.tensor(14.0), select, interact)
+    g, u = F.normalize(torch.randn(3, 8), dim=-1), F.normalize(torch.randn(3, 8), dim=-1)  # unit embeddings
+    rows, cols, gates = torch.randn(3, 3), torch.randn(3, 3), torch.rand(3, 5)
+    terms = lrclr.lrclr_loss(g, u, g, u, torch.tensor(14.0), 0, rows, cols, gates, lambda_loc=0.5, mu_sparsity=0.1)
     G = [[14.0 * cos(g[i], u[j]) for j in range(3)] for i in range(3)]
     assert terms["global"].item() == pytest.approx(0.5 * (hand_ce(G) + hand_ce(transpose(G))), rel=1e-5)
-    kept, _, gates = select(tokens)
-    z, _ = interact.pool(interact.block(kept), u)
-    L = [[cos(z[i, j], u[j]) / 0.07 for j in range(3)] for i in range(3)]
-    assert terms["local"].item() == pytest.approx(0.5 * (hand_ce(L) + hand_ce(transpose(L))), rel=1e-4)
+    assert terms["local"].item() == pytest.approx(0.5 * (hand_ce(rows.tolist()) + hand_ce(cols.tolist())), rel=1e-5)
     assert terms["sparsity"].item() == pytest.approx(gates.mean().item())
-    assert set(lrclr.contrastive_terms(g, u, tokens, torch.tensor(14.0))) == {"global"}  # stage base
+    want = terms["global"] + 0.5 * terms["local"] + 0.1 * terms["sparsity"]
+    assert terms["loss"].item() == pytest.approx(want.item(), rel=1e-6)
+    base = lrclr.lrclr_loss(g, u, g, u, torch.tensor(14.0))  # stage base: the global term alone
+    assert set(base) == {"loss", "global"} and torch.equal(base["loss"], terms["global"])
+    # rank 1 of 2: own rows 3..5 of the gathered columns, the positives at offset 3
+    g_all = torch.cat([F.normalize(torch.randn(3, 8), dim=-1), g])
+    u_all = torch.cat([F.normalize(torch.randn(3, 8), dim=-1), u])
+    rows, cols = torch.randn(3, 6), torch.randn(3, 6)
+    terms = lrclr.lrclr_loss(g, u, g_all, u_all, torch.tensor(14.0), 3, rows, cols, gates)
+    G = [[14.0 * cos(g[i], u_all[j]) for j in range(6)] for i in range(3)]
+    H = [[14.0 * cos(u[i], g_all[j]) for j in range(6)] for i in range(3)]
+    assert terms["global"].item() == pytest.approx(0.5 * (hand_ce(G, 3) + hand_ce(H, 3)), rel=1e-5)
+    assert terms["local"].item() == pytest.approx(0.5 * (hand_ce(rows.tolist(), 3) + hand_ce(cols.tolist(), 3)),
+                                                  rel=1e-5)
+
+
+def test_the_pure_loss_gives_the_forward_terms_and_reaches_no_module_or_process_group(monkeypatch):
+    """lrclr_loss on the tensors the forward computes = the forward's terms; called again on the same tensors, the
+    same values, the inputs untouched; and it never asks torch.distributed anything."""
+    args = common.parse_args(lrclr.Args, lrclr.PRESETS, TINY + ["--stage", "lrclr", "--lambda-loc", "0.5",
+                                                                 "--mu-sparsity", "0.1"])
+    tokenizer = common_tokenizer()
+    import data
+    ds = data.make_dataset("synthetic", split="train", image_size=64, train=True, num_samples=4)
+    batch = data.collate([ds[i] for i in range(4)], tokenizer, max_length=64)
+    torch.manual_seed(0)
+    model = lrclr.LRCLR(args, tokenizer).eval()  # eval: no dropout, the BatchNorms' running statistics
+    with torch.no_grad():
+        model.interact.log_tau.fill_(math.log(0.1))
+        terms = model(batch)
+        g, tokens, _ = model.image_features(batch["images"])
+        u = model.text_features(batch)
+        kept, _, gates = model.select(tokens)
+        rows = model.interact.scores(model.interact.block(kept), u)[0]
+    g, u = F.normalize(g, dim=-1), F.normalize(u, dim=-1)
+    inputs = (g, u, g, u, model.logit_scale().detach(), 0, rows, rows.T, gates)
+    before = [x.clone() if torch.is_tensor(x) else x for x in inputs]
+
+    def no_process_group(*a, **k):
+        raise AssertionError("the loss asked torch.distributed")
+    for name in ("is_available", "is_initialized", "get_rank", "get_world_size"):
+        monkeypatch.setattr(torch.distributed, name, no_process_group)
+    first = lrclr.lrclr_loss(*inputs, lambda_loc=0.5, mu_sparsity=0.1)
+    again = lrclr.lrclr_loss(*inputs, lambda_loc=0.5, mu_sparsity=0.1)
+    assert list(first) == list(terms) == ["loss", "global", "local", "sparsity"]
+    for k in terms:
+        assert torch.equal(first[k], terms[k]) and torch.equal(again[k], first[k]), k
+    assert all(torch.equal(x, y) if torch.is_tensor(x) else x == y for x, y in zip(inputs, before))
+    assert first["loss"].item() == pytest.approx((first["global"] + 0.5 * first["local"]
+                                                  + 0.1 * first["sparsity"]).item(), rel=1e-6)
 
 
 # ---------- DDP: 2 gloo processes equal one process on the full batch ----------
-class TinyLRCLR(nn.Module):
-    """Linear 'encoders' (cells B x 5 x 3 -> tokens, text B x 4 -> u) in front of the real added layers."""
+class TinyLRCLR(lrclr.LRCLR):
+    """LRCLR's forward (gathers, added layers, lrclr_loss) behind linear 'encoders' (cells B x 5 x 3 -> tokens,
+    text B x 4 -> u)."""
 
     def __init__(self):
-        super().__init__()
+        nn.Module.__init__(self)
         torch.manual_seed(0)
+        self.args, self.local = SimpleNamespace(lambda_loc=1.0, mu_sparsity=0.5), True
         self.image, self.text = nn.Linear(3, 8), nn.Linear(4, 8)
         self.log_logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
         self.select, self.interact = lrclr.RegionSelection(8, 2, 6), lrclr.Interaction(8, 2, dropout=0.0)
         nn.init.normal_(self.select.mlp[2].weight)  # spread gates: the selection differs per image
 
-    def forward(self, cells, reports):
+    def image_features(self, cells):
         tokens = self.image(cells)
-        terms = lrclr.contrastive_terms(tokens.mean(1), self.text(reports), tokens, self.log_logit_scale.exp(),
-                                        self.select, self.interact)
-        return terms, terms["global"] + terms["local"] + 0.5 * terms["sparsity"]
+        return tokens.mean(1), tokens, None
+
+    def text_features(self, batch):
+        return self.text(batch["reports"])
 
 
 def _inputs():
@@ -182,8 +233,8 @@ def _ddp_worker(rank, world, port, out_dir):
         cells, reports = _inputs()
         rows = slice(3 * rank, 3 * rank + 3)
         model = nn.parallel.DistributedDataParallel(TinyLRCLR())  # averages the gradients over the ranks
-        terms, loss = model(cells[rows], reports[rows])
-        loss.backward()
+        terms = model(dict(images=cells[rows], reports=reports[rows]))
+        terms["loss"].backward()
         means = {k: v.detach().clone() for k, v in terms.items()}
         for v in means.values():
             torch.distributed.all_reduce(v)
@@ -199,8 +250,9 @@ def test_ddp_local_and_global_losses_and_gradients_equal_the_full_batch(tmp_path
     torch.set_default_dtype(torch.float64)
     try:
         model = TinyLRCLR()
-        terms, loss = model(*_inputs())
-        loss.backward()
+        cells, reports = _inputs()
+        terms = model(dict(images=cells, reports=reports))
+        terms["loss"].backward()
     finally:
         torch.set_default_dtype(dtype)
     with socket.socket() as s:
@@ -231,18 +283,27 @@ def demo_run(tmp_path_factory):
 def test_three_steps_of_each_stage_and_the_comparison(demo_run):
     root, result = demo_run
     assert {"base", "control", "LRCLR global", "LRCLR local", "LRCLR global+local"} == set(result)
-    assert {"i2t_R@1", "t2i_R@5", "auc_effusion", "auc_mean"} <= set(result["LRCLR global+local"])
+    assert {"i2t_R@1", "t2i_R@5"} <= set(result["LRCLR global+local"]["retrieval"])
+    assert {"effusion", "mean"} <= set(result["LRCLR global+local"]["zero_shot"])
+    assert result["LRCLR global+local"]["checks"] == {}
     for stage in ("base", "control", "lrclr"):
         assert common.load_checkpoint(root / stage / "ckpt.pt")["step"] == 3
     assert not any(k.startswith(lrclr.NEW_LAYERS) for k in common.load_checkpoint(root / "base" / "ckpt.pt")["model"])
     args = json.loads((root / "lrclr" / "args.json").read_text())
     assert args["stage"] == "lrclr" and args["init"].endswith("base") and args["lr"] == args["ft_lr"]
     saved = json.loads((root / "lrclr" / "eval.json").read_text())
-    auc, lo, hi = saved["zero_shot_ci"]["base"]["mean"]
+    assert set(saved) == set(result) | {"trained", "paired_delta"}
+    assert saved["trained"] == saved["LRCLR global+local"]  # the suite's entry: the run's model, its own score
+    auc, lo, hi = saved["base"]["zero_shot"]["mean"]
     assert lo <= auc <= hi and "LRCLR global+local - base" in saved["paired_delta"]
     # the base column of the lrclr run is the base run's own trained model, evaluated again
-    base = json.loads((root / "base" / "eval.json").read_text())["metrics"]["base"]
-    assert saved["metrics"]["base"] == pytest.approx(base, nan_ok=True)
+    base = json.loads((root / "base" / "eval.json").read_text())
+    assert set(base) == {"untrained", "base", "trained", "paired_delta"} and base["trained"] == base["base"]
+    assert "base - untrained" in base["paired_delta"]
+    assert saved["base"]["retrieval"] == pytest.approx(base["base"]["retrieval"], nan_ok=True)
+    assert saved["base"]["zero_shot"].keys() == base["base"]["zero_shot"].keys()
+    for finding, ci in saved["base"]["zero_shot"].items():
+        assert ci == pytest.approx(base["base"]["zero_shot"][finding]), finding
     assert "| finding | base | control |" in (root / "lrclr" / "zero_shot.txt").read_text()
     assert sorted(os.listdir(root / "lrclr" / "viz")) == ["sample0.png", "sample1.png"]
 
@@ -333,13 +394,13 @@ def test_param_groups_follow_the_two_learning_rates(tmp_path):
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
-    calls, info_nce = [], common.info_nce
+    calls, lrclr_loss = [], lrclr.lrclr_loss
 
     def nan_from_third_call(*args, **kwargs):
         calls.append(1)
-        a2b, b2a = info_nce(*args, **kwargs)
-        return (a2b * float("nan"), b2a) if len(calls) >= 3 else (a2b, b2a)
-    monkeypatch.setattr(common, "info_nce", nan_from_third_call)
+        terms = lrclr_loss(*args, **kwargs)
+        return dict(terms, loss=terms["loss"] * float("nan")) if len(calls) >= 3 else terms
+    monkeypatch.setattr(lrclr, "lrclr_loss", nan_from_third_call)
     with pytest.raises(FloatingPointError, match="non-finite loss"):
         lrclr.main(TINY + ["--stage", "base", "--out-dir", str(tmp_path), "--ckpt-every", "1"])
     assert common.load_checkpoint(tmp_path / "ckpt.pt")["step"] == 2
