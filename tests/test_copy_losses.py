@@ -29,6 +29,7 @@ COPY = {
     "joimternet": ("joimternet.joimternet_loss", [
         "F", "checkpoint", "common.fp32", "common.cosine", "common.word_region_attention", "common.word_region_score",
         "common.word_region_matrix", "joimternet.global_ce", "joimternet.local_ce", "joimternet.triplet_terms"]),
+    "lrclr": ("lrclr.lrclr_loss", ["F", "common.fp32", "lrclr.symmetric_ce"]),
     "reclf": ("reclf.reclf_loss", ["F", "reclf.pair_ce"]),
     "place": ("place.place_loss", ["F", "common.fp32", "common.mgca_tca", "common._clipped_weights",
                                    "common._weighted_diagonal_ce", "place.ita_loss", "place.pcma_loss",
@@ -67,6 +68,15 @@ def joimternet_inputs(g):
     return dict(v=r(B, D), V=r(B, R, D), e=r(B, D), E=r(B, L, D), M=mask, neg=torch.tensor([1, 2, 3, 0]))
 
 
+def lrclr_inputs(g):
+    B, D, N = 4, 8, 6
+    unit = lambda *shape: torch.nn.functional.normalize(torch.randn(*shape, generator=g), dim=-1)
+    g_img, u_txt = unit(B, D), unit(B, D)
+    return dict(g=g_img, u=u_txt, g_all=g_img, u_all=u_txt, logit_scale=torch.tensor(14.3),
+                local_rows=torch.randn(B, B, generator=g), local_cols=torch.randn(B, B, generator=g),
+                gates=torch.rand(B, N, generator=g), lambda_loc=1.0, mu_sparsity=0.1)
+
+
 def reclf_inputs(g):
     r = lambda: torch.randn(4, 4, generator=g)
     return dict(global_rows=r(), global_cols=r(), rel_rows=r().sigmoid(), rel_cols=r().sigmoid(), lse_rows=r(),
@@ -82,7 +92,8 @@ def place_inputs(g):
                 u=r(B, K, E), cce_tokens=(r(B, N, 6), r(B, N, E)))
 
 
-INPUTS = dict(lovt=lovt_inputs, joimternet=joimternet_inputs, reclf=reclf_inputs, place=place_inputs)
+INPUTS = dict(lovt=lovt_inputs, joimternet=joimternet_inputs, lrclr=lrclr_inputs, reclf=reclf_inputs,
+              place=place_inputs)
 
 
 @pytest.mark.parametrize("method", sorted(COPY))
