@@ -12,7 +12,7 @@ losses. Read top to bottom:
                  word_region_attention / _score / _matrix (AttnGAN DAMSM, chunked over reports);
                  mgca_tca (MGCA's token-wise alignment within each pair)
 4. metrics       recall_at_k, block_recall_at_k, precision_at_k, roc_auc, bootstrap_ci, zero_shot_auc(_ci),
-                 mean_auc; external_zero_shot / save_external_zero_shot (--zero-shot-csv: a labelled set
+                 mean_auc; external_zero_shot / save_external_zero_shot / score_external (--zero-shot-csv: a set
                  other than the training data, each method's own score)
 5. plumbing      arg/parse_args, setup_distributed, run_folder, seeding, AMP, LR schedules, checkpoints and resume,
                  ResumableSampler, to_device, Logger, check_finite, bench report, encoder export/import,
@@ -815,6 +815,15 @@ def external_zero_shot(models, dataset, tokenizer, device, score=global_zero_sho
                       *bootstrap_ci(mean_auc, margin, result["labels"], n=n_boot))
         result["ci"][column] = ci
     return result
+
+
+def score_external(out: str, external, models: dict, tokenizer, device, args, score=global_zero_shot_scores):
+    """The end of a run with --zero-shot-csv: external_zero_shot of the models (untrained, trained) on the set at
+    --n-boot with --workers, printed and added to out/eval.json (save_external_zero_shot); nothing without a set."""
+    if external is not None:
+        zero_shot = external_zero_shot(models, external, tokenizer, device, score, n_boot=args.n_boot,
+                                       workers=args.workers)
+        save_external_zero_shot(out, external, zero_shot["ci"])
 
 
 def save_external_zero_shot(out: str, dataset, ci: dict, **extra):

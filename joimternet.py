@@ -628,10 +628,7 @@ def finish(args, model, tokenizer, loader, mean_std, device, out, started, exter
     print(f"\nheld-out {args.data} test split ({len(loader['test'].dataset)} pairs), trained {trained_in:.0f}s, "
           f"total {time.time() - started:.0f}s")
     common.save_results(os.path.join(out, "eval.json"), results)
-    if external is not None:
-        zero_shot = common.external_zero_shot(dict(untrained=untrained, trained=model), external, tokenizer, device,
-                                              n_boot=args.n_boot, workers=args.workers)
-        common.save_external_zero_shot(out, external, zero_shot["ci"])
+    common.score_external(out, external, dict(untrained=untrained, trained=model), tokenizer, device, args)
     print(f"run folder: {out} (word->region maps in viz/)")
     return results
 

@@ -389,10 +389,7 @@ def finish(args, model, tokenizer, test_loader, mean_std, device, out, external=
               f"CheXpert findings ({', '.join(repr(n) for n in data.CHEXPERT_LABELS[1:4])}, ...: 1 positive, "
               f"0 negative) with positive and negative studies.")
     common.save_results(os.path.join(out, "eval.json"), results)
-    if external is not None:
-        zero_shot = common.external_zero_shot(dict(untrained=initial, trained=model), external, tokenizer, device,
-                                              n_boot=args.n_boot, workers=args.workers)
-        common.save_external_zero_shot(out, external, zero_shot["ci"])
+    common.score_external(out, external, dict(untrained=initial, trained=model), tokenizer, device, args)
     if args.viz:
         write_viz(model, next(iter(test_loader)), os.path.join(out, "viz"), *mean_std, args.viz, device)
     print(f"run folder: {out}")

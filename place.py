@@ -525,10 +525,7 @@ def finish(args, model, tokenizer, test_loader, mean_std, device, out, external=
     print(f"held-out {args.data} test split ({len(test_loader.dataset)} pairs; chance: PCMA intra-sample slot "
           f"accuracy 1/K = {1 / args.num_queries:.3f}, per-slot retrieval 1/B = {1 / args.batch_size:.3f}):")
     common.save_results(os.path.join(out, "eval.json"), results)
-    if external is not None:
-        zero_shot = common.external_zero_shot(dict(untrained=initial, trained=model), external, tokenizer, device,
-                                              n_boot=args.n_boot, workers=args.workers)
-        common.save_external_zero_shot(out, external, zero_shot["ci"])
+    common.score_external(out, external, dict(untrained=initial, trained=model), tokenizer, device, args)
     r = results["trained"]["checks"]
     if "cce_real_report" in r:
         verdict = "uses the report" if r["cce_real_report"] < r["cce_zeroed_report"] else "does NOT use the report"

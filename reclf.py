@@ -689,10 +689,7 @@ def finish(args, model, tokenizer, test_loader, mean_std, device, out, external=
             results[tag]["checks"].update({f"irm_{k}_words": v for k, v in irm_summary(m, batch, tokenizer).items()})
         print("(irm_*_words: the mean IRM weight x nodes of function, finding and location words; 1 = uniform)")
     common.save_results(os.path.join(out, "eval.json"), results)
-    if external is not None:
-        zero_shot = common.external_zero_shot(dict(models), external, tokenizer, device, image_text_scores,
-                                              n_boot=args.n_boot, workers=args.workers)
-        common.save_external_zero_shot(out, external, zero_shot["ci"])
+    common.score_external(out, external, dict(models), tokenizer, device, args, image_text_scores)
     if args.viz:
         write_viz(model, common.to_device(next(iter(test_loader)), device), tokenizer, os.path.join(out, "viz"),
                   *mean_std, args.viz)
