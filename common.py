@@ -11,7 +11,7 @@ losses. Read top to bottom:
 3. contrastive   gather_with_grad, info_nce (each rank: own rows vs. gathered columns), ita (MGCA);
                  word_region_attention / _score / _matrix (AttnGAN DAMSM, chunked over reports);
                  mgca_tca (MGCA's token-wise alignment within each pair)
-4. metrics       recall_at_k, block_recall_at_k, precision_at_k, roc_auc, bootstrap_ci, zero_shot_auc(_ci),
+4. metrics       recall_at_k, block_recall_at_k, precision_at_k, roc_auc, bootstrap_ci, zero_shot_auc_ci,
                  mean_auc; external_zero_shot / save_external_zero_shot / score_external (--zero-shot-csv: a set
                  other than the training data, each method's own score)
 5. plumbing      arg/parse_args, setup_distributed, run_folder, seeding, AMP, LR schedules, checkpoints and resume,
@@ -714,25 +714,13 @@ def bootstrap_ci(metric, *arrays, n: int = 1000, seed: int = 0, alpha: float = 0
     return float(low), float(high)
 
 
-def zero_shot_auc(image_emb, pos_text_emb, neg_text_emb, labels, names=None) -> dict:
-    """CheXzero pair prompts (rajpurkarlab/CheXzero:zero_shot.py:run_softmax_eval): image_emb N x D, pos/neg prompt
-    embeddings C x D ("c" / "no c"), labels N x C (1 / 0, others ignored) -> {name: AUC}. p_c = softmax over
-    (s_pos, s_neg) with s the cosine. A temperature would not change the AUC: p_c = sigmoid((s_pos - s_neg) / tau)
-    is monotone in s_pos - s_neg."""
-    image = F.normalize(torch.as_tensor(image_emb).double(), dim=-1)
-    pos = image @ F.normalize(torch.as_tensor(pos_text_emb).double(), dim=-1).T  # N x C
-    neg = image @ F.normalize(torch.as_tensor(neg_text_emb).double(), dim=-1).T
-    prob = torch.stack([pos, neg], -1).softmax(-1)[..., 0]
-    labels = _numpy(labels)
-    names = names or [str(c) for c in range(labels.shape[1])]
-    return {name: roc_auc(prob[:, c], labels[:, c]) for c, name in enumerate(names)}
-
-
 def zero_shot_auc_ci(pos_scores, neg_scores, labels, names=None, n_boot: int = 1000, seed: int = 0) -> dict:
     """Zero-shot AUC with bootstrap 95 % intervals from any pair score (a cosine, a local or a combined score):
     pos/neg_scores N x C (image n vs the prompts "c" / "no c"), labels N x C -> {name: (auc, low, high)}.
-    The CheXzero softmax over (pos, neg) is sigmoid(pos - neg), so the AUC is that of pos - neg; every method
-    of the suite reports its zero-shot table through this one function, with the same resamples for every score."""
+    CheXzero's pair prompts (rajpurkarlab/CheXzero:zero_shot.py:run_softmax_eval) score p_c = softmax over (pos, neg)
+    = sigmoid(pos - neg), monotone in pos - neg (a temperature would not change it), so the AUC is that of pos - neg;
+    every method of the suite reports its zero-shot table through this one function, with the same resamples for
+    every score."""
     margin, labels = _numpy(pos_scores) - _numpy(neg_scores), _numpy(labels)
     names = names or [str(c) for c in range(labels.shape[1])]
     return {name: (roc_auc(margin[:, c], labels[:, c]),

@@ -351,20 +351,23 @@ def test_zero_shot_auc_pair_prompts():
     neg = -torch.eye(2, 4)              # prompts "no c"
     images = torch.tensor([[1.0, 0.0, 0.5, 0], [0.0, 1.0, 0.5, 0], [-1.0, -1.0, 0.5, 0]])
     labels = np.array([[1, 0], [0, 1], [0, 0]])
-    assert C.zero_shot_auc(images, pos, neg, labels, names=["a", "b"]) == {"a": 1.0, "b": 1.0}
+    table = C.zero_shot_auc_ci(images @ pos.T, images @ neg.T, labels, names=["a", "b"], n_boot=20)
+    assert {name: v[0] for name, v in table.items()} == {"a": 1.0, "b": 1.0}
 
 
 
-def test_zero_shot_auc_ci_matches_the_embedding_version():
+def test_zero_shot_auc_ci_matches_chexzeros_pair_softmax():
     rng = np.random.default_rng(1)
     images, pos, neg = rng.normal(size=(60, 8)), rng.normal(size=(3, 8)), rng.normal(size=(3, 8))
     labels = (rng.random((60, 3)) < 0.4).astype(float)
     unit = lambda x: x / np.linalg.norm(x, axis=1, keepdims=True)
     table = C.zero_shot_auc_ci(unit(images) @ unit(pos).T, unit(images) @ unit(neg).T, labels, ["a", "b", "c"],
                                n_boot=200)
-    plain = C.zero_shot_auc(images, pos, neg, labels, ["a", "b", "c"])
+    cos_pos, cos_neg = unit(images) @ unit(pos).T, unit(images) @ unit(neg).T
+    softmax = np.exp(cos_pos) / (np.exp(cos_pos) + np.exp(cos_neg))  # CheXzero's p_c of the pair "c" / "no c"
     for name, (auc, low, high) in table.items():
-        assert auc == pytest.approx(plain[name]) and low < auc < high
+        assert auc == pytest.approx(C.roc_auc(softmax[:, "abc".index(name)], labels[:, "abc".index(name)]))
+        assert low < auc < high
         margin = (unit(images) @ unit(pos).T - unit(images) @ unit(neg).T)[:, "abc".index(name)]
         assert (low, high) == C.bootstrap_ci(C.roc_auc, margin, labels[:, "abc".index(name)], n=200)
 
