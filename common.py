@@ -8,14 +8,16 @@ losses. Read top to bottom:
                  scripts can rebuild it), TextEncoder (transformers BERT), pool_sentences,
                  word_tables / word_index / sum_pieces / report_words (word pieces summed into words)
 2. heads         ProjectionHead (LoVT BN-MLP), mgca_head, AttentionPool (LoVT GlobalAvgAttentionAggregator)
-3. contrastive   gather_with_grad, info_nce (each rank: own rows vs. gathered columns), ita (MGCA);
+3. contrastive   gather_with_grad, gather_rows, contrastive_ce (each rank: own rows vs. gathered columns);
                  word_region_attention / _score / _matrix (AttnGAN DAMSM, chunked over reports);
                  mgca_tca (MGCA's token-wise alignment within each pair)
 4. metrics       recall_at_k, block_recall_at_k, precision_at_k, roc_auc, bootstrap_ci, zero_shot_auc_ci,
                  mean_auc; external_zero_shot / save_external_zero_shot / score_external (--zero-shot-csv: a set
-                 other than the training data, each method's own score)
-5. plumbing      arg/parse_args, setup_distributed, run_folder, seeding, AMP, LR schedules, checkpoints and resume,
-                 ResumableSampler, to_device, Logger, check_finite, bench report, encoder export/import,
+                 other than the training data, each method's own score); heat_overlay / save_panels (viz PNGs)
+5. plumbing      arg/parse_args (RunArgs), setup_distributed, run_folder, datasets / loaders, ResumableSampler,
+                 to_device, seeding, AMP, LR schedules
+6. training run  checkpoints, Logger, validation_loss, check_finite, after_training, bench report, TrainingRun
+                 (resume, val / best / early stopping, export, evaluation after training), encoder export/import,
                  print_comparison
 
 Shapes: B batch, N local tokens (regions), L text tokens, S sentences, D/C channels.
@@ -33,6 +35,7 @@ import os
 import random
 import sys
 import tempfile
+import textwrap
 import time
 import traceback
 import types
@@ -46,6 +49,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
+from PIL import Image, ImageDraw
 from torch.utils.checkpoint import checkpoint
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm.auto import tqdm
@@ -489,7 +493,7 @@ class AttentionPool(nn.Module):
 # 3. Contrastive loss, DDP-correct
 # ================================================================================================================
 
-def _distributed() -> bool:
+def distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
@@ -498,7 +502,7 @@ def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     contribution (a reduce-scatter). Identity when not distributed. Both .contiguous() guard against all_gather
     giving wrong gradients: for a non-contiguous input (pytorch/pytorch#120386), and (torch 2.14, gloo) for a
     non-contiguous incoming gradient, such as a slot-batched einsum over the gathered tensor produces (tested)."""
-    if not _distributed():
+    if not distributed():
         return x
     from torch.distributed.nn.functional import all_gather  # autograd-aware collective
     out = torch.cat(all_gather(x.contiguous()), dim=0)
@@ -507,36 +511,32 @@ def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def info_nce(a: torch.Tensor, b: torch.Tensor, tau, gather: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric InfoNCE between paired rows of a and b (B x D each), returned per direction (loss_a2b, loss_b2a).
-
-    Features are L2-normalised here and the logits cos / tau computed in fp32 (at least). tau: float or a 0-d tensor
-    (a learned temperature). Under DDP with gather=True, rank r scores its own B rows against all world_size * B
-    gathered columns with labels arange(B) + r * B; with DDP's gradient averaging this equals the single-process
-    full-batch loss and gradient exactly (tested). gather=False: negatives from the local batch only (LoVT, MGCA).
-    Each method weights the directions itself (LoVT 0.75 / 0.25, CLIP mean, MGCA sum).
-    Under DDP every rank must hold the same B (drop_last=True), since the labels are offset by rank * B.
-    """
-    dtype = torch.promote_types(a.dtype, torch.float32)
-    a = F.normalize(a.to(dtype), dim=-1)
-    b = F.normalize(b.to(dtype), dim=-1)
-    if gather and _distributed():
-        a_all, b_all, offset = gather_with_grad(a), gather_with_grad(b), dist.get_rank() * a.shape[0]
-    else:
-        a_all, b_all, offset = a, b, 0
-    labels = torch.arange(a.shape[0], device=a.device) + offset
-    loss_a2b = F.cross_entropy(a @ b_all.T / tau, labels)  # B x world*B: own anchors vs. all candidates
-    loss_b2a = F.cross_entropy(b @ a_all.T / tau, labels)
-    return loss_a2b, loss_b2a
+def gather_rows(*tensors: torch.Tensor):
+    """This process's rows (B x ... each) -> every process's in rank order, with gradient (gather_with_grad; a bool
+    mask without), and this process's first row in them: (*gathered, offset = rank x B). One process: (*tensors, 0)."""
+    if not distributed():
+        return (*tensors, 0)
+    gathered = (gather_with_grad(t.float()) > 0 if t.dtype == torch.bool else gather_with_grad(t) for t in tensors)
+    return (*gathered, dist.get_rank() * tensors[0].shape[0])
 
 
-def ita(image_emb: torch.Tensor, text_emb: torch.Tensor, tau: float = 0.07, gather: bool = True) -> torch.Tensor:
-    """MGCA's image-text alignment (Wang et al. 2022, Eq. 2; HKU-MedAI/MGCA:mgca/models/mgca/mgca_module.py:
-    MGCA.forward): S_ij = cos(v_i, t_j) / tau, L_ITA = CE_rows(S) + CE_cols(S) (the two directions summed, tau 0.07).
-    image_emb, text_emb B x E (head outputs; normalised in info_nce). MGCA uses the local batch only; gather=True
-    takes the negatives of every rank (info_nce)."""
-    loss_i2t, loss_t2i = info_nce(image_emb, text_emb, tau, gather)
-    return loss_i2t + loss_t2i
+def pad_to_longest_rank(*tensors: torch.Tensor):
+    """Zero-pad dim 1 of each tensor (B x L x ...) to the longest L of any process: what is gathered across
+    processes needs one length (words of reports of different lengths)."""
+    length = torch.tensor(tensors[0].shape[1], device=tensors[0].device)
+    dist.all_reduce(length, op=dist.ReduceOp.MAX)
+    return tuple(F.pad(t, [0, 0] * (t.dim() - 2) + [0, int(length) - t.shape[1]]) for t in tensors)
+
+
+def contrastive_ce(logits_a2b: torch.Tensor, logits_b2a: torch.Tensor, offset: int = 0):
+    """Both directions of a contrastive loss whose positives lie on a diagonal: logits_a2b B x N scores this
+    process's B rows of a against the N columns of b (every process's under DDP, gather_rows), logits_b2a the same
+    from b to a; row i's positive is column offset + i. -> (CE(logits_a2b), CE(logits_b2a)). Each method forms its
+    own logits (cosine or dot product, temperature, fp32) and weights the directions itself (LoVT 0.75 / 0.25,
+    CLIP the mean, MGCA the sum); with DDP's gradient averaging the loss and gradients equal one process on the full
+    batch (tested). Under DDP every process must hold the same B (drop_last=True)."""
+    labels = torch.arange(logits_a2b.shape[0], device=logits_a2b.device) + offset
+    return F.cross_entropy(logits_a2b, labels), F.cross_entropy(logits_b2a, labels)
 
 
 # ================================================================================================================
@@ -833,8 +833,29 @@ def save_external_zero_shot(out: str, dataset, ci: dict, **extra):
         json.dump(results, f, indent=1)
 
 
+def heat_overlay(gray: torch.Tensor, heat: torch.Tensor, size: int = 256, mode: str = "bilinear") -> Image.Image:
+    """A viz panel: gray H x W in [0, 1] (the film) and a map h x w, both resized to size x size (the map with
+    `mode`), the map rescaled to [0, 1] (relative: red = its highest), the film dimmed by half under it and red added."""
+    gray = F.interpolate(gray[None, None].float().cpu(), size=size, mode="bilinear")[0, 0] * 255
+    heat = F.interpolate(heat[None, None].float().cpu(), size=size, mode=mode)[0, 0]
+    heat = (heat - heat.min()) / (heat.max() - heat.min()).clamp_min(1e-12)
+    dim = gray * (1 - 0.5 * heat)
+    return Image.fromarray(torch.stack([dim + 127.5 * heat, dim, dim], -1).round().byte().numpy())
+
+
+def save_panels(panels: list, captions: list, path: str, width: int = 40, lines: int = 4):
+    """Square panels (PIL images of one size) side by side, each caption wrapped under its panel, as one PNG."""
+    size = panels[0].size[0]
+    canvas = Image.new("RGB", (size * len(panels), size + 14 * lines + 4), "white")
+    for k, (panel, caption) in enumerate(zip(panels, captions)):
+        canvas.paste(panel, (size * k, 0))
+        ImageDraw.Draw(canvas).text((size * k + 4, size + 2), "\n".join(textwrap.wrap(caption, width)[:lines]),
+                                    fill="black")
+    canvas.save(path)
+
+
 # ================================================================================================================
-# 5. Plumbing: arguments, distributed, seeds, AMP, schedules, checkpoints, logging, export
+# 5. Plumbing: arguments, distributed, data loading, seeds, AMP, schedules
 # ================================================================================================================
 
 def arg(default, help: str = ""):
@@ -1157,6 +1178,10 @@ def cosine_with_warmup(optimizer, warmup_steps: int, total_steps: int, min_lr: f
     return torch.optim.lr_scheduler.LambdaLR(optimizer, [factor(g["lr"]) for g in optimizer.param_groups])
 
 
+# ================================================================================================================
+# 6. Training run: checkpoints and resume, logging, validation, the end of a run, export
+# ================================================================================================================
+
 def plain(obj):
     """Args and nested values -> what torch.load(weights_only=True) accepts: dataclasses become dicts, tensors,
     containers and python scalars stay, numpy scalars become python numbers, anything else (paths...) a string."""
@@ -1221,38 +1246,6 @@ def save_checkpoint(path: str, state: dict):
 def load_checkpoint(path: str, map_location="cpu") -> dict:
     """Load what save_checkpoint wrote, with weights_only=True (no arbitrary code from pickles)."""
     return torch.load(path, map_location=map_location, weights_only=True)
-
-
-def save_best(path: str, model: nn.Module, **progress):
-    """best.pt: the weights of the best-validation model and where it was (step, epoch, val_loss), atomically: what
-    load_best reads. Not a training state (a third of ckpt.pt's size, no optimizer): --resume continues ckpt.pt."""
-    save_checkpoint(path, {"model": unwrap(model).state_dict(), **progress})
-
-
-def load_best(model: nn.Module, best_path: str):
-    """The best-validation checkpoint's model weights into `model`, where the run wrote one: what is exported and
-    evaluated at the end of a run (LoVT's downstream checkpoint). Without one the model stays as trained."""
-    if os.path.exists(best_path):
-        unwrap(model).load_state_dict(load_checkpoint(best_path)["model"])
-
-
-def save_training_state(path: str, stateful: dict, **progress):
-    """ckpt.pt of a training run: the state_dict() of every object in `stateful` (model, optimizers, schedulers,
-    scaler) under its name, the progress counters (step, epoch, ..., args) and the RNG states, written atomically."""
-    save_checkpoint(path, {**{k: v.state_dict() for k, v in stateful.items()}, **progress})
-
-
-def resume_training_state(path: str, stateful: dict, progress: dict, rank: int = 0) -> dict:
-    """--resume: load `path` into every object of `stateful` (the names save_training_state used), set the keys of
-    `progress` (step, epoch, ...) from it, restore the RNG streams; returns the checkpoint."""
-    if not os.path.exists(path):
-        raise SystemExit(f"--resume: no checkpoint at {path} (pass the killed run's --out-dir)")
-    ckpt = load_checkpoint(path)
-    for name, obj in stateful.items():
-        obj.load_state_dict(ckpt[name])
-    progress.update({k: ckpt[k] for k in progress})
-    restore_rng(ckpt, rank)
-    return ckpt
 
 
 def _append_csv(path: str, row: dict):
@@ -1350,7 +1343,7 @@ def validation_loss(model, loader, device, amp) -> float:
         with autocast(device, amp):
             loss = model(to_device(batch, device))["loss"].float()
         total += torch.stack([loss * len(batch["images"]), torch.tensor(float(len(batch["images"])), device=device)])
-    if _distributed():
+    if distributed():
         torch.distributed.all_reduce(total)
     return (total[0] / total[1]).item()
 
@@ -1397,6 +1390,115 @@ def print_bench(run_dir: str, images_per_step: int, device: torch.device, amp: t
     print(f"bench: {speed:.1f} images/s ({images_per_step / speed:.2f} s per step of {images_per_step} images), "
           f"data wait {100 * float(row['perf/data_wait_frac']):.0f} %, peak memory {peak_memory_mb(device):.0f} MB "
           f"({device}, {amp or torch.float32})")
+
+
+class TrainingRun:
+    """The plumbing around a method's training loop, which stays written out in its main():
+
+        run = common.TrainingRun(args, ddp, out, total_steps, model=model, optimizer=optimizer, scaler=scaler, ...)
+        while not run.done:                                   # epochs, --max-steps, early stopping (--patience)
+            run.start_epoch(loader)
+            for batch in run.logger.iterate(loader):
+                ...                                           # forward, backward, optimizer step
+                if run.stepped(lambda: {"lr": ...}):          # log row, ckpt.pt every --ckpt-every; True at the end
+                    break
+            else:
+                run.end_epoch(common.validation_loss(model, val_loader, device, amp), model)
+        run.export(model, lambda: common.export_encoders(...))  # ckpt.pt, the best weights, the export
+        return run.evaluate(lambda: finish(...))                # rank 0 alone, failures kept apart from the run
+
+    ckpt.pt holds the state_dict() of each `stateful` object under its name, `progress` (step, epoch, micro: the
+    micro-batches of this epoch done, best_val, bad_epochs; or a method's own counters), the args, the logger's
+    interval and the RNG states, written atomically; --resume restores all of it. Without --resume each rank is
+    seeded apart (seed + rank: data order, augmentation, dropout). best.pt holds the weights of the best validation
+    loss, which export() loads before exporting. `extra()`: more to save in ckpt.pt (JoImTeRNet's task RNG)."""
+
+    def __init__(self, args, ddp: Dist, out: str, total_steps: int, progress: dict | None = None, log_step="step",
+                 extra=dict, **stateful):
+        self.args, self.ddp, self.out, self.stateful, self.extra = args, ddp, out, stateful, extra
+        self.ckpt_path, self.best_path = os.path.join(out, "ckpt.pt"), os.path.join(out, "best.pt")
+        self.progress = progress or dict(step=0, epoch=0, micro=0, best_val=math.inf, bad_epochs=0)
+        self.resumed = {}
+        if args.resume:
+            if not os.path.exists(self.ckpt_path):
+                raise SystemExit(f"--resume: no checkpoint at {self.ckpt_path} (pass the killed run's --out-dir)")
+            self.resumed = load_checkpoint(self.ckpt_path)
+            for name, obj in stateful.items():
+                obj.load_state_dict(self.resumed[name])
+            self.progress.update({k: self.resumed[k] for k in self.progress})
+            restore_rng(self.resumed, ddp.rank)
+        else:
+            seed_everything(args.seed + ddp.rank)
+        self.logger = Logger(out, ddp.is_main, total_steps, self.progress[log_step], self.resumed.get("logger"))
+
+    @property
+    def done(self) -> bool:
+        p, a = self.progress, self.args
+        return (p["epoch"] >= a.epochs or p["step"] >= (a.max_steps or math.inf)
+                or p.get("bad_epochs", 0) >= getattr(a, "patience", math.inf))
+
+    def start_epoch(self, loader, batches_done=None):
+        """The training loader at this epoch: its order (a function of seed and epoch), the batches a resumed run
+        already trained on (default: progress["micro"]) skipped, its workers' seeds."""
+        epoch, done = self.progress["epoch"], self.progress["micro"] if batches_done is None else batches_done
+        loader.sampler.set_epoch(epoch)
+        loader.sampler.skip = done * loader.batch_size
+        loader.generator.manual_seed(self.args.seed + 1000 * epoch + self.ddp.rank)
+
+    def stepped(self, log_values) -> bool:
+        """After an optimizer step: count it; a metrics.csv row of log_values() (and the terms' means) every
+        --log-every steps, the first and the last; ckpt.pt every --ckpt-every. -> True at --max-steps."""
+        p, a = self.progress, self.args
+        p["step"] += 1
+        if p["step"] % a.log_every == 0 or p["step"] in (1, a.max_steps):
+            self.logger.log(p["step"], p["epoch"], log_values())
+        if a.ckpt_every and p["step"] % a.ckpt_every == 0:
+            self.save()
+        return p["step"] == a.max_steps
+
+    def end_epoch(self, val_loss: float, model: nn.Module):
+        """The epoch is complete: val.csv, best.pt when the validation loss improves by more than 1e-5, the early
+        stopping count, ckpt.pt."""
+        p = self.progress
+        p.update(epoch=p["epoch"] + 1, micro=0)
+        self.logger.write("val.csv", dict(epoch=p["epoch"], step=p["step"], val_loss=val_loss))
+        if val_loss < p["best_val"] - 1e-5:
+            p.update(best_val=val_loss, bad_epochs=0)
+            if self.ddp.is_main:  # the weights alone: --resume continues ckpt.pt
+                save_checkpoint(self.best_path, dict(model=unwrap(model).state_dict(), step=p["step"],
+                                                     epoch=p["epoch"], val_loss=val_loss))
+        else:
+            p["bad_epochs"] += 1
+        self.save()
+        if self.ddp.is_main:
+            print(f"epoch {p['epoch']}: val loss {val_loss:.4f} (best {p['best_val']:.4f})")
+
+    def save(self):
+        if self.ddp.is_main:
+            save_checkpoint(self.ckpt_path, {**{k: v.state_dict() for k, v in self.stateful.items()}, **self.progress,
+                                             "args": self.args, "logger": self.logger.state_dict(), **self.extra()})
+
+    def export(self, model: nn.Module, export):
+        """After the loop, on rank 0 (not for --bench): the last ckpt.pt, the best-validation weights into `model`
+        (where the run wrote best.pt; LoVT's downstream checkpoint) and export(): all on disk before any evaluation."""
+        self.logger.close()
+        if self.ddp.is_main and not self.args.bench:
+            self.save()
+            if os.path.exists(self.best_path):
+                unwrap(model).load_state_dict(load_checkpoint(self.best_path)["model"])
+            export()
+
+    def evaluate(self, finish):
+        """Once the process group is gone, rank 0 alone: --bench prints its numbers, else finish() runs under
+        after_training. -> finish's result (None on the other ranks)."""
+        cleanup_distributed()
+        if not self.ddp.is_main:
+            return None
+        if self.args.bench:
+            return print_bench(self.out, self.args.batch_size * self.ddp.world_size, self.ddp.device,
+                               amp_dtype(self.ddp.device, self.args.precision))
+        with after_training(self.out):
+            return finish()
 
 
 def print_comparison(results: dict, path: str | None = None):

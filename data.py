@@ -1587,6 +1587,14 @@ def zero_shot_findings(synthetic):
     return names, [SYNTH_PROMPTS.get(n, n) for n in names]
 
 
+def zero_shot_targets(batch):
+    """The zero-shot targets of a batch, in zero_shot_findings' order: a synthetic finding is present where its mask
+    is not empty; else the CheXpert labels without No Finding. -> B x C float."""
+    if "masks" in batch:
+        return torch.stack([m.flatten(1).any(1) for m in batch["masks"]]).float()
+    return batch["labels"][:, 1:]
+
+
 # ==== 6. Downstream datasets (segmentation / detection) =============================================================
 # Readers for RSNA, SIIM, COVID rural, Object-CXR, NIH, a plain folder and the synthetic set, each after LoVT's
 # philip-mueller/lovt:src/data/datasets/<dataset>/; the protocol is its src/models/downstream/downstream_evaluation.py.

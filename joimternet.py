@@ -112,7 +112,6 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from PIL import Image, ImageDraw
 from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers
 from torch.utils.data import DataLoader
 from transformers import BertConfig, BertModel, PreTrainedTokenizerFast
@@ -243,18 +242,16 @@ def global_ce(v, e, v_all, e_all, offset, gamma3):
     """Global CE matching, per direction. v, e: this rank's B x D image / sentence vectors; v_all, e_all: the
     gathered N*B x D (the same tensors on one process); rows offset..offset+B are this rank's. Returns
     (image->text, text->image) = CE over gamma3 cos of own images vs all reports, own reports vs all images."""
-    labels = torch.arange(v.shape[0], device=v.device) + offset
     cos = lambda x, y: common.cosine(common.fp32(x)[:, None], common.fp32(y)[None])          # B x NB
-    return F.cross_entropy(gamma3 * cos(v, e_all), labels), F.cross_entropy(gamma3 * cos(e, v_all), labels)
+    return common.contrastive_ce(gamma3 * cos(v, e_all), gamma3 * cos(e, v_all), offset)
 
 
 def local_ce(V, E, M, V_all, E_all, M_all, offset, gamma1, gamma2, gamma3, chunk=16):
     """Local (word-region) CE matching, per direction, same layout as global_ce: V B x R x D regions, E B x L x D
     words, M B x L word mask, *_all gathered. S^l = gamma3 R. One process: one B x B matrix serves both."""
-    labels = torch.arange(V.shape[0], device=V.device) + offset
     i2t = gamma3 * common.word_region_matrix(V, E_all, M_all, gamma1, gamma2, chunk)          # own images x all reports
     t2i = i2t.T if V_all is V else gamma3 * common.word_region_matrix(V_all, E, M, gamma1, gamma2, chunk).T
-    return F.cross_entropy(i2t, labels), F.cross_entropy(t2i, labels)
+    return common.contrastive_ce(i2t, t2i, offset)
 
 
 def sample_negatives(n, generator=None, device=None):
@@ -320,7 +317,7 @@ def joimternet_loss(v, V, e, E, M, neg, *, gathered=None, offset=0, gamma1=4.0, 
     v: B x D global image, V: B x R x D regions, e: B x D sentence, E: B x L x D words, M: B x L word mask: this
     rank's part of the batch. neg: (N,) one negative index per anchor of the whole batch of N pairs (identical on
     every rank: sample_negatives), or None to leave the four triplet terms out (a batch of one has no negative).
-    gathered: (v, V, e, E, M) of the whole batch, every rank's in rank order with gradient (gather_features), and
+    gathered: (v, V, e, E, M) of the whole batch, every rank's in rank order with gradient (common.gather_rows), and
     offset = rank * B; None on one process. CE rows are this rank's anchors against all columns, the triplets use
     this rank's anchors with negatives from the whole batch; with DDP's gradient averaging this equals the
     single-process full batch (tested). local=False (--no-local, the global-only ablation) leaves out the four
@@ -366,12 +363,15 @@ class JoImTeRNet(nn.Module):
             logits = self.text(batch["input_ids"], batch["attention_mask"], task="mlm")
             loss, acc = mlm_loss(logits, batch["mlm_labels"])
             return dict(loss=loss, mlm=loss, mlm_acc=acc)
-        gather = gather and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-        ids, mask = pad_to_global_length(batch["input_ids"], batch["attention_mask"]) if gather else \
-            (batch["input_ids"], batch["attention_mask"])
+        gather = gather and common.distributed()
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        if gather:  # [PAD] (id 0) to the longest report of any rank: the gathered words need one length
+            ids, mask = common.pad_to_longest_rank(ids, mask)
         img, txt = self.image(batch["images"]), self.text(ids, mask)
         feats = (img["global_feat"], img["local_feats"], txt["sent"], txt["words"], txt["word_mask"])
-        gathered, offset = gather_features(*feats) if gather else (None, 0)
+        gathered, offset = None, 0
+        if gather:  # the whole batch's, every rank's in rank order, with gradient
+            *gathered, offset = common.gather_rows(*feats)
         n = len(feats[0]) * (dist.get_world_size() if gather else 1)
         if neg is None and n > 1:
             neg = sample_negatives(n)
@@ -388,22 +388,6 @@ class JoImTeRNet(nn.Module):
     def encode_text(self, batch):
         txt = self.text(batch["input_ids"], batch["attention_mask"], pool=self.args.eval_text_pool)
         return F.normalize(common.fp32(txt["sent"]), dim=-1)
-
-
-def pad_to_global_length(input_ids, attention_mask):
-    """Pad a text batch with [PAD] (id 0) to the longest report on any rank: the gathered word tensors need one
-    length, and the pad positions then hold BERT states as they would in one process."""
-    length = torch.tensor(input_ids.shape[1], device=input_ids.device)
-    dist.all_reduce(length, op=dist.ReduceOp.MAX)
-    pad = (0, int(length) - input_ids.shape[1])
-    return F.pad(input_ids, pad, value=0), F.pad(attention_mask, pad, value=0)
-
-
-def gather_features(v, V, e, E, M):
-    """This rank's ITM features -> (the whole batch's, every rank's in rank order with gradient; the offset of this
-    rank's rows). The word tensors must have one length on every rank (pad_to_global_length)."""
-    gathered = tuple(common.gather_with_grad(t) for t in (v, V, e, E)) + (common.gather_with_grad(M.to(v.dtype)) > 0,)
-    return gathered, dist.get_rank() * v.shape[0]
 
 
 class ClassifierHead(nn.Module):
@@ -433,8 +417,7 @@ def encode_split(model, loader, device, text=True):
         feats = [img["global_feat"], img["local_feats"].mean(1), batch["labels"]]
         if text:
             feats.append(model.encode_text(common.to_device(batch, device)))
-            feats.append(torch.stack([m.flatten(1).any(1) for m in batch["masks"]]).float() if "masks" in batch
-                         else batch["labels"][:, 1:])
+            feats.append(data.zero_shot_targets(batch))
         for k, x in zip(out, feats):
             out[k].append(common.fp32(x).cpu())
     return {k: torch.cat(v) for k, v in out.items()}
@@ -489,14 +472,8 @@ def save_attention_maps(model, batch, tokenizer, mean, std, folder, prefix, n=4,
         tokens = tokenizer.convert_ids_to_tokens(ids[b, 1:1 + L].tolist())
         hits = [i for i, t in enumerate(tokens) if t in FINDING_WORDS]
         w = hits[0] if hits else int(alpha[:L - 1].max(-1).values.argmax())          # skip [SEP] in the fallback
-        heat = alpha[w].view(1, 1, *img["grid"])
-        heat = F.interpolate(heat, size=images.shape[-2:], mode="bilinear", align_corners=False)[0, 0]
-        heat = ((heat - heat.min()) / (heat.max() - heat.min()).clamp(min=1e-12)).cpu()
-        gray = (images[b, 0].cpu() * std + mean).clamp(0, 1)  # heat in red/orange over the half-dimmed film
-        rgb = torch.stack([0.5 * gray + 0.5 * heat, 0.5 * gray + 0.2 * heat, 0.5 * gray], -1)
-        picture = Image.fromarray((rgb * 255).byte().numpy()).resize((256, 256), Image.BILINEAR)
-        ImageDraw.Draw(picture).text((4, 4), tokens[w], fill=(255, 255, 0))
-        picture.save(os.path.join(folder, f"{prefix}_{b}_{tokens[w]}.png"))
+        panel = common.heat_overlay((images[b, 0] * std + mean).clamp(0, 1), alpha[w].view(img["grid"]))
+        common.save_panels([panel], [tokens[w]], os.path.join(folder, f"{prefix}_{b}_{tokens[w]}.png"), lines=1)
 
 
 def evaluate(model, loaders, tokenizer, mean_std, args, device, tag, out):
@@ -633,6 +610,18 @@ def finish(args, model, tokenizer, loader, mean_std, device, out, started, exter
     return results
 
 
+def mlm_batches(loader, progress):
+    """The MLM stream: through the training reports at its own pace, epoch after epoch, from where `progress` stands
+    (mlm_epoch, mlm_in_epoch: in ckpt.pt, so that a resumed run continues the stream)."""
+    while True:
+        loader.sampler.set_epoch(progress["mlm_epoch"])
+        loader.sampler.skip = progress["mlm_in_epoch"] * loader.batch_size
+        for batch in loader:
+            progress["mlm_in_epoch"] += 1
+            yield batch
+        progress.update(mlm_epoch=progress["mlm_epoch"] + 1, mlm_in_epoch=0)
+
+
 def main(argv=None):
     args = common.parse_args(Args, PRESETS, argv, default_preset="demo")
     if args.bench:  # N timed image-text steps (no MLM steps interleaved) after one warm-up step
@@ -640,7 +629,6 @@ def main(argv=None):
     ddp = common.setup_distributed(args.device or None)
     dev, amp, started = ddp.device, common.amp_dtype(ddp.device, args.precision), time.time()
     out = common.run_folder(args.out_dir, "joimternet", ddp, args)
-    ckpt_path = os.path.join(out, "ckpt.pt")
     sets, mean_std, tokenizer, external = datasets(args, out)  # a bad --zero-shot-csv stops the run here
     if ddp.is_main:
         tokenizer.save_pretrained(os.path.join(out, "tokenizer"))
@@ -652,54 +640,31 @@ def main(argv=None):
     sched_img, sched_txt = (torch.optim.lr_scheduler.StepLR(o, args.lr_drop, 0.1) for o in (opt_img, opt_txt))
     scaler = common.grad_scaler(dev, amp)
     task_rng = torch.Generator().manual_seed(args.seed + 1)  # task choice and negatives: the same on every rank
-    stateful = dict(model=model, opt_img=opt_img, opt_txt=opt_txt, sched_img=sched_img, sched_txt=sched_txt,
-                    scaler=scaler)
+    steps_per_epoch, pairs = loader["itm"].sampler.num_samples // args.batch_size, args.batch_size * ddp.world_size
     # where the two streams stand: ITM batches of this epoch, the MLM stream's own epoch and batches in it
     progress = dict(epoch=0, step=0, itm_step=0, itm_in_epoch=0, mlm_epoch=0, mlm_in_epoch=0)
-    resumed = {}
+    run = common.TrainingRun(args, ddp, out, args.epochs * steps_per_epoch, progress, log_step="itm_step",
+                             extra=lambda: dict(task_rng=task_rng.get_state()), model=model, opt_img=opt_img,
+                             opt_txt=opt_txt, sched_img=sched_img, sched_txt=sched_txt, scaler=scaler)
     if args.resume:
-        resumed = common.resume_training_state(ckpt_path, stateful, progress, ddp.rank)
-        task_rng.set_state(resumed["task_rng"])
+        task_rng.set_state(run.resumed["task_rng"])
         if args.step_idle_heads:  # the zero gradients a parameter keeps once it was stepped (AdamW steps them again)
             for o in (opt_img, opt_txt):
                 for p in o.state:
                     p.grad = torch.zeros_like(p)
-    else:
-        common.seed_everything(args.seed + ddp.rank)  # data order and augmentation differ per rank
     net = common.wrap_ddp(model, ddp, find_unused_parameters=True)  # MLM steps leave the image encoder unused
     augment = data.BatchAugment(args.image_size, *mean_std, crop_scale=(1.0, 1.0), ratio=(1.0, 1.0), rotation=15.0,
                                 translate=0.0, scale=(1.0, 1.0), brightness=(0.5, 1.8), contrast=(0.5, 1.8),
                                 blur_sigma=(1e-3, 1e-3)).to(dev) if args.augment else None  # sigma -> 0: no blur
-    steps_per_epoch, pairs = loader["itm"].sampler.num_samples // args.batch_size, args.batch_size * ddp.world_size
-    logger = common.Logger(out, ddp.is_main, args.epochs * steps_per_epoch, progress["itm_step"],
-                           resumed.get("logger"))
-
-    def save():
-        if ddp.is_main:
-            common.save_training_state(ckpt_path, stateful, task_rng=task_rng.get_state(), args=args,
-                                       logger=logger.state_dict(), **progress)
     if ddp.is_main:
         print(f"JoImTeRNet: {common.count_parameters(opt_img) / 1e6:.1f}M image + "
               f"{common.count_parameters(opt_txt) / 1e6:.1f}M text parameters, vocab {len(tokenizer)}, "
               f"{steps_per_epoch} ITM steps/epoch of {ddp.world_size} x {args.batch_size} pairs, {dev}, {amp}")
-
-    def mlm_batches():
-        """The MLM stream: through the training reports at its own pace, epoch after epoch, from where it stands."""
-        while True:
-            loader["mlm"].sampler.set_epoch(progress["mlm_epoch"])
-            loader["mlm"].sampler.skip = progress["mlm_in_epoch"] * args.batch_size
-            for batch in loader["mlm"]:
-                progress["mlm_in_epoch"] += 1
-                yield batch
-            progress.update(mlm_epoch=progress["mlm_epoch"] + 1, mlm_in_epoch=0)
-    mlm_stream = mlm_batches()
-    done = args.max_steps and progress["step"] >= args.max_steps  # a --resume of a finished run trains no further
-    while progress["epoch"] < args.epochs and not done:
+    mlm_stream = mlm_batches(loader["mlm"], progress)
+    while not run.done:  # epochs and --max-steps (a --resume of a finished run trains no further)
         net.train()
-        loader["itm"].sampler.set_epoch(progress["epoch"])
-        loader["itm"].generator.manual_seed(args.seed + 1000 * progress["epoch"] + ddp.rank)  # its workers' seeds
-        loader["itm"].sampler.skip = progress["itm_in_epoch"] * args.batch_size  # resume mid-epoch
-        itm_iter = logger.iterate(loader["itm"])
+        run.start_epoch(loader["itm"], progress["itm_in_epoch"])  # resume mid-epoch
+        itm_iter = run.logger.iterate(loader["itm"])
         while progress["itm_in_epoch"] < steps_per_epoch:
             task = "mlm" if torch.rand((), generator=task_rng) < args.p_mlm else "itm"
             if task == "mlm":  # MLM step: the text encoder alone
@@ -709,7 +674,7 @@ def main(argv=None):
                     terms = net(dict(input_ids=ids.to(dev), attention_mask=batch["attention_mask"].to(dev),
                                      mlm_labels=labels.to(dev)), task="mlm")
                 optimizers = (opt_txt,)
-                logger.add({k: terms[k] for k in ("mlm", "mlm_acc")})
+                run.logger.add({k: terms[k] for k in ("mlm", "mlm_acc")})
             else:  # ITM step: both encoders, the eight matching terms
                 batch = common.to_device(next(itm_iter), dev)
                 batch["images"] = data.train_view(batch["images"], args.image_size, augment)
@@ -717,7 +682,7 @@ def main(argv=None):
                 with common.autocast(dev, amp):
                     terms = net(batch, neg=neg)
                 optimizers = (opt_img, opt_txt)
-                logger.add(terms, images=pairs)
+                run.logger.add(terms, images=pairs)
                 progress["itm_in_epoch"] += 1
                 progress["itm_step"] += 1
             for o in optimizers:  # zeros (the code's): AdamW keeps stepping the heads this step leaves unused
@@ -731,33 +696,24 @@ def main(argv=None):
             progress["step"] += 1
             if task == "itm" and (progress["itm_step"] % args.log_every == 0 or progress["step"] == args.max_steps
                                   or progress["itm_step"] == 1):  # one row per log_every ITM steps
-                common.check_finite(terms["loss"], progress["step"], ckpt_path, terms)
-                logger.log(progress["itm_step"], progress["epoch"], {"lr": opt_img.param_groups[0]["lr"],
-                                                                     "loss/mlm": math.nan, "loss/mlm_acc": math.nan})
+                common.check_finite(terms["loss"], progress["step"], run.ckpt_path, terms)
+                run.logger.log(progress["itm_step"], progress["epoch"], {"lr": opt_img.param_groups[0]["lr"],
+                                                                         "loss/mlm": math.nan, "loss/mlm_acc": math.nan})
             if args.ckpt_every and progress["step"] % args.ckpt_every == 0:
-                save()
-            if args.max_steps and progress["step"] >= args.max_steps:
-                done = True
+                run.save()
+            if run.done:  # --max-steps
                 break
-        if args.bench or done:
+        if args.bench or run.done:
             break
         progress.update(epoch=progress["epoch"] + 1, itm_in_epoch=0)
         sched_img.step(), sched_txt.step()
         val = validate(model, loader["val"], tokenizer, args, dev, amp)
-        logger.write("val.csv", {"epoch": progress["epoch"], "step": progress["step"], **val})
+        run.logger.write("val.csv", {"epoch": progress["epoch"], "step": progress["step"], **val})
         if ddp.is_main:
             print(f"epoch {progress['epoch']}: " + ", ".join(f"{k} {v:.4f}" for k, v in val.items()))
-        save()
-    logger.close()
-    if ddp.is_main and not args.bench:  # the checkpoint and the exported encoders before any evaluation
-        save()
-        export(args, model, tokenizer, mean_std, out)
-    common.cleanup_distributed()  # from here on rank 0 alone, with no collective
-    if ddp.is_main and args.bench:
-        return common.print_bench(out, pairs, dev, amp)
-    if ddp.is_main:
-        with common.after_training(out):
-            return finish(args, model, tokenizer, loader, mean_std, dev, out, started, external)
+        run.save()
+    run.export(model, lambda: export(args, model, tokenizer, mean_std, out))  # no best.pt: the last epoch's model
+    return run.evaluate(lambda: finish(args, model, tokenizer, loader, mean_std, dev, out, started, external))
 
 
 if __name__ == "__main__":

@@ -64,7 +64,6 @@ Deviations / our choices:
 import math
 import os
 import random
-import textwrap
 from contextlib import nullcontext
 from dataclasses import dataclass
 from functools import partial
@@ -72,7 +71,6 @@ from functools import partial
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from PIL import Image, ImageDraw
 from torch import nn
 from torch.utils.data import Subset
 
@@ -202,7 +200,9 @@ class LoVT(nn.Module):
         za, zb = self.project_local_a(ya), self.project_local_b(yb)  # B x N x d, B x S x d
         att_a, att_b, _ = self.cross(za, zb, mask)  # counterparts of the regions / of the sentences
         zga, zgb = self.project_global_a(ga), self.project_global_b(gb)
-        gathered = gather_global(zga, zgb) if self.args.gather_negatives else {}
+        gathered = {}
+        if self.args.gather_negatives and dist.is_initialized():  # every process's rows as negatives
+            gathered = dict(zip(("global_a_all", "global_b_all", "offset"), common.gather_rows(zga, zgb)))
         return lovt_loss(zga, zgb, za, att_a, zb, att_b, mask, wa, wb, grid, **gathered,
                          **loss_hyperparameters(self.args))
 
@@ -306,9 +306,8 @@ def lovt_loss(global_a, global_b, local_a, att_a, local_b, att_b, sentence_mask,
     ga, gb = normalized(global_a), normalized(global_b)
     ga_all = ga if global_a_all is None else normalized(global_a_all)
     gb_all = gb if global_b_all is None else normalized(global_b_all)
-    labels = torch.arange(len(ga), device=ga.device) + offset
-    terms = dict(global_a2b=F.cross_entropy(ga @ gb_all.T / tau_global, labels),
-                 global_b2a=F.cross_entropy(gb @ ga_all.T / tau_global, labels))
+    terms = dict(zip(("global_a2b", "global_b2a"),
+                     common.contrastive_ce(ga @ gb_all.T / tau_global, gb @ ga_all.T / tau_global, offset)))
     target = spatial_target(*grid, spatial_threshold, smooth_lambda, spatial_smoothing).to(local_a.device)
     terms["local_a_l2att"], terms["local_a_att2l"] = local_intra_contrastive(
         local_a, att_a, target, None, local_weights(pool_a, None, uniform_weights), tau_local)
@@ -328,15 +327,6 @@ def loss_hyperparameters(args):
                 uniform_weights=args.uniform_weights, weight_global_a2b=g * args.weight_global_a2b,
                 weight_global_b2a=g * args.weight_global_b2a, weight_local_a=l * args.weight_local_a,
                 weight_local_b=l * args.weight_local_b)
-
-
-def gather_global(global_a, global_b):
-    """--gather-negatives: this process's global features -> lovt_loss's global_a_all, global_b_all (every
-    process's, in rank order, with gradient) and offset (rank x B); nothing in one process."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return {}
-    return dict(global_a_all=common.gather_with_grad(global_a), global_b_all=common.gather_with_grad(global_b),
-                offset=dist.get_rank() * len(global_a))
 
 
 # ---- 3. text augmentation: random sentence swaps ----
@@ -362,8 +352,7 @@ def evaluate(model, loader, tokenizer, device, n_boot=1000):
         b = common.to_device(batch, device)
         images.append(model.encode_image(b["images"]))
         reports.append(model.encode_text(b))
-        labels.append(torch.stack([m.flatten(1).any(1) for m in batch["masks"]]).float() if "masks" in batch
-                      else batch["labels"][:, 1:])  # CheXpert: "No Finding" left out (inverted by the prompt)
+        labels.append(data.zero_shot_targets(batch))
     img, txt = torch.cat(images), torch.cat(reports)
     sim = img @ txt.t()
     retrieval = {f"i2t_{k}": v for k, v in common.recall_at_k(sim).items()}
@@ -402,18 +391,10 @@ def write_viz(model, batch, folder, mean, std, n, device):
     os.makedirs(folder, exist_ok=True)
     region, sentence = model.attention_maps(common.to_device(batch, device))  # B x h x w, B x S x h x w
     for i in range(min(n, len(region))):
-        gray = ((batch["images"][i, 0] * std + mean).clamp(0, 1) * 255).float()
-        gray = F.interpolate(gray[None, None], size=256, mode="bilinear")[0, 0]
+        gray = (batch["images"][i, 0] * std + mean).clamp(0, 1)
         maps = [("attention-pool region weights", region[i])] + list(zip(batch["sentences"][i], sentence[i]))[:5]
-        canvas = Image.new("RGB", (256 * len(maps), 256 + 48), "white")
-        for k, (caption, heat) in enumerate(maps):
-            heat = F.interpolate(heat[None, None].float().cpu(), size=256, mode="bilinear")[0, 0]
-            heat = (heat - heat.min()) / (heat.max() - heat.min()).clamp_min(1e-12)  # relative: red = most attended
-            dim = gray * (1 - 0.5 * heat)
-            rgb = torch.stack([dim + 127.5 * heat, dim, dim], -1)
-            canvas.paste(Image.fromarray(rgb.round().byte().numpy()), (256 * k, 0))
-            ImageDraw.Draw(canvas).text((256 * k + 4, 258), "\n".join(textwrap.wrap(caption, 40)[:4]), fill="black")
-        canvas.save(os.path.join(folder, f"sample{i}.png"))
+        common.save_panels([common.heat_overlay(gray, heat) for _, heat in maps], [c for c, _ in maps],
+                           os.path.join(folder, f"sample{i}.png"))
 
 
 def main(argv=None):
@@ -424,7 +405,6 @@ def main(argv=None):
     dev, amp = ddp.device, common.amp_dtype(ddp.device, args.precision)
     micro_per_step = common.micro_batches_per_step(args.accum, ddp.world_size, args.batch_size)  # 32 x 16 on 1 or 8
     out = common.run_folder(args.out_dir, "lovt", ddp, args)
-    ckpt_path, best_path = os.path.join(out, "ckpt.pt"), os.path.join(out, "best.pt")
     first = lambda s: Subset(s, range(round(args.train_subset * len(s))))  # LoVT_30: the first 30 % of the studies
     train_set, val_set, test_set, (mean, std), tokenizer, external = common.datasets(
         args, lambda s: data.report_tokenizer(args.text_model, first(s)))  # statistics: all the training studies
@@ -442,32 +422,19 @@ def main(argv=None):
                                   weight_decay=args.weight_decay)
     scheduler = common.per_epoch_cosine(optimizer, steps_per_epoch)  # the cosine wave over each epoch's steps
     scaler = common.grad_scaler(dev, amp)
-    stateful = dict(model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler)
-    state = dict(step=0, epoch=0, micro=0, best_val=math.inf, bad_epochs=0)
-    resumed = {}
-    if args.resume:
-        resumed = common.resume_training_state(ckpt_path, stateful, state, ddp.rank)
-    else:
-        common.seed_everything(args.seed + ddp.rank)  # data order, augmentation and dropout differ per rank
-    net = common.wrap_ddp(model, ddp)
-    def save():
-        if ddp.is_main:
-            common.save_training_state(ckpt_path, stateful, args=args, logger=logger.state_dict(), **state)
-    logger = common.Logger(out, ddp.is_main, min(args.max_steps or math.inf, steps_per_epoch * args.epochs),
-                           state["step"], resumed.get("logger"))
+    run = common.TrainingRun(args, ddp, out, min(args.max_steps or math.inf, steps_per_epoch * args.epochs),
+                             model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler)
+    state, net = run.progress, common.wrap_ddp(model, ddp)
     if ddp.is_main:
         print(f"LoVT: {common.count_parameters(optimizer) / 1e6:.1f}M trainable parameters, {dev}, "
               f"{amp or torch.float32}, {steps_per_epoch} steps of {args.batch_size * micro_per_step * ddp.world_size} "
               f"pairs per epoch. The image-local terms cannot fall below the entropy of their soft target (~3.1-3.9 "
               f"nats on 7x7).")
 
-    stop = state["step"] >= (args.max_steps or math.inf) or state["bad_epochs"] >= args.patience  # a finished run
-    while state["epoch"] < args.epochs and not stop:
-        sampler.set_epoch(state["epoch"])
-        sampler.skip = state["micro"] * args.batch_size  # resume: the batches this epoch already trained on
-        loader.generator.manual_seed(args.seed + 1000 * state["epoch"] + ddp.rank)
+    while not run.done:
+        run.start_epoch(loader)  # a resumed run skips the batches this epoch already trained on
         net.train()
-        for batch in logger.iterate(loader):
+        for batch in run.logger.iterate(loader):
             state["micro"] += 1
             last, share = common.accumulation(state["micro"], n_micro, micro_per_step)
             batch = common.to_device(batch, dev)
@@ -476,50 +443,22 @@ def main(argv=None):
                 with common.autocast(dev, amp):
                     terms = net(batch)
                 detached = {k: v.detach() for k, v in terms.items()}
-                common.check_finite(detached["loss"], state["step"], ckpt_path, detached)
+                common.check_finite(detached["loss"], state["step"], run.ckpt_path, detached)
                 scaler.scale(terms["loss"] / share).backward()
-            logger.add(detached, images=args.batch_size * ddp.world_size)
+            run.logger.add(detached, images=args.batch_size * ddp.world_size)
             if not last:
                 continue
             scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
             scheduler.step()
-            state["step"] += 1
-            if state["step"] % args.log_every == 0 or state["step"] in (1, args.max_steps):  # interval means
-                logger.log(state["step"], state["epoch"], {"lr": scheduler.get_last_lr()[0]})
-            if args.ckpt_every and state["step"] % args.ckpt_every == 0:
-                save()
-            if state["step"] == args.max_steps:
-                stop = True
+            if run.stepped(lambda: {"lr": scheduler.get_last_lr()[0]}):
                 break
         else:  # the epoch is complete: validation loss, best checkpoint, early stopping
-            val = common.validation_loss(model, val_loader, dev, amp)
-            state.update(epoch=state["epoch"] + 1, micro=0)
-            logger.write("val.csv", dict(epoch=state["epoch"], step=state["step"], val_loss=val))
-            if val < state["best_val"] - 1e-5:
-                state.update(best_val=val, bad_epochs=0)
-                if ddp.is_main:
-                    common.save_best(best_path, model, step=state["step"], epoch=state["epoch"], val_loss=val)
-            else:
-                state["bad_epochs"] += 1
-            save()
-            if ddp.is_main:
-                print(f"epoch {state['epoch']}: val loss {val:.4f} (best {state['best_val']:.4f})")
-            stop = state["bad_epochs"] >= args.patience
-    logger.close()
-    if ddp.is_main and not args.bench:  # the checkpoint and the exported best-validation model before any evaluation
-        save()
-        common.load_best(model, best_path)
-        common.export_encoders(out, model.image_encoder, model.text_encoder, tokenizer, mean, std, args.image_size,
-                               "lovt", args)
-    common.cleanup_distributed()  # from here on rank 0 alone, with no collective
-    if ddp.is_main and args.bench:
-        common.print_bench(out, args.batch_size * ddp.world_size, dev, amp)
-    elif ddp.is_main:
-        with common.after_training(out):
-            finish(args, model, tokenizer, test_loader, (mean, std), dev, out, external)
-
+            run.end_epoch(common.validation_loss(model, val_loader, dev, amp), model)
+    run.export(model, lambda: common.export_encoders(out, model.image_encoder, model.text_encoder, tokenizer, mean,
+                                                     std, args.image_size, "lovt", args))
+    return run.evaluate(lambda: finish(args, model, tokenizer, test_loader, (mean, std), dev, out, external))
 
 if __name__ == "__main__":
     try:

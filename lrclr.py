@@ -70,7 +70,6 @@ import json
 import math
 import os
 import sys
-import textwrap
 from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from functools import partial
@@ -79,7 +78,7 @@ from typing import Literal
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from PIL import Image, ImageDraw
+from PIL import ImageDraw
 from torch import nn
 
 import common
@@ -190,12 +189,12 @@ class LRCLR(nn.Module):
         g, tokens, _ = self.image_features(batch["images"])
         u = self.text_features(batch)
         unit_g, unit_u = F.normalize(fp32(g), dim=-1), F.normalize(fp32(u), dim=-1)  # the model normalises (CLIP)
-        (unit_g_all, offset), (unit_u_all, _) = gather(unit_g), gather(unit_u)
+        unit_g_all, unit_u_all, offset = common.gather_rows(unit_g, unit_u)
         local = {}
         if self.local:
             kept, _, gates = self.select(tokens)
             regions = self.interact.block(kept)
-            (regions_all, _), (u_all, _) = gather(regions), gather(u)
+            regions_all, u_all, _ = common.gather_rows(regions, u)
             rows = self.interact.scores(regions, u_all)[0]
             cols = rows.T if regions_all is regions else self.interact.scores(regions_all, u)[0].T
             local = dict(local_rows=rows, local_cols=cols, gates=gates)
@@ -332,8 +331,8 @@ def symmetric_ce(rows, cols, offset=0):
     """CLIP's loss from both score directions: rows B x M (own images vs all M texts), cols B x M (own texts vs all
     M images), the positive of row b at column b + offset -> 1/2 [CE_rows(rows) + CE_rows(cols)]. In one process
     rows = S and cols = S^T; under DDP M = W x B gathered columns and offset = rank x B."""
-    labels = torch.arange(rows.shape[0], device=rows.device) + offset
-    return 0.5 * (F.cross_entropy(fp32(rows), labels) + F.cross_entropy(fp32(cols), labels))
+    a2b, b2a = common.contrastive_ce(fp32(rows), fp32(cols), offset)
+    return 0.5 * (a2b + b2a)
 
 
 def lrclr_loss(g, u, g_all, u_all, logit_scale, offset=0, local_rows=None, local_cols=None, gates=None,
@@ -355,13 +354,6 @@ def lrclr_loss(g, u, g_all, u_all, logit_scale, offset=0, local_rows=None, local
         terms.update(local=symmetric_ce(local_rows, local_cols, offset), sparsity=gates.mean())
         loss = loss + (lambda_loc * terms["local"] + mu_sparsity * terms["sparsity"])
     return dict(loss=loss, **terms)
-
-
-def gather(x):
-    """-> (all ranks' rows in rank order, with gradient; this rank's row offset). (x, 0) in one process."""
-    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
-        return x, 0
-    return common.gather_with_grad(x), dist.get_rank() * x.shape[0]
 
 
 # ==== TRAINING: data, loop, evaluation ====
@@ -425,11 +417,6 @@ def param_groups(model, args):
             for (new, temp), ps in groups.items()]
 
 
-def finding_labels(batch):
-    return (torch.stack([m.flatten(1).any(1) for m in batch["masks"]]).float() if "masks" in batch
-            else batch["labels"][:, 1:])
-
-
 def image_side(model, images, local):
     """-> g B x D and, with `local` (the added layers), the region tokens q B x K x D, else None."""
     return model.regions(images)[:2] if local else (model.image_features(images)[0], None)
@@ -450,7 +437,7 @@ def evaluate(model, loader, tokenizer, device, local=True, n_boot=1000):
         g.append(image_g)
         q.append(image_q)
         u.append(model.text_features(b))
-        labels.append(finding_labels(batch))
+        labels.append(data.zero_shot_targets(batch))
     g, q, u, labels = torch.cat(g), torch.cat(q) if local else None, torch.cat(u), torch.cat(labels)
     names, phrases = data.zero_shot_findings("masks" in batch)
     pos, neg = (model.pair_scores(g, q, model.text_features(common.to_device(data.prompt_batch(p, tokenizer), device)))
@@ -564,10 +551,9 @@ def write_viz(model, batch, tokenizer, folder, mean, std, n, device):
     _, q, index, gates, (h, w) = model.regions(b["images"])
     reports = model.text_features(b)
     names, phrases = data.zero_shot_findings("masks" in batch)
-    present = finding_labels(batch)
+    present = data.zero_shot_targets(batch)
     for i in range(min(n, len(q))):
-        gray = ((batch["images"][i, 0] * std + mean).clamp(0, 1) * 255).float()
-        gray = F.interpolate(gray[None, None], size=256, mode="bilinear")[0, 0]
+        gray = (batch["images"][i, 0] * std + mean).clamp(0, 1)
         found = [c for c in range(len(names)) if present[i, c] == 1]
         queries = [(f"report: {batch['texts'][i]}", reports[i:i + 1])]
         if found:
@@ -577,21 +563,13 @@ def write_viz(model, batch, tokenizer, folder, mean, std, n, device):
         for caption, u in queries:
             beta = model.interact.scores(q[i:i + 1], u)[1].mean(2)[0, 0]  # K, heads averaged
             maps.append((caption, grid_map(beta[None], index[i:i + 1], h * w)[0]))
-        canvas = Image.new("RGB", (256 * len(maps), 256 + 60), "white")
-        for k, (caption, heat) in enumerate(maps):
-            heat = F.interpolate(heat.view(1, 1, h, w).float().cpu(), size=256, mode="nearest")[0, 0]
-            heat = (heat - heat.min()) / (heat.max() - heat.min()).clamp_min(1e-12)  # relative: red = highest
-            dim = gray * (1 - 0.5 * heat)
-            canvas.paste(Image.fromarray(torch.stack([dim + 127.5 * heat, dim, dim], -1).round().byte().numpy()),
-                         (256 * k, 0))
-            draw = ImageDraw.Draw(canvas)
-            if k == 0:  # outline the kept cells
-                for cell in index[i].tolist():
-                    r, c = divmod(cell, w)
-                    draw.rectangle([256 * k + c * 256 // w, r * 256 // h, 256 * k + (c + 1) * 256 // w - 1,
-                                    (r + 1) * 256 // h - 1], outline=(255, 255, 0), width=2)
-            draw.text((256 * k + 4, 258), "\n".join(textwrap.wrap(caption, 40)[:5]), fill="black")
-        canvas.save(os.path.join(folder, f"sample{i}.png"))
+        panels = [common.heat_overlay(gray, heat.view(h, w), mode="nearest") for _, heat in maps]
+        draw = ImageDraw.Draw(panels[0])
+        for cell in index[i].tolist():  # outline the kept cells
+            r, c = divmod(cell, w)
+            draw.rectangle([c * 256 // w, r * 256 // h, (c + 1) * 256 // w - 1, (r + 1) * 256 // h - 1],
+                           outline=(255, 255, 0), width=2)
+        common.save_panels(panels, [c for c, _ in maps], os.path.join(folder, f"sample{i}.png"), lines=5)
 
 
 def run_both(args, argv):
@@ -636,7 +614,6 @@ def main(argv=None, ddp=None):
     dev, amp = ddp.device, common.amp_dtype(ddp.device, args.precision)
     micro_per_step = common.micro_batches_per_step(args.accum, ddp.world_size, args.batch_size)
     out = common.run_folder(args.out_dir, f"lrclr-{args.stage}", ddp, args)
-    ckpt_path, best_path = os.path.join(out, "ckpt.pt"), os.path.join(out, "best.pt")
     own_tokenizer = partial(report_tokenizer, args)  # stage lrclr: the --init run's
     train_set, val_set, test_set, (mean, std), tokenizer, external = common.datasets(args, own_tokenizer)
     common.seed_everything(args.seed)  # the same initial model on every rank
@@ -655,30 +632,18 @@ def main(argv=None, ddp=None):
     warmup = round(args.warmup * total) if base else args.ft_warmup_steps
     scheduler = common.cosine_with_warmup(optimizer, warmup, total, min_lr=1e-8)
     scaler = common.grad_scaler(dev, amp)
-    stateful = dict(model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler)
-    state = dict(step=0, epoch=0, micro=0, best_val=math.inf, bad_epochs=0)
-    resumed = {}
-    if args.resume:
-        resumed = common.resume_training_state(ckpt_path, stateful, state, ddp.rank)
-    else:
-        common.seed_everything(args.seed + ddp.rank)  # data order and dropout differ per rank
-    net = common.wrap_ddp(model, ddp)
-    def save():
-        if ddp.is_main:
-            common.save_training_state(ckpt_path, stateful, args=args, logger=logger.state_dict(), **state)
-    logger = common.Logger(out, ddp.is_main, total, state["step"], resumed.get("logger"))
+    run = common.TrainingRun(args, ddp, out, total, model=model, optimizer=optimizer, scheduler=scheduler,
+                             scaler=scaler)
+    state, net = run.progress, common.wrap_ddp(model, ddp)
     if ddp.is_main:
         print(f"LRCLR stage {args.stage}{' from ' + args.init if args.init else ''}: "
               f"{common.count_parameters(optimizer) / 1e6:.1f}M trainable parameters, {dev}, {amp or torch.float32}, "
               f"{steps_per_epoch} steps of {args.batch_size * micro_per_step * ddp.world_size} pairs per epoch")
 
-    stop = state["step"] >= (args.max_steps or math.inf) or state["bad_epochs"] >= args.patience  # a finished run
-    while state["epoch"] < args.epochs and not stop:
-        sampler.set_epoch(state["epoch"])
-        sampler.skip = state["micro"] * args.batch_size  # resume: the batches this epoch already trained on
-        loader.generator.manual_seed(args.seed + 1000 * state["epoch"] + ddp.rank)
+    while not run.done:
+        run.start_epoch(loader)  # a resumed run skips the batches this epoch already trained on
         net.train()
-        for batch in logger.iterate(loader):
+        for batch in run.logger.iterate(loader):
             state["micro"] += 1
             last, share = common.accumulation(state["micro"], n_micro, micro_per_step)
             batch = common.to_device(batch, dev)
@@ -687,56 +652,27 @@ def main(argv=None, ddp=None):
                 with common.autocast(dev, amp):
                     terms = net(batch)
                 detached = {k: v.detach() for k, v in terms.items()}
-                common.check_finite(detached["loss"], state["step"], ckpt_path, detached)
+                common.check_finite(detached["loss"], state["step"], run.ckpt_path, detached)
                 scaler.scale(terms["loss"] / share).backward()
-            logger.add(detached, images=args.batch_size * ddp.world_size)
+            run.logger.add(detached, images=args.batch_size * ddp.world_size)
             if not last:
                 continue
             scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
             scheduler.step()
-            state["step"] += 1
-            if state["step"] % args.log_every == 0 or state["step"] in (1, args.max_steps):
-                logger.log(state["step"], state["epoch"], {"lr": scheduler.get_last_lr()[0],
-                                                           "logit_scale": model.logit_scale().item()})
-            if args.ckpt_every and state["step"] % args.ckpt_every == 0:
-                save()
-            if state["step"] == args.max_steps:
-                stop = True
+            if run.stepped(lambda: {"lr": scheduler.get_last_lr()[0], "logit_scale": model.logit_scale().item()}):
                 break
         else:  # the epoch is complete: validation loss, best checkpoint, early stopping
-            val = common.validation_loss(model, val_loader, dev, amp)
-            state.update(epoch=state["epoch"] + 1, micro=0)
-            logger.write("val.csv", dict(epoch=state["epoch"], step=state["step"], val_loss=val))
-            if val < state["best_val"] - 1e-5:
-                state.update(best_val=val, bad_epochs=0)
-                if ddp.is_main:
-                    common.save_best(best_path, model, step=state["step"], epoch=state["epoch"], val_loss=val)
-            else:
-                state["bad_epochs"] += 1
-            save()
-            if ddp.is_main:
-                print(f"epoch {state['epoch']}: val loss {val:.4f} (best {state['best_val']:.4f})")
-            stop = state["bad_epochs"] >= args.patience
-    logger.close()
-    if ddp.is_main and not args.bench:  # the checkpoint and the exported best-validation model before any evaluation
-        save()
-        common.load_best(model, best_path)
-        common.export_encoders(out, model.image_encoder, model.text_encoder, tokenizer, mean, std, args.image_size,
-                               "lrclr", args)
-    run = (args, model, tokenizer, test_loader, (mean, std), external, dev, out)
+            run.end_epoch(common.validation_loss(model, val_loader, dev, amp), model)
+    run.export(model, lambda: common.export_encoders(out, model.image_encoder, model.text_encoder, tokenizer, mean,
+                                                     std, args.image_size, "lrclr", args))
+    stage = (args, model, tokenizer, test_loader, (mean, std), external, dev, out)
     if one_of_both:
         if ddp.distributed:
             dist.barrier()  # the next stage reads this one's files
-        return run
-    common.cleanup_distributed()  # from here on rank 0 alone, with no collective
-    if ddp.is_main and args.bench:
-        return common.print_bench(out, args.batch_size * ddp.world_size, dev, amp)
-    if ddp.is_main:
-        with common.after_training(out):
-            return finish(*run)
-
+        return stage
+    return run.evaluate(lambda: finish(*stage))
 
 if __name__ == "__main__":
     try:

@@ -210,11 +210,11 @@ def ita_loss(image_emb, text_emb, image_all, text_all, offset=0, tau=0.07):
     Under DDP, with DDP's gradient averaging, the loss and gradients equal one process on the full batch (tested)."""
     dtype = torch.promote_types(image_emb.dtype, torch.float32)
     g, t = F.normalize(image_emb.to(dtype), dim=-1), F.normalize(text_emb.to(dtype), dim=-1)
-    # one process passes the rows themselves as the columns: normalised once, as common.info_nce does
+    # one process passes the rows themselves as the columns: normalised once
     g_all = g if image_all is image_emb else F.normalize(image_all.to(dtype), dim=-1)
     t_all = t if text_all is text_emb else F.normalize(text_all.to(dtype), dim=-1)
-    labels = torch.arange(len(g), device=g.device) + offset
-    return F.cross_entropy(g @ t_all.T / tau, labels) + F.cross_entropy(t @ g_all.T / tau, labels)
+    i2t, t2i = common.contrastive_ce(g @ t_all.T / tau, t @ g_all.T / tau, offset)
+    return i2t + t2i
 
 
 def pcma_loss(v, u, v_all=None, u_all=None, offset=0, tau=0.1):
@@ -500,8 +500,7 @@ def evaluate(model, loader, tokenizer, device, n_boot):
         if keep is not None:
             row.update(cce_real_report=real["cce"], cce_zeroed_report=zeroed["cce"])
         rows.append({k: float(v) * len(batch["images"]) for k, v in row.items()})
-        labels.append(torch.stack([m.flatten(1).any(1) for m in batch["masks"]]).float() if "masks" in batch
-                      else batch["labels"][:, 1:])  # CheXpert: "No Finding" left out (inverted by the prompt)
+        labels.append(data.zero_shot_targets(batch))
     img, txt = torch.cat(images), torch.cat(reports)
     sim = img @ txt.t()
     retrieval = {f"{name}_{k}": v for name, s in (("i2t", sim), ("t2i", sim.t()))
@@ -536,15 +535,6 @@ def finish(args, model, tokenizer, test_loader, mean_std, device, out, external=
     print(f"run folder: {out}")
 
 
-def heat_overlay(gray, heat, size):
-    """Grey image (H x W in [0, 1]) and a map (h x w) -> RGB uint8 size x size, red = most attended."""
-    gray = F.interpolate(gray[None, None], size=size, mode="bilinear")[0, 0] * 255
-    heat = F.interpolate(heat[None, None].float(), size=size, mode="bilinear")[0, 0]
-    heat = (heat - heat.min()) / (heat.max() - heat.min()).clamp_min(1e-12)
-    dim = gray * (1 - 0.5 * heat)
-    return torch.stack([dim + 127.5 * heat, dim, dim], -1).round().byte().numpy()
-
-
 def correlation_picture(matrix, size=256):
     """N x N matrix in [-1, 1] -> RGB: red positive, blue negative, white 0."""
     m = F.interpolate(matrix[None, None].float(), size=size, mode="nearest")[0, 0].clamp(-1, 1)
@@ -569,7 +559,7 @@ def write_viz(model, batch, tokenizer, folder, mean, std, n, device):
         canvas = Image.new("RGB", (size * cols, (size + 44) * math.ceil(K / cols)), "white")
         for k in range(K):
             x, y = size * (k % cols), (size + 44) * (k // cols)
-            canvas.paste(Image.fromarray(heat_overlay(gray, v_attn[i, k].view(grid).cpu(), size)), (x, y))
+            canvas.paste(common.heat_overlay(gray, v_attn[i, k].view(grid), size), (x, y))
             top = u_attn[i, k, :len(words[i])].topk(min(3, len(words[i])))
             caption = f"slot {k}: " + ", ".join(f"{words[i][j]} {100 * p:.0f}%" for p, j in
                                                 zip(top.values.tolist(), top.indices.tolist()))
@@ -600,7 +590,6 @@ def main(argv=None):
     dev, amp = ddp.device, common.amp_dtype(ddp.device, args.precision)
     micro_per_step = common.micro_batches_per_step(args.accum, ddp.world_size, args.batch_size)
     out = common.run_folder(args.out_dir, "place", ddp, args)
-    ckpt_path, best_path = os.path.join(out, "ckpt.pt"), os.path.join(out, "best.pt")
     train_set, val_set, test_set, (mean, std), tokenizer, external = common.datasets(args)
     common.seed_everything(args.seed)  # the same initial model on every rank
     model = PLACE(args, tokenizer).to(dev)
@@ -613,30 +602,18 @@ def main(argv=None):
     optimizer = torch.optim.AdamW(optimizer_groups(model, args), weight_decay=args.weight_decay)
     scheduler = common.cosine_with_warmup(optimizer, round(args.warmup * total_steps), total_steps, args.min_lr)
     scaler = common.grad_scaler(dev, amp)
-    stateful = dict(model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler)
-    state = dict(step=0, epoch=0, micro=0, best_val=math.inf, bad_epochs=0)
-    resumed = {}
-    if args.resume:
-        resumed = common.resume_training_state(ckpt_path, stateful, state, ddp.rank)
-    else:
-        common.seed_everything(args.seed + ddp.rank)  # data order, masks and dropout differ per rank
-    net = common.wrap_ddp(model, ddp)
-    def save():
-        if ddp.is_main:
-            common.save_training_state(ckpt_path, stateful, args=args, logger=logger.state_dict(), **state)
-    logger = common.Logger(out, ddp.is_main, total_steps, state["step"], resumed.get("logger"))
+    run = common.TrainingRun(args, ddp, out, total_steps, model=model, optimizer=optimizer, scheduler=scheduler,
+                             scaler=scaler)
+    state, net = run.progress, common.wrap_ddp(model, ddp)
     if ddp.is_main:
         print(f"PLACE: {common.count_parameters(optimizer) / 1e6:.1f}M trainable parameters ({args.image_arch}, "
               f"K = {args.num_queries}), {dev}, {amp or torch.float32}, {steps_per_epoch} steps of "
               f"{args.batch_size * micro_per_step * ddp.world_size} pairs per epoch")
 
-    stop = state["step"] >= (args.max_steps or math.inf) or state["bad_epochs"] >= args.patience  # a finished run
-    while state["epoch"] < args.epochs and not stop:
-        sampler.set_epoch(state["epoch"])
-        sampler.skip = state["micro"] * args.batch_size  # resume: the batches this epoch already trained on
-        loader.generator.manual_seed(args.seed + 1000 * state["epoch"] + ddp.rank)
+    while not run.done:
+        run.start_epoch(loader)  # a resumed run skips the batches this epoch already trained on
         net.train()
-        for batch in logger.iterate(loader):
+        for batch in run.logger.iterate(loader):
             state["micro"] += 1
             last, share = common.accumulation(state["micro"], n_micro, micro_per_step)
             batch = common.to_device(batch, dev)
@@ -645,50 +622,22 @@ def main(argv=None):
                 with common.autocast(dev, amp):
                     terms = net(batch)
                 detached = {k: v.detach() for k, v in terms.items()}
-                common.check_finite(detached["loss"], state["step"], ckpt_path, detached)
+                common.check_finite(detached["loss"], state["step"], run.ckpt_path, detached)
                 scaler.scale(terms["loss"] / share).backward()
-            logger.add(detached, images=args.batch_size * ddp.world_size)
+            run.logger.add(detached, images=args.batch_size * ddp.world_size)
             if not last:
                 continue
             scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
             scheduler.step()
-            state["step"] += 1
-            if state["step"] % args.log_every == 0 or state["step"] in (1, args.max_steps):
-                logger.log(state["step"], state["epoch"], {"lr": scheduler.get_last_lr()[1]})
-            if args.ckpt_every and state["step"] % args.ckpt_every == 0:
-                save()
-            if state["step"] == args.max_steps:
-                stop = True
+            if run.stepped(lambda: {"lr": scheduler.get_last_lr()[1]}):
                 break
         else:  # the epoch is complete: validation loss, best checkpoint, early stopping
-            val = common.validation_loss(model, val_loader, dev, amp)
-            state.update(epoch=state["epoch"] + 1, micro=0)
-            logger.write("val.csv", dict(epoch=state["epoch"], step=state["step"], val_loss=val))
-            if val < state["best_val"] - 1e-5:
-                state.update(best_val=val, bad_epochs=0)
-                if ddp.is_main:
-                    common.save_best(best_path, model, step=state["step"], epoch=state["epoch"], val_loss=val)
-            else:
-                state["bad_epochs"] += 1
-            save()
-            if ddp.is_main:
-                print(f"epoch {state['epoch']}: val loss {val:.4f} (best {state['best_val']:.4f})")
-            stop = state["bad_epochs"] >= args.patience
-    logger.close()
-    if ddp.is_main and not args.bench:  # the checkpoint and the exported best-validation model before any evaluation
-        save()
-        common.load_best(model, best_path)
-        common.export_encoders(out, model.image_encoder, model.text_encoder, tokenizer, mean, std, args.image_size,
-                               "place", args)
-    common.cleanup_distributed()  # from here on rank 0 alone, with no collective
-    if ddp.is_main and args.bench:
-        common.print_bench(out, args.batch_size * ddp.world_size, dev, amp)
-    elif ddp.is_main:
-        with common.after_training(out):
-            finish(args, model, tokenizer, test_loader, (mean, std), dev, out, external)
-
+            run.end_epoch(common.validation_loss(model, val_loader, dev, amp), model)
+    run.export(model, lambda: common.export_encoders(out, model.image_encoder, model.text_encoder, tokenizer, mean,
+                                                     std, args.image_size, "place", args))
+    return run.evaluate(lambda: finish(args, model, tokenizer, test_loader, (mean, std), dev, out, external))
 
 if __name__ == "__main__":
     try:

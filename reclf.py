@@ -106,7 +106,6 @@ Deviations / our choices (besides those marked above):
 """
 import math
 import os
-import textwrap
 from contextlib import nullcontext
 from dataclasses import dataclass
 from functools import partial
@@ -114,7 +113,6 @@ from typing import Literal
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from torch import nn
@@ -314,8 +312,7 @@ def relation_matrix(head, regions, img_g, words, word_mask, txt_g, chunk=8, chec
 def pair_ce(rows, cols, offset, scale):
     """rows B x N: own images vs all reports; cols N x B: all images vs own reports (the same matrix on one
     process) -> (CE_rows, CE_cols) of scale * score, positives at offset + arange(B)."""
-    labels = torch.arange(rows.shape[0], device=rows.device) + offset
-    return F.cross_entropy(scale * rows, labels), F.cross_entropy(scale * cols.T, labels)
+    return common.contrastive_ce(scale * rows, scale * cols.T, offset)
 
 
 def reclf_loss(global_rows, global_cols, rel_rows=None, rel_cols=None, lse_rows=None, lse_cols=None, *, offset=0,
@@ -344,7 +341,7 @@ def reclf_loss(global_rows, global_cols, rel_rows=None, rel_cols=None, lse_rows=
 
 def loss_scores(own, gathered=None, head=None, lse=False, gamma1=4.0, gamma2=5.0, chunk=8):
     """reclf_loss's scores, fp32, from the features regions, img_g, words, word_mask, txt_g of this rank (own) and
-    of the whole job (gathered, gather_local; None on one process, where the cols of S_rel and S_loc are the rows):
+    of the whole job (gathered, common.gather_rows; None on one process, where the cols of S_rel and S_loc are the rows):
     the global cosine, S_rel of the RelationHead `head` (none without one) and S_loc (lse=True)."""
     regions, img_g, words, word_mask, txt_g = own
     R_all, g_all, E_all, M_all, t_all = gathered or own
@@ -359,19 +356,6 @@ def loss_scores(own, gathered=None, head=None, lse=False, gamma1=4.0, gamma2=5.0
         out["lse_cols"] = (out["lse_rows"] if gathered is None
                            else common.word_region_matrix(R_all, words, word_mask, gamma1, gamma2, chunk))
     return out
-
-
-def gather_local(regions, img_g, words, word_mask, txt_g):
-    """This rank's features -> the whole job's (rank order, with gradient), this rank's words padded to the longest
-    report of any rank (the gathered words need one length; padded words are masked), and the row offset."""
-    length = torch.tensor(words.shape[1], device=words.device)
-    dist.all_reduce(length, op=dist.ReduceOp.MAX)
-    pad = int(length) - words.shape[1]
-    words, word_mask = F.pad(words, (0, 0, 0, pad)), F.pad(word_mask, (0, pad))
-    own = (regions, img_g, words, word_mask, txt_g)
-    gathered = [common.gather_with_grad(t) for t in (regions, img_g, words)]
-    gathered += [common.gather_with_grad(word_mask.to(words.dtype)) > 0, common.gather_with_grad(txt_g)]
-    return own, tuple(gathered), dist.get_rank() * len(regions)
 
 
 # ---- the model ----
@@ -437,9 +421,11 @@ class RECLF(nn.Module):
 
     def forward(self, batch):
         regions, img_g, _ = self.image_features(batch["images"])
-        own, gathered, offset = (regions, img_g, *self.text_features(batch)), None, 0
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            own, gathered, offset = gather_local(*own)
+        words, mask, txt_g = self.text_features(batch)
+        own, gathered, offset = (regions, img_g, words, mask, txt_g), None, 0
+        if common.distributed():  # the whole job's features; the words padded to its longest report (masked)
+            own = (regions, img_g, *common.pad_to_longest_rank(words, mask), txt_g)
+            *gathered, offset = common.gather_rows(*own)
         a = self.args
         with torch.autocast(regions.device.type, enabled=False):  # similarities and softmaxes in fp32
             scores = loss_scores(own, gathered, self.relation, self.relation is None or a.add_lse_local, a.gamma1,
@@ -475,8 +461,7 @@ def encode_split(model, loader, device):
         regions, img_g, _ = model.image_features(b["images"])
         words, mask, txt_g = model.text_features(b)
         synthetic = "masks" in batch
-        labels = (torch.stack([m.flatten(1).any(1) for m in batch["masks"]]).float() if synthetic
-                  else batch["labels"][:, 1:])  # CheXpert: "No Finding" left out (inverted by the prompt)
+        labels = data.zero_shot_targets(batch)
         for k, v in zip(parts, (regions, img_g, words, mask, txt_g, labels.to(device))):
             parts[k].append(common.fp32(v) if v.is_floating_point() else v)
     return {k: pad_cat(v) if k in ("words", "mask") else torch.cat(v) for k, v in parts.items()}, synthetic
@@ -658,21 +643,10 @@ def write_viz(model, batch, tokenizer, folder, mean, std, n):
         for s, A in enumerate(ex["edges"]):
             draw_relations(words, A, os.path.join(folder, f"pair{i}_srm_step{s + 1}.png"))
         hits = [k for k, w in enumerate(words) if w in FINDING_WORDS][:4]
-        gray = (batch["images"][i, 0].cpu() * std + mean).clamp(0, 1)
-        panels = []
-        for k in hits:
-            heat = F.interpolate(ex["alpha"][k].view(1, 1, *ex["grid"]).cpu(), size=gray.shape, mode="bilinear")[0, 0]
-            heat = (heat - heat.min()) / (heat.max() - heat.min()).clamp_min(1e-12)  # red/orange over the dimmed film
-            rgb = torch.stack([0.5 * gray + 0.5 * heat, 0.5 * gray + 0.2 * heat, 0.5 * gray], -1)
-            panel = Image.fromarray((rgb.clamp(0, 1) * 255).byte().numpy()).resize((256, 256), Image.BILINEAR)
-            ImageDraw.Draw(panel).text((4, 4), words[k], fill=(255, 255, 0))
-            panels.append(panel)
-        if panels:
-            canvas = Image.new("RGB", (256 * len(panels), 256 + 40), "white")
-            for k, p in enumerate(panels):
-                canvas.paste(p, (256 * k, 0))
-            ImageDraw.Draw(canvas).text((4, 258), "\n".join(textwrap.wrap(" ".join(words), 100)[:3]), fill="black")
-            canvas.save(os.path.join(folder, f"pair{i}_words.png"))
+        gray = (batch["images"][i, 0] * std + mean).clamp(0, 1)
+        if hits:
+            common.save_panels([common.heat_overlay(gray, ex["alpha"][k].view(ex["grid"])) for k in hits],
+                               [words[k] for k in hits], os.path.join(folder, f"pair{i}_words.png"))
 
 
 def finish(args, model, tokenizer, test_loader, mean_std, device, out, external=None):
@@ -705,7 +679,6 @@ def main(argv=None):
     dev, amp = ddp.device, common.amp_dtype(ddp.device, args.precision)
     micro_per_step = common.micro_batches_per_step(args.accum, ddp.world_size, args.batch_size)
     out = common.run_folder(args.out_dir, "reclf", ddp, args)
-    ckpt_path, best_path = os.path.join(out, "ckpt.pt"), os.path.join(out, "best.pt")
     train_set, val_set, test_set, (mean, std), tokenizer, external = common.datasets(args)
     common.seed_everything(args.seed)  # the same initial model on every rank
     model = RECLF(args, tokenizer).to(dev)
@@ -720,31 +693,17 @@ def main(argv=None):
     optimizer = torch.optim.Adam(groups, args.lr, weight_decay=args.weight_decay)
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, factor=0.5, patience=args.lr_patience)
     scaler = common.grad_scaler(dev, amp)
-    stateful = dict(model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler)
-    state = dict(step=0, epoch=0, micro=0, best_val=math.inf, bad_epochs=0)
-    resumed = {}
-    if args.resume:
-        resumed = common.resume_training_state(ckpt_path, stateful, state, ddp.rank)
-    else:
-        common.seed_everything(args.seed + ddp.rank)
-    net = common.wrap_ddp(model, ddp)
-
-    def save():
-        if ddp.is_main:
-            common.save_training_state(ckpt_path, stateful, args=args, logger=logger.state_dict(), **state)
-    logger = common.Logger(out, ddp.is_main, min(args.max_steps or math.inf, steps_per_epoch * args.epochs),
-                           state["step"], resumed.get("logger"))
+    run = common.TrainingRun(args, ddp, out, min(args.max_steps or math.inf, steps_per_epoch * args.epochs),
+                             model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler)
+    state, net = run.progress, common.wrap_ddp(model, ddp)
     if ddp.is_main:
         print(f"RECLF ({args.srm} SRM, IRM {args.irm}{', + LSE local' if args.add_lse_local else ''}): "
               f"{common.count_parameters(optimizer) / 1e6:.1f}M trainable parameters, {dev}, {amp or torch.float32}, "
               f"{steps_per_epoch} steps of {args.batch_size * micro_per_step * ddp.world_size} pairs per epoch")
-    stop = state["step"] >= (args.max_steps or math.inf) or state["bad_epochs"] >= args.patience  # a finished run
-    while state["epoch"] < args.epochs and not stop:
-        sampler.set_epoch(state["epoch"])
-        sampler.skip = state["micro"] * args.batch_size  # resume: the batches this epoch already trained on
-        loader.generator.manual_seed(args.seed + 1000 * state["epoch"] + ddp.rank)
+    while not run.done:
+        run.start_epoch(loader)  # a resumed run skips the batches this epoch already trained on
         net.train()
-        for batch in logger.iterate(loader):
+        for batch in run.logger.iterate(loader):
             state["micro"] += 1
             last, share = common.accumulation(state["micro"], n_micro, micro_per_step)
             batch = common.to_device(batch, dev)
@@ -753,9 +712,9 @@ def main(argv=None):
                 with common.autocast(dev, amp):
                     terms = net(batch)
                 detached = {k: v.detach() for k, v in terms.items()}
-                common.check_finite(detached["loss"], state["step"], ckpt_path, detached)
+                common.check_finite(detached["loss"], state["step"], run.ckpt_path, detached)
                 scaler.scale(terms["loss"] / share).backward()
-            logger.add(detached, images=args.batch_size * ddp.world_size)
+            run.logger.add(detached, images=args.batch_size * ddp.world_size)
             if not last:
                 continue
             scaler.unscale_(optimizer)
@@ -763,42 +722,15 @@ def main(argv=None):
             scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
-            state["step"] += 1
-            if state["step"] % args.log_every == 0 or state["step"] in (1, args.max_steps):
-                logger.log(state["step"], state["epoch"], {"lr": optimizer.param_groups[0]["lr"]})
-            if args.ckpt_every and state["step"] % args.ckpt_every == 0:
-                save()
-            if state["step"] == args.max_steps:
-                stop = True
+            if run.stepped(lambda: {"lr": optimizer.param_groups[0]["lr"]}):
                 break
         else:  # the epoch is complete: validation loss, plateau schedule, best checkpoint, early stopping
             val = common.validation_loss(model, val_loader, dev, amp)
             scheduler.step(val)
-            state.update(epoch=state["epoch"] + 1, micro=0)
-            logger.write("val.csv", dict(epoch=state["epoch"], step=state["step"], val_loss=val))
-            if val < state["best_val"] - 1e-5:
-                state.update(best_val=val, bad_epochs=0)
-                if ddp.is_main:
-                    common.save_best(best_path, model, step=state["step"], epoch=state["epoch"], val_loss=val)
-            else:
-                state["bad_epochs"] += 1
-            save()
-            if ddp.is_main:
-                print(f"epoch {state['epoch']}: val loss {val:.4f} (best {state['best_val']:.4f})")
-            stop = state["bad_epochs"] >= args.patience
-    logger.close()
-    if ddp.is_main and not args.bench:  # the checkpoint and the exported best-validation model before any evaluation
-        save()
-        common.load_best(model, best_path)
-        common.export_encoders(out, model.image_encoder, model.text_encoder, tokenizer, mean, std, args.image_size,
-                               "reclf", args)
-    common.cleanup_distributed()  # from here on rank 0 alone, with no collective
-    if ddp.is_main and args.bench:
-        common.print_bench(out, args.batch_size * ddp.world_size, dev, amp)
-    elif ddp.is_main:
-        with common.after_training(out):
-            return finish(args, model, tokenizer, test_loader, (mean, std), dev, out, external)
-
+            run.end_epoch(val, model)
+    run.export(model, lambda: common.export_encoders(out, model.image_encoder, model.text_encoder, tokenizer, mean,
+                                                     std, args.image_size, "reclf", args))
+    return run.evaluate(lambda: finish(args, model, tokenizer, test_loader, (mean, std), dev, out, external))
 
 if __name__ == "__main__":
     try:

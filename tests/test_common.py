@@ -18,17 +18,27 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn as nn
+import torch.nn.functional as F
 import torchvision
+from PIL import Image
 
 import common as C
 
 
 # ---------------------------------------------------------------- InfoNCE values
 
+def info_nce(a, b, tau, gather=True):
+    """The symmetric InfoNCE the methods build from common's pieces: unit rows in fp32 (at least), every process's
+    columns (gather_rows), contrastive_ce."""
+    a, b = F.normalize(C.fp32(a), dim=-1), F.normalize(C.fp32(b), dim=-1)
+    a_all, b_all, offset = C.gather_rows(a, b) if gather else (a, b, 0)
+    return C.contrastive_ce(a @ b_all.T / tau, b @ a_all.T / tau, offset)
+
+
 def test_info_nce_all_zero_logits_give_log_b():
     for B in (2, 5):
         zeros = torch.zeros(B, 3, dtype=torch.float64)  # normalises to 0, so every logit is 0
-        a2b, b2a = C.info_nce(zeros, zeros, tau=0.1)
+        a2b, b2a = info_nce(zeros, zeros, tau=0.1)
         assert a2b.item() == pytest.approx(math.log(B), abs=1e-12)
         assert b2a.item() == pytest.approx(math.log(B), abs=1e-12)
 
@@ -44,18 +54,18 @@ def test_info_nce_hand_computed_3x3():
     s = [[cos(a[i], b[j]) / tau for j in range(3)] for i in range(3)]
     a2b = sum(-s[i][i] + math.log(sum(math.exp(s[i][j]) for j in range(3))) for i in range(3)) / 3
     b2a = sum(-s[j][j] + math.log(sum(math.exp(s[i][j]) for i in range(3))) for j in range(3)) / 3
-    got = C.info_nce(torch.tensor(a, dtype=torch.float64), torch.tensor(b, dtype=torch.float64), tau)
+    got = info_nce(torch.tensor(a, dtype=torch.float64), torch.tensor(b, dtype=torch.float64), tau)
     assert got[0].item() == pytest.approx(a2b, abs=1e-12)
     assert got[1].item() == pytest.approx(b2a, abs=1e-12)
     # a learned temperature (0-d tensor) gives the same value
-    got_t = C.info_nce(torch.tensor(a, dtype=torch.float64), torch.tensor(b, dtype=torch.float64),
+    got_t = info_nce(torch.tensor(a, dtype=torch.float64), torch.tensor(b, dtype=torch.float64),
                        torch.tensor(tau, dtype=torch.float64))
     assert got_t[0].item() == pytest.approx(a2b, abs=1e-12)
 
 
 def test_info_nce_logits_in_fp32_under_low_precision_inputs():
     a, b = torch.randn(4, 8).bfloat16(), torch.randn(4, 8).bfloat16()
-    assert C.info_nce(a, b, 0.07)[0].dtype == torch.float32
+    assert info_nce(a, b, 0.07)[0].dtype == torch.float32
 
 
 # ---------------------------------------------------------------- DDP gradient test: 2 gloo ranks == one full batch
@@ -85,7 +95,7 @@ def _data():
 
 
 def _loss(za, zb, gather=True):
-    a2b, b2a = C.info_nce(za, zb, tau=0.2, gather=gather)
+    a2b, b2a = info_nce(za, zb, tau=0.2, gather=gather)
     return 0.75 * a2b + 0.25 * b2a
 
 
@@ -600,3 +610,57 @@ def test_run_folder_accumulation_and_comparison_table(tmp_path, monkeypatch, cap
     printed = capsys.readouterr().out
     assert "0.100" in printed and "0.500" in printed and "nan" not in printed
     assert "no data for auc_edema" in printed and json.load(open(tmp_path / "eval.json"))["trained"]["R@1"] == 0.5
+
+
+def test_training_run_best_checkpoint_early_stopping_and_resume(tmp_path, capsys):
+    """end_epoch keeps best.pt at the lowest validation loss and counts the epochs without progress; done stops at
+    --patience; a TrainingRun with --resume restores the counters, the model and the optimizer; stepped() logs the
+    first and every log_every-th step and says when --max-steps is reached."""
+    from types import SimpleNamespace
+    args = SimpleNamespace(resume=False, seed=1, epochs=10, max_steps=0, patience=2, log_every=2, ckpt_every=0,
+                           bench=False, precision="fp32", batch_size=4)
+    model = nn.Linear(2, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    run = C.TrainingRun(args, C.Dist(), str(tmp_path), 100, model=model, optimizer=optimizer)
+    weights = {}
+    for val in (1.0, 0.5, 0.6, 0.7):
+        assert not run.done
+        with torch.no_grad():
+            model.weight.add_(1.0)  # each epoch's model differs
+        weights[val] = model.weight.clone()
+        run.end_epoch(val, model)
+    assert run.done and run.progress["bad_epochs"] == 2 and run.progress["best_val"] == 0.5
+    best = C.load_checkpoint(run.best_path)
+    assert torch.equal(best["model"]["weight"], weights[0.5]) and best["epoch"] == 2
+    assert [r["val_loss"] for r in csv.DictReader(open(tmp_path / "val.csv"))] == ["1.0", "0.5", "0.6", "0.7"]
+    assert "epoch 4: val loss 0.7000 (best 0.5000)" in capsys.readouterr().out
+    run.export(model, lambda: None)  # the best weights back into the model before the export
+    assert torch.equal(model.weight, weights[0.5])
+
+    resumed_model = nn.Linear(2, 1)
+    resumed = C.TrainingRun(SimpleNamespace(**{**vars(args), "resume": True}), C.Dist(), str(tmp_path), 100,
+                            model=resumed_model, optimizer=torch.optim.SGD(resumed_model.parameters(), lr=0.1))
+    assert resumed.done and resumed.progress == run.progress
+    assert torch.equal(resumed_model.weight, weights[0.7])  # ckpt.pt: the model as trained; best.pt: the best
+
+    args.max_steps, args.patience = 3, 100
+    os.makedirs(tmp_path / "steps")  # run_folder's work in a method
+    fresh = C.TrainingRun(args, C.Dist(), str(tmp_path / "steps"), 3, model=nn.Linear(2, 1))
+    assert [fresh.stepped(lambda: {"lr": 0.1}) for _ in range(3)] == [False, False, True] and fresh.done
+    assert [r["step"] for r in csv.DictReader(open(tmp_path / "steps" / "metrics.csv"))] == ["1", "2", "3"]
+    with pytest.raises(SystemExit, match="no checkpoint at"):
+        C.TrainingRun(SimpleNamespace(**{**vars(args), "resume": True}), C.Dist(), str(tmp_path / "none"), 1)
+
+
+def test_heat_overlay_and_panels(tmp_path):
+    """The map's highest cell is red over the dimmed film, its lowest leaves the film grey; panels side by side with
+    room for their captions."""
+    gray = torch.full((32, 32), 0.5)
+    heat = torch.tensor([[1.0, 0.0], [0.0, 0.0]])
+    panel = np.asarray(C.heat_overlay(gray, heat, size=64, mode="nearest")).astype(int)
+    assert panel.shape == (64, 64, 3)
+    r, g, b = panel[5, 5]
+    assert r > g == b and g == round(0.5 * 127.5)  # dimmed by half, red added
+    assert tuple(panel[60, 60]) == (128, 128, 128)  # no map: the film as it is
+    C.save_panels([C.heat_overlay(gray, heat, 64)] * 3, ["a", "b " * 40, "c"], str(tmp_path / "p.png"), lines=2)
+    assert Image.open(tmp_path / "p.png").size == (3 * 64, 64 + 14 * 2 + 4)

@@ -24,16 +24,17 @@ IMPORTS = dict(F=torch.nn.functional, math=math, checkpoint=checkpoint)
 # torch.nn.functional, "math" the standard module, "checkpoint" torch.utils.checkpoint.checkpoint; "module.name" a
 # function copied from that file.
 COPY = {
-    "lovt": ("lovt.lovt_loss", ["F", "math", "common.fp32", "lovt.spatial_target", "lovt.local_intra_contrastive",
-                                "lovt.local_weights"]),
+    "lovt": ("lovt.lovt_loss", ["F", "math", "common.fp32", "common.contrastive_ce", "lovt.spatial_target",
+                                "lovt.local_intra_contrastive", "lovt.local_weights"]),
     "joimternet": ("joimternet.joimternet_loss", [
-        "F", "checkpoint", "common.fp32", "common.cosine", "common.word_region_attention", "common.word_region_score",
-        "common.word_region_matrix", "joimternet.global_ce", "joimternet.local_ce", "joimternet.triplet_terms"]),
-    "lrclr": ("lrclr.lrclr_loss", ["F", "common.fp32", "lrclr.symmetric_ce"]),
-    "reclf": ("reclf.reclf_loss", ["F", "reclf.pair_ce"]),
-    "place": ("place.place_loss", ["F", "common.fp32", "common.mgca_tca", "common._clipped_weights",
-                                   "common._weighted_diagonal_ce", "place.ita_loss", "place.pcma_loss",
-                                   "place.patch_correlation", "place.cce_loss"]),
+        "F", "checkpoint", "common.fp32", "common.cosine", "common.contrastive_ce", "common.word_region_attention",
+        "common.word_region_score", "common.word_region_matrix", "joimternet.global_ce", "joimternet.local_ce",
+        "joimternet.triplet_terms"]),
+    "lrclr": ("lrclr.lrclr_loss", ["F", "common.fp32", "common.contrastive_ce", "lrclr.symmetric_ce"]),
+    "reclf": ("reclf.reclf_loss", ["F", "common.contrastive_ce", "reclf.pair_ce"]),
+    "place": ("place.place_loss", ["F", "common.fp32", "common.contrastive_ce", "common.mgca_tca",
+                                   "common._clipped_weights", "common._weighted_diagonal_ce", "place.ita_loss",
+                                   "place.pcma_loss", "place.patch_correlation", "place.cce_loss"]),
 }
 
 

@@ -176,6 +176,17 @@ def test_report_tokenizer_knows_the_prompts_its_evaluation_scores():
     assert len(names) == 13 and "no finding" not in names and phrases[names.index("edema")] == "edema"
 
 
+def test_zero_shot_targets_follow_zero_shot_findings():
+    """Synthetic batches: a finding is present where its mask has a pixel; CheXpert batches: the labels without No
+    Finding, uncertain (-1) and unknown (nan) as they are."""
+    masks = torch.zeros(2, len(SYNTH_FINDINGS), 4, 4, dtype=torch.bool)
+    masks[0, 1, 2, 3] = masks[1, 4, 0, 0] = True
+    got = data.zero_shot_targets(dict(masks=masks, labels=torch.ones(2, 14)))
+    assert got.tolist() == [[0, 1, 0, 0, 0], [0, 0, 0, 0, 1]] and got.shape[1] == len(data.zero_shot_findings(True)[0])
+    labels = torch.tensor([[1.0, 0.0, -1.0] + [float("nan")] * 11])
+    torch.testing.assert_close(data.zero_shot_targets(dict(labels=labels)), labels[:, 1:], equal_nan=True)
+
+
 def test_train_view_is_one_rule_for_every_size():
     """The loader's training view (here 73 px, a CSV's 8/7 of 64) reaches --image-size: resized whole without an
     augmentation (the evaluation view's content), or through the method's BatchAugment; an already-sized view

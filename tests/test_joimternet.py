@@ -164,7 +164,7 @@ def _ddp_worker(rank, world, port, refs, inputs, state):
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
     # every rank pads its text batch to the longest report of any rank, so that the gathered words have one length
     ids = torch.full((2, 5 if rank == 0 else 3), 7)
-    padded, mask = jt.pad_to_global_length(ids, torch.ones_like(ids))
+    padded, mask = common.pad_to_longest_rank(ids, torch.ones_like(ids))
     assert padded.shape == mask.shape == (2, 5) and padded[:, ids.shape[1]:].eq(0).all()
     assert mask.sum().item() == ids.numel()
     torch.set_default_dtype(torch.float64)
@@ -176,7 +176,7 @@ def _ddp_worker(rank, world, port, refs, inputs, state):
         model.load_state_dict(state)
         ddp = torch.nn.parallel.DistributedDataParallel(model)  # averages the gradients over the ranks
         feats = ddp(x[sl], y[sl], lengths[sl])
-        gathered, offset = jt.gather_features(*feats)
+        *gathered, offset = common.gather_rows(*feats)
         out = jt.joimternet_loss(*feats, neg, gathered=gathered, offset=offset, triplet_quirk=quirk, **LOSS_ARGS)
         out["loss"].backward()
         for k, want in ref["terms"].items():

@@ -48,18 +48,19 @@ def hand_local(l, c, T, valid, w, tau):
     return out
 
 
-def test_global_infonce_by_hand():  # LoVT uses common.info_nce with per-micro-batch negatives
+def test_global_infonce_by_hand():  # LoVT's global terms: common.contrastive_ce of cosine / tau
     torch.manual_seed(0)
     a, b, tau = torch.randn(3, 4), torch.randn(3, 4), 0.1
     S = [[cos(a[i], b[j]) / tau for j in range(3)] for i in range(3)]
     a2b = sum(-S[i][i] + math.log(sum(math.exp(S[i][j]) for j in range(3))) for i in range(3)) / 3
     b2a = sum(-S[j][j] + math.log(sum(math.exp(S[i][j]) for i in range(3))) for j in range(3)) / 3
-    got = common.info_nce(a, b, tau, gather=False)
+    unit = lambda x: torch.nn.functional.normalize(x, dim=-1)  # noqa: E731
+    got = common.contrastive_ce(unit(a) @ unit(b).T / tau, unit(b) @ unit(a).T / tau)
     assert got[0].item() == pytest.approx(a2b, rel=1e-5)
     assert got[1].item() == pytest.approx(b2a, rel=1e-5)
     # all-equal embeddings: log B per direction
     z = torch.ones(5, 3)
-    assert common.info_nce(z, z, 0.1, gather=False)[0].item() == pytest.approx(math.log(5), rel=1e-6)
+    assert common.contrastive_ce(z @ z.T, z @ z.T)[0].item() == pytest.approx(math.log(5), rel=1e-6)
 
 
 def test_spatial_target_3x3_by_hand():
@@ -265,8 +266,9 @@ def _gather_worker(rank, world, port, out_dir):
         features, mask, pool_a, pool_b = loss_inputs()
         rows = slice(2 * rank, 2 * rank + 2)
         mine = [x[rows].clone().requires_grad_() for x in features]
-        loss = lovt.lovt_loss(*mine, mask[rows], pool_a[rows], pool_b[rows], (2, 2),
-                              **lovt.gather_global(*mine[:2]))["loss"]
+        a_all, b_all, offset = common.gather_rows(*mine[:2])
+        loss = lovt.lovt_loss(*mine, mask[rows], pool_a[rows], pool_b[rows], (2, 2), global_a_all=a_all,
+                              global_b_all=b_all, offset=offset)["loss"]
         loss.backward()
         torch.save(dict(loss=loss.detach(), grads=[x.grad for x in mine]), os.path.join(out_dir, f"{rank}.pt"))
     finally:
@@ -274,7 +276,7 @@ def _gather_worker(rank, world, port, out_dir):
 
 
 def test_gather_negatives_on_two_processes_is_the_full_batch(tmp_path):
-    """gather_global then lovt_loss on 2 gloo processes of 2 pairs: the mean loss and, averaged as DDP does, the
+    """common.gather_rows then lovt_loss on 2 gloo processes of 2 pairs: the mean loss and, averaged as DDP does, the
     gradients reaching each process's features equal one process's on all 4 pairs."""
     features, mask, pool_a, pool_b = loss_inputs()
     full = [x.clone().requires_grad_() for x in features]

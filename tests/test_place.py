@@ -79,12 +79,16 @@ def test_pcma_gathered_offset_equals_full_batch():
 
 
 def test_ita_is_mgca_ita_and_gathered_halves_average_to_it():
-    """One process: ita_loss = common.ita (MGCA's two directions summed), exactly; the rows of two 'ranks' against the
-    full batch average to it."""
+    """One process: ita_loss = MGCA's two directions summed, written out with log_softmax; the rows of two 'ranks'
+    against the full batch average to it; all-equal embeddings give 2 log B."""
     torch.manual_seed(1)
     g, t = torch.randn(6, 4, dtype=torch.float64), torch.randn(6, 4, dtype=torch.float64)
     full = place.ita_loss(g, t, g, t, tau=0.07)
-    assert torch.equal(full, common.ita(g, t, 0.07))
+    s = F.normalize(g, dim=-1) @ F.normalize(t, dim=-1).T / 0.07
+    reference = sum(-s[i].log_softmax(0)[i] - s[:, i].log_softmax(0)[i] for i in range(6)) / 6
+    torch.testing.assert_close(full, reference, rtol=1e-12, atol=1e-12)
+    ones = torch.ones(3, 2)
+    torch.testing.assert_close(place.ita_loss(ones, ones, ones, ones), 2 * torch.log(torch.tensor(3.)))
     halves = [place.ita_loss(g[r * 3:(r + 1) * 3], t[r * 3:(r + 1) * 3], g, t, 3 * r, 0.07) for r in range(2)]
     assert (halves[0] + halves[1]).item() / 2 == pytest.approx(full.item(), rel=1e-12)
 
@@ -304,7 +308,7 @@ def test_place_loss_is_what_forward_computes_and_is_pure(monkeypatch):
             raise AssertionError("place_loss asked for the process group")
         monkeypatch.setattr(torch.distributed, "is_initialized", forbidden)
         monkeypatch.setattr(torch.distributed, "get_rank", forbidden)
-        monkeypatch.setattr(common, "_distributed", forbidden)
+        monkeypatch.setattr(common, "distributed", forbidden)
         kept = [x.clone() for x in inputs[:9]] + [z.clone(), img["local_feats"].clone()]
         first, second = place.place_loss(*inputs), place.place_loss(*inputs)
     assert list(first) == list(out) == ["loss", "ita", "tca_word", "tca_patch", "pcma_inter", "pcma_intra", "cce",
