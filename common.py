@@ -9,9 +9,9 @@ losses. Read top to bottom:
                  word_tables / word_index / sum_pieces / report_words (word pieces summed into words)
 2. heads         ProjectionHead (LoVT BN-MLP), mgca_head, AttentionPool (LoVT GlobalAvgAttentionAggregator)
 3. contrastive   gather_with_grad, gather_rows, contrastive_ce (each rank: own rows vs. gathered columns);
-                 word_region_attention / _score / _matrix (AttnGAN DAMSM, chunked over reports);
+                 word_region_attention / _score / _matrix (AttnGAN DAMSM), report_chunks (I x T scores in chunks);
                  mgca_tca (MGCA's token-wise alignment within each pair)
-4. metrics       recall_at_k, block_recall_at_k, precision_at_k, roc_auc, bootstrap_ci, zero_shot_auc_ci,
+4. metrics       recall_at_k, retrieval, block_recall_at_k, precision_at_k, roc_auc, bootstrap_ci, zero_shot_auc_ci,
                  mean_auc; external_zero_shot / save_external_zero_shot / score_external (--zero-shot-csv: a set
                  other than the training data, each method's own score); heat_overlay / save_panels (viz PNGs)
 5. plumbing      arg/parse_args (RunArgs), setup_distributed, run_folder, datasets / loaders, ResumableSampler,
@@ -579,16 +579,23 @@ def word_region_matrix(regions, words, word_mask, gamma1, gamma2, chunk=16, chec
     `checkpoint_above` entries is checkpointed (recomputed in the backward), so the peak is ~ 4 x I x chunk x L x R
     + I x chunk x L x D floats (~1.5 GB at the paper's sizes with chunk 16) instead of all chunks at once. Smaller
     chunks (the CPU demo's 32 x 16 x 60 x 16) keep their activations: recomputing them would cost more than it saves."""
-    regions, words = fp32(regions), fp32(words)
-    columns = []
-    for s in range(0, words.shape[0], chunk):
+    score = lambda r, w, m: word_region_score(r[:, None], w[None], m[None], gamma1, gamma2)  # I x chunk
+    return report_chunks(score, (fp32(regions),), fp32(words), word_mask, (), chunk, checkpoint_above)
+
+
+def report_chunks(score, images: tuple, words, word_mask, reports: tuple = (), chunk=16, checkpoint_above=2**24):
+    """score(*images, words, word_mask, *reports) -> I x T for every image (images[0] I x R x D first) and report
+    (words T x L x D, word_mask T x L, reports: more T x ... tensors), `chunk` reports at a time, each chunk trimmed to
+    its longest report; under autograd a chunk whose attention (I x chunk x L x R) has more than `checkpoint_above`
+    entries is checkpointed (recomputed in the backward). Values and gradients do not depend on the chunking."""
+    regions, columns = images[0], []
+    for s in range(0, len(words), chunk):
         m = word_mask[s:s + chunk]
         n = int(m.sum(1).max())                                            # drop all-padding tail positions
-        w, m = words[s:s + chunk, :n], m[:, :n]
-        fn = lambda r, w, m: word_region_score(r[:, None], w[None], m[None], gamma1, gamma2)  # I x chunk
-        big = regions.shape[0] * w.shape[0] * n * regions.shape[-2] > checkpoint_above
-        grad = torch.is_grad_enabled() and (regions.requires_grad or w.requires_grad)
-        columns.append(checkpoint(fn, regions, w, m, use_reentrant=False) if grad and big else fn(regions, w, m))
+        inputs = (*images, words[s:s + chunk, :n], m[:, :n], *(r[s:s + chunk] for r in reports))
+        big = len(regions) * len(m) * n * regions.shape[-2] > checkpoint_above
+        grad = torch.is_grad_enabled() and any(t.requires_grad for t in inputs)
+        columns.append(checkpoint(score, *inputs, use_reentrant=False) if grad and big else score(*inputs))
     return torch.cat(columns, 1)
 
 
@@ -663,6 +670,11 @@ def recall_at_k(sim, ks=(1, 5, 10)) -> dict:
     positive = np.diag(sim)[:, None]
     beaten = (sim >= positive).sum(1) - 1  # the positive itself always counts once
     return {f"R@{k}": float((beaten + 1 <= k).mean()) if k < len(sim) else float("nan") for k in ks}
+
+
+def retrieval(sim) -> dict:
+    """sim images x reports (the pairs on the diagonal) -> {"i2t_R@k", "t2i_R@k"}: recall_at_k both ways."""
+    return {f"{way}_{k}": v for way, s in (("i2t", sim), ("t2i", sim.T)) for k, v in recall_at_k(s).items()}
 
 
 def block_recall_at_k(sim, block: int = 1000, ks=(1, 5, 10)) -> dict:

@@ -483,9 +483,8 @@ def evaluate(model, loaders, tokenizer, mean_std, args, device, tag, out):
     training images (checks cls/: per-class AUC and Avg), attention PNGs. -> common.save_results' model entry."""
     test = encode_split(model, loaders["test"], device)
     sim = F.normalize(test["v"], dim=-1) @ F.normalize(test["e"], dim=-1).T  # images x reports
-    retrieval, checks = {}, {}
+    retrieval, checks = common.retrieval(sim), {}
     for name, s in (("i2t", sim), ("t2i", sim.T)):
-        retrieval.update({f"{name}_{k}": v for k, v in common.recall_at_k(s).items()})
         if len(s) > args.block:
             blocks = common.block_recall_at_k(s, args.block)
             checks.update({f"{name}_block{args.block}_{k}": v for k, v in blocks.items()})

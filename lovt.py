@@ -355,8 +355,7 @@ def evaluate(model, loader, tokenizer, device, n_boot=1000):
         labels.append(data.zero_shot_targets(batch))
     img, txt = torch.cat(images), torch.cat(reports)
     sim = img @ txt.t()
-    retrieval = {f"i2t_{k}": v for k, v in common.recall_at_k(sim).items()}
-    retrieval.update({f"t2i_{k}": v for k, v in common.recall_at_k(sim.t()).items()})
+    retrieval = common.retrieval(sim)
     names, phrases = data.zero_shot_findings("masks" in batch)
     pos = model.encode_text(common.to_device(data.prompt_batch(phrases, tokenizer), device))
     neg = model.encode_text(common.to_device(data.prompt_batch([f"no {p}" for p in phrases], tokenizer), device))

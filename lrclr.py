@@ -442,8 +442,7 @@ def evaluate(model, loader, tokenizer, device, local=True, n_boot=1000):
     names, phrases = data.zero_shot_findings("masks" in batch)
     pos, neg = (model.pair_scores(g, q, model.text_features(common.to_device(data.prompt_batch(p, tokenizer), device)))
                 for p in (phrases, [f"no {p}" for p in phrases]))
-    results = {kind: dict(retrieval={f"{way}_{k}": v for way, sim in (("i2t", pair), ("t2i", pair.T))
-                                     for k, v in common.recall_at_k(sim).items()},
+    results = {kind: dict(retrieval=common.retrieval(pair),
                           zero_shot=common.zero_shot_summary(pos[kind], neg[kind], labels, names, n_boot), checks={})
                for kind, pair in model.pair_scores(g, q, u).items()}
     margins = {kind: (pos[kind].double() - neg[kind].double()).cpu().numpy() for kind in pos}

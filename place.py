@@ -503,8 +503,7 @@ def evaluate(model, loader, tokenizer, device, n_boot):
         labels.append(data.zero_shot_targets(batch))
     img, txt = torch.cat(images), torch.cat(reports)
     sim = img @ txt.t()
-    retrieval = {f"{name}_{k}": v for name, s in (("i2t", sim), ("t2i", sim.t()))
-                 for k, v in common.recall_at_k(s).items()}
+    retrieval = common.retrieval(sim)
     names, phrases = data.zero_shot_findings("masks" in batch)
     pos = model.encode_text(common.to_device(data.prompt_batch(phrases, tokenizer), device))
     neg = model.encode_text(common.to_device(data.prompt_batch([f"no {p}" for p in phrases], tokenizer), device))

@@ -116,7 +116,6 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 import common
 import data
@@ -289,23 +288,11 @@ class RelationHead(nn.Module):
 
 
 def relation_matrix(head, regions, img_g, words, word_mask, txt_g, chunk=8, checkpoint_above=2**22):
-    """S_rel[i, j] for every image i and report j (shapes as RelationHead) -> I x T, fp32. Reports go in chunks of
-    `chunk`, each trimmed to its longest report; under autograd a chunk whose attention has more than
-    `checkpoint_above` entries is checkpointed (recomputed in the backward): the peak holds one chunk's
-    I x chunk x L x (R + 4 D) activations instead of all of them. The values and gradients do not depend on the
-    chunking (tested)."""
+    """S_rel[i, j] for every image i and report j (shapes as RelationHead) -> I x T, fp32, `chunk` reports at a time
+    (common.report_chunks; big chunks checkpointed under autograd): the peak holds one chunk's I x chunk x L x
+    (R + 4 D) activations instead of all of them. The values and gradients do not depend on the chunking (tested)."""
     regions, img_g, words, txt_g = map(common.fp32, (regions, img_g, words, txt_g))
-    columns = []
-    for s in range(0, len(words), chunk):
-        m = word_mask[s:s + chunk]
-        n = int(m.sum(1).max())
-        inputs = (regions, img_g, words[s:s + chunk, :n], m[:, :n], txt_g[s:s + chunk])
-        big = len(regions) * len(m) * n * regions.shape[1] > checkpoint_above
-        if torch.is_grad_enabled() and big:
-            columns.append(checkpoint(head, *inputs, use_reentrant=False))
-        else:
-            columns.append(head(*inputs))
-    return torch.cat(columns, 1)
+    return common.report_chunks(head, (regions, img_g), words, word_mask, (txt_g,), chunk, checkpoint_above)
 
 
 # ---- the loss: a pure function of tensors ----
@@ -541,9 +528,7 @@ def evaluate(model, loader, tokenizer, device, n_boot=1000):
         checks[f"auc_{kind}_mean"] = common.mean_auc(margin, labels)
         checks[f"auc_{kind}_low"], checks[f"auc_{kind}_high"] = common.bootstrap_ci(common.mean_auc, margin, labels,
                                                                                     n=n_boot)
-    sim, retrieval = common.cosine(test["img_g"][:, None], test["txt_g"][None]).cpu(), {}
-    for name, s in (("i2t", sim), ("t2i", sim.T)):
-        retrieval.update({f"{name}_{k}": v for k, v in common.recall_at_k(s).items()})
+    retrieval = common.retrieval(common.cosine(test["img_g"][:, None], test["txt_g"][None]).cpu())
     single = ((labels == 1).sum(1) == 1).nonzero().flatten()  # one finding: that finding is the class
     if len(single) > 10:
         idx = single.to(device)

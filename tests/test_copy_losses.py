@@ -28,8 +28,8 @@ COPY = {
                                 "lovt.local_intra_contrastive", "lovt.local_weights"]),
     "joimternet": ("joimternet.joimternet_loss", [
         "F", "checkpoint", "common.fp32", "common.cosine", "common.contrastive_ce", "common.word_region_attention",
-        "common.word_region_score", "common.word_region_matrix", "joimternet.global_ce", "joimternet.local_ce",
-        "joimternet.triplet_terms"]),
+        "common.word_region_score", "common.word_region_matrix", "common.report_chunks", "joimternet.global_ce",
+        "joimternet.local_ce", "joimternet.triplet_terms"]),
     "lrclr": ("lrclr.lrclr_loss", ["F", "common.fp32", "common.contrastive_ce", "lrclr.symmetric_ce"]),
     "reclf": ("reclf.reclf_loss", ["F", "common.contrastive_ce", "reclf.pair_ce"]),
     "place": ("place.place_loss", ["F", "common.fp32", "common.contrastive_ce", "common.mgca_tca",
