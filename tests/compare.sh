@@ -6,6 +6,8 @@
 #   METHODS="lovt place" SEEDS=1 ...       # a part (the table is built from whatever RESULTS holds)
 #   DATA=synthetic-faint sh tests/compare.sh runs/compare-faint   # the harder setting: the findings at 0.4 contrast
 #   JOBS=1 ...                             # one job at a time on all cores (the default runs JOBS=2 at once)
+#   CONTROLS=1 ...                         # also each exported architecture's untrained and positive controls
+#   SEG_HEAD=unet DET=0 ...                # another segmentation head (frozen); no detection
 #
 # Every method trains its demo preset on the same synthetic training set (the first $PAIRS generated pairs, seed 0),
 # at 128 px, for one pass over it (PAIRS images seen; LRCLR's second stage adds its 20 fine-tuning steps of 32), and
@@ -27,6 +29,8 @@ DATA=${DATA:-synthetic}
 SEG_LRS=${SEG_LRS:-"1e-2 3e-3"}
 SEG_EPOCHS=${SEG_EPOCHS:-40}  # eval_seg's default is 100 (with early stopping): 40 fits the hour with CLAIMS=1
 DET_LRS=${DET_LRS:-"3e-3 1e-3"}
+SEG_HEAD=${SEG_HEAD:-linear}
+DET=${DET:-1}
 BUDGET="--preset demo --data $DATA --train-samples $PAIRS --eval-samples 300 --image-size 128 --epochs 1 --viz 0 ${EXTRA:-}"
 HARNESS="--dataset $DATA ${HARNESS:-}"
 METHODS=${METHODS:-"lovt joimternet lrclr reclf place"}
@@ -51,18 +55,35 @@ pretrain() {
 judge() {
   dir=$ROOT/seed$2/$1
   if [ ! -f "$dir/seg.json" ]; then
-    python eval_seg.py --encoder "$dir/image_encoder.pt" $HARNESS --head linear --epochs $SEG_EPOCHS --seeds 1 \
+    python eval_seg.py --encoder "$dir/image_encoder.pt" $HARNESS --head $SEG_HEAD --epochs $SEG_EPOCHS --seeds 1 \
       --lr-grid $SEG_LRS --out "$dir/seg" > "$dir/seg.log" 2>&1 || { tail -20 "$dir/seg.log"; exit 1; }
   fi
-  if [ -n "${3:-}" ] && [ ! -f "$dir/det.json" ]; then
+  if [ -n "${3:-}" ] && [ "$DET" = 1 ] && [ ! -f "$dir/det.json" ]; then
     python eval_det.py --encoder "$dir/image_encoder.pt" $HARNESS --seeds 1 --lr-grid $DET_LRS --out "$dir/det" \
       > "$dir/det.log" 2>&1 || { tail -20 "$dir/det.log"; exit 1; }
   fi
 }
 
+# controls SEED METHOD: METHOD's exported architecture untrained (its --seed's initialisation) and trained on the
+# findings' masks for the same images (tests/positive_control.py), each judged like the methods (seg)
+controls() {
+  for kind in untrained positive; do
+    dir=$ROOT/seed$1/$kind-$2
+    if [ ! -f "$dir/image_encoder.pt" ]; then
+      mkdir -p "$dir"
+      python tests/positive_control.py --like "$ROOT/seed$1/$2/image_encoder.pt" --data "$DATA" --seed "$1" \
+        --train-samples "$PAIRS" --epochs "$([ $kind = untrained ] && echo 0 || echo 1)" --out-dir "$dir" \
+        > "$dir/log.txt" 2>&1 || { tail -20 "$dir/log.txt"; exit 1; }
+    fi
+    judge "$kind-$2" "$1"
+  done
+}
+
 # The jobs, one per line (sh tests/compare.sh RESULTS --job ... runs one):
 # run SEED NAME METHOD FLAGS...: pre-train, then judge segmentation and detection
 run() { seed=$1 name=$2; shift 2; pretrain "$name" "$seed" "$@"; judge "$name" "$seed" det; }
+# with_controls SEED METHOD: run, then the controls of its architecture (LoVT: ResNet-18, JoImTeRNet's, PLACE's ViT)
+with_controls() { run "$1" "$2" "$2"; controls "$1" "$2"; }
 # ablation SEED NAME METHOD FLAGS...: pre-train, then judge segmentation only (what the claims are about)
 ablation() { seed=$1 name=$2; shift 2; pretrain "$name" "$seed" "$@"; judge "$name" "$seed"; }
 # LRCLR is a second stage on a CLIP-style base: the base is a row of its own (its zero-shot claim)
@@ -74,7 +95,9 @@ random() {  # random seg|det: the random-init encoders, 3 harness seeds
   [ -f "$ROOT/random/$1.json" ] && return 0
   mkdir -p "$ROOT/random"
   if [ "$1" = seg ]; then
-    python eval_seg.py --encoder random:resnet18 --encoder random:vit_tiny $HARNESS --head linear --seeds 3 \
+    vit="--encoder random:vit_tiny"
+    [ "$SEG_HEAD" = unet ] && vit=""  # the U-Net reads c1 .. c5: a ResNet's
+    python eval_seg.py --encoder random:resnet18 $vit $HARNESS --head $SEG_HEAD --seeds 3 \
       --epochs $SEG_EPOCHS --lr-grid $SEG_LRS --out "$ROOT/random/seg" > "$ROOT/random/seg.log" 2>&1
   else
     python eval_det.py --encoder random:resnet18 --encoder random:vit_tiny $HARNESS --seeds 3 --lr-grid $DET_LRS \
@@ -90,13 +113,15 @@ fi
 
 # longest first (random det, then the slowest pre-trainings), so that the last jobs to start are short
 jobs() {
-  echo random det
+  [ "$DET" = 1 ] && echo random det
   echo random seg
   for seed in $SEEDS; do
     for method in reclf lovt lrclr place joimternet; do
       case " $METHODS " in *" $method "*) ;; *) continue ;; esac
       case $method in
         lrclr) echo lrclr "$seed" ;;
+        lovt|joimternet|place) [ -n "${CONTROLS:-}" ] && echo with_controls "$seed" "$method" \
+                                 || echo run "$seed" "$method" "$method" ;;
         *) echo run "$seed" "$method" "$method" ;;
       esac
     done
@@ -125,4 +150,4 @@ export OMP_NUM_THREADS
 start=$(date +%s)
 jobs | xargs -P "$JOBS" -L 1 sh "$0" "$ROOT" --job
 echo "all jobs done in $(( $(date +%s) - start )) s wall ($JOBS at a time, OMP_NUM_THREADS=$OMP_NUM_THREADS)"
-python tests/compare_table.py "$ROOT" --out "$ROOT/table.md"
+python tests/compare_table.py "$ROOT" --head "$SEG_HEAD" --out "$ROOT/table.md"

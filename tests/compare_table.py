@@ -12,6 +12,8 @@ RESULTS is what tests/compare.sh writes:
     RESULTS/seed<k>/<run>/seg.json      eval_seg.py's rows for its export (row "encoder" = <run>), det.json eval_det's
                                         (none for the ablation runs)
     RESULTS/random/seg.json, det.json   the random-init encoders, over the harness's own seeds
+    RESULTS/seed<k>/untrained-<method>/, positive-<method>/   CONTROLS=1: the method's architecture untrained and
+                                        trained on the findings' masks (tests/positive_control.py), seg.json only
 
 Every cell is the mean over pre-training seeds (for a random encoder: over harness seeds) ± the half-width of the
 95 % Student-t interval (t_{0.975, n-1} s / sqrt(n): with 3 seeds the normal 1.96 would understate it by a factor
@@ -37,7 +39,9 @@ COLUMNS = [  # (header, where the value comes from, key)
     ("zero-shot AUC", "eval", "auc_mean"), ("seg Dice", "seg", "dice"), ("det mAP", "det", "map"),
     ("i2t P@1", "eval", "i2t_P@1"), ("i2t P@5", "eval", "i2t_P@5"), ("i2t P@10", "eval", "i2t_P@10"),  # RECLF's
 ]
-MAIN_COLUMNS = [h for h, _, _ in COLUMNS if "P@" not in h]
+CLASSES = ["opacity", "nodule", "effusion", "pneumothorax", "cardiomegaly"]  # data.SYNTH_FINDINGS
+COLUMNS += [(c, "seg", f"dice/{c}") for c in CLASSES]  # per-class Dice of the linear head
+MAIN_COLUMNS = [h for h, _, _ in COLUMNS if "P@" not in h and h not in CLASSES]
 # the ablations are judged by eval_seg only; RECLF's ladder reads Precision@K on the single-finding test pairs
 CLAIM_COLUMNS = ["i2t R@1", "i2t R@10", "t2i R@10", "zero-shot AUC", "i2t P@1", "i2t P@5", "i2t P@10", "seg Dice"]
 
@@ -104,8 +108,9 @@ def _harness(rows, encoder, key, **match):
     return []
 
 
-def collect(root: str) -> dict:
-    """{encoder: {column header: [one value per seed], "seconds": [...], "seeds": n}} from a results folder."""
+def collect(root: str, head: str = "linear") -> dict:
+    """{encoder: {column header: [one value per seed], "seconds": [...], "seeds": n}} from a results folder; seg
+    columns from eval_seg's rows of `head` (compare.sh's SEG_HEAD), frozen."""
     table = {}
 
     def cell(encoder):
@@ -115,20 +120,24 @@ def collect(root: str) -> dict:
     seg, det = _rows(os.path.join(random, "seg.json")), _rows(os.path.join(random, "det.json"))
     for encoder in dict.fromkeys(r["encoder"] for r in seg + det):
         cells = cell(encoder)
-        cells["seg Dice"] = _harness(seg, encoder, "dice", head="linear", mode="frozen")
+        cells["seg Dice"] = _harness(seg, encoder, "dice", head=head, mode="frozen")
+        for c in CLASSES:
+            cells[c] = _harness(seg, encoder, f"dice/{c}", head=head, mode="frozen")
         cells["det mAP"] = _harness(det, encoder, "map", mode="frozen")
         cells["seeds"] = max(len(cells["seg Dice"]), len(cells["det mAP"]))
     for seed in sorted(d for d in os.listdir(root) if d.startswith("seed")):
         folder = os.path.join(root, seed)
-        # a run counts once its eval.json is written (a run still training, or killed, is not a seed yet)
-        for run in sorted(d for d in os.listdir(folder) if os.path.isfile(os.path.join(folder, d, "eval.json"))):
+        # a run counts once its eval.json is written (a run still training, or killed, is not a seed yet); a control
+        # once it is judged
+        done = lambda d: any(os.path.isfile(os.path.join(folder, d, f)) for f in ("eval.json", "seg.json"))  # noqa
+        for run in sorted(d for d in os.listdir(folder) if done(d)):
             metrics, cells = method_metrics(os.path.join(folder, run)), cell(run)
             seg, det = (_rows(os.path.join(folder, run, f"{task}.json")) for task in ("seg", "det"))
             for header, source, key in COLUMNS:
                 if source == "eval":
                     value = metrics.get(key)
                 else:
-                    values = _harness(seg, run, "dice", head="linear", mode="frozen") if source == "seg" else \
+                    values = _harness(seg, run, key, head=head, mode="frozen") if source == "seg" else \
                         _harness(det, run, "map", mode="frozen")
                     value = float(np.mean(values)) if values else None
                 cells[header].append(None if value is None else float(value))
@@ -163,17 +172,46 @@ def markdown(table: dict, encoders, columns=MAIN_COLUMNS) -> str:
     return "\n".join(lines)
 
 
+def _is_control(encoder):
+    return encoder.startswith(("untrained-", "positive-"))
+
+
+def calibration(table: dict) -> list:
+    """Per architecture with both controls: per class, the positive control's lead over the untrained one against
+    three times the larger seed standard deviation of the two -> lines "<method>: <class> lead ± ... PASS|FAIL"."""
+    lines = []
+    for positive in [e for e in table if e.startswith("positive-")]:
+        untrained = "untrained-" + positive.split("-", 1)[1]
+        if untrained not in table:
+            continue
+        verdicts = []
+        for c in ["seg Dice"] + CLASSES:
+            pos, neg = ([v for v in table[e][c] if v is not None] for e in (positive, untrained))
+            if len(pos) < 2 or len(neg) < 2:
+                continue
+            lead, spread = 100 * (np.mean(pos) - np.mean(neg)), 100 * max(np.std(pos, ddof=1), np.std(neg, ddof=1))
+            verdicts.append(f"{c} {lead:+.1f} (3 sd {3 * spread:.1f}) {'PASS' if lead > 3 * spread else 'FAIL'}")
+        lines.append(f"{positive.split('-', 1)[1]}'s architecture, positive - untrained Dice: " + "; ".join(verdicts))
+    return lines
+
+
 def tables(table: dict) -> str:
     """The side-by-side table (MAIN's encoders that are there), then, if any ablation runs are there, the claims
-    table: each method's full run followed by its ablations (runs named <method>-<ablation>)."""
+    table: each method's full run followed by its ablations (runs named <method>-<ablation>); then, if controls are
+    there, every encoder's per-class Dice with the controls first and the protocol's calibration."""
     main = [e for e in MAIN if e in table]
     text = markdown(table, main)
-    ablations = [e for e in table if e not in MAIN]
+    ablations = [e for e in table if e not in MAIN and not _is_control(e)]
     if ablations:
         methods = list(dict.fromkeys(e.split("-")[0] for e in ablations))
         rows = [e for m in methods
                 for e in ([m] if m in table else []) + [a for a in ablations if a.split("-")[0] == m]]
         text += "\n\nClaims (ablations; same seeds and budget):\n\n" + markdown(table, rows, CLAIM_COLUMNS)
+    controls = [e for e in table if _is_control(e)]
+    if controls:
+        rows = sorted(controls, key=lambda e: (e.split("-", 1)[1], e)) + [e for e in table if not _is_control(e)]
+        text += ("\n\nControls and per-class Dice (%):\n\n" + markdown(table, rows, ["seg Dice"] + CLASSES)
+                 + "\n\n" + "\n".join(calibration(table)))
     return text
 
 
@@ -181,10 +219,11 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("results", help="the results folder tests/compare.sh wrote")
     parser.add_argument("--out", default=None, help="also write the table to this file")
+    parser.add_argument("--head", default="linear", help="the eval_seg head whose Dice to show (SEG_HEAD)")
     args = parser.parse_args(argv)
     if not os.path.isdir(args.results):
         sys.exit(f"{args.results}: no such results folder (tests/compare.sh writes it)")
-    text = tables(collect(args.results))
+    text = tables(collect(args.results, args.head))
     print(text)
     if args.out:
         with open(args.out, "w") as f:

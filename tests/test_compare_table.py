@@ -100,6 +100,27 @@ def test_table_from_a_fake_results_folder(tmp_path):
     assert "P@" not in lines[0]
 
 
+def test_controls_per_class_dice_and_calibration(tmp_path):
+    """CONTROLS=1's runs (seg.json only) get a per-class table after the claims; the calibration line says, per
+    class, whether the positive control leads the untrained one by more than 3 seed standard deviations."""
+    _fake_results(str(tmp_path))
+    for seed, (pos_nodule, neg_nodule) in enumerate([(0.10, 0.00), (0.30, 0.01), (0.20, 0.02)], start=1):
+        for kind, nodule, big in (("positive", pos_nodule, 0.80), ("untrained", neg_nodule, 0.20 + 0.01 * seed)):
+            row = _harness_rows(f"{kind}-lovt", [big])[1]
+            row.update({f"dice/{c}": {"values": [big]} for c in T.CLASSES}, **{"dice/nodule": {"values": [nodule]}})
+            _write(os.path.join(tmp_path, f"seed{seed}", f"{kind}-lovt", "seg.json"), [row])
+    table = T.collect(str(tmp_path))
+    assert table["positive-lovt"]["nodule"] == [0.1, 0.3, 0.2] and table["untrained-lovt"]["seeds"] == 3
+    main, controls = T.tables(table).split("Controls and per-class Dice")
+    assert "positive-lovt" not in main and "untrained" not in main  # neither a method nor an ablation
+    lines = controls.strip().splitlines()
+    assert [line.split(" | ")[0] for line in lines[4:6]] == ["| positive-lovt", "| untrained-lovt"]
+    verdict = lines[-1]
+    assert verdict.startswith("lovt's architecture, positive - untrained Dice: seg Dice +58.0")
+    # nodule: lead 19.0 points, sd 10.0 (the positive's): 3 sd = 30.0 > 19.0
+    assert "nodule +19.0 (3 sd 30.0) FAIL" in verdict and "cardiomegaly +58.0 (3 sd 3.0) PASS" in verdict
+
+
 def test_main_writes_the_table_and_refuses_a_missing_folder(tmp_path, capsys):
     _fake_results(str(tmp_path))
     out = tmp_path / "table.md"

@@ -184,3 +184,27 @@ def test_end_to_end_vit_export_setr_and_linear(tmp_path):
     with pytest.raises(SystemExit, match="--image-size 64"):  # fixed position embeddings
         es.main(["--encoder", path, "--synthetic-samples", "10", "--image-size", "96", "--epochs", "1",
                  "--out", str(out)])
+
+
+def test_positive_and_untrained_controls_export_the_methods_architecture(tmp_path):
+    """tests/positive_control.py trains the architecture of an export (here JoImTeRNet's soft-attention ResNet) on
+    the findings' masks and lowers its loss on the same images; --epochs 0 exports that seed's untrained encoder;
+    eval_seg judges both like any method's export."""
+    import positive_control
+    like = tmp_path / "joim.pt"
+    common.export_image_encoder(str(like), common.SoftAttentionResNet(32, (4, 8, 8, 16, 16, 32), 1), 0.5, 0.2, 64,
+                                "joimternet")
+    flags = ["--like", str(like), "--train-samples", "16", "--batch-size", "8", "--lr", "3e-3"]
+    losses = positive_control.main(flags + ["--epochs", "4", "--out-dir", str(tmp_path / "pos")])
+    assert len(losses) == 8 and sum(losses[-2:]) < sum(losses[:2])
+    assert positive_control.main(flags + ["--epochs", "0", "--out-dir", str(tmp_path / "untrained")]) == []
+    for kind, folder in (("positive-control-masks", "pos"), ("untrained-control", "untrained")):
+        encoder, meta = common.load_image_encoder(str(tmp_path / folder / "image_encoder.pt"))
+        assert (meta["arch"], meta["image_size"], meta["method"]) == ("joimternet-resnet", 64, kind)
+        assert meta["config"] == dict(dim=32, widths=[4, 8, 8, 16, 16, 32], stem_stride=1)
+    torch.manual_seed(1)  # --seed 1: the untrained control is that seed's initialisation
+    fresh = common.SoftAttentionResNet(32, (4, 8, 8, 16, 16, 32), 1).state_dict()
+    assert all(torch.equal(v, fresh[k]) for k, v in encoder.state_dict().items())
+    es.main(["--encoder", str(tmp_path / "pos" / "image_encoder.pt"), "--synthetic-samples", "20", "--image-size", "64",
+             "--epochs", "1", "--seeds", "1", "--out", str(tmp_path / "seg")])
+    assert json.load(open(tmp_path / "seg.json"))[0]["method"] == "positive-control-masks"

@@ -1,0 +1,109 @@
+"""The comparison's positive control: an image encoder trained with direct supervision, on the same synthetic
+training images, for the same number of images, as a method's pre-training; exported like a method's encoder so
+that eval_seg.py / eval_det.py judge it by the same yardstick. It says what a perfect pre-training signal buys at
+that budget, as the untrained encoder of the same architecture says what none buys.
+
+    python tests/positive_control.py --like runs/lovt-XXXX/image_encoder.pt --out-dir runs/control-lovt
+    python tests/positive_control.py --arch vit_tiny --train-samples 2000 --target labels --out-dir runs/control-vit
+
+--like takes the architecture and configuration (and the pre-training image size) of an exported encoder, so the
+control is exactly the method's encoder (JoImTeRNet's soft-attention ResNet included). --target masks (default): a
+1x1 convolution on the last feature map predicts the five findings' masks, upsampled to the image (soft Dice + BCE:
+what the linear segmentation head of eval_seg.py reads, the strongest signal); --target labels: the findings'
+presence from the globally pooled last map (BCE), a signal as coarse as a report's. Adam at --lr, the order of the
+images drawn from --seed, --epochs passes over --train-samples images: a method's demo budget at its defaults.
+--epochs 0 exports the untrained encoder of that seed: the negative control, judged the same way.
+"""
+import dataclasses
+import os
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import common  # noqa: E402
+import data  # noqa: E402
+from common import arg  # noqa: E402
+
+
+@dataclass
+class Args:
+    """Positive control: an encoder trained on the synthetic findings' masks or labels, exported as image_encoder.pt."""
+    like: str = arg("", "an exported image_encoder.pt whose architecture and config to train (else --arch)")
+    arch: str = arg("resnet18", "resnet18 | vit_tiny | ... (common.build_image_encoder) when no --like")
+    target: str = arg("masks", "masks (per-finding segmentation from the last map) | labels (presence, pooled)")
+    data: str = arg("synthetic", "synthetic | synthetic-faint")
+    train_samples: int = arg(2000, "training images (the comparison's pre-training pairs)")
+    image_size: int = arg(128, "training size (--like: the export's unless given)")
+    epochs: int = arg(1, "passes over the training images")
+    batch_size: int = arg(32, "images per step")
+    lr: float = arg(1e-3, "Adam learning rate")
+    seed: int = arg(1, "initialisation and image order")
+    workers: int = arg(0, "DataLoader workers")
+    out_dir: str = arg("runs/positive-control", "where image_encoder.pt and log.csv go")
+
+
+def build(args):
+    """The encoder to train: --like's architecture and config (random init), else --arch's defaults."""
+    if not args.like:
+        return common.build_image_encoder(args.arch)
+    export = torch.load(args.like, map_location="cpu", weights_only=True)
+    return common.build_image_encoder(export["arch"], export["config"])
+
+
+def loss_of(head, last_map, batch, target):
+    """Soft Dice + BCE of the masks at the image's size, or BCE of the labels from the pooled map."""
+    masks = batch["masks"].float()  # B x C x S x S
+    if target == "labels":
+        present = masks.flatten(2).amax(2)
+        return F.binary_cross_entropy_with_logits(head(last_map.mean((2, 3), keepdim=True)).flatten(1), present)
+    logits = F.interpolate(head(last_map), size=masks.shape[-2:], mode="bilinear", align_corners=False)
+    p = logits.sigmoid()
+    dice = 1 - (2 * (p * masks).sum((2, 3)) + 1) / (p.sum((2, 3)) + masks.sum((2, 3)) + 1)
+    return dice.mean() + F.binary_cross_entropy_with_logits(logits, masks)
+
+
+def main(argv=None):
+    args = common.parse_args(Args, argv=argv)
+    if args.like and "--image-size" not in (argv if argv is not None else sys.argv[1:]):
+        args = dataclasses.replace(args, image_size=torch.load(args.like, weights_only=True)["image_size"])
+    torch.manual_seed(args.seed)
+    encoder = build(args)
+    train = data.make_dataset(args.data, None, "train", args.image_size, train=False, num_samples=args.train_samples)
+    with torch.no_grad():  # eval mode: the probe leaves the BatchNorm statistics as initialised
+        channels = encoder.eval().feature_maps(torch.zeros(1, 1, args.image_size, args.image_size))[-1].shape[1]
+    head = torch.nn.Conv2d(channels, len(data.SYNTH_FINDINGS), 1)
+    params = list(encoder.parameters()) + list(head.parameters())
+    optimizer = torch.optim.Adam(params, lr=args.lr)
+    keep = ("image", "masks")
+    loader = DataLoader(train, args.batch_size, shuffle=True, drop_last=True, num_workers=args.workers,
+                        generator=torch.Generator().manual_seed(args.seed),
+                        collate_fn=lambda s: {k: torch.stack([x[k] for x in s]) for k in keep})
+    os.makedirs(args.out_dir, exist_ok=True)
+    start, step, rows = time.process_time(), 0, ["step,loss"]  # --epochs 0: the untrained control
+    encoder.train()
+    for _ in range(args.epochs):
+        for batch in loader:
+            loss = loss_of(head, encoder.feature_maps(batch["image"])[-1], batch, args.target)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            step += 1
+            rows.append(f"{step},{loss.item():.5f}")
+    with open(os.path.join(args.out_dir, "log.csv"), "w") as f:
+        f.write("\n".join(rows) + "\n")
+    kind = f"positive-control-{args.target}" if step else "untrained-control"
+    common.export_image_encoder(os.path.join(args.out_dir, "image_encoder.pt"), encoder, train.mean, train.std,
+                                args.image_size, kind, args)
+    losses = [float(r.split(",")[1]) for r in rows[1:]]
+    print(f"{kind}: {step} steps of {args.batch_size} images" + (f", loss {losses[0]:.4f} -> {losses[-1]:.4f}" if step
+          else "") + f", {time.process_time() - start:.0f} CPU s; {args.out_dir}/image_encoder.pt")
+    return losses
+
+
+if __name__ == "__main__":
+    main()
