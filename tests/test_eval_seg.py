@@ -188,13 +188,13 @@ def test_end_to_end_vit_export_setr_and_linear(tmp_path):
 
 def test_positive_and_untrained_controls_export_the_methods_architecture(tmp_path):
     """tests/positive_control.py trains the architecture of an export (here JoImTeRNet's soft-attention ResNet) on
-    the findings' masks and lowers its loss on the same images; --epochs 0 exports that seed's untrained encoder;
-    eval_seg judges both like any method's export."""
+    the findings' masks at each learning rate and exports the one whose loss falls lowest; --epochs 0 exports that
+    seed's untrained encoder; eval_seg judges both like any method's export."""
     import positive_control
     like = tmp_path / "joim.pt"
     common.export_image_encoder(str(like), common.SoftAttentionResNet(32, (4, 8, 8, 16, 16, 32), 1), 0.5, 0.2, 64,
                                 "joimternet")
-    flags = ["--like", str(like), "--train-samples", "16", "--batch-size", "8", "--lr", "3e-3"]
+    flags = ["--like", str(like), "--train-samples", "16", "--batch-size", "8", "--lr", "3e-3", "1e-5"]
     losses = positive_control.main(flags + ["--epochs", "4", "--out-dir", str(tmp_path / "pos")])
     assert len(losses) == 8 and sum(losses[-2:]) < sum(losses[:2])
     assert positive_control.main(flags + ["--epochs", "0", "--out-dir", str(tmp_path / "untrained")]) == []
@@ -202,6 +202,7 @@ def test_positive_and_untrained_controls_export_the_methods_architecture(tmp_pat
         encoder, meta = common.load_image_encoder(str(tmp_path / folder / "image_encoder.pt"))
         assert (meta["arch"], meta["image_size"], meta["method"]) == ("joimternet-resnet", 64, kind)
         assert meta["config"] == dict(dim=32, widths=[4, 8, 8, 16, 16, 32], stem_stride=1)
+        assert list(meta["args"]["lr"]) == [3e-3]  # the learning rate with the lower training loss (untrained: the first)
     torch.manual_seed(1)  # --seed 1: the untrained control is that seed's initialisation
     fresh = common.SoftAttentionResNet(32, (4, 8, 8, 16, 16, 32), 1).state_dict()
     assert all(torch.equal(v, fresh[k]) for k, v in encoder.state_dict().items())
