@@ -97,6 +97,7 @@ random() {  # random seg|det: the random-init encoders, 3 harness seeds
   if [ "$1" = seg ]; then
     vit="--encoder random:vit_tiny"
     [ "$SEG_HEAD" = unet ] && vit=""  # the U-Net reads c1 .. c5: a ResNet's
+    case " $HARNESS " in *" --image-size "*) vit="" ;; esac  # the ViT's position grid is its pre-training size
     python eval_seg.py --encoder random:resnet18 $vit $HARNESS --head $SEG_HEAD --seeds 3 \
       --epochs $SEG_EPOCHS --lr-grid $SEG_LRS --out "$ROOT/random/seg" > "$ROOT/random/seg.log" 2>&1
   else
