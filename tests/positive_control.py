@@ -50,12 +50,11 @@ class Args:
     out_dir: str = arg("runs/positive-control", "where image_encoder.pt and log.csv go")
 
 
-def build(args):
-    """The encoder to train: --like's architecture and config (random init), else --arch's defaults."""
-    if not args.like:
+def build(args, like=None):
+    """The encoder to train: the architecture and config of `like` (--like's export; random init), else --arch's."""
+    if like is None:
         return common.build_image_encoder(args.arch)
-    export = torch.load(args.like, map_location="cpu", weights_only=True)
-    return common.build_image_encoder(export["arch"], export["config"])
+    return common.build_image_encoder(like["arch"], like["config"])
 
 
 def loss_of(head, last_map, batch, target):
@@ -70,10 +69,10 @@ def loss_of(head, last_map, batch, target):
     return dice.mean() + F.binary_cross_entropy_with_logits(logits, masks)
 
 
-def train(args, lr, dataset):
+def train(args, lr, dataset, like=None):
     """One run from --seed's initialisation and image order at learning rate lr -> (encoder, losses per step)."""
     torch.manual_seed(args.seed)
-    encoder = build(args)
+    encoder = build(args, like)
     with torch.no_grad():  # eval mode: the probe leaves the BatchNorm statistics as initialised
         channels = encoder.eval().feature_maps(torch.zeros(1, 1, args.image_size, args.image_size))[-1].shape[1]
     head = torch.nn.Conv2d(channels, len(data.SYNTH_FINDINGS), 1)
@@ -95,12 +94,13 @@ def train(args, lr, dataset):
 
 def main(argv=None):
     args = common.parse_args(Args, argv=argv)
-    if args.like and "--image-size" not in (argv if argv is not None else sys.argv[1:]):
-        args = dataclasses.replace(args, image_size=torch.load(args.like, weights_only=True)["image_size"])
+    like = torch.load(args.like, map_location="cpu", weights_only=True) if args.like else None  # read once
+    if like and "--image-size" not in (argv if argv is not None else sys.argv[1:]):
+        args = dataclasses.replace(args, image_size=like["image_size"])
     dataset = data.make_dataset(args.data, None, "train", args.image_size, train=False, num_samples=args.train_samples)
     start, runs = time.process_time(), {}
     for lr in args.lr if args.epochs else args.lr[:1]:
-        runs[lr] = train(args, lr, dataset)
+        runs[lr] = train(args, lr, dataset, like)
         if runs[lr][1]:
             print(f"lr {lr:g}: loss {runs[lr][1][0]:.4f} -> {sum(runs[lr][1][-10:]) / len(runs[lr][1][-10:]):.4f} "
                   f"(mean of the last 10 steps)")
