@@ -16,6 +16,10 @@ baselines), Adam with weight decay 1e-6, ReduceLROnPlateau on the validation los
 
 Heads:
   linear  1×1 conv on conv5 + bilinear upsampling to the mask size, frozen encoder (LoVT tasks 7-9, 12, 17, 18)
+  hypercolumn  our choice: a linear probe that also sees the finer maps (Hariharan et al., CVPR 2015): 1×1 conv on
+          each of conv3, conv4, conv5, summed at conv3's stride-8 grid, upsampled bilinearly to the mask size;
+          frozen encoder. Small findings (a 5-10 px nodule at 128 px) fall between the cells of conv5's 4×4 grid.
+          On a ViT (one patch map) it is the linear head.
   unet    LoVT's ResUNet (after kevinlu1211's ResNet-50 U-Net): bridge 2×(conv3×3-BN-ReLU, C5), five
           up-blocks ConvTranspose(2×2, s2) + concat skip + 2×(conv3×3-BN-ReLU) with widths C5/2 … C5/32,
           skips conv4, conv3, conv2, conv1 (stem) and the input, 1×1 conv to the classes. For ResNet-50
@@ -376,6 +380,22 @@ class LinearSegHead(nn.Module):
         return F.interpolate(self.conv(stages[-1]), size=x.shape[-2:], mode="bilinear", align_corners=False)
 
 
+class HypercolumnSegHead(nn.Module):
+    """1×1 conv on each of the last three maps (conv3-conv5; a ViT's one patch map), summed at the finest of them,
+    upsampled bilinearly to the input size: still linear in the frozen features."""
+
+    def __init__(self, channels, n_classes):
+        super().__init__()
+        self.convs = nn.ModuleList(nn.Conv2d(c, n_classes, 1) for c in channels[-3:])
+
+    def forward(self, x, stages):  # stages[-3:]: conv3 B×C3×S/8×S/8, conv4, conv5 (live: all five; cached: these)
+        maps = stages[-len(self.convs):]
+        size = maps[0].shape[-2:]
+        y = sum(F.interpolate(conv(m), size=size, mode="bilinear", align_corners=False) if m.shape[-2:] != size
+                else conv(m) for conv, m in zip(self.convs, maps))
+        return F.interpolate(y, size=x.shape[-2:], mode="bilinear", align_corners=False)
+
+
 def conv_bn_relu(cin, cout):
     return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
 
@@ -432,7 +452,8 @@ class ResUNetHead(nn.Module):
 
 def build_head(kind, backbone, n_classes):
     channels = backbone.stage_channels
-    return {"linear": LinearSegHead, "setr": SETRHead, "unet": ResUNetHead}[kind](channels, n_classes)
+    heads = {"linear": LinearSegHead, "hypercolumn": HypercolumnSegHead, "setr": SETRHead, "unet": ResUNetHead}
+    return heads[kind](channels, n_classes)
 
 
 @torch.no_grad()
@@ -528,7 +549,7 @@ def select_lr(grid, run, seeds, key, desc):
 
 def main(argv=None):
     parser = add_common_eval_args(argparse.ArgumentParser(description=__doc__.split("\n")[0]))
-    parser.add_argument("--head", action="append", choices=["linear", "unet", "setr"], default=None,
+    parser.add_argument("--head", action="append", choices=["linear", "hypercolumn", "unet", "setr"], default=None,
                         help="segmentation head, repeat for several (default: linear; setr for a ViT)")
     parser.add_argument("--finetune", action="store_true", help="unet: train the encoder too, after the warm-up")
     parser.add_argument("--warmup-steps", type=int, default=100, help="fine-tune: frozen-encoder steps first")
@@ -561,7 +582,8 @@ def main(argv=None):
             raise SystemExit(f"--encoder {name}: the U-Net needs the five stages of a CNN; a {meta['arch']} has one "
                              f"patch map: use --head setr (MGCA's ViT decoder) or --head linear")
         # Frozen encoder + no augmentation: the features never change, so compute them once per encoder
-        # (conv5 for the linear head; all stages when a frozen unet is asked for and they fit in memory).
+        # (conv5 for the linear head, conv3-conv5 for the hypercolumn; all stages when a frozen unet is asked for
+        # and they fit in memory).
         frozen_heads = [k for k in heads if not (args.finetune and k == "unet")]
         cache_all = "unet" in frozen_heads and cache_fits(backbone, image_size, n_all, args.cache_gb)
         if "unet" in frozen_heads and not cache_all:
@@ -570,7 +592,8 @@ def main(argv=None):
         t = time.time()
         if frozen_heads:
             backbone.to(args.device)
-            stages = [0, 1, 2, 3, 4] if cache_all else [-1]
+            n = len(backbone.stage_channels)
+            stages = list(range(n)) if cache_all else list(range(max(n - 3, 0), n)) if "hypercolumn" in heads else [-1]
             cache = {s: extract_features(backbone, d["images"], mean, std, stages, args.batch_size, args.device)
                      for s, d in splits.items()}
             backbone.cpu()
@@ -580,11 +603,13 @@ def main(argv=None):
             finetune = args.finetune and kind == "unet"
             mode = "finetune" if finetune else "frozen"
             cached = kind != "unet" or (cache_all and not finetune)
-            feats = {s: (cache[s][-1:] if kind != "unet" else cache[s]) if cached else None for s in splits}
+            last = {"unet": 5, "hypercolumn": 3}.get(kind, 1)  # the maps the head reads, the last ones
+            feats = {s: cache[s][-last:] if cached else None for s in splits}
             batches = [Batches(splits[s], mean, std, args.device, feats[s]) for s in ("train", "validate", "test")]
             run = lambda lr, seed: train_one(argparse.Namespace(**{**vars(args), "lr": lr}), kind, backbone,
                                              batches, len(classes), seed)
-            grid = args.lr_grid or [args.lr or {"linear": 3e-3, "setr": 3e-4, "unet": 1e-4 if finetune else 3e-4}[kind]]
+            default_lr = {"linear": 3e-3, "hypercolumn": 3e-3, "setr": 3e-4, "unet": 1e-4 if finetune else 3e-4}[kind]
+            grid = args.lr_grid or [args.lr or default_lr]
             lr, runs, trials = select_lr(grid, run, args.seeds, "best_val_dice", f"{name} {kind} {mode}")
             row = dict(encoder=name, method=meta.get("method", ""), head=kind, mode=mode, lr=lr, dataset=args.dataset,
                        fraction=args.fraction, image_size=image_size,

@@ -11,9 +11,10 @@
 #
 # Every method trains its demo preset on the same synthetic training set (the first $PAIRS generated pairs, seed 0),
 # at 128 px, for one pass over it (PAIRS images seen; LRCLR's second stage adds its 20 fine-tuning steps of 32), and
-# is evaluated on the same 300 test pairs; --seed 1, 2, 3. Each export is judged by eval_seg.py (linear head, frozen,
-# 40 epochs) and eval_det.py (FCOS, frozen, 15 epochs), each with a 2-value --lr-grid (one harness seed per
-# pre-training seed), and so are random-init ResNet-18 and tiny-ViT encoders (3 harness seeds).
+# is evaluated on the same 300 test pairs; --seed 1, 2, 3. Each export is judged by eval_seg.py (hypercolumn head:
+# linear on conv3-conv5, frozen, 40 epochs; conv5's 4x4 grid alone cannot show a nodule) and eval_det.py (FCOS,
+# frozen, 15 epochs), each with a 2-value --lr-grid (one harness seed per pre-training seed), and so are random-init
+# ResNet-18 and tiny-ViT encoders (3 harness seeds).
 # The work is cut into independent jobs (one pre-training and its judging; the random encoders' seg; their det), run
 # JOBS at a time with cores/JOBS threads each, longest first: the small models of the demo presets use one core
 # much better than two (two one-thread jobs finish in about 0.7 of the time of one two-thread job after another).
@@ -29,7 +30,7 @@ DATA=${DATA:-synthetic}
 SEG_LRS=${SEG_LRS:-"1e-2 3e-3"}
 SEG_EPOCHS=${SEG_EPOCHS:-40}  # eval_seg's default is 100 (with early stopping): 40 fits the hour with CLAIMS=1
 DET_LRS=${DET_LRS:-"3e-3 1e-3"}
-SEG_HEAD=${SEG_HEAD:-linear}
+SEG_HEAD=${SEG_HEAD:-hypercolumn}
 DET=${DET:-1}
 BUDGET="--preset demo --data $DATA --train-samples $PAIRS --eval-samples 300 --image-size 128 --epochs 1 --viz 0 ${EXTRA:-}"
 HARNESS="--dataset $DATA ${HARNESS:-}"

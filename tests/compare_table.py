@@ -40,7 +40,7 @@ COLUMNS = [  # (header, where the value comes from, key)
     ("i2t P@1", "eval", "i2t_P@1"), ("i2t P@5", "eval", "i2t_P@5"), ("i2t P@10", "eval", "i2t_P@10"),  # RECLF's
 ]
 CLASSES = ["opacity", "nodule", "effusion", "pneumothorax", "cardiomegaly"]  # data.SYNTH_FINDINGS
-COLUMNS += [(c, "seg", f"dice/{c}") for c in CLASSES]  # per-class Dice of the linear head
+COLUMNS += [(c, "seg", f"dice/{c}") for c in CLASSES]  # per-class Dice of the segmentation head
 MAIN_COLUMNS = [h for h, _, _ in COLUMNS if "P@" not in h and h not in CLASSES]
 # the ablations are judged by eval_seg only; RECLF's ladder reads Precision@K on the single-finding test pairs
 CLAIM_COLUMNS = ["i2t R@1", "i2t R@10", "t2i R@10", "zero-shot AUC", "i2t P@1", "i2t P@5", "i2t P@10", "seg Dice"]
@@ -100,7 +100,7 @@ def _rows(*paths):
 
 
 def _harness(rows, encoder, key, **match):
-    """The per-seed values of `key` in the harness row of `encoder` (seg: the linear head, frozen), [] if none."""
+    """The per-seed values of `key` in the harness row of `encoder` (seg: the given head, frozen), [] if none."""
     for row in rows:
         if row.get("encoder") == encoder and all(row.get(k) == v for k, v in match.items()) and key in row:
             cell = row[key]
@@ -108,7 +108,7 @@ def _harness(rows, encoder, key, **match):
     return []
 
 
-def collect(root: str, head: str = "linear") -> dict:
+def collect(root: str, head: str = "hypercolumn") -> dict:
     """{encoder: {column header: [one value per seed], "seconds": [...], "seeds": n}} from a results folder; seg
     columns from eval_seg's rows of `head` (compare.sh's SEG_HEAD), frozen."""
     table = {}
@@ -219,7 +219,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("results", help="the results folder tests/compare.sh wrote")
     parser.add_argument("--out", default=None, help="also write the table to this file")
-    parser.add_argument("--head", default="linear", help="the eval_seg head whose Dice to show (SEG_HEAD)")
+    parser.add_argument("--head", default="hypercolumn", help="the eval_seg head whose Dice to show (SEG_HEAD)")
     args = parser.parse_args(argv)
     if not os.path.isdir(args.results):
         sys.exit(f"{args.results}: no such results folder (tests/compare.sh writes it)")

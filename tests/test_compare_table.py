@@ -17,11 +17,13 @@ def _write(path, obj):
 
 
 def _harness_rows(encoder, dice=None, ap=None):
-    """eval_seg / eval_det rows as they write them: a U-Net row that must be ignored, the linear frozen row."""
+    """eval_seg / eval_det rows as they write them: a linear row that must be ignored, then the hypercolumn frozen
+    row (compare.sh's head)."""
     if ap is not None:
         return [dict(encoder=encoder, mode="frozen", map={"values": ap, "mean": sum(ap) / len(ap)})]
-    return [dict(encoder=encoder, head="unet", mode="frozen", dice={"values": [0.99], "mean": 0.99}),
-            dict(encoder=encoder, head="linear", mode="frozen", dice={"values": dice, "mean": sum(dice) / len(dice)})]
+    return [dict(encoder=encoder, head="linear", mode="frozen", dice={"values": [0.99], "mean": 0.99}),
+            dict(encoder=encoder, head="hypercolumn", mode="frozen",
+                 dice={"values": dice, "mean": sum(dice) / len(dice)})]
 
 
 def _results(r1, zero_shot_mean=None):

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from PIL import Image
 
 import common
@@ -91,6 +92,22 @@ def test_resunet_widths_follow_lovt_layout():
     assert linear(torch.randn(2, 1, 64, 64), stages[-1:]).shape == (2, 3, 64, 64)
 
 
+def test_hypercolumn_head_sums_linear_maps_of_conv3_to_conv5():
+    """A 1×1 conv per map, summed at conv3's grid, upsampled to the input: linear in the features (a ViT's one map:
+    the linear head). Checked against the sum written out."""
+    torch.manual_seed(0)
+    channels = [64, 64, 128, 256, 512]
+    stages = [torch.randn(2, c, 64 // 2 ** (i + 1), 64 // 2 ** (i + 1)) for i, c in enumerate(channels)]
+    head, x = es.HypercolumnSegHead(channels, 3), torch.randn(2, 1, 64, 64)
+    up = lambda t, s: F.interpolate(t, size=s, mode="bilinear", align_corners=False)
+    c3, c4, c5 = head.convs
+    want = up(c3(stages[2]) + up(c4(stages[3]), (8, 8)) + up(c5(stages[4]), (8, 8)), (64, 64))
+    assert torch.allclose(head(x, stages), want, atol=1e-5)
+    assert torch.allclose(head(x, stages[2:]), want, atol=1e-5)  # the cached maps: conv3 .. conv5 only
+    vit = es.HypercolumnSegHead([32], 2)
+    assert len(vit.convs) == 1 and vit(x, [torch.randn(2, 32, 4, 4)]).shape == (2, 2, 64, 64)
+
+
 def _run(tmp_path, name, *extra):
     out = tmp_path / name
     rows = es.main(["--encoder", "random:resnet18", "--synthetic-samples", "10", "--image-size", "64",
@@ -108,6 +125,14 @@ def test_end_to_end_linear_and_unet_frozen(tmp_path):
         assert r["lr"] in (1e-2, 1e-3) and r["val_dice_by_lr"].count(":") == 2  # LoVT's LR selection
         assert len(r["dice"]["values"]) == 2 and 0 <= r["dice"]["mean"] <= 1 and r["dice"]["ci95"] is not None
         assert set(r) >= {"dice_img", "iou", "dice/opacity", "dice/cardiomegaly"}
+
+
+def test_end_to_end_hypercolumn_alone_and_beside_the_unet(tmp_path):
+    """Alone it caches conv3 .. conv5; beside a frozen U-Net all five stages: the same run either way."""
+    alone = _run(tmp_path, "hc", "--head", "hypercolumn", "--epochs", "2", "--seeds", "1")
+    both = _run(tmp_path, "hc_unet", "--head", "hypercolumn", "--head", "unet", "--epochs", "2", "--seeds", "1")
+    assert [r["head"] for r in both] == ["hypercolumn", "unet"]
+    assert alone[0]["dice"]["values"] == both[0]["dice"]["values"]
 
 
 def test_end_to_end_unet_finetune(tmp_path):
