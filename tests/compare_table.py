@@ -195,10 +195,56 @@ def calibration(table: dict) -> list:
     return lines
 
 
+# the architecture whose controls judge a run (by the run's method, the name's first part)
+ARCHITECTURE = dict(lovt="lovt", lrclr="lovt", reclf="lovt", joimternet="joimternet", place="place")
+# each paper's claim as (the run with the part, the run without it, the metric the paper reports it on)
+CLAIMS = [("lovt", "lovt-no-local", "seg Dice"), ("lovt", "lovt-no-smoothing", "seg Dice"),
+          ("lovt", "lovt-uniform-weights", "seg Dice"), ("joimternet", "joimternet-no-local", "i2t R@10"),
+          ("joimternet", "joimternet-no-local", "t2i R@10"), ("lrclr", "lrclr-base", "zero-shot AUC"),
+          ("reclf-srm", "reclf-gloria", "zero-shot AUC"), ("reclf-irm", "reclf-gloria", "zero-shot AUC"),
+          ("reclf", "reclf-gloria", "zero-shot AUC"), ("reclf", "reclf-gloria", "i2t P@1"),
+          ("place-ita-tca", "place", "seg Dice"), ("place-no-cce", "place", "seg Dice"),
+          ("place-no-pcma", "place", "seg Dice")]
+
+
+def paired(table: dict, better: str, worse: str, metric: str):
+    """The claim `better` > `worse` on `metric`, paired by seed -> a Markdown row: per seed "better / worse", the
+    mean gain ± its 95 % Student-t half-width, and the verdict: "holds" (the interval excludes 0 on the claimed
+    side), "every seed" (same sign on all seeds, interval wider), "not shown"; None without two paired seeds."""
+    pairs = [(b, w) for b, w in zip(table[better][metric], table[worse][metric]) if b is not None and w is not None]
+    if len(pairs) < 2:
+        return None
+    scale, digits = (100, 1) if metric == "seg Dice" or metric in CLASSES else (1, 3)
+    gains = [scale * (b - w) for b, w in pairs]
+    mean, half = interval(gains)
+    verdict = "holds" if mean - half > 0 else "every seed" if min(gains) > 0 else "not shown"
+    seeds = ", ".join(f"{scale * b:.{digits}f} / {scale * w:.{digits}f}" for b, w in pairs)
+    return f"| {better} > {worse} | {metric} | {seeds} | {mean:+.{digits}f} ± {half:.{digits}f} | {verdict} |"
+
+
+def paired_tables(table: dict) -> str:
+    """Every method against its architecture's untrained control (seg Dice and the per-class Dice), then each
+    claim; rows only where both runs are there."""
+    header = "| claim | metric | per seed (first / second) | gain, mean ± 95 % | verdict |\n|---|---|---|---|---|\n"
+    control = {run: "untrained-" + ARCHITECTURE[run.split("-")[0]] for run in MAIN
+               if run in table and run.split("-")[0] in ARCHITECTURE}
+    own = [paired(table, run, untrained, metric) for run, untrained in control.items() if untrained in table
+           for metric in ["seg Dice"] + CLASSES]
+    claims = [paired(table, *claim) for claim in CLAIMS if claim[0] in table and claim[1] in table]
+    text = ""
+    if any(own):
+        text += "\n\nEach method against its own untrained architecture (Dice, %):\n\n" + header
+        text += "\n".join(r for r in own if r)
+    if any(claims):
+        text += "\n\nThe papers' claims, paired by seed:\n\n" + header + "\n".join(r for r in claims if r)
+    return text
+
+
 def tables(table: dict) -> str:
     """The side-by-side table (MAIN's encoders that are there), then, if any ablation runs are there, the claims
     table: each method's full run followed by its ablations (runs named <method>-<ablation>); then, if controls are
-    there, every encoder's per-class Dice with the controls first and the protocol's calibration."""
+    there, every encoder's per-class Dice with the controls first and the protocol's calibration; then the paired
+    tables: each run against its untrained architecture, each claim."""
     main = [e for e in MAIN if e in table]
     text = markdown(table, main)
     ablations = [e for e in table if e not in MAIN and not _is_control(e)]
@@ -212,7 +258,7 @@ def tables(table: dict) -> str:
         rows = sorted(controls, key=lambda e: (e.split("-", 1)[1], e)) + [e for e in table if not _is_control(e)]
         text += ("\n\nControls and per-class Dice (%):\n\n" + markdown(table, rows, ["seg Dice"] + CLASSES)
                  + "\n\n" + "\n".join(calibration(table)))
-    return text
+    return text + paired_tables(table)
 
 
 def main(argv=None):

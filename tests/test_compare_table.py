@@ -94,8 +94,11 @@ def test_table_from_a_fake_results_folder(tmp_path):
     random_row = lines[2].split(" | ")
     assert random_row[:3] == ["| random-resnet18", "3", "–"] and random_row[-1] == "– |"
     assert random_row[-2] == f"25.0 ± {100 * 4.303 * 0.01 / math.sqrt(3):.1f}"
+    claims, paired = claims.split("The papers' claims, paired by seed:")
     claim_lines = claims.strip().splitlines()
     assert [line.split(" | ")[0] for line in claim_lines[4:]] == ["| lovt", "| lovt-no-local"]
+    assert "| lovt > lovt-no-local | seg Dice | 30.0 / 20.0, 40.0 / 30.0, 50.0 / 40.0 | +10.0 ± 0.0 | holds |" \
+        in paired
     assert claim_lines[2] == ("| encoder | seeds | pre-training CPU s | i2t R@1 | i2t R@10 | t2i R@10 | zero-shot AUC | "
                               "i2t P@1 | i2t P@5 | i2t P@10 | seg Dice |")  # no detection: ablations skip it
     assert claim_lines[5].endswith(f" | 30.0 ± {100 * half:.1f} |")  # lovt-no-local's Dice, 0.1 below lovt's
@@ -115,6 +118,8 @@ def test_controls_per_class_dice_and_calibration(tmp_path):
     assert table["positive-lovt"]["nodule"] == [0.1, 0.3, 0.2] and table["untrained-lovt"]["seeds"] == 3
     main, controls = T.tables(table).split("Controls and per-class Dice")
     assert "positive-lovt" not in main and "untrained" not in main  # neither a method nor an ablation
+    controls, own = controls.split("Each method against its own untrained architecture")
+    assert "| lovt > untrained-lovt | seg Dice |" in own and "| nodule |" not in own  # lovt: no per-class Dice
     lines = controls.strip().splitlines()
     assert [line.split(" | ")[0] for line in lines[4:6]] == ["| positive-lovt", "| untrained-lovt"]
     verdict = lines[-1]
@@ -130,3 +135,28 @@ def test_main_writes_the_table_and_refuses_a_missing_folder(tmp_path, capsys):
     assert out.read_text() == text + "\n" and "| lovt |" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="no such results folder"):
         T.main([str(tmp_path / "missing")])
+
+
+def test_paired_claims_and_own_architecture():
+    """A claim is paired by seed: per-seed values, the mean gain ± its Student-t half-width, and the verdict."""
+    empty = {h: [] for h, _, _ in T.COLUMNS}
+    table = {"lovt": {**empty, "seg Dice": [0.40, 0.42, 0.44], "nodule": [0.10, 0.20, 0.30]},
+             "lovt-no-local": {**empty, "seg Dice": [0.30, 0.33, 0.36]},
+             "untrained-lovt": {**empty, "seg Dice": [0.41, 0.40, 0.45], "nodule": [0.0, 0.0, None]},
+             "lrclr": {**empty, "zero-shot AUC": [0.80, 0.81, 0.79]},
+             "lrclr-base": {**empty, "zero-shot AUC": [0.79, 0.80, 0.78]}}
+    half = 4.303 * 1.0 / math.sqrt(3)  # gains 10, 9, 8 Dice points: sd 1
+    assert T.paired(table, "lovt", "lovt-no-local", "seg Dice") == (
+        f"| lovt > lovt-no-local | seg Dice | 40.0 / 30.0, 42.0 / 33.0, 44.0 / 36.0 | +9.0 ± {half:.1f} | holds |")
+    # +0.010 on every seed, zero spread: the interval is 0 wide, so it holds
+    assert T.paired(table, "lrclr", "lrclr-base", "zero-shot AUC").endswith("| +0.010 ± 0.000 | holds |")
+    row = T.paired(table, "lovt", "untrained-lovt", "seg Dice")  # -1, +2, -1: not shown
+    assert row.endswith("not shown |") and "| +0.0 ± " in row
+    # the seeds with both values: +10, +20, both ahead, but 2 seeds' interval (12.706 * 7.07 / 1.41) spans 0
+    assert T.paired(table, "lovt", "untrained-lovt", "nodule") == (
+        "| lovt > untrained-lovt | nodule | 10.0 / 0.0, 20.0 / 0.0 | +15.0 ± 63.5 | every seed |")
+    assert T.paired(table, "lovt", "lovt-no-local", "zero-shot AUC") is None  # no paired seeds
+    text = T.paired_tables(table)
+    own, claims = text.split("The papers' claims")
+    assert own.count("| lovt > untrained-lovt |") == 2  # seg Dice and nodule: the classes with two paired seeds
+    assert "| lovt > lovt-no-local | seg Dice |" in claims and "| lrclr > lrclr-base |" in claims
