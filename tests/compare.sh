@@ -66,14 +66,15 @@ judge() {
 }
 
 # controls SEED METHOD: METHOD's exported architecture untrained (its --seed's initialisation) and trained on the
-# findings' masks for the same images (tests/positive_control.py), each judged like the methods (seg)
+# findings' masks for the same images and passes (tests/positive_control.py), each judged like the methods (seg)
 controls() {
+  passes=$(python -c "import json, sys; print(json.load(open(sys.argv[1]))['epochs'])" "$ROOT/seed$1/$2/args.json")
   for kind in untrained positive; do
     dir=$ROOT/seed$1/$kind-$2
     if [ ! -f "$dir/image_encoder.pt" ]; then
       mkdir -p "$dir"
       python tests/positive_control.py --like "$ROOT/seed$1/$2/image_encoder.pt" --data "$DATA" --seed "$1" \
-        --train-samples "$PAIRS" --epochs "$([ $kind = untrained ] && echo 0 || echo 1)" --out-dir "$dir" \
+        --train-samples "$PAIRS" --epochs "$([ $kind = untrained ] && echo 0 || echo "$passes")" --out-dir "$dir" \
         > "$dir/log.txt" 2>&1 || { tail -20 "$dir/log.txt"; exit 1; }
     fi
     judge "$kind-$2" "$1"

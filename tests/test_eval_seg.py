@@ -211,6 +211,30 @@ def test_end_to_end_vit_export_setr_and_linear(tmp_path):
                  "--out", str(out)])
 
 
+def test_positive_control_held_out_score_is_the_findings_mean_dice():
+    """The learning rate is chosen on held-out images: a map that is the masks themselves scores Dice 1, its
+    negation 0, the class order matters."""
+    import positive_control
+
+    class Masks(nn.Module):  # "encoder" whose last map is the held-out masks as logits (+-4)
+        def feature_maps(self, x):
+            return [8 * masks.float() - 4]
+
+    masks = torch.zeros(3, 5, 16, 16, dtype=torch.bool)
+    masks[0, 1, 4:8, 4:8] = masks[1, 3, :, :8] = masks[2, 0, 10:, 10:] = True
+    batch, identity = dict(image=torch.zeros(3, 1, 16, 16), masks=masks), nn.Conv2d(5, 5, 1)
+    with torch.no_grad():
+        identity.weight.copy_(torch.eye(5)[:, :, None, None]), identity.bias.zero_()
+    score, loss = positive_control.validate(identity, Masks(), batch, "masks")
+    assert score == pytest.approx(0.6)  # 3 findings found exactly; effusion, cardiomegaly absent: Dice 0 each
+    with torch.no_grad():
+        identity.weight.neg_()
+    assert positive_control.validate(identity, Masks(), batch, "masks")[0] == 0.0
+    with torch.no_grad():
+        identity.weight.copy_(torch.eye(5)[[1, 0, 2, 3, 4]][:, :, None, None])  # opacity and nodule swapped
+    assert positive_control.validate(identity, Masks(), batch, "masks")[0] == pytest.approx(0.2)
+
+
 def test_positive_and_untrained_controls_export_the_methods_architecture(tmp_path):
     """tests/positive_control.py trains the architecture of an export (here JoImTeRNet's soft-attention ResNet) on
     the findings' masks at each learning rate and exports the one whose loss falls lowest; --epochs 0 exports that
@@ -219,15 +243,17 @@ def test_positive_and_untrained_controls_export_the_methods_architecture(tmp_pat
     like = tmp_path / "joim.pt"
     common.export_image_encoder(str(like), common.SoftAttentionResNet(32, (4, 8, 8, 16, 16, 32), 1), 0.5, 0.2, 64,
                                 "joimternet")
-    flags = ["--like", str(like), "--train-samples", "16", "--batch-size", "8", "--lr", "3e-3", "1e-5"]
-    losses = positive_control.main(flags + ["--epochs", "4", "--out-dir", str(tmp_path / "pos")])
-    assert len(losses) == 8 and sum(losses[-2:]) < sum(losses[:2])
-    assert positive_control.main(flags + ["--epochs", "0", "--out-dir", str(tmp_path / "untrained")]) == []
+    flags = ["--like", str(like), "--train-samples", "16", "--val-samples", "8", "--batch-size", "8",
+             "--lr", "3e-3", "1e-5"]
+    losses, held_out = positive_control.main(flags + ["--epochs", "4", "--out-dir", str(tmp_path / "pos")])
+    assert len(losses) == 8 and sum(losses[-2:]) < sum(losses[:2]) and sorted(held_out) == [1e-5, 3e-3]
+    chosen = max(held_out, key=lambda lr: (held_out[lr][0], -held_out[lr][1]))  # best held-out Dice, then loss
+    assert positive_control.main(flags + ["--epochs", "0", "--out-dir", str(tmp_path / "untrained")])[0] == []
     for kind, folder in (("positive-control-masks", "pos"), ("untrained-control", "untrained")):
         encoder, meta = common.load_image_encoder(str(tmp_path / folder / "image_encoder.pt"))
         assert (meta["arch"], meta["image_size"], meta["method"]) == ("joimternet-resnet", 64, kind)
         assert meta["config"] == dict(dim=32, widths=[4, 8, 8, 16, 16, 32], stem_stride=1)
-        assert list(meta["args"]["lr"]) == [3e-3]  # the learning rate with the lower training loss (untrained: the first)
+        assert list(meta["args"]["lr"]) == [chosen if folder == "pos" else 3e-3]  # untrained: the first
     torch.manual_seed(1)  # --seed 1: the untrained control is that seed's initialisation
     fresh = common.SoftAttentionResNet(32, (4, 8, 8, 16, 16, 32), 1).state_dict()
     assert all(torch.equal(v, fresh[k]) for k, v in encoder.state_dict().items())
