@@ -86,7 +86,7 @@ controls() {
 run() { seed=$1 name=$2; shift 2; pretrain "$name" "$seed" "$@"; judge "$name" "$seed" det; }
 # with_controls SEED METHOD: run, then the controls of its architecture (LoVT: ResNet-18, JoImTeRNet's, PLACE's ViT)
 with_controls() { run "$1" "$2" "$2"; controls "$1" "$2"; }
-# ablation SEED NAME METHOD FLAGS...: pre-train, then judge segmentation only (what the claims are about)
+# ablation SEED NAME METHOD FLAGS...: pre-train, then judge segmentation only (LoVT's and PLACE's claims)
 ablation() { seed=$1 name=$2; shift 2; pretrain "$name" "$seed" "$@"; judge "$name" "$seed"; }
 # LRCLR is a second stage on a CLIP-style base: the base is a row of its own (its zero-shot claim)
 lrclr() {
@@ -136,10 +136,11 @@ jobs() {
         lovt) echo ablation "$seed" lovt-no-local lovt --no-local
               echo ablation "$seed" lovt-no-smoothing lovt --no-spatial-smoothing
               echo ablation "$seed" lovt-uniform-weights lovt --uniform-weights ;;
-        joimternet) echo ablation "$seed" joimternet-no-local joimternet --no-local ;;
-        reclf) echo ablation "$seed" reclf-gloria reclf --srm none --irm off
-               echo ablation "$seed" reclf-srm reclf --srm graph --irm off
-               echo ablation "$seed" reclf-irm reclf --srm none --irm on ;;
+        # JoImTeRNet's and RECLF's claims are about retrieval and zero-shot scores: their ablations are not judged
+        joimternet) echo pretrain joimternet-no-local "$seed" joimternet --no-local ;;
+        reclf) echo pretrain reclf-gloria "$seed" reclf --srm none --irm off
+               echo pretrain reclf-srm "$seed" reclf --srm graph --irm off
+               echo pretrain reclf-irm "$seed" reclf --srm none --irm on ;;
         place) echo ablation "$seed" place-ita-tca place --no-pcma --no-cce
                echo ablation "$seed" place-no-cce place --no-cce
                echo ablation "$seed" place-no-pcma place --no-pcma ;;
