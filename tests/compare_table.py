@@ -203,8 +203,8 @@ CLAIMS = [("lovt", "lovt-no-local", "seg Dice"), ("lovt", "lovt-no-smoothing", "
           ("joimternet", "joimternet-no-local", "t2i R@10"), ("lrclr", "lrclr-base", "zero-shot AUC"),
           ("reclf-srm", "reclf-gloria", "zero-shot AUC"), ("reclf-irm", "reclf-gloria", "zero-shot AUC"),
           ("reclf", "reclf-gloria", "zero-shot AUC"), ("reclf", "reclf-gloria", "i2t P@1"),
-          ("place-ita-tca", "place", "seg Dice"), ("place-no-cce", "place", "seg Dice"),
-          ("place-no-pcma", "place", "seg Dice")]
+          ("place", "place-ita-tca", "seg Dice"), ("place", "place-no-cce", "seg Dice"),
+          ("place", "place-no-pcma", "seg Dice")]
 
 
 def paired(table: dict, better: str, worse: str, metric: str):
