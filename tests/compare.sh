@@ -1,13 +1,15 @@
 #!/bin/sh
 # The five methods side by side under one budget, and each paper's claim on the same seeds and budget.
 #
-#   sh tests/compare.sh [RESULTS]          # the table: 5 methods + LRCLR's base, 3 seeds, seg + det, 30-45 min, 2 cores
-#   CLAIMS=1 sh tests/compare.sh [RESULTS] # also each paper's ablations (judged by eval_seg only): +30 min
+#   sh tests/compare.sh [RESULTS]          # the table: 5 methods + LRCLR's base, 3 seeds, seg + det, about 45 min
+#   CONTROLS=1 CLAIMS=1 DET=0 sh tests/compare.sh [RESULTS]   # the README's: controls and ablations, about 95 min
 #   METHODS="lovt place" SEEDS=1 ...       # a part (the table is built from whatever RESULTS holds)
 #   DATA=synthetic-faint sh tests/compare.sh runs/compare-faint   # the harder setting: the findings at 0.4 contrast
 #   JOBS=1 ...                             # one job at a time on all cores (the default runs JOBS=2 at once)
 #   CONTROLS=1 ...                         # also each exported architecture's untrained and positive controls
-#   SEG_HEAD=unet DET=0 ...                # another segmentation head (frozen); no detection
+#   CLAIMS=1 ...                           # also each paper's ablations (LoVT's and PLACE's judged by eval_seg)
+#   SEG_HEAD=linear DET=0 ...              # another segmentation head (frozen); no detection
+#   EXTRA="--epochs 5" METHODS=joimternet CONTROLS=1 ...   # another budget (the controls train as many passes)
 #
 # Every method trains its demo preset on the same synthetic training set (the first $PAIRS generated pairs, seed 0),
 # at 128 px, for one pass over it (PAIRS images seen; LRCLR's second stage adds its 20 fine-tuning steps of 32), and
