@@ -371,6 +371,7 @@ def dice_loss(logits, target, bce=False):
 
 class LinearSegHead(nn.Module):
     """LoVT's linear segmentation: 1×1 conv on conv5, logits upsampled bilinearly to the input size."""
+    maps = 1  # the last stage maps the head reads (what main caches for it)
 
     def __init__(self, channels, n_classes):
         super().__init__()
@@ -383,10 +384,11 @@ class LinearSegHead(nn.Module):
 class HypercolumnSegHead(nn.Module):
     """1×1 conv on each of the last three maps (conv3-conv5; a ViT's one patch map), summed at the finest of them,
     upsampled bilinearly to the input size: still linear in the frozen features."""
+    maps = 3
 
     def __init__(self, channels, n_classes):
         super().__init__()
-        self.convs = nn.ModuleList(nn.Conv2d(c, n_classes, 1) for c in channels[-3:])
+        self.convs = nn.ModuleList(nn.Conv2d(c, n_classes, 1) for c in channels[-self.maps:])
 
     def forward(self, x, stages):  # stages[-3:]: conv3 B×C3×S/8×S/8, conv4, conv5 (live: all five; cached: these)
         maps = stages[-len(self.convs):]
@@ -417,6 +419,7 @@ class SETRHead(nn.Module):
     and Decoder2D): per-patch Linear(C, C) (a 1×1 conv), 4 × [conv3×3 -> BN -> ReLU -> bilinear ×2 (align_corners,
     as there)] with widths 512/256/128/64, conv3×3 to the classes; resized to the input if the map's stride is
     not 16."""
+    maps = 1
 
     def __init__(self, channels, n_classes, widths=(512, 256, 128, 64)):
         super().__init__()
@@ -433,6 +436,7 @@ class SETRHead(nn.Module):
 
 class ResUNetHead(nn.Module):
     """LoVT's ResUNet decoder, widths C5/2 … C5/32 (ResNet-50: 1024, 512, 256, 128, 64)."""
+    maps = 5
 
     def __init__(self, channels, n_classes, in_chans=1):
         super().__init__()
@@ -450,10 +454,11 @@ class ResUNetHead(nn.Module):
         return self.out(y)  # B×T×S×S
 
 
+HEADS = {"linear": LinearSegHead, "hypercolumn": HypercolumnSegHead, "setr": SETRHead, "unet": ResUNetHead}
+
+
 def build_head(kind, backbone, n_classes):
-    channels = backbone.stage_channels
-    heads = {"linear": LinearSegHead, "hypercolumn": HypercolumnSegHead, "setr": SETRHead, "unet": ResUNetHead}
-    return heads[kind](channels, n_classes)
+    return HEADS[kind](backbone.stage_channels, n_classes)
 
 
 @torch.no_grad()
@@ -549,7 +554,7 @@ def select_lr(grid, run, seeds, key, desc):
 
 def main(argv=None):
     parser = add_common_eval_args(argparse.ArgumentParser(description=__doc__.split("\n")[0]))
-    parser.add_argument("--head", action="append", choices=["linear", "hypercolumn", "unet", "setr"], default=None,
+    parser.add_argument("--head", action="append", choices=list(HEADS), default=None,
                         help="segmentation head, repeat for several (default: linear; setr for a ViT)")
     parser.add_argument("--finetune", action="store_true", help="unet: train the encoder too, after the warm-up")
     parser.add_argument("--warmup-steps", type=int, default=100, help="fine-tune: frozen-encoder steps first")
@@ -592,8 +597,9 @@ def main(argv=None):
         t = time.time()
         if frozen_heads:
             backbone.to(args.device)
-            n = len(backbone.stage_channels)
-            stages = list(range(n)) if cache_all else list(range(max(n - 3, 0), n)) if "hypercolumn" in heads else [-1]
+            # the last maps of the cached heads (a live unet reads its own)
+            reads = max((HEADS[k].maps for k in frozen_heads if k != "unet" or cache_all), default=1)
+            stages = list(range(len(backbone.stage_channels)))[-reads:]
             cache = {s: extract_features(backbone, d["images"], mean, std, stages, args.batch_size, args.device)
                      for s, d in splits.items()}
             backbone.cpu()
@@ -603,8 +609,7 @@ def main(argv=None):
             finetune = args.finetune and kind == "unet"
             mode = "finetune" if finetune else "frozen"
             cached = kind != "unet" or (cache_all and not finetune)
-            last = {"unet": 5, "hypercolumn": 3}.get(kind, 1)  # the maps the head reads, the last ones
-            feats = {s: cache[s][-last:] if cached else None for s in splits}
+            feats = {s: cache[s][-HEADS[kind].maps:] if cached else None for s in splits}
             batches = [Batches(splits[s], mean, std, args.device, feats[s]) for s in ("train", "validate", "test")]
             run = lambda lr, seed: train_one(argparse.Namespace(**{**vars(args), "lr": lr}), kind, backbone,
                                              batches, len(classes), seed)

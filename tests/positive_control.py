@@ -31,6 +31,7 @@ from torch.utils.data import DataLoader
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import common  # noqa: E402
 import data  # noqa: E402
+import eval_seg  # noqa: E402
 from common import arg  # noqa: E402
 
 
@@ -74,17 +75,16 @@ def loss_of(head, last_map, batch, target):
 
 @torch.no_grad()
 def validate(head, encoder, batch, target):
-    """(score, loss) of the run on the held-out images: masks: the mean over findings of the dataset-level Dice
-    (logit > 0); labels: minus the BCE. Eval mode, as eval_seg reads the encoder."""
+    """(score, loss) of the run on the held-out images: masks: the mean over findings of eval_seg's dataset-level
+    Dice (logit > 0; a finding absent from the images and the prediction counts 1); labels: minus the BCE. Eval
+    mode, as eval_seg reads the encoder."""
     encoder.eval()
     last_map = encoder.feature_maps(batch["image"])[-1]
     loss = loss_of(head, last_map, batch, target).item()
     if target == "labels":
         return -loss, loss
     logits = F.interpolate(head(last_map), size=batch["masks"].shape[-2:], mode="bilinear", align_corners=False)
-    pred, true = (logits > 0).float(), batch["masks"].float()
-    dice = 2 * (pred * true).sum((0, 2, 3)) / (pred.sum((0, 2, 3)) + true.sum((0, 2, 3))).clamp(min=1)
-    return dice.mean().item(), loss
+    return eval_seg.micro_dice(logits > 0, batch["masks"]).mean().item(), loss
 
 
 def train(args, lr, dataset, like=None):

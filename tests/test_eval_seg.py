@@ -212,8 +212,8 @@ def test_end_to_end_vit_export_setr_and_linear(tmp_path):
 
 
 def test_positive_control_held_out_score_is_the_findings_mean_dice():
-    """The learning rate is chosen on held-out images: a map that is the masks themselves scores Dice 1, its
-    negation 0, the class order matters."""
+    """The learning rate is chosen on held-out images by eval_seg's dataset-level Dice: a map that is the masks
+    themselves scores 1, its negation 0, the class order matters, a finding absent and not predicted counts 1."""
     import positive_control
 
     class Masks(nn.Module):  # "encoder" whose last map is the held-out masks as logits (+-4)
@@ -222,17 +222,20 @@ def test_positive_control_held_out_score_is_the_findings_mean_dice():
 
     masks = torch.zeros(3, 5, 16, 16, dtype=torch.bool)
     masks[0, 1, 4:8, 4:8] = masks[1, 3, :, :8] = masks[2, 0, 10:, 10:] = True
+    masks[0, 2, 12:, :] = masks[2, 4, 4:12, 4:12] = True  # every finding present somewhere
     batch, identity = dict(image=torch.zeros(3, 1, 16, 16), masks=masks), nn.Conv2d(5, 5, 1)
     with torch.no_grad():
         identity.weight.copy_(torch.eye(5)[:, :, None, None]), identity.bias.zero_()
     score, loss = positive_control.validate(identity, Masks(), batch, "masks")
-    assert score == pytest.approx(0.6)  # 3 findings found exactly; effusion, cardiomegaly absent: Dice 0 each
+    assert score == pytest.approx(1.0)
     with torch.no_grad():
         identity.weight.neg_()
     assert positive_control.validate(identity, Masks(), batch, "masks")[0] == 0.0
     with torch.no_grad():
         identity.weight.copy_(torch.eye(5)[[1, 0, 2, 3, 4]][:, :, None, None])  # opacity and nodule swapped
-    assert positive_control.validate(identity, Masks(), batch, "masks")[0] == pytest.approx(0.2)
+    assert positive_control.validate(identity, Masks(), batch, "masks")[0] == pytest.approx(0.6)
+    masks[2, 4] = False  # cardiomegaly absent from the images and (through the map) from the prediction: Dice 1
+    assert positive_control.validate(identity, Masks(), batch, "masks")[0] == pytest.approx(0.6)
 
 
 def test_positive_and_untrained_controls_export_the_methods_architecture(tmp_path):
